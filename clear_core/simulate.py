@@ -1,0 +1,61 @@
+"""Offline simulator: score caps against recorded traces (Sec. 6).
+
+A query with cap ``t`` is solved iff ``t >= tokens and correct``: a cap never
+changes the tokens generated before it, it only cuts them off. What an engine
+would really generate is ``min(cap, tokens)``; the rest of the cap is refunded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from clear_core.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class Score:
+    n_queries: int
+    solved: int  # queries with cap >= tokens and a correct answer
+    accuracy: float  # solved / n_queries
+    tokens_allocated: int  # sum of caps (what the budget reserves)
+    tokens_consumed: int  # sum of min(cap, tokens) (what an engine generates)
+    abandonment_rate: float  # share of queries with cap 0
+    unused_budget: int  # budget - tokens_allocated
+    solved_per_1k_allocated: float
+    solved_per_1k_consumed: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def solved_mask(caps, tokens, correct) -> np.ndarray:
+    caps = np.asarray(caps)
+    tokens = np.asarray(tokens)
+    return (caps > 0) & (caps >= tokens) & np.asarray(correct, dtype=bool)
+
+
+def score(caps, tokens, correct, budget: float) -> Score:
+    """Accuracy and token accounting of one allocation on one stream."""
+    caps = np.asarray(caps, dtype=np.int64)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if caps.shape != tokens.shape:
+        raise InvalidInputError("caps", f"shape {caps.shape}", f"must match tokens {tokens.shape}")
+    if (caps < 0).any():
+        raise InvalidInputError("caps", int(caps.min()), "caps must be >= 0")
+    solved = int(solved_mask(caps, tokens, correct).sum())
+    allocated = int(caps.sum())
+    consumed = int(np.minimum(caps, tokens).sum())
+    n = int(caps.size)
+    return Score(
+        n_queries=n,
+        solved=solved,
+        accuracy=solved / n if n else 0.0,
+        tokens_allocated=allocated,
+        tokens_consumed=consumed,
+        abandonment_rate=float((caps == 0).mean()) if n else 0.0,
+        unused_budget=int(budget) - allocated,
+        solved_per_1k_allocated=1000.0 * solved / allocated if allocated else 0.0,
+        solved_per_1k_consumed=1000.0 * solved / consumed if consumed else 0.0,
+    )
