@@ -7,20 +7,19 @@ plus our variants::
     uniform, proportional, tale-ep, heuristic, auction,
     clear, clear-paper, clear-optimal, clear-triangular, clear-quadratic, oracle
 
-``clear`` is the market-clearing policy with one change to the paper's rule:
-it prices each query at an *uncertainty-aware threshold*. A predicted threshold
-``tau_hat`` with log-normal error of standard deviation ``sigma`` (in log
-space) is the median of the true length; the market is cleared on the
-``Phi(z)`` quantile ``tau_hat * exp(z * sigma)`` instead, i.e. on the tokens a
-query needs to finish with probability ``Phi(z)`` (``z = 1``: 84%). Solvency
-and slack are then judged against what the query will really need, so an easy
-query whose threshold was under-predicted still gets enough and the shadow
-price rises to shed queries that could only finish by luck. With ``sigma = 0``
-(exact thresholds) it is the paper's rule. ``clear-paper`` is the paper's rule
-as written, whatever the uncertainty.
+``clear`` is market clearing with one change to the paper's rule: when the
+thresholds are predictions with log-normal error ``sigma`` (``log_sigma > 0``),
+each query's utility is its probability of finishing,
+``Phi(ln(c / tau_hat) / sigma)``, instead of the shifted surge at the point
+prediction (see :mod:`clear_core.uncertainty`); with exact thresholds
+(``log_sigma = 0``) it is the paper's rule. ``clear-paper`` is the paper's
+rule as written whatever the uncertainty. ``clear-optimal``,
+``clear-triangular`` and ``clear-quadratic`` are ablations of the paper's
+model (solver and curve shape) and, like ``clear-paper``, take the thresholds
+at face value.
 
 Policy specs may carry parameters: ``clear:beta=0.01``, ``clear:alpha=4``,
-``clear:fill=0``, ``clear:z=0.5`` (see :func:`parse_policy`).
+``clear:fill=0``, ``clear:uncertainty=0`` (see :func:`parse_policy`).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clear_core.errors import InvalidInputError, UnknownPolicyError
+from clear_core.uncertainty import clear_market_lognormal
 from clear_core.market import (
     DEFAULT_MIN_SLACK_TOKENS,
     clear_market,
@@ -43,8 +43,6 @@ from clear_core.market import (
 PROPORTIONAL_MIN_TOKENS = 32
 #: Heuristic policy: the cutoff rule fires when B/N / mean(tau) < this.
 HEURISTIC_SCARCITY = 0.8
-#: Default coverage quantile of the uncertainty-aware threshold (z of N(0, 1)).
-DEFAULT_COVERAGE_Z = 1.0
 
 
 @dataclass(frozen=True)
@@ -243,22 +241,22 @@ class Clear(Policy):
     alpha: float = 2.0
     beta: float | None = None  # None: adaptive (Eq. 16)
     fill_unused: bool = True
-    coverage_z: float | None = DEFAULT_COVERAGE_Z  # None: the paper's rule (no uncertainty)
+    uncertainty: bool = True  # price the predictor's log-normal error (False: the paper's rule)
     min_slack_tokens: float = DEFAULT_MIN_SLACK_TOKENS
 
-    def effective_thresholds(self, tau: np.ndarray, log_sigma: float) -> np.ndarray:
-        """The Phi(z)-quantile of the true length given a log-normal prediction error."""
-        if self.coverage_z is None or log_sigma == 0.0:
-            return tau
-        return tau * math.exp(self.coverage_z * log_sigma)
-
     def _allocate(self, tau, budget, t_max, truth, log_sigma):
+        max_tokens = None if math.isinf(t_max) else t_max
+        if self.uncertainty and log_sigma > 0.0:
+            res = clear_market_lognormal(
+                tau, budget, log_sigma=log_sigma, max_tokens=max_tokens, fill_unused=self.fill_unused
+            )
+            return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active, beta=res.beta)
         res = clear_market(
-            self.effective_thresholds(tau, log_sigma),
+            tau,
             budget,
             alpha=self.alpha,
             beta=self.beta,
-            max_tokens=None if math.isinf(t_max) else t_max,
+            max_tokens=max_tokens,
             method=self.method,
             utility=self.utility,
             fill_unused=self.fill_unused,
@@ -283,10 +281,10 @@ POLICIES = {
     "auction": Auction,
     "oracle": Oracle,
     "clear": _clear_factory(name="clear"),
-    "clear-paper": _clear_factory(name="clear-paper", coverage_z=None),
-    "clear-optimal": _clear_factory(name="clear-optimal", method="optimal"),
-    "clear-triangular": _clear_factory(name="clear-triangular", utility="triangular"),
-    "clear-quadratic": _clear_factory(name="clear-quadratic", utility="quadratic"),
+    "clear-paper": _clear_factory(name="clear-paper", uncertainty=False),
+    "clear-optimal": _clear_factory(name="clear-optimal", method="optimal", uncertainty=False),
+    "clear-triangular": _clear_factory(name="clear-triangular", utility="triangular", uncertainty=False),
+    "clear-quadratic": _clear_factory(name="clear-quadratic", utility="quadratic", uncertainty=False),
 }
 
 # Short parameter names accepted in a policy spec -> Clear field and parser.
@@ -294,7 +292,7 @@ _SPEC_PARAMS = {
     "alpha": ("alpha", float),
     "beta": ("beta", float),
     "fill": ("fill_unused", lambda v: v.lower() in ("1", "true", "yes", "on")),
-    "z": ("coverage_z", lambda v: None if v.lower() in ("none", "paper") else float(v)),
+    "uncertainty": ("uncertainty", lambda v: v.lower() in ("1", "true", "yes", "on")),
     "min_slack": ("min_slack_tokens", float),
     "method": ("method", str),
 }

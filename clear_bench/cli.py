@@ -1,0 +1,112 @@
+"""``clear-llm bench``: the paper's experiments on a trace pool."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from clear_core.policies import POLICIES, parse_policy
+from clear_core.traces import MIXTURES, load_pool
+
+DEFAULT_BUDGETS = "256,512,1024,2048,4096"
+DEFAULT_POLICIES = ",".join(
+    ["uniform", "proportional", "tale-ep", "heuristic", "auction", "clear", "clear-paper", "clear-optimal",
+     "clear-triangular", "clear-quadratic", "oracle"]
+)
+
+
+def _csv(kind):
+    def parse(text: str):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(x) for x in items]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def add_subcommands(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="evaluate allocation policies offline on a trace pool")
+    p.add_argument("--traces", required=True, help="oracle pool JSONL (see shared/data/traces/README.md)")
+    p.add_argument("--predictions", default="oracle-noise:0.5",
+                   help="oracle | oracle-noise:SIGMA | predictions JSONL {id, threshold_tokens[, log_sigma]}")
+    p.add_argument("--log-sigma", type=float, default=None,
+                   help="override the predictions' log-space error that `clear` prices")
+    p.add_argument("--streams", type=_csv(str), default=list(MIXTURES), help=f"from {sorted(MIXTURES)}")
+    p.add_argument("--budgets", type=_csv(int), default=_csv(int)(DEFAULT_BUDGETS), help="tokens per query")
+    p.add_argument("--policies", type=_csv(str), default=_csv(str)(DEFAULT_POLICIES),
+                   help=f"policy specs, e.g. clear or clear-paper:beta=0.01; names: {sorted(POLICIES)}")
+    p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2, 3, 4])
+    p.add_argument("--queries", type=int, default=500, help="queries per stream")
+    p.add_argument("--max-tokens", type=int, default=8192, help="context limit (the pools' generation cap)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--dump-allocations", action="store_true", help="write allocations.jsonl (one row per query)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures and sensitivity studies")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    from clear_bench.predictions import parse_predictions
+    from clear_bench.report import markdown_report
+    from clear_bench.runner import run_grid
+
+    for spec in args.policies:  # fail fast on a bad policy name
+        parse_policy(spec)
+    unknown = [s for s in args.streams if s not in MIXTURES]
+    if unknown:
+        raise SystemExit(f"unknown stream {unknown[0]!r}; expected one of {sorted(MIXTURES)}")
+    if any(b <= 0 for b in args.budgets):
+        raise SystemExit("budgets must be positive token counts")
+    problems = load_pool(args.traces)
+    predictions = parse_predictions(args.predictions, args.log_sigma)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    dump = (args.out / "allocations.jsonl").open("w") if args.dump_allocations else None
+
+    def on_allocation(cell, stream, caps):
+        if dump is None:
+            return
+        for pid, j, cap in zip(stream.problem_ids, stream.sample_index.tolist(), caps.tolist()):
+            dump.write(json.dumps({"stream": cell.stream, "seed": cell.seed, "budget_per_query": cell.budget_per_query,
+                                   "policy": cell.policy, "problem_id": pid, "sample_index": j, "cap": cap}) + "\n")
+
+    total = len(args.streams) * len(args.seeds) * len(args.budgets) * len(args.policies)
+    with tqdm(total=total, desc="bench", unit="cell") as bar:
+        rows = run_grid(problems, predictions, streams=args.streams, budgets=args.budgets, policies=args.policies,
+                        seeds=args.seeds, n_queries=args.queries, max_tokens=args.max_tokens,
+                        on_allocation=on_allocation, progress=bar.update)
+    if dump is not None:
+        dump.close()
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    report = markdown_report(rows, title=f"CLEAR bench on {Path(args.traces).name}")
+    (args.out / "results.md").write_text(report)
+    print(report)
+    if not args.no_figures:
+        _figures(args, problems, predictions, rows)
+    print(f"wrote {args.out}/results.json, results.md" + ("" if args.no_figures else " and figures"))
+    return 0
+
+
+def _figures(args, problems, predictions, rows) -> None:
+    from clear_bench import plots, studies
+
+    stream = "balanced" if "balanced" in args.streams else args.streams[0]
+    mid = sorted(args.budgets)[len(args.budgets) // 2]
+    plots.phase_transition(rows, args.out)
+    studies.scatter(problems, predictions, args.out, stream=stream, budget=sorted(args.budgets)[1 if len(args.budgets) > 1 else 0],
+                    seed=args.seeds[0], max_tokens=args.max_tokens)
+    n_noise = len(studies.NOISE_SIGMAS) * len(args.seeds) * 2 * 3
+    n_beta = len(args.seeds) * len(args.budgets) * (len(studies.FIXED_BETAS) + 1)
+    n_alpha = len(studies.ALPHAS) * len(args.seeds) * len(args.budgets)
+    with tqdm(total=n_noise + n_beta + n_alpha, desc="figures", unit="cell") as bar:
+        kw = dict(stream=stream, seeds=args.seeds, max_tokens=args.max_tokens, tick=bar.update)
+        noise = studies.noise_study(problems, args.out, budgets=[sorted(args.budgets)[0], mid], **kw)
+        beta = studies.beta_study(problems, predictions, args.out, budgets=args.budgets, **kw)
+        alpha = studies.alpha_study(problems, predictions, args.out, budgets=args.budgets, **kw)
+    (args.out / "studies.json").write_text(json.dumps({"noise": noise, "beta": beta, "alpha": alpha}, indent=1))

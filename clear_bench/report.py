@@ -1,0 +1,105 @@
+"""Aggregate bench rows and write the Table-1-style markdown report."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+Key = tuple[str, int, str]  # (stream, budget_per_query, policy)
+
+
+def aggregate(rows: Sequence[dict], field: str = "accuracy") -> dict[Key, tuple[float, float, int]]:
+    """(stream, budget, policy) -> (mean, std over seeds, number of seeds)."""
+    groups: dict[Key, list[float]] = defaultdict(list)
+    for r in rows:
+        if r.get(field) is not None:
+            groups[(r["stream"], r["budget_per_query"], r["policy"])].append(float(r[field]))
+    return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in groups.items()}
+
+
+def _ordered(values: Sequence) -> list:
+    seen: list = []
+    for v in values:
+        if v not in seen:
+            seen.append(v)
+    return seen
+
+
+def gap_closed(clear: float, uniform: float, oracle: float) -> float | None:
+    """Share of the uniform -> oracle gap that ``clear`` closes (None when there is no gap)."""
+    gap = oracle - uniform
+    return None if abs(gap) < 1e-12 else (clear - uniform) / gap
+
+
+def markdown_report(rows: Sequence[dict], *, title: str, main: str = "clear", base: str = "uniform") -> str:
+    streams = _ordered([r["stream"] for r in rows])
+    budgets = sorted(_ordered([r["budget_per_query"] for r in rows]))
+    policies = _ordered([r["policy"] for r in rows])
+    acc = aggregate(rows, "accuracy")
+    lines = [f"# {title}", ""]
+    meta = rows[0] if rows else {}
+    seeds = sorted({r["seed"] for r in rows})
+    lines.append(
+        f"Predictions `{meta.get('predictions')}` (log sigma {meta.get('log_sigma', 0):.3g}), "
+        f"{meta.get('n_queries')} queries per stream, seeds {seeds}. Accuracy in %, mean ± std over seeds."
+    )
+    lines.append("")
+    for stream in streams:
+        lines += [f"## {stream}", ""]
+        lines.append("| policy | " + " | ".join(f"{b}" for b in budgets) + " |")
+        lines.append("|---|" + "---|" * len(budgets))
+        for p in policies:
+            cells = []
+            for b in budgets:
+                m = acc.get((stream, b, p))
+                cells.append("" if m is None else f"{100 * m[0]:.1f} ± {100 * m[1]:.1f}")
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if main in policies and base in policies:
+        lines += [f"## `{main}` vs `{base}`", ""]
+        lines.append(
+            "Gain in accuracy points, ratio, and (with `oracle` in the run) the share of the "
+            f"{base} → oracle gap that {main} closes."
+        )
+        lines.append("")
+        lines.append("| stream | budget | " + base + " | " + main + " | gain | ratio | gap closed |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for stream in streams:
+            for b in budgets:
+                u, c = acc.get((stream, b, base)), acc.get((stream, b, main))
+                if u is None or c is None:
+                    continue
+                o = acc.get((stream, b, "oracle"))
+                share = gap_closed(c[0], u[0], o[0]) if o else None
+                ratio = c[0] / u[0] if u[0] > 0 else float("inf")
+                lines.append(
+                    f"| {stream} | {b} | {100 * u[0]:.1f} | {100 * c[0]:.1f} | {100 * (c[0] - u[0]):+.1f} | "
+                    f"{ratio:.2f}× | {'' if share is None else f'{100 * share:.0f}%'} |"
+                )
+        lines.append("")
+    # What the budget buys: solved per 1k allocated and per 1k generated tokens.
+    alloc_eff = aggregate(rows, "solved_per_1k_allocated")
+    cons_eff = aggregate(rows, "solved_per_1k_consumed")
+    longest = aggregate(rows, "longest_generation_tokens")
+    abandon = aggregate(rows, "abandonment_rate")
+    lines += ["## What the tokens buy", ""]
+    lines.append(
+        "Solved per 1,000 allocated tokens / per 1,000 generated tokens (min(cap, length)), "
+        "the longest generation (a proxy for GPU batch time) and the abandonment rate, mean over seeds."
+    )
+    lines.append("")
+    lines.append("| stream | budget | policy | /1k allocated | /1k generated | longest gen. | abandoned |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for stream in streams:
+        for b in budgets:
+            for p in policies:
+                if (stream, b, p) not in alloc_eff:
+                    continue
+                lines.append(
+                    f"| {stream} | {b} | {p} | {alloc_eff[(stream, b, p)][0]:.2f} | {cons_eff[(stream, b, p)][0]:.2f} | "
+                    f"{longest[(stream, b, p)][0]:.0f} | {100 * abandon[(stream, b, p)][0]:.1f}% |"
+                )
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,243 @@
+"""``predictor`` command: train, predict, crossval, evaluate.
+
+Plug into another argparse CLI with :func:`add_subcommands` (each leaf parser
+sets ``func``: call ``args.func(args)``, it returns an exit code), or run alone::
+
+    python -m clear_predictor.cli predictor train --traces POOL.jsonl --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clear_core.errors import ClearError, InvalidInputError
+
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def _add_train_options(p: argparse.ArgumentParser, epochs_default: int) -> None:
+    p.add_argument("--backbone", default=None, help="HF encoder name or local folder (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--epochs", type=int, default=epochs_default, help=f"passes over the data (default {epochs_default})")
+    p.add_argument("--batch-size", type=int, default=32, help="problems per optimiser step (default 32)")
+    p.add_argument("--lr", type=float, default=2e-5, help="encoder AdamW learning rate (default 2e-5)")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="head AdamW learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens kept, the last ones (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N problems")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def _train_config(args, val_fraction: float = 0.0):
+    from clear_predictor.train import TrainConfig
+
+    return TrainConfig(
+        backbone=args.backbone,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        weight_decay=args.weight_decay,
+        max_length=args.max_length,
+        seed=args.seed,
+        val_fraction=val_fraction,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+
+
+def add_subcommands(subparsers) -> argparse.ArgumentParser:
+    """Register ``predictor {train,predict,crossval,evaluate}`` on an argparse subparsers object."""
+    pred = subparsers.add_parser("predictor", help="threshold predictor: train, predict, crossval, evaluate")
+    sub = pred.add_subparsers(dest="predictor_command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune the length regressor on trace pools")
+    p.add_argument("--traces", nargs="+", required=True, help="pool JSONL file(s)")
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help="share of problems held out to measure log_sigma (default 0.1; 0: use training residuals)")
+    _add_train_options(p, epochs_default=10)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="per-problem thresholds from a checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--traces", required=True, help="pool JSONL file")
+    p.add_argument("--out", required=True, help="output JSONL: id, threshold_tokens, log_sigma")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("crossval", help="grouped K-fold out-of-fold predictions and metrics")
+    p.add_argument("--traces", nargs="+", required=True, help="pool JSONL file(s)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--out", required=True, help="output JSONL; metrics go to OUT with suffix .metrics.json")
+    p.add_argument("--model", choices=("transformer", "tfidf", "length"), default="transformer")
+    _add_train_options(p, epochs_default=3)
+    p.set_defaults(func=cmd_crossval)
+
+    p = sub.add_parser("evaluate", help="metrics of a predictions JSONL against a pool's true lengths")
+    p.add_argument("--predictions", required=True, help="JSONL with id and threshold_tokens")
+    p.add_argument("--traces", required=True, help="pool JSONL file")
+    p.add_argument("--json", default=None, help="also write the metrics JSON here")
+    p.set_defaults(func=cmd_evaluate)
+    return pred
+
+
+def write_predictions(path: str | Path, ids, thresholds, log_sigma: float) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for i, t in zip(ids, thresholds):
+            fh.write(json.dumps({"id": i, "threshold_tokens": float(t), "log_sigma": float(log_sigma)}) + "\n")
+
+
+def read_predictions(path: str | Path) -> dict[str, float]:
+    out: dict[str, float] = {}
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError("predictions", str(path), "no such file")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                pid, thr = str(obj["id"]), float(obj["threshold_tokens"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise InvalidInputError("predictions", f"{path}:{lineno}", f"bad line: {exc}") from exc
+            if not (math.isfinite(thr) and thr > 0):
+                raise InvalidInputError("threshold_tokens", thr, f"{path}:{lineno}: must be finite and > 0")
+            out[pid] = thr
+    return out
+
+
+def _json_dump(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def metrics_path(out: str | Path) -> Path:
+    """FILE.jsonl -> FILE.metrics.json."""
+    return Path(out).with_suffix(".metrics.json")
+
+
+def cmd_train(args) -> int:
+    from clear_predictor.data import load_dataset
+    from clear_predictor.model import save_checkpoint
+    from clear_predictor.train import train
+
+    data = load_dataset(args.traces, limit=args.limit)
+    cfg = _train_config(args, val_fraction=args.val_fraction)
+    res = train(data, cfg)
+    res.metadata.extra["traces"] = [str(t) for t in args.traces]
+    out = save_checkpoint(res.model, res.tokenizer, res.metadata, args.out)
+    m = res.metadata
+    print(f"saved {out}: {m.n_train} train / {m.n_val} val problems, {m.epochs} epochs, "
+          f"{m.train_seconds:.0f} s, epoch losses {[round(x, 4) for x in res.epoch_losses]}, "
+          f"log_sigma={m.log_sigma:.4f} ({m.log_sigma_source})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from clear_predictor.data import load_dataset
+    from clear_predictor.inference import ThresholdPredictor
+
+    data = load_dataset(args.traces)
+    pred = ThresholdPredictor.from_checkpoint(args.model, device=args.device, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    thr = pred.predict(list(data.texts))
+    dt = time.perf_counter() - t0
+    write_predictions(args.out, data.ids, thr, pred.log_sigma)
+    print(f"wrote {len(thr)} predictions to {args.out} ({len(thr) / max(dt, 1e-9):.1f} prompts/s, "
+          f"log_sigma={pred.log_sigma:.4f})")
+    return 0
+
+
+def cmd_crossval(args) -> int:
+    from clear_predictor.baselines import BASELINES
+    from clear_predictor.crossval import out_of_fold
+    from clear_predictor.data import load_dataset
+    from clear_predictor.metrics import evaluate, format_table
+
+    data = load_dataset(args.traces, limit=args.limit)
+    if args.model == "transformer":
+        from clear_predictor.train import TransformerRegressor
+
+        cfg = _train_config(args)
+        make = lambda: TransformerRegressor(cfg)  # noqa: E731
+    else:
+        make = BASELINES[args.model]
+    t0 = time.perf_counter()
+
+    def on_fold(k, tr, te):
+        print(f"fold {k + 1}/{args.folds}: train {len(tr)} test {len(te)} problems, "
+              f"{time.perf_counter() - t0:.0f} s elapsed", file=sys.stderr, flush=True)
+
+    res = out_of_fold(data, make, n_splits=args.folds, seed=args.seed, on_fold=on_fold)
+    seconds = time.perf_counter() - t0
+    metrics = evaluate(data, res.pred_log)
+    log_sigma = metrics["per_query"]["overall"]["rmse_log"]
+    write_predictions(args.out, data.ids, np.exp(res.pred_log), log_sigma)
+    report = {
+        "model": args.model,
+        "traces": [str(t) for t in args.traces],
+        "folds": args.folds,
+        "seed": args.seed,
+        "seconds": round(seconds, 1),
+        "log_sigma": log_sigma,
+        "config": {k: v for k, v in vars(args).items() if k not in ("func",) and not callable(v)},
+        "metrics": metrics,
+    }
+    _json_dump(report, metrics_path(args.out))
+    print(format_table(metrics, title=f"{args.model}: {args.folds}-fold out-of-fold on {', '.join(map(str, args.traces))} ({seconds:.0f} s)"))
+    print(f"\nwrote {args.out} and {metrics_path(args.out)}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from clear_predictor.data import load_dataset
+    from clear_predictor.metrics import evaluate, format_table
+
+    preds = read_predictions(args.predictions)
+    data = load_dataset(args.traces)
+    rows = [i for i, pid in enumerate(data.ids) if pid in preds]
+    if not rows:
+        raise InvalidInputError("predictions", str(args.predictions), f"no id matches a problem of {args.traces}")
+    sub = data.subset(rows)
+    pred_log = np.log([preds[pid] for pid in sub.ids])
+    metrics = evaluate(sub, pred_log)
+    title = (f"{args.predictions} on {args.traces}: {len(rows)}/{len(data)} problems covered"
+             f" ({len(preds) - len(rows)} predictions with no problem in the pool)")
+    print(format_table(metrics, title=title))
+    if args.json:
+        _json_dump({"predictions": str(args.predictions), "traces": str(args.traces),
+                    "covered": len(rows), "pool_problems": len(data), "metrics": metrics}, Path(args.json))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m clear_predictor.cli", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ClearError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
