@@ -80,6 +80,19 @@ def _fit_floor(real: np.ndarray, budget: float) -> np.ndarray:
     return np.maximum(caps, 0)
 
 
+def _round_to_budget(real: np.ndarray, budget: float, t_max: float) -> np.ndarray:
+    """Floor real caps, then give the rounding remainder (< one token per query) to the
+    admitted queries with the largest fractional parts, never above ``t_max``."""
+    caps = _fit_floor(real, budget)
+    remainder = int(math.floor(budget)) - int(caps.sum())
+    room = (real > 0) & (caps + 1 <= t_max)
+    candidates = np.flatnonzero(room)
+    if remainder > 0 and candidates.size:
+        frac = (real - caps)[candidates]
+        caps[candidates[np.argsort(-frac, kind="stable")[:remainder]]] += 1
+    return caps
+
+
 def _affine_share(tau: np.ndarray, selected: np.ndarray, budget: float, t_max: float) -> np.ndarray:
     """Survivors get their threshold plus an equal share of what is left (Eq. 25 reconstructed).
 
@@ -197,7 +210,7 @@ class Heuristic(Policy):
         mean = tau.mean()
         eta = (budget / tau.size) / mean if mean > 0 else math.inf
         selected = tau <= np.median(tau) if eta < HEURISTIC_SCARCITY else np.ones(tau.size, bool)
-        return _as_alloc(_fit_floor(_affine_share(tau, selected, budget, t_max), budget))
+        return _as_alloc(_round_to_budget(_affine_share(tau, selected, budget, t_max), budget, t_max))
 
 
 class Auction(Policy):
@@ -210,7 +223,7 @@ class Auction(Policy):
         k = int(np.searchsorted(np.cumsum(tau[order]), budget, side="right"))
         selected = np.zeros(tau.size, bool)
         selected[order[:k]] = True
-        return _as_alloc(_fit_floor(_affine_share(tau, selected, budget, t_max), budget))
+        return _as_alloc(_round_to_budget(_affine_share(tau, selected, budget, t_max), budget, t_max))
 
 
 class Oracle(Policy):

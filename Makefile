@@ -1,0 +1,28 @@
+# Common entry points. `make test` is what CI runs (.ci/run).
+PY ?= python
+SHARED ?= ../shared
+POOL ?= $(SHARED)/data/traces/r1-distill-qwen-7b-mix.jsonl
+
+.PHONY: install test test-slow bench bench-quick clearing-bench serve
+
+install:  ## CPU install for development (torch pinned to the CPU build)
+	$(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[bench,predictor,serve,dev]"
+
+test:  ## the whole test suite CI runs (unit + cluster tests on a local CPU Ray)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-slow:  ## long trainings and benchmarks marked slow
+	$(PY) -m pytest -q -m slow
+
+bench:  ## the paper's experiments on the main pool (Table 1, figures)
+	clear-llm bench --traces $(POOL) --predictions oracle-noise:0.5 --seeds 0,1,2,3,4 --out artifacts/bench-oracle-noise-0.5 --dump-allocations
+
+bench-quick:
+	clear-llm bench --traces $(POOL) --streams balanced --budgets 256,1024 --seeds 0 --no-figures --out artifacts/bench-quick
+
+clearing-bench:  ## exact / optimal vs the paper's bisection, N = 1e3 .. 1e6
+	$(PY) benchmarks/clearing_speed.py
+
+serve:  ## the embedded default: local Ray, CPU, replay engine
+	serve run serve_config.yaml

@@ -1,0 +1,119 @@
+"""Every policy: caps are integers that sum to at most the budget; baselines match Appendix A.2."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clear_core.errors import InvalidInputError, UnknownPolicyError
+from clear_core.policies import POLICIES, Truth, get_policy, parse_policy
+
+REQUIRED = {"uniform", "proportional", "tale-ep", "heuristic", "auction", "clear", "clear-optimal",
+            "clear-triangular", "clear-quadratic", "oracle"}
+
+
+def test_registry_has_the_paper_names():
+    assert REQUIRED <= set(POLICIES)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tau=st.lists(st.floats(0, 9000, allow_nan=False), min_size=1, max_size=40),
+    bpq=st.floats(0, 5000),
+    sigma=st.sampled_from([0.0, 0.3, 1.0]),
+    max_tokens=st.one_of(st.none(), st.integers(1, 8192)),
+    data=st.data(),
+)
+def test_every_policy_respects_the_budget(tau, bpq, sigma, max_tokens, data):
+    n = len(tau)
+    tokens = np.array(data.draw(st.lists(st.integers(0, 9000), min_size=n, max_size=n)))
+    correct = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    budget = bpq * n
+    for name in POLICIES:
+        a = get_policy(name).allocate(tau, budget, max_tokens=max_tokens, truth=Truth(tokens, correct), log_sigma=sigma)
+        assert a.caps.dtype.kind == "i", name
+        assert (a.caps >= 0).all(), name
+        assert a.caps.sum() <= budget, name
+        if max_tokens is not None:
+            assert (a.caps <= max_tokens).all(), name
+
+
+def test_uniform():
+    a = get_policy("uniform").allocate([1.0, 2.0, 3.0], 1000)
+    assert a.caps.tolist() == [333, 333, 333]
+
+
+def test_tale_ep_conserves_the_budget_exactly():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        tau = rng.lognormal(6, 1, 30)
+        b = int(rng.integers(30, 100_000))
+        assert get_policy("tale-ep").allocate(tau, b).caps.sum() == b
+
+
+def test_proportional_never_abandons_and_follows_thresholds():
+    tau = np.array([100.0, 200.0, 400.0])
+    a = get_policy("proportional").allocate(tau, 7000)
+    assert a.caps.tolist() == [1000, 2000, 4000]
+    assert (get_policy("proportional").allocate(tau, 30).caps > 0).all()
+
+
+def test_heuristic_drops_the_harder_half_only_when_scarce():
+    tau = np.array([100.0, 200.0, 300.0, 400.0])
+    scarce = get_policy("heuristic").allocate(tau, 0.5 * tau.sum())
+    assert scarce.caps[2:].tolist() == [0, 0] and (scarce.caps[:2] > 0).all()
+    loose = get_policy("heuristic").allocate(tau, 2 * tau.sum())
+    assert (loose.caps > 0).all()
+    # Survivors: threshold plus an equal share of what is left.
+    assert loose.caps.tolist() == [350, 450, 550, 650]
+
+
+def test_auction_keeps_the_longest_prefix_that_fits():
+    tau = np.array([500.0, 100.0, 300.0, 1000.0])
+    a = get_policy("auction").allocate(tau, 950)
+    assert a.active.tolist() == [True, True, True, False]
+    assert a.caps.sum() == 950
+
+
+def test_oracle_maximises_solved_count_by_brute_force():
+    rng = np.random.default_rng(9)
+    for _ in range(40):
+        n = int(rng.integers(1, 9))
+        d = rng.integers(1, 500, n)
+        ok = rng.random(n) < 0.7
+        budget = int(rng.integers(0, 1500))
+        best = max(
+            sum(bool(ok[i]) for i in s)
+            for k in range(n + 1) for s in itertools.combinations(range(n), k) if d[list(s)].sum() <= budget
+        )
+        a = get_policy("oracle").allocate(np.ones(n), budget, truth=Truth(d, ok))
+        solved = ((a.caps >= d) & ok & (a.caps > 0)).sum()
+        assert solved == best
+
+
+def test_oracle_needs_the_truth():
+    with pytest.raises(InvalidInputError, match="truth"):
+        get_policy("oracle").allocate([1.0], 10)
+
+
+def test_clear_uses_the_uncertainty_and_clear_paper_does_not():
+    rng = np.random.default_rng(3)
+    tau = rng.lognormal(6.5, 1.0, 200)
+    ours = get_policy("clear").allocate(tau, 400 * 200, log_sigma=0.5)
+    paper = get_policy("clear-paper").allocate(tau, 400 * 200, log_sigma=0.5)
+    exact = get_policy("clear").allocate(tau, 400 * 200, log_sigma=0.0)
+    np.testing.assert_array_equal(paper.caps, exact.caps)
+    assert not np.array_equal(ours.caps, paper.caps)
+
+
+def test_policy_specs():
+    p = parse_policy("clear-paper:beta=0.01,alpha=4,fill=0")
+    assert (p.beta, p.alpha, p.fill_unused) == (0.01, 4.0, False)
+    with pytest.raises(UnknownPolicyError, match="nonsense"):
+        parse_policy("nonsense")
+    with pytest.raises(InvalidInputError, match="takes no parameters"):
+        parse_policy("uniform:beta=1")
+    with pytest.raises(InvalidInputError, match="gamma"):
+        parse_policy("clear:gamma=1")
