@@ -56,8 +56,8 @@ def allocation_scatter(thresholds, caps, tokens, correct, out: Path, title: str)
     solved = (caps >= np.asarray(tokens)) & np.asarray(correct, bool) & (caps > 0)
     fig, ax = plt.subplots(figsize=(6.5, 5))
     admitted = caps > 0
-    ax.scatter(thresholds[admitted & solved], caps[admitted & solved], s=10, c="tab:green", label="admitted, solved")
     ax.scatter(thresholds[admitted & ~solved], caps[admitted & ~solved], s=10, c="tab:orange", label="admitted, not solved")
+    ax.scatter(thresholds[admitted & solved], caps[admitted & solved], s=10, c="tab:green", label="admitted, solved")
     ax.scatter(thresholds[~admitted], np.full((~admitted).sum(), 1.0), s=12, marker="x", c="tab:red", label="abandoned (cap 0)")
     lim = [max(1.0, thresholds.min()), max(thresholds.max(), caps.max(), 2.0)]
     ax.plot(lim, lim, "k--", lw=0.8, label="cap = threshold")
