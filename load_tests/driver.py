@@ -1,0 +1,199 @@
+"""Drive an OpenAI-compatible endpoint with a planned stream; record every request.
+
+Two arrival modes, both bounded in request count and wall time:
+
+* ``concurrency``: a fixed number of clients, each sending its next request as
+  soon as the previous one ends (a closed loop, like the digital twin);
+* ``rate``: Poisson arrivals at a target rate (an open loop, what a public
+  endpoint sees), with a cap on requests in flight so a stalled server cannot
+  make the test unbounded.
+
+Requests stream (SSE) so time to first token is measured; a 429 is recorded
+as ``abandoned`` with the shadow price from its error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import httpx
+
+from load_tests.grading import solved as grade
+from load_tests.traffic import PlannedRequest
+
+SAMPLE_INDEX_FIELD = "clear_sample_index"
+
+
+@dataclass
+class RequestRecord:
+    index: int
+    problem_id: str
+    tier: str
+    status: str  # ok | abandoned | rejected | error | timeout
+    http_status: int
+    start_s: float  # since the test started
+    ttft_s: float | None  # time to first content token
+    latency_s: float  # end to end
+    completion_tokens: int  # generated (usage)
+    allocated_tokens: int | None  # the cap CLEAR gave (clear.allocated_tokens)
+    predicted_threshold_tokens: float | None
+    shadow_price: float | None
+    finish_reason: str | None
+    solved: bool
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    base_url: str  # e.g. http://127.0.0.1:8000 (the /v1 prefix is added)
+    model: str | None = None  # None: the first of GET /v1/models
+    mode: str = "concurrency"  # concurrency | rate
+    concurrency: int = 32  # clients (concurrency mode) / max in flight (rate mode)
+    rate_rps: float = 10.0  # Poisson arrival rate (rate mode)
+    max_requests: int = 500
+    max_duration_s: float = 600.0  # no new request after this; in-flight ones get request_timeout_s
+    request_timeout_s: float = 120.0
+    max_tokens: int | None = None  # client cap sent with every request (None: let CLEAR decide)
+    api_key: str | None = None
+    replay_samples: bool = True  # name the recorded sample (replay engine)
+    seed: int = 0
+
+
+async def _discover_model(client: httpx.AsyncClient, base: str) -> str:
+    r = await client.get(f"{base}/v1/models")
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+async def _one(client: httpx.AsyncClient, cfg: LoadConfig, model: str, req: PlannedRequest, t0: float) -> RequestRecord:
+    body: dict = {
+        "model": model,
+        "messages": [{"role": "user", "content": req.prompt}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if cfg.max_tokens is not None:
+        body["max_tokens"] = cfg.max_tokens
+    if cfg.replay_samples:
+        body[SAMPLE_INDEX_FIELD] = req.sample_index
+    start = time.perf_counter()
+    rec = RequestRecord(req.index, req.problem_id, req.tier, "error", 0, start - t0, None, 0.0, 0, None, None, None,
+                        None, False)
+    text: list[str] = []
+    clear: dict = {}
+    try:
+        async with client.stream("POST", f"{cfg.base_url}/v1/chat/completions", json=body,
+                                 timeout=cfg.request_timeout_s) as resp:
+            rec.http_status = resp.status_code
+            if resp.status_code != 200:
+                payload = json.loads(await resp.aread() or b"{}")
+                err = payload.get("error", {}) if isinstance(payload, dict) else {}
+                rec.status = "abandoned" if resp.status_code == 429 else ("rejected" if resp.status_code < 500 else "error")
+                rec.shadow_price = err.get("shadow_price")
+                rec.predicted_threshold_tokens = err.get("predicted_threshold_tokens")
+                rec.error = err.get("type") or str(resp.status_code)
+                rec.latency_s = time.perf_counter() - start
+                return rec
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    rec.status, rec.error = "error", chunk["error"].get("type", "stream_error")
+                    break
+                if isinstance(chunk.get("clear"), dict):
+                    clear.update(chunk["clear"])
+                for choice in chunk.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        if rec.ttft_s is None:
+                            rec.ttft_s = time.perf_counter() - start
+                        text.append(piece)
+                    if choice.get("finish_reason"):
+                        rec.finish_reason = choice["finish_reason"]
+                if chunk.get("usage"):
+                    rec.completion_tokens = int(chunk["usage"].get("completion_tokens") or 0)
+            if rec.error is None:
+                rec.status = "ok"
+    except httpx.TimeoutException:
+        rec.status, rec.error = "timeout", "timeout"
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        rec.status, rec.error = "error", type(exc).__name__
+    rec.latency_s = time.perf_counter() - start
+    rec.allocated_tokens = clear.get("allocated_tokens")
+    rec.predicted_threshold_tokens = clear.get("predicted_threshold_tokens", rec.predicted_threshold_tokens)
+    rec.shadow_price = clear.get("shadow_price", rec.shadow_price)
+    rec.solved = rec.status == "ok" and grade(clear, "".join(text), req.answer)
+    return rec
+
+
+async def run_load(
+    cfg: LoadConfig,
+    plan: list[PlannedRequest],
+    progress: Callable[[RequestRecord], None] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> list[RequestRecord]:
+    """Send ``plan`` (at most ``max_requests`` of it) and return one record per request sent.
+
+    ``transport`` lets tests drive an in-process ASGI app instead of a socket.
+    """
+    plan = plan[: cfg.max_requests]
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=cfg.concurrency + 4, max_keepalive_connections=cfg.concurrency + 4)
+    records: list[RequestRecord] = []
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=cfg.request_timeout_s,
+                                 transport=transport) as client:
+        model = cfg.model or await _discover_model(client, cfg.base_url)
+        t0 = time.perf_counter()
+        deadline = t0 + cfg.max_duration_s
+
+        async def send(req: PlannedRequest) -> None:
+            rec = await _one(client, cfg, model, req, t0)
+            records.append(rec)
+            if progress is not None:
+                progress(rec)
+
+        if cfg.mode == "concurrency":
+            queue: asyncio.Queue[PlannedRequest] = asyncio.Queue()
+            for r in plan:
+                queue.put_nowait(r)
+
+            async def worker() -> None:
+                while time.perf_counter() < deadline:
+                    try:
+                        req = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        return
+                    await send(req)
+
+            await asyncio.gather(*(worker() for _ in range(max(1, cfg.concurrency))))
+        elif cfg.mode == "rate":
+            rng = random.Random(cfg.seed)
+            in_flight = asyncio.Semaphore(max(1, cfg.concurrency))
+            tasks = []
+
+            async def guarded(req: PlannedRequest) -> None:
+                async with in_flight:
+                    await send(req)
+
+            for req in plan:
+                if time.perf_counter() >= deadline:
+                    break
+                tasks.append(asyncio.create_task(guarded(req)))
+                await asyncio.sleep(rng.expovariate(cfg.rate_rps))
+            await asyncio.gather(*tasks)
+        else:
+            raise ValueError(f"unknown mode {cfg.mode!r}: expected 'concurrency' or 'rate'")
+    records.sort(key=lambda r: r.index)
+    return records
