@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from scipy.special import lambertw
@@ -103,18 +104,11 @@ class UtilityCurve:
 
 
 @dataclass(frozen=True)
-class ShiftedSurge(UtilityCurve):
-    """u(t) = alpha (t - tau) exp(-beta (t - tau)) for t > tau (Eq. 1).
-
-    Optimal cap (Theorem 4.2, Eq. 5): with ``W = W0(lam e / alpha)``,
-    ``t* = tau + (1 - W) / beta``. Surplus at ``t*`` simplifies (using
-    ``e^W = lam e / (alpha W)``) to ``lam ((1 - W)^2 / (beta W) - tau)``, so the
-    solvency threshold is ``T(lam) = (1 - W)^2 / (beta W)``.
-    """
+class _GlobalShape(UtilityCurve):
+    """Global (alpha, beta), as the paper's model-intrinsic assumption; peak at slack 1/beta."""
 
     alpha: float = 2.0
     beta: float = 1.0 / 256.0
-    name: str = "surge"
 
     def __post_init__(self) -> None:
         _check_positive("alpha", self.alpha)
@@ -123,6 +117,19 @@ class ShiftedSurge(UtilityCurve):
     @property
     def peak_slack(self) -> float:  # type: ignore[override]
         return 1.0 / self.beta
+
+
+@dataclass(frozen=True)
+class ShiftedSurge(_GlobalShape):
+    """u(t) = alpha (t - tau) exp(-beta (t - tau)) for t > tau (Eq. 1).
+
+    Optimal cap (Theorem 4.2, Eq. 5): with ``W = W0(lam e / alpha)``,
+    ``t* = tau + (1 - W) / beta``. Surplus at ``t*`` simplifies (using
+    ``e^W = lam e / (alpha W)``) to ``lam ((1 - W)^2 / (beta W) - tau)``, so the
+    solvency threshold is ``T(lam) = (1 - W)^2 / (beta W)``.
+    """
+
+    name: ClassVar[str] = "surge"
 
     def gain(self, x):
         x = np.asarray(x, dtype=float)
@@ -162,7 +169,7 @@ class ShiftedSurge(UtilityCurve):
 
 
 @dataclass(frozen=True)
-class Triangular(UtilityCurve):
+class Triangular(_GlobalShape):
     """Tent-shaped utility (Sec. 7.4, Eq. 17, reconstructed).
 
     ``g`` rises linearly with slope ``alpha`` to its peak ``U = alpha * p`` at
@@ -175,17 +182,7 @@ class Triangular(UtilityCurve):
     surplus ``U - lam (tau + p) > 0`` gives ``T(lam) = U / lam - p``.
     """
 
-    alpha: float = 2.0
-    beta: float = 1.0 / 256.0
-    name: str = "triangular"
-
-    def __post_init__(self) -> None:
-        _check_positive("alpha", self.alpha)
-        _check_positive("beta", self.beta)
-
-    @property
-    def peak_slack(self) -> float:  # type: ignore[override]
-        return 1.0 / self.beta
+    name: ClassVar[str] = "triangular"
 
     @property
     def peak_utility(self) -> float:
@@ -217,7 +214,7 @@ class Triangular(UtilityCurve):
 
 
 @dataclass(frozen=True)
-class Quadratic(UtilityCurve):
+class Quadratic(_GlobalShape):
     """Concave quadratic peak over the same support (Sec. 7.4, Eq. 18, reconstructed).
 
     ``g(x) = U (1 - ((x - p) / p)^2)`` on ``[0, 2p]`` with ``p = 1 / beta`` and
@@ -226,17 +223,7 @@ class Quadratic(UtilityCurve):
     surplus ``> 0`` gives ``T(lam) = p (1 - r)^2 / (2 r)``.
     """
 
-    alpha: float = 2.0
-    beta: float = 1.0 / 256.0
-    name: str = "quadratic"
-
-    def __post_init__(self) -> None:
-        _check_positive("alpha", self.alpha)
-        _check_positive("beta", self.beta)
-
-    @property
-    def peak_slack(self) -> float:  # type: ignore[override]
-        return 1.0 / self.beta
+    name: ClassVar[str] = "quadratic"
 
     def gain(self, x):
         x = np.asarray(x, dtype=float)
