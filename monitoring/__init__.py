@@ -1,0 +1,1 @@
+"""Prometheus rules, the Grafana dashboard and the helper that lists its queries (panels.py)."""
