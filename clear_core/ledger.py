@@ -37,9 +37,12 @@ Budget modes
     pool gets the unused part back (what a GPU operator pays for is generated
     tokens), so the same budget admits more.
 ``rate`` (a token bucket)
-    The pool refills at ``tokens_per_s`` up to ``burst_tokens`` of available
-    budget (the bucket's capacity) and starts full. Unused tokens go back to the
-    pool when a request ends (``refund_unused=True`` by default).
+    The bucket starts full with ``burst_tokens`` and refills at
+    ``tokens_per_s``; its content is the available budget *plus* the tokens
+    reserved by in-flight requests, and never exceeds ``burst_tokens``
+    (``available + reserved <= burst``: the burst is the most budget that can be
+    committed at once). Unused tokens go back to the bucket when a request ends
+    (``refund_unused=True`` by default); only generated tokens leave it.
 
 Online pricing (why a rolling window)
 -------------------------------------
@@ -183,7 +186,10 @@ class TokenLedger:
             return
         dt = max(0.0, now - self._last_refill)
         self._last_refill = max(self._last_refill, now)
-        level = self._granted - self._reserved - self._spent
+        # The bucket holds what is available *and* what is lent out to in-flight
+        # requests (their reservations come back, in part, as refunds), so it
+        # never holds more than its capacity: available + reserved <= burst.
+        level = self._granted - self._spent
         room = self.spec.burst_tokens - level
         if room > 0:
             self._granted += min(self.spec.tokens_per_s * dt, room)
@@ -195,6 +201,11 @@ class TokenLedger:
             w = self.spec.window_queries
             if (self._arrivals - 1) % w == 0:
                 self._granted += w * self.spec.tokens_per_query
+
+    def remaining_in_block(self) -> int:
+        """Arrivals still to come in the current per-query block, the latest one included."""
+        w = self.spec.window_queries
+        return w - (self._arrivals - 1) % w if self._arrivals else w
 
     # -- commands ------------------------------------------------------------
 
@@ -308,6 +319,7 @@ class OnlineMarket:
     window_size: int = 256  # recent thresholds the price is cleared against
     max_tokens: int | None = None  # context limit t_max for every cap
     min_rate_span_s: float = DEFAULT_MIN_RATE_SPAN_S
+    pace: bool = True  # per_query: clear with the block's remaining budget per remaining arrival
     outcome_window: int = DEFAULT_OUTCOME_WINDOW
     _window: deque = field(init=False, repr=False)
     _times: deque = field(init=False, repr=False)
@@ -330,7 +342,13 @@ class OnlineMarket:
     def budget_per_query(self, now: float) -> float:
         """b of the window market: configured, or what the refill rate buys per arrival."""
         if self.spec.mode == "per_query":
-            return float(self.spec.tokens_per_query)
+            if not self.pace:
+                return float(self.spec.tokens_per_query)
+            # Pacing: what is left of the block per arrival still to come in it
+            # (this one included), so over- or under-spending early in a block
+            # is corrected smoothly instead of starving the block's last requests.
+            remaining = self.ledger.remaining_in_block()
+            return max(self.ledger.available(now), 0) / remaining
         n = len(self._times)
         span = max(now - self._times[0], self.min_rate_span_s) if n else self.min_rate_span_s
         return self.spec.tokens_per_s * span / max(n, 1)

@@ -1,0 +1,269 @@
+"""Digital twin: the live service replays a traffic stream and must match the offline bench.
+
+For each (policy, budget per query) it
+
+1. writes a predictions table (JSONL ``{"id", "threshold_tokens", "log_sigma"}``
+   per problem): ``oracle-noise`` thresholds, the geometric mean of the
+   problem's sample lengths times ``exp(N(0, sigma))`` (seeded), with
+   ``log_sigma = sigma``. Both sides use exactly these thresholds: the live
+   service through its ``lookup`` predictor, the offline side by the same lookup;
+2. computes the **offline number** the way the bench does: one batch market
+   over the whole stream, ``policy.allocate(thresholds, N * b,
+   max_tokens=max_completion_tokens, log_sigma=sigma)``, scored with
+   ``clear_core.simulate.score``;
+3. deploys the service (replay engine on the pool, lookup predictor, per-query
+   budget with a budget window of N queries, i.e. ``N * b`` tokens for the
+   stream, as offline) and sends the stream in order from ``clients``
+   concurrent clients, each request naming its recorded sample
+   (``clear_sample_index``); a query counts as solved iff the response's
+   ``clear.replay.solved`` (``cap >= tokens and correct``); abandoned (429)
+   queries are unsolved;
+4. reports both accuracies, their gap and the tokens allocated (live must stay
+   <= N * b).
+
+The live service is online: each request is priced against a rolling window of
+recent thresholds (clear_core.ledger), not against the whole stream; the gap
+measures how well that approximates the batch.
+
+    python benchmarks/digital_twin.py                      # 500 queries, clear+uniform x 512+2048
+    python benchmarks/digital_twin.py --n 200 --policies clear --budgets 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from clear_core.policies import parse_policy  # noqa: E402
+from clear_core.simulate import score  # noqa: E402
+from clear_core.traces import Problem, Stream, load_pool, make_stream  # noqa: E402
+
+SHARED = REPO_ROOT.parent / "shared"
+DEFAULT_POOL = SHARED / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
+MAX_COMPLETION_TOKENS = 8192
+
+
+@dataclass
+class TwinResult:
+    policy: str
+    budget_per_query: float
+    n_queries: int
+    clients: int
+    offline_accuracy: float
+    live_accuracy: float
+    gap_points: float  # 100 * (live - offline)
+    offline_tokens_allocated: int
+    live_tokens_allocated: int
+    budget_tokens: float  # N * b
+    live_abandoned: int  # 429 answers
+    live_errors: int  # anything else than 200 / 429
+    live_wall_s: float
+    live_requests_per_s: float
+
+
+def write_predictions(problems: list[Problem], sigma: float, seed: int, path: Path) -> dict[str, float]:
+    """Oracle-noise predictions table, one row per problem."""
+    rng = np.random.default_rng(seed)
+    table = {}
+    with path.open("w", encoding="utf-8") as fh:
+        for p in problems:
+            gm = float(np.exp(np.mean(np.log(np.maximum([s.tokens for s in p.samples], 1)))))
+            tau = gm * float(np.exp(rng.normal(0.0, sigma))) if sigma > 0 else gm
+            table[p.id] = tau
+            fh.write(json.dumps({"id": p.id, "threshold_tokens": tau, "log_sigma": sigma}) + "\n")
+    return table
+
+
+def offline_caps(stream: Stream, table_path: Path, pool_path: Path, policy: str, b: float, sigma: float) -> np.ndarray:
+    from deployments.predictor_backends import LookupPredictor
+
+    lookup = LookupPredictor(str(table_path), str(pool_path))
+    tau = np.array([lookup.lookup(p)[0] for p in stream.prompts])
+    alloc = parse_policy(policy).allocate(tau, b * len(stream), max_tokens=MAX_COMPLETION_TOKENS, log_sigma=sigma)
+    return alloc.caps
+
+
+def service_args(pool_path: Path, table_path: Path, policy: str, b: float, n: int, window: int) -> dict:
+    return {
+        "model_name": "clear-replay",
+        "max_completion_tokens": MAX_COMPLETION_TOKENS,
+        "allocator": {
+            "policy": policy,
+            "pricing_window_requests": window,
+            "budget": {"mode": "per_query", "tokens_per_query": b, "window_queries": n},
+        },
+        "predictor": {"backend": "lookup", "table_path": str(table_path), "pool_path": str(pool_path)},
+        "engine": {
+            "kind": "replay",
+            "trace_path": str(pool_path),
+            # Accuracy does not depend on pace: decode fast so the run is short.
+            "decode_tokens_per_s": 2_000_000.0,
+            "time_to_first_token_s": 0.0,
+            "stream_chunk_tokens": 1024,
+            "max_concurrent_requests": 256,
+            "deployment": {"num_replicas": 1, "max_ongoing_requests": 256},
+        },
+        "ingress": {"deployment": {"num_replicas": 1, "max_ongoing_requests": 512}},
+    }
+
+
+async def replay_stream(url: str, stream: Stream, clients: int) -> tuple[list[dict], float]:
+    """Send the stream in order from ``clients`` concurrent clients; one record per query."""
+    import httpx
+
+    out: list[dict] = [{} for _ in range(len(stream))]
+    next_index = iter(range(len(stream)))
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+
+    async def client(c: httpx.AsyncClient):
+        for i in next_index:  # shared iterator: requests leave in stream order
+            body = {
+                "model": "clear-replay",
+                "messages": [{"role": "user", "content": stream.prompts[i]}],
+                "clear_sample_index": int(stream.sample_index[i]),
+            }
+            r = await c.post(f"{url}/v1/chat/completions", json=body)
+            data = r.json()
+            if r.status_code == 200:
+                cl = data["clear"]
+                out[i] = {"status": 200, "cap": cl["allocated_tokens"], "solved": cl["replay"]["solved"], "replay": cl["replay"]}
+            else:
+                out[i] = {"status": r.status_code, "cap": 0, "solved": False, "error": data.get("error", {}).get("type")}
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+    return out, time.perf_counter() - t0
+
+
+def run_twin(
+    deploy,
+    delete,
+    pool_path: Path,
+    stream: Stream,
+    problems: list[Problem],
+    policy: str,
+    b: float,
+    clients: int = 32,
+    sigma: float = 0.5,
+    seed: int = 0,
+    window: int = 256,
+    workdir: Path | None = None,
+) -> TwinResult:
+    """One (policy, budget) twin run. ``deploy(args, name) -> base url`` and ``delete(name)`` run the service."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="clear-twin-"))
+    table_path = workdir / f"predictions-sigma{sigma}-seed{seed}.jsonl"
+    write_predictions(problems, sigma, seed + 1, table_path)
+    n = len(stream)
+    caps_off = offline_caps(stream, table_path, pool_path, policy, b, sigma)
+    off = score(caps_off, stream.tokens, stream.correct, b * n)
+    name = f"twin-{policy.replace(':', '-').replace('=', '').replace(',', '-')}-{int(b)}"
+    url = deploy(service_args(pool_path, table_path, policy, b, n, window), name)
+    try:
+        records, wall = asyncio.run(replay_stream(url, stream, clients))
+    finally:
+        delete(name)
+    for i, r in enumerate(records):  # the replay must have served the very query of the stream
+        if r["status"] == 200 and (r["replay"]["problem_id"] != stream.problem_ids[i] or r["replay"]["tokens"] != stream.tokens[i]):
+            raise AssertionError(f"query {i}: replayed {r['replay']} instead of {stream.problem_ids[i]}")
+    solved = np.array([r["solved"] for r in records])
+    caps_live = np.array([r["cap"] for r in records])
+    return TwinResult(
+        policy=policy,
+        budget_per_query=b,
+        n_queries=n,
+        clients=clients,
+        offline_accuracy=off.accuracy,
+        live_accuracy=float(solved.mean()),
+        gap_points=100.0 * (float(solved.mean()) - off.accuracy),
+        offline_tokens_allocated=off.tokens_allocated,
+        live_tokens_allocated=int(caps_live.sum()),
+        budget_tokens=b * n,
+        live_abandoned=sum(r["status"] == 429 for r in records),
+        live_errors=sum(r["status"] not in (200, 429) for r in records),
+        live_wall_s=wall,
+        live_requests_per_s=n / wall,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pool", type=Path, default=DEFAULT_POOL)
+    ap.add_argument("--stream", default="balanced")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--sigma", type=float, default=0.5, help="log-space noise of the oracle-noise thresholds")
+    ap.add_argument("--window", type=int, default=256, help="pricing window (recent thresholds)")
+    ap.add_argument("--policies", nargs="+", default=["clear", "uniform"])
+    ap.add_argument("--budgets", nargs="+", type=float, default=[512.0, 2048.0])
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    problems = load_pool(args.pool)
+    stream = make_stream(problems, args.stream, args.n, args.seed)
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def deploy(app_args, name):
+        serve.run(build_app(app_args), name=name, route_prefix=f"/{name}")
+        return f"http://127.0.0.1:{port}/{name}"
+
+    results = []
+    try:
+        for policy in args.policies:
+            for b in args.budgets:
+                r = run_twin(deploy, serve.delete, args.pool, stream, problems, policy, b, args.clients, args.sigma, args.seed, args.window)
+                results.append(r)
+                print(
+                    f"{r.policy:>8} b={r.budget_per_query:>6.0f}  offline {100 * r.offline_accuracy:5.1f}%  "
+                    f"live {100 * r.live_accuracy:5.1f}%  gap {r.gap_points:+5.1f} pts  "
+                    f"allocated live {r.live_tokens_allocated} / offline {r.offline_tokens_allocated} / budget {r.budget_tokens:.0f}  "
+                    f"abandoned {r.live_abandoned}  errors {r.live_errors}  {r.live_requests_per_s:.0f} req/s",
+                    flush=True,
+                )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print()
+    print(f"stream {args.stream} n={args.n} seed={args.seed}, {args.clients} clients, oracle-noise sigma={args.sigma}, window={args.window}")
+    print("| policy | budget/query | offline acc % | live acc % | gap (pts) | live allocated | N*b |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r.policy} | {r.budget_per_query:.0f} | {100 * r.offline_accuracy:.1f} | {100 * r.live_accuracy:.1f} | "
+            f"{r.gap_points:+.1f} | {r.live_tokens_allocated} | {r.budget_tokens:.0f} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    bad = [r for r in results if abs(r.gap_points) > 2.0 or r.live_tokens_allocated > r.budget_tokens or r.live_errors]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""Allocator deployment: the one central actor holding the global token budget.
+
+A thin wrapper (deploy with exactly one replica) around the pure, synchronous
+:class:`clear_core.ledger.OnlineMarket` / :class:`~clear_core.ledger.TokenLedger`
+pair, which holds all the logic and is unit-tested without Ray. Every command
+runs under one lock and without awaiting inside it, so commands are applied
+one at a time in arrival order whatever the concurrency: the budget invariant
+``reserved + spent <= granted`` is the ledger's, checked after every command.
+
+A background sweep expires reservations never settled (their ingress died)
+every ``expire_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+from clear_core.errors import ClearError, UnknownReservationError
+from clear_core.ledger import OnlineMarket, TokenLedger
+from clear_core.policies import parse_policy
+from deployments.config import AllocatorConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+class Allocator:
+    def __init__(self, config: dict | AllocatorConfig, max_completion_tokens: int | None = None, metrics: bool = True):
+        self.config = AllocatorConfig.model_validate(config)
+        self.policy_spec = self.config.policy
+        self.policy = parse_policy(self.config.policy)
+        self.ledger = TokenLedger(self.config.budget.spec())
+        self.market = OnlineMarket(
+            self.policy,
+            self.ledger,
+            window_size=self.config.pricing_window_requests,
+            max_tokens=max_completion_tokens,
+            min_rate_span_s=self.config.min_rate_span_s,
+            pace=self.config.pace_budget,
+            outcome_window=self.config.abandonment_window_requests,
+        )
+        self._lock = threading.Lock()
+        self._sweeper: asyncio.Task | None = None
+        self.metrics = None
+        if metrics:
+            from deployments.metrics import AllocatorMetrics
+
+            self.metrics = AllocatorMetrics(self.policy_spec)
+            self._publish()
+
+    # -- commands --------------------------------------------------------------
+
+    def reserve_sync(self, rid: str, threshold: float, log_sigma: float = 0.0, max_tokens: int | None = None) -> dict:
+        t0 = time.perf_counter()
+        with self._lock:
+            d = self.market.request(rid, float(threshold), log_sigma=float(log_sigma), max_tokens=max_tokens)
+            self._check()
+            state = self.ledger.state()
+        if self.metrics:
+            self.metrics.clearing.observe(time.perf_counter() - t0, tags=self.metrics.tags)
+            if d.admitted and d.cap > 0:  # Ray counters refuse increments <= 0
+                self.metrics.allocated.inc(float(d.cap), tags=self.metrics.tags)
+            self._publish(state)
+        return {
+            "admitted": d.admitted,
+            "cap": d.cap,
+            "market_cap": d.market_cap,
+            "shadow_price": d.shadow_price,
+            "threshold_tokens": d.threshold,
+            "reason": d.reason,
+            "retry_after_s": d.retry_after_s,
+            "budget_per_query_tokens": d.budget_per_query,
+            "policy": self.policy_spec,
+        }
+
+    def settle_sync(self, rid: str, generated: int) -> dict | None:
+        """End a request; an unknown id (settled twice, expired, allocator restarted) is ignored."""
+        with self._lock:
+            try:
+                s = self.ledger.settle(rid, int(generated))
+            except UnknownReservationError:
+                logger.warning("settle of unknown reservation %s ignored", rid)
+                return None
+            self._check()
+            state = self.ledger.state()
+        if self.metrics:
+            if s.generated > 0:  # Ray counters refuse increments <= 0
+                self.metrics.generated.inc(float(s.generated), tags=self.metrics.tags)
+            if s.refunded > 0:
+                self.metrics.refunded.inc(float(s.refunded), tags=self.metrics.tags)
+            self._publish(state)
+        return {"cap": s.cap, "generated": s.generated, "refunded": s.refunded, "charged": s.charged}
+
+    def expire_sync(self) -> list[str]:
+        with self._lock:
+            gone = self.ledger.expire()
+            self._check()
+            state = self.ledger.state()
+        if gone:
+            logger.warning("expired %d reservations never settled", len(gone))
+        if self.metrics:
+            if gone:
+                self.metrics.expired.inc(float(len(gone)), tags=self.metrics.tags)
+            self._publish(state)
+        return gone
+
+    def status_sync(self) -> dict:
+        with self._lock:
+            st = self.ledger.state()
+            spec = self.ledger.spec
+            return {
+                "policy": self.policy_spec,
+                "budget_mode": spec.mode,
+                "tokens_per_query": spec.tokens_per_query if spec.mode == "per_query" else None,
+                "window_queries": spec.window_queries if spec.mode == "per_query" else None,
+                "tokens_per_s": spec.tokens_per_s if spec.mode == "rate" else None,
+                "burst_tokens": spec.burst_tokens if spec.mode == "rate" else None,
+                "refund_unused": spec.refunds_to_pool,
+                "available_tokens": st.available,
+                "reserved_tokens": st.reserved,
+                "spent_tokens": st.spent,
+                "granted_tokens": st.granted,
+                "in_flight_reservations": st.in_flight,
+                "shadow_price": self.market.last_price,
+                "abandonment_rate": self.market.abandonment_rate(),
+                "abandonment_window_requests": self.config.abandonment_window_requests,
+                "pricing_window_filled": len(self.market.window()),
+                "pricing_window_requests": self.config.pricing_window_requests,
+                "arrivals": st.arrivals,
+                "allocated_tokens_total": st.allocated_total,
+                "generated_tokens_total": st.generated_total,
+                "refunded_tokens_total": st.refunded_total,
+                "expired_reservations_total": st.expired_total,
+                "invariant_holds": st.invariant_holds,
+            }
+
+    def _check(self) -> None:
+        st = self.ledger.state()
+        if not st.invariant_holds:  # never expected: the ledger refuses such commands
+            raise ClearError(f"budget invariant broken: reserved {st.reserved} + spent {st.spent} > {st.granted}")
+
+    def _publish(self, state=None) -> None:
+        state = state or self.ledger.state()
+        self.metrics.observe_state(state, self.market.last_price, self.market.abandonment_rate())
+
+    # -- Serve entry points (async: applied one at a time on the replica's loop) --
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.expire_interval_s)
+            try:
+                self.expire_sync()
+            except Exception:
+                logger.exception("reservation sweep failed")
+
+    async def reserve(self, rid: str, threshold: float, log_sigma: float = 0.0, max_tokens: int | None = None) -> dict:
+        self._ensure_sweeper()
+        return self.reserve_sync(rid, threshold, log_sigma, max_tokens)
+
+    async def settle(self, rid: str, generated: int) -> dict | None:
+        self._ensure_sweeper()
+        return self.settle_sync(rid, generated)
+
+    async def status(self) -> dict:
+        return self.status_sync()

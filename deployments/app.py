@@ -1,0 +1,54 @@
+"""The one builder of the Serve graph: ``import_path: deployments.app:build_app``.
+
+``build_app(args)`` validates ``args`` with :class:`deployments.config.AppConfig`
+first (a bad config fails at deploy time with pydantic's message), then binds
+plain classes with ``serve.deployment(cls, **options)``::
+
+    Ingress --predict--> Predictor
+            --reserve/settle/status--> Allocator   (always exactly one replica)
+            --generate (stream)--> ReplayEngine | VLLMEngine -> LLMServer (Ray Serve LLM)
+"""
+
+from __future__ import annotations
+
+from ray import serve
+
+from deployments.allocator import Allocator
+from deployments.config import AppConfig, ReplayEngineConfig
+from deployments.engines.replay import ReplayEngine
+from deployments.ingress import IngressApp
+from deployments.predictor import Predictor
+
+
+def build_engine(cfg: AppConfig):
+    ecfg = cfg.engine
+    if isinstance(ecfg, ReplayEngineConfig):
+        opts = ecfg.deployment.serve_options("ReplayEngine")
+        # A replica accepts no more than it decodes at once plus a short queue.
+        opts["max_ongoing_requests"] = max(opts["max_ongoing_requests"], ecfg.max_concurrent_requests)
+        return serve.deployment(ReplayEngine, **opts).bind(ecfg.model_dump(), cfg.model_name)
+    from deployments.engines.vllm import VLLMEngine, build_vllm_deployment
+
+    llm = build_vllm_deployment(ecfg, cfg.model_name)
+    return serve.deployment(VLLMEngine, **ecfg.deployment.serve_options("VLLMEngine")).bind(
+        llm, ecfg.model_dump(), cfg.model_name
+    )
+
+
+def build_app(args: dict | None = None):
+    cfg = AppConfig.model_validate(args or {})
+    predictor = serve.deployment(Predictor, **cfg.predictor.deployment.serve_options("Predictor")).bind(
+        cfg.predictor.model_dump()
+    )
+    # The allocator holds the global budget: exactly one replica, never autoscaled.
+    allocator = serve.deployment(
+        Allocator,
+        name="Allocator",
+        num_replicas=1,
+        max_ongoing_requests=10_000,
+        ray_actor_options={"num_cpus": 0.1},
+    ).bind(cfg.allocator.model_dump(), cfg.max_completion_tokens)
+    engine = build_engine(cfg)
+    return serve.deployment(IngressApp, **cfg.ingress.deployment.serve_options("Ingress")).bind(
+        cfg.model_dump(), predictor, allocator, engine
+    )

@@ -1,0 +1,176 @@
+"""Validated arguments of :func:`deployments.app.build_app` (the ``args:`` of serve_config.yaml).
+
+Units are in the field names (``_tokens``, ``_s``, ``_ms``); every field says
+what it is. Unknown keys are refused so a typo in the YAML fails at deploy time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from clear_core.ledger import BudgetSpec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve options of one deployment."""
+
+    num_replicas: int | None = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling is set).")
+    autoscaling_min_replicas: int | None = Field(
+        None, ge=0, description="Enable autoscaling with this many replicas at least (None: fixed num_replicas)."
+    )
+    autoscaling_max_replicas: int = Field(4, ge=1, description="Autoscaling: most replicas.")
+    autoscaling_target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Autoscaling: ongoing requests per replica the autoscaler aims for."
+    )
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests one replica accepts at a time.")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica (small: the graph fits 2 cores).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+
+    def serve_options(self, name: str) -> dict:
+        opts: dict = {
+            "name": name,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+        if self.autoscaling_min_replicas is not None:
+            opts["autoscaling_config"] = {
+                "min_replicas": self.autoscaling_min_replicas,
+                "max_replicas": max(self.autoscaling_max_replicas, self.autoscaling_min_replicas, 1),
+                "target_ongoing_requests": self.autoscaling_target_ongoing_requests,
+            }
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class BudgetConfig(_Strict):
+    """The global token budget (see clear_core.ledger for the exact semantics)."""
+
+    mode: Literal["per_query", "rate"] = Field(
+        "per_query", description="per_query: average tokens per query (the paper); rate: a token bucket."
+    )
+    tokens_per_query: float = Field(512.0, ge=0, description="per_query: average completion budget per query, tokens.")
+    window_queries: int = Field(
+        500, ge=1, description="per_query: budget window; each block of this many arrivals gets window*b tokens."
+    )
+    tokens_per_s: float = Field(0.0, ge=0, description="rate: refill rate of the bucket, tokens per second.")
+    burst_tokens: float = Field(0.0, ge=0, description="rate: bucket capacity and initial pool, tokens.")
+    refund_unused: bool | None = Field(
+        None,
+        description="Unused cap tokens return to the pool when a request ends "
+        "(None: no in per_query mode, as the offline bench counts caps; yes in rate mode).",
+    )
+    reservation_ttl_s: float = Field(
+        600.0, gt=0, description="A reservation never settled (its ingress died) is charged in full after this."
+    )
+
+    @model_validator(mode="after")
+    def _rate_needs_budget(self):
+        if self.mode == "rate" and self.tokens_per_s <= 0 and self.burst_tokens <= 0:
+            raise ValueError("rate mode needs tokens_per_s > 0 or burst_tokens > 0")
+        return self
+
+    def spec(self) -> BudgetSpec:
+        return BudgetSpec(**self.model_dump())
+
+
+class AllocatorConfig(_Strict):
+    policy: str = Field("clear", description="Allocation policy spec (clear_core.policies.parse_policy), e.g. clear, uniform.")
+    pricing_window_requests: int = Field(
+        256, ge=0, description="Recent predicted thresholds each request is priced against (0: price alone)."
+    )
+    pace_budget: bool = Field(
+        True, description="per_query: clear with the block's remaining budget per remaining arrival (pacing)."
+    )
+    min_rate_span_s: float = Field(1.0, gt=0, description="rate: floor of the arrival span used to estimate the rate.")
+    abandonment_window_requests: int = Field(200, ge=1, description="Recent decisions the abandonment rate is over.")
+    expire_interval_s: float = Field(5.0, gt=0, description="How often expired reservations are swept.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="The global token budget.")
+
+
+class PredictorConfig(_Strict):
+    backend: Literal["heuristic", "lookup", "checkpoint"] = Field(
+        "heuristic",
+        description="heuristic: prompt-length rule (no files); lookup: a predictions table; "
+        "checkpoint: clear_predictor.ThresholdPredictor.",
+    )
+    checkpoint_path: str | None = Field(None, description="checkpoint backend: path of the trained predictor.")
+    device: str | None = Field(None, description="checkpoint backend: torch device (None: cuda if available).")
+    table_path: str | None = Field(
+        None, description='lookup backend: JSONL of {"id", "threshold_tokens", "log_sigma"} (optionally "prompt").'
+    )
+    pool_path: str | None = Field(None, description="lookup backend: trace pool mapping prompt text -> problem id.")
+    log_sigma: float | None = Field(
+        None, ge=0, description="Override the backend's log-space error sigma (None: the backend's own)."
+    )
+    max_batch_size: int = Field(32, ge=1, description="@serve.batch: most prompts per batch.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch: longest wait to fill a batch, s.")
+    timeout_s: float = Field(2.0, gt=0, description="Ingress waits this long for a prediction, then uses the fallback.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+
+    @model_validator(mode="after")
+    def _paths(self):
+        if self.backend == "checkpoint" and not self.checkpoint_path:
+            raise ValueError("predictor backend 'checkpoint' needs checkpoint_path")
+        if self.backend == "lookup" and not self.table_path:
+            raise ValueError("predictor backend 'lookup' needs table_path")
+        return self
+
+
+class ReplayEngineConfig(_Strict):
+    kind: Literal["replay"] = Field("replay", description="Trace-replay engine (CPU).")
+    trace_path: str | None = Field(
+        None, description="Oracle pool to replay (None: a synthetic workload generated by the project)."
+    )
+    tokenizer_path: str | None = Field(
+        None, description="Qwen2.5 tiktoken rank file for exact token cuts (None: documented approximation)."
+    )
+    synthetic_problems: int = Field(200, ge=1, description="Synthetic workload: number of problems.")
+    synthetic_seed: int = Field(0, description="Synthetic workload: seed.")
+    decode_tokens_per_s: float = Field(2000.0, gt=0, description="Decode speed of one request, tokens per second.")
+    time_to_first_token_s: float = Field(0.01, ge=0, description="Prefill delay before the first token, s.")
+    stream_chunk_tokens: int = Field(16, ge=1, description="Tokens per streamed chunk.")
+    max_concurrent_requests: int = Field(64, ge=1, description="Requests decoded at once per replica.")
+    fail_probability: float = Field(
+        0.0, ge=0, le=1, description="Test hook: chance an admitted request fails mid-stream (engine error)."
+    )
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+
+
+class VLLMEngineConfig(_Strict):
+    kind: Literal["vllm"] = Field("vllm", description="vLLM through Ray Serve LLM (GPU).")
+    model_source: str = Field(..., description="Hugging Face id or local path of the model weights.")
+    llm_config: dict = Field(
+        default_factory=dict, description="Extra ray.serve.llm.LLMConfig fields (engine_kwargs, accelerator_type...)."
+    )
+    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest vLLM replicas.")
+    max_replicas: int = Field(2, ge=1, description="Autoscaling: most vLLM replicas.")
+    target_ongoing_requests: float = Field(64.0, gt=0, description="Autoscaling: ongoing requests per vLLM replica.")
+    ignore_eos: bool = Field(False, description="Generate exactly max_tokens (load tests with dummy weights).")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options of the adapter.")
+
+
+class IngressConfig(_Strict):
+    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys (empty: no authentication).")
+    max_request_body_bytes: int = Field(1_000_000, ge=1, description="Larger bodies are refused (413).")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+
+
+class AppConfig(_Strict):
+    """Everything build_app needs."""
+
+    model_name: str = Field("clear-replay", description="Model id served at /v1/models and accepted in requests.")
+    context_limit_tokens: int = Field(32768, ge=16, description="Prompt + completion tokens a request may use.")
+    max_completion_tokens: int = Field(8192, ge=1, description="Largest cap CLEAR may give (the t_max of the market).")
+    allocator: AllocatorConfig = Field(default_factory=AllocatorConfig, description="Budget and market.")
+    predictor: PredictorConfig = Field(default_factory=PredictorConfig, description="Threshold predictor.")
+    engine: ReplayEngineConfig | VLLMEngineConfig = Field(
+        default_factory=ReplayEngineConfig, discriminator="kind", description="LLM engine behind the caps."
+    )
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP front end.")

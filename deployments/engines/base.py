@@ -1,0 +1,49 @@
+"""The interface every engine implements, and the records passed through it.
+
+The ingress sends an :class:`EngineRequest` (plain dataclass, pickled over a
+Serve handle) and iterates the :class:`EngineChunk` stream it gets back. The
+last chunk carries ``finish_reason`` and the final token count; the ingress
+settles the request's reservation with the tokens the chunks report (or, if
+the stream breaks, with what it received so far).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str  # the ingress's id, also the ledger reservation id
+    kind: str  # "chat" or "completion"
+    prompt: str  # the problem text (last user message, or the completion prompt)
+    messages: tuple[dict, ...] | None  # chat: the full message list as sent
+    max_tokens: int  # the cap: min(client max_tokens, CLEAR cap), tokens
+    model: str  # model id the client asked for
+    sample_index: int | None = None  # replay: which recorded sample to replay
+    sampling: dict = field(default_factory=dict)  # temperature, top_p, stop, seed ... passed through
+
+
+@dataclass(frozen=True)
+class EngineChunk:
+    text: str  # newly generated text
+    tokens: int  # tokens in this chunk
+    finish_reason: str | None = None  # "stop" or "length" on the last chunk
+    info: dict | None = None  # engine extras on the last chunk (replay: problem_id, sample_index, solved)
+
+
+class Engine:
+    """``generate(request)`` streams the completion of one request, never beyond ``max_tokens``.
+
+    Implementations must stop at ``request.max_tokens`` tokens, must end the
+    stream with exactly one chunk whose ``finish_reason`` is set, and raise
+    (rather than end quietly) when generation fails, so the ingress can tell an
+    engine error from a finished request.
+    """
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        raise NotImplementedError
+
+    def model_ids(self) -> list[str]:
+        raise NotImplementedError

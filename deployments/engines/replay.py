@@ -1,0 +1,107 @@
+"""Trace-replay engine: streams a recorded solution cut at the cap, at a GPU-like pace.
+
+For the prompt's problem (see :mod:`.workload`) and the requested sample
+(``EngineRequest.sample_index``, default 0) it generates
+``min(cap, tokens)`` tokens, ``tokens`` being the sample's recorded length:
+
+* text: the recorded ``response`` cut at the cap (exact Qwen2.5 tokens when a
+  rank file is configured, the approximation of :mod:`deployments.tokens`
+  otherwise). Only the first sample of a problem has a recorded text; other
+  samples, synthetic problems, and recorded texts shorter than their count
+  are completed with filler (`` step`` repeated, one token each), so the
+  streamed text always has the reported number of tokens;
+* ``finish_reason``: ``stop`` when the cap covers the recorded length and the
+  recording itself was not truncated, else ``length``;
+* ``info``: ``{problem_id, sample_index, solved, matched, synthetic, tokens}``
+  with ``solved`` iff ``cap >= tokens and correct`` (the trace semantics), so
+  load tests can score accuracy.
+
+Pace: ``time_to_first_token_s``, then ``stream_chunk_tokens`` tokens every
+``stream_chunk_tokens / decode_tokens_per_s`` seconds; at most
+``max_concurrent_requests`` requests decode at once per replica (the rest wait,
+as in a GPU engine's queue), so latency and autoscaling behave like a real
+engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+
+from deployments.config import ReplayEngineConfig
+from deployments.engines.base import Engine, EngineChunk, EngineRequest
+from deployments.engines.workload import Workload, load_workload
+from deployments.errors import BadRequestError, EngineError
+from deployments.tokens import TokenCodec
+
+
+class ReplayEngine(Engine):
+    def __init__(self, config: dict | ReplayEngineConfig, model_name: str = "clear-replay"):
+        self.config = ReplayEngineConfig.model_validate(config)
+        self.model_name = model_name
+        self.workload: Workload = load_workload(
+            self.config.trace_path, self.config.synthetic_problems, self.config.synthetic_seed
+        )
+        self.codec = TokenCodec(self.config.tokenizer_path)
+        self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
+
+    def model_ids(self) -> list[str]:
+        return [self.model_name]
+
+    def describe(self) -> dict:
+        return {"workload": self.workload.source, "synthetic": self.workload.synthetic, "exact_tokens": self.codec.exact}
+
+    def plan(self, request: EngineRequest) -> tuple[list[str], str, dict]:
+        """The pieces to stream, the finish reason and the info of one request (no waiting)."""
+        problem, matched = self.workload.lookup(request.prompt)
+        j = 0 if request.sample_index is None else int(request.sample_index)
+        if not 0 <= j < len(problem.samples):
+            raise BadRequestError(
+                f"clear_sample_index={j} out of range: problem {problem.id} has {len(problem.samples)} samples",
+                param="clear_sample_index",
+            )
+        sample = problem.samples[j]
+        cap = int(request.max_tokens)
+        n = min(cap, sample.tokens)
+        text = problem.response if (j == 0 and problem.response) else ""
+        pieces = self.codec.cut(text, n)
+        finish = "stop" if cap >= sample.tokens and not sample.truncated else "length"
+        info = {
+            "problem_id": problem.id,
+            "sample_index": j,
+            "solved": bool(cap >= sample.tokens and sample.correct),
+            "matched": matched,
+            "synthetic": self.workload.synthetic,
+            "tokens": sample.tokens,
+        }
+        return pieces, finish, info
+
+    def _should_fail(self, request_id: str) -> bool:
+        p = self.config.fail_probability
+        if p <= 0:
+            return False
+        seed = int.from_bytes(hashlib.sha1(request_id.encode()).digest()[:8], "big")
+        return random.Random(seed).random() < p
+
+    async def generate(self, request: EngineRequest):
+        pieces, finish, info = self.plan(request)
+        cfg = self.config
+        step = cfg.stream_chunk_tokens
+        delay = step / cfg.decode_tokens_per_s
+        fail_at = len(pieces) // 2 if self._should_fail(request.request_id) else None
+        async with self._slots:
+            if cfg.time_to_first_token_s:
+                await asyncio.sleep(cfg.time_to_first_token_s)
+            for start in range(0, len(pieces), step):
+                if fail_at is not None and start >= fail_at:
+                    raise EngineError(f"replay engine: injected failure after {start} tokens")
+                chunk = pieces[start : start + step]
+                last = start + step >= len(pieces)
+                if last:
+                    yield EngineChunk(text="".join(chunk), tokens=len(chunk), finish_reason=finish, info=info)
+                else:
+                    yield EngineChunk(text="".join(chunk), tokens=len(chunk))
+                    await asyncio.sleep(delay)
+            if not pieces:  # cap 0 never reaches an engine, but a zero-length sample can
+                yield EngineChunk(text="", tokens=0, finish_reason=finish, info=info)

@@ -1,0 +1,85 @@
+"""Serving errors: the HTTP side of the project's one error hierarchy.
+
+Each class keeps a stable ``error_type`` (the OpenAI error body's ``type`` and
+the ``error_type`` label of ``clear_requests``) and an ``http_status``. The base
+classes live in :mod:`clear_core.errors`; these are the ones only a server raises.
+"""
+
+from __future__ import annotations
+
+from clear_core.errors import BudgetExhaustedError, ClearError, InvalidInputError
+
+
+class BadRequestError(ClearError):
+    """Malformed or out-of-range request (bad JSON, missing messages, bad max_tokens)."""
+
+    error_type = "invalid_request_error"
+    http_status = 400
+
+    def __init__(self, message: str, param: str | None = None):
+        self.param = param
+        super().__init__(message)
+
+
+class ContextLengthError(BadRequestError):
+    """The prompt (plus the requested completion) does not fit the context limit."""
+
+    error_type = "context_length_exceeded"
+
+
+class ModelNotFoundError(ClearError):
+    error_type = "model_not_found"
+    http_status = 404
+
+
+class AuthenticationError(ClearError):
+    error_type = "authentication_error"
+    http_status = 401
+
+
+class BudgetAbandonedError(BudgetExhaustedError):
+    """CLEAR abandoned the request: it cannot pay back its cost at the current shadow price."""
+
+    error_type = "budget_abandoned"
+    http_status = 429
+
+    def __init__(self, message: str, shadow_price: float, retry_after_s: float, threshold_tokens: float):
+        self.shadow_price = shadow_price
+        self.retry_after_s = retry_after_s
+        self.threshold_tokens = threshold_tokens
+        super().__init__(message)
+
+
+class EngineError(ClearError):
+    """The engine failed while serving an admitted request (its reservation is settled)."""
+
+    error_type = "engine_error"
+    http_status = 502
+
+
+class AllocatorUnavailableError(ClearError):
+    error_type = "allocator_unavailable"
+    http_status = 503
+
+
+def outcome_of(exc: ClearError) -> str:
+    """The ``outcome`` label of ``clear_requests`` for an error: abandoned, rejected or error."""
+    if isinstance(exc, BudgetAbandonedError):
+        return "abandoned"
+    if 400 <= exc.http_status < 500:
+        return "rejected"
+    return "error"
+
+
+__all__ = [
+    "AllocatorUnavailableError",
+    "AuthenticationError",
+    "BadRequestError",
+    "BudgetAbandonedError",
+    "ClearError",
+    "ContextLengthError",
+    "EngineError",
+    "InvalidInputError",
+    "ModelNotFoundError",
+    "outcome_of",
+]

@@ -1,0 +1,129 @@
+"""Metric names of the CLEAR service and the ``ray.serve.metrics`` objects behind them.
+
+The constants below are the names given to ``ray.serve.metrics``.
+:data:`EXPORTED_NAMES` is what dashboards and alert rules must query. Found by
+experiment (Ray 2.60, its OpenTelemetry exporter; scraped from the node's
+metrics export port, ``ray.init(_metrics_export_port=...)`` /
+``ray start --metrics-export-port``, 8080 under KubeRay):
+
+* every name gets the ``ray_`` prefix;
+* gauges keep their name: ``ray_clear_shadow_price``;
+* counters get ``_total``: ``clear_requests`` -> ``ray_clear_requests_total``
+  (a counter appears only after its first increment; Ray refuses increments <= 0);
+* histograms export ``_bucket`` (with ``le``), ``_count`` and ``_sum``:
+  ``ray_clear_clearing_latency_s_bucket``...;
+* new values reach the endpoint within about 5-10 s (the reporting interval).
+
+Example series: ``ray_clear_requests_total{application="clear",
+deployment="Ingress",outcome="admitted",error_type="",replica="...",...}``.
+
+Labels: every metric carries Serve's own ``application``, ``deployment``,
+``replica`` labels (plus Ray's ``SessionName``, ``Version``...). Ours:
+``outcome`` (admitted | abandoned | rejected | error) and ``error_type`` (the
+stable error type, ``""`` when admitted) on ``clear_requests``; ``reason`` on
+``clear_predictor_fallbacks`` (timeout | error | lookup_miss); ``policy`` on the
+allocator's gauges.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+# -- gauges (allocator) ------------------------------------------------------
+SHADOW_PRICE = "clear_shadow_price"  # clearing price of the latest decision
+ABANDONMENT_RATE = "clear_abandonment_rate"  # share abandoned over the recent decisions
+BUDGET_AVAILABLE = "clear_budget_available_tokens"  # tokens a new cap may take now
+BUDGET_RESERVED = "clear_budget_reserved_tokens"  # tokens held by in-flight requests
+BUDGET_SPENT = "clear_budget_spent_tokens"  # tokens charged for ended requests
+BUDGET_GRANTED = "clear_budget_granted_tokens"  # budget credited to the pool so far
+IN_FLIGHT = "clear_inflight_reservations"  # open reservations
+# -- counters ----------------------------------------------------------------
+TOKENS_ALLOCATED = "clear_tokens_allocated"  # caps reserved (allocator)
+TOKENS_GENERATED = "clear_tokens_generated"  # tokens the engine generated (allocator, at settle)
+TOKENS_REFUNDED = "clear_tokens_refunded"  # unused parts of caps (allocator, at settle)
+RESERVATIONS_EXPIRED = "clear_reservations_expired"  # reservations never settled, charged in full
+REQUESTS = "clear_requests"  # requests by outcome and error_type (ingress)
+PREDICTOR_FALLBACKS = "clear_predictor_fallbacks"  # requests capped from the fallback predictor
+# -- histograms --------------------------------------------------------------
+CLEARING_LATENCY = "clear_clearing_latency_s"  # one market clearing + reservation, seconds
+PREDICTION_LATENCY = "clear_prediction_latency_s"  # one predictor call seen by the ingress, seconds
+
+OUTCOMES = ("admitted", "abandoned", "rejected", "error")
+LATENCY_BOUNDARIES_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
+
+_GAUGES = (SHADOW_PRICE, ABANDONMENT_RATE, BUDGET_AVAILABLE, BUDGET_RESERVED, BUDGET_SPENT, BUDGET_GRANTED, IN_FLIGHT)
+_COUNTERS = (TOKENS_ALLOCATED, TOKENS_GENERATED, TOKENS_REFUNDED, RESERVATIONS_EXPIRED, REQUESTS, PREDICTOR_FALLBACKS)
+_HISTOGRAMS = (CLEARING_LATENCY, PREDICTION_LATENCY)
+
+#: name given to ray.serve.metrics -> series names on Ray's Prometheus endpoint.
+EXPORTED_NAMES: dict[str, list[str]] = {
+    **{g: [f"ray_{g}"] for g in _GAUGES},
+    **{c: [f"ray_{c}_total"] for c in _COUNTERS},
+    **{h: [f"ray_{h}_bucket", f"ray_{h}_count", f"ray_{h}_sum"] for h in _HISTOGRAMS},
+}
+
+
+@lru_cache(maxsize=None)
+def gauge(name: str, description: str, tag_keys: tuple[str, ...] = ()):
+    from ray.serve import metrics
+
+    return metrics.Gauge(name, description=description, tag_keys=tag_keys)
+
+
+@lru_cache(maxsize=None)
+def counter(name: str, description: str, tag_keys: tuple[str, ...] = ()):
+    from ray.serve import metrics
+
+    return metrics.Counter(name, description=description, tag_keys=tag_keys)
+
+
+@lru_cache(maxsize=None)
+def histogram(name: str, description: str, tag_keys: tuple[str, ...] = ()):
+    from ray.serve import metrics
+
+    return metrics.Histogram(name, description=description, boundaries=LATENCY_BOUNDARIES_S, tag_keys=tag_keys)
+
+
+class AllocatorMetrics:
+    """The allocator's gauges, token counters and clearing-latency histogram."""
+
+    def __init__(self, policy: str):
+        self.tags = {"policy": policy}
+        keys = ("policy",)
+        self.price = gauge(SHADOW_PRICE, "Shadow price of a token at the latest clearing", keys)
+        self.abandon = gauge(ABANDONMENT_RATE, "Share of recent requests abandoned", keys)
+        self.available = gauge(BUDGET_AVAILABLE, "Tokens of budget available to new caps", keys)
+        self.reserved = gauge(BUDGET_RESERVED, "Tokens reserved by in-flight requests", keys)
+        self.spent = gauge(BUDGET_SPENT, "Tokens charged for ended requests", keys)
+        self.granted = gauge(BUDGET_GRANTED, "Budget credited to the pool so far, tokens", keys)
+        self.in_flight = gauge(IN_FLIGHT, "Open budget reservations", keys)
+        self.allocated = counter(TOKENS_ALLOCATED, "Completion tokens reserved as caps", keys)
+        self.generated = counter(TOKENS_GENERATED, "Completion tokens generated by the engines", keys)
+        self.refunded = counter(TOKENS_REFUNDED, "Unused cap tokens given back when requests ended", keys)
+        self.expired = counter(RESERVATIONS_EXPIRED, "Reservations never settled, charged in full", keys)
+        self.clearing = histogram(CLEARING_LATENCY, "Market clearing and reservation time, seconds", keys)
+
+    def observe_state(self, state, price: float, abandonment_rate: float) -> None:
+        t = self.tags
+        self.price.set(price, tags=t)
+        self.abandon.set(abandonment_rate, tags=t)
+        self.available.set(state.available, tags=t)
+        self.reserved.set(state.reserved, tags=t)
+        self.spent.set(state.spent, tags=t)
+        self.granted.set(state.granted, tags=t)
+        self.in_flight.set(state.in_flight, tags=t)
+
+
+class IngressMetrics:
+    """Requests by outcome, predictor fallbacks (timeouts, errors) and prediction latency."""
+
+    def __init__(self):
+        self.requests = counter(REQUESTS, "Requests by outcome and error type", ("outcome", "error_type"))
+        self.fallbacks = counter(PREDICTOR_FALLBACKS, "Requests capped from the fallback predictor", ("reason",))
+        self.prediction = histogram(PREDICTION_LATENCY, "Predictor call latency seen by the ingress, seconds")
+
+    def request(self, outcome: str, error_type: str = "") -> None:
+        self.requests.inc(1.0, tags={"outcome": outcome, "error_type": error_type})
+
+    def fallback(self, reason: str, n: int = 1) -> None:
+        self.fallbacks.inc(float(n), tags={"reason": reason})

@@ -1,0 +1,97 @@
+"""One local Ray (2 CPUs) and one Serve instance shared by every cluster test.
+
+Apps are deployed under their own route prefix (``deploy(args, name)``) and
+deleted by the test module that made them; Serve and Ray are shut down at the
+end of the session.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED = REPO_ROOT.parent / "shared"
+MAIN_POOL = SHARED / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
+QWEN_TOKENIZER = SHARED / "data" / "tokenizer" / "qwen.tiktoken"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, http_port: int, metrics_port: int):
+        self.http_port = http_port
+        self.metrics_port = metrics_port
+        self.base = f"http://127.0.0.1:{http_port}"
+
+    def deploy(self, args: dict, name: str) -> str:
+        """Deploy build_app(args) as app ``name`` at ``/name``; return its base URL."""
+        from ray import serve
+
+        from deployments.app import build_app
+
+        serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+        return f"{self.base}/{name}"
+
+    def delete(self, name: str) -> None:
+        from ray import serve
+
+        serve.delete(name)
+
+    def scrape(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
+
+    def metric_sum(self, name: str, app: str, **labels) -> float | None:
+        """Sum of the samples of ``name`` for application ``app`` (None if absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total, seen = 0.0, False
+        for fam in text_string_to_metric_families(self.scrape()):
+            for s in fam.samples:
+                if s.name != name or s.labels.get("application") != app:
+                    continue
+                if any(s.labels.get(k) != v for k, v in labels.items()):
+                    continue
+                total += s.value
+                seen = True
+        return total if seen else None
+
+    def wait_metric(self, name: str, app: str, predicate, timeout_s: float = 40.0, **labels):
+        deadline = time.time() + timeout_s
+        value = None
+        while time.time() < deadline:
+            value = self.metric_sum(name, app, **labels)
+            if value is not None and predicate(value):
+                return value
+            time.sleep(1.0)
+        return value
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    import ray
+    from ray import serve
+
+    http_port, metrics_port = _free_port(), _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    try:
+        yield Cluster(http_port, metrics_port)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def main_pool_path() -> str:
+    if not MAIN_POOL.is_file():
+        raise FileNotFoundError(f"the shared trace pool is missing: {MAIN_POOL}")
+    return str(MAIN_POOL)
