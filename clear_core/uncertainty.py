@@ -35,6 +35,7 @@ the paper's surge for exact thresholds.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from scipy.optimize import brentq
@@ -46,9 +47,10 @@ from clear_core.market import MarketResult, validate_budget, validate_max_tokens
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 #: Thresholds are floored at one token (log of 0 is undefined).
 MIN_THRESHOLD_TOKENS = 1.0
-#: Bisection on log(price): iterations and bracket.
-LOG_PRICE_ITERATIONS = 100
+#: Bisection on log(price): bracket, stopping width (relative price error ~1e-9) and iteration cap.
 LOG_PRICE_BRACKET = (-60.0, 10.0)
+LOG_PRICE_TOLERANCE = 1e-9
+LOG_PRICE_ITERATIONS = 100
 
 
 def optimal_coverage(kappa: np.ndarray, sigma: float) -> np.ndarray:
@@ -59,6 +61,7 @@ def optimal_coverage(kappa: np.ndarray, sigma: float) -> np.ndarray:
     return np.where(arg >= 0.0, -sigma + np.sqrt(np.maximum(arg, 0.0)), -np.inf)
 
 
+@lru_cache(maxsize=256)
 def solvency_kappa(sigma: float) -> float:
     """kappa0(sigma): the largest normalised price at which a query still has positive surplus."""
 
@@ -120,12 +123,14 @@ def clear_market_lognormal(
                 lo = mid
             else:
                 hi = mid
+            if hi - lo < LOG_PRICE_TOLERANCE:
+                break
         caps = _caps_at(math.exp(hi), tau, sigma, t_max, kappa0)
         price = math.exp(hi)
     else:
         price = 0.0
     active = caps > 0
-    if fill_unused and active.any() and caps.sum() < b:
+    if fill_unused and active.any() and b - caps.sum() >= 1.0:  # a jump left whole tokens over
         caps = _fill_active(caps, active, tau, sigma, t_max, kappa0, b, price)
     int_caps = np.floor(caps + 1e-9).astype(np.int64)
     excess = int(int_caps.sum()) - int(math.floor(b + 1e-9))
@@ -168,6 +173,8 @@ def _fill_active(caps, active, tau, sigma, t_max, kappa0, budget, price):
                 lo = mid
             else:
                 hi = mid
+            if hi - lo < LOG_PRICE_TOLERANCE:
+                break
         best = demand(hi)
     out = caps.copy()
     out[active] = np.maximum(best, caps[active])
