@@ -76,7 +76,7 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -280,6 +280,54 @@ class TokenLedger:
             arrivals=self._arrivals,
         )
 
+    # -- durability ----------------------------------------------------------
+
+    def snapshot(self, now: float | None = None) -> dict:
+        """The books as plain JSON-able values, for surviving an allocator restart.
+
+        Times are stored as ages (the clock is per process); see :meth:`restore`.
+        """
+        now = self._clock() if now is None else now
+        self._refill(now)  # the bucket level as of this instant
+        return {
+            "spec": asdict(self.spec),
+            "granted": self._granted,
+            "spent": self._spent,
+            "arrivals": self._arrivals,
+            "allocated": self._allocated,
+            "generated": self._generated,
+            "refunded": self._refunded,
+            "expired": self._expired,
+            "reservations": [[rid, r.cap, max(0.0, now - r.created)] for rid, r in self._reservations.items()],
+        }
+
+    @classmethod
+    def restore(cls, snap: dict, clock: Callable[[], float] = time.monotonic) -> TokenLedger:
+        """Rebuild the books from :meth:`snapshot`, conservatively.
+
+        Open reservations stay reserved (their requests may still settle, or
+        expire after the TTL); the time the allocator was down counts neither
+        as reservation age nor as bucket refill, so a restart can only make the
+        budget tighter, never looser.
+        """
+        spec = BudgetSpec(**snap["spec"])
+        led = cls(spec, clock)
+        now = clock()
+        led._granted = float(snap["granted"])
+        led._spent = int(snap["spent"])
+        led._arrivals = int(snap["arrivals"])
+        led._allocated = int(snap["allocated"])
+        led._generated = int(snap["generated"])
+        led._refunded = int(snap["refunded"])
+        led._expired = int(snap["expired"])
+        for rid, cap, age in snap["reservations"]:
+            led._reservations[str(rid)] = _Reservation(cap=int(cap), created=now - float(age))
+            led._reserved += int(cap)
+        led._last_refill = now
+        if not led.state(now).invariant_holds:
+            raise InvalidInputError("ledger snapshot", "reserved + spent > granted", "refusing to restore broken books")
+        return led
+
     def seconds_until(self, tokens: float, now: float | None = None) -> float:
         """How long until ``tokens`` could be available (inf if never by refill alone)."""
         avail = self.available(now)
@@ -409,6 +457,16 @@ class OnlineMarket:
         self.ledger.reserve(rid, cap, now)
         self._outcomes.append(False)
         return Decision(admitted=True, cap=cap, reason=reason, **common)
+
+    def snapshot(self) -> dict:
+        """Pricing memory (recent thresholds and outcomes) for an allocator restart."""
+        return {"window": list(self._window), "outcomes": [bool(x) for x in self._outcomes],
+                "last_price": self.last_price}
+
+    def restore(self, snap: dict) -> None:
+        self._window.extend(float(x) for x in snap.get("window", []))
+        self._outcomes.extend(bool(x) for x in snap.get("outcomes", []))
+        self.last_price = float(snap.get("last_price", 0.0))
 
     def _abandon(self, reason: str, now: float, need: float, common: dict) -> Decision:
         self._outcomes.append(True)

@@ -9,6 +9,13 @@ one at a time in arrival order whatever the concurrency: the budget invariant
 
 A background sweep expires reservations never settled (their ingress died)
 every ``expire_interval_s``.
+
+Durability: with a state store (the builder passes a deploy id, and the
+replica keeps its books in Ray's GCS key-value store, see
+:mod:`deployments.state_store`) every command that changes the books writes a
+snapshot before it answers, and a replica that Serve restarts after a crash
+restores it: the budget granted and spent so far and the open reservations
+survive, so the invariant holds across an allocator restart.
 """
 
 from __future__ import annotations
@@ -17,21 +24,38 @@ import asyncio
 import logging
 import threading
 import time
+from dataclasses import asdict
 
 from clear_core.errors import ClearError, UnknownReservationError
 from clear_core.ledger import OnlineMarket, TokenLedger
 from clear_core.policies import parse_policy
 from deployments.config import AllocatorConfig
+from deployments.state_store import KVStateStore
 
 logger = logging.getLogger("ray.serve")
 
 
 class Allocator:
-    def __init__(self, config: dict | AllocatorConfig, max_completion_tokens: int | None = None, metrics: bool = True):
+    def __init__(
+        self,
+        config: dict | AllocatorConfig,
+        max_completion_tokens: int | None = None,
+        metrics: bool = True,
+        state_key: str | None = None,
+        store=None,
+    ):
         self.config = AllocatorConfig.model_validate(config)
         self.policy_spec = self.config.policy
         self.policy = parse_policy(self.config.policy)
-        self.ledger = TokenLedger(self.config.budget.spec())
+        if store is None and state_key is not None:
+            store = KVStateStore(state_key)
+        self.store = store
+        snap = self.store.load() if self.store is not None else None
+        spec = self.config.budget.spec()
+        self.restored = snap is not None and snap["ledger"]["spec"] == asdict(spec)
+        if snap is not None and not self.restored:
+            logger.warning("allocator state under this key has another budget spec; starting fresh books")
+        self.ledger = TokenLedger.restore(snap["ledger"]) if self.restored else TokenLedger(spec)
         self.market = OnlineMarket(
             self.policy,
             self.ledger,
@@ -41,6 +65,9 @@ class Allocator:
             pace=self.config.pace_budget,
             outcome_window=self.config.abandonment_window_requests,
         )
+        if self.restored:
+            self.market.restore(snap["market"])
+            logger.warning("allocator restored its books: %s", self.ledger.state())
         self._lock = threading.Lock()
         self._sweeper: asyncio.Task | None = None
         self.metrics = None
@@ -57,6 +84,7 @@ class Allocator:
         with self._lock:
             d = self.market.request(rid, float(threshold), log_sigma=float(log_sigma), max_tokens=max_tokens)
             self._check()
+            self._persist()
             state = self.ledger.state()
         if self.metrics:
             self.metrics.clearing.observe(time.perf_counter() - t0, tags=self.metrics.tags)
@@ -84,6 +112,7 @@ class Allocator:
                 logger.warning("settle of unknown reservation %s ignored", rid)
                 return None
             self._check()
+            self._persist()
             state = self.ledger.state()
         if self.metrics:
             if s.generated > 0:  # Ray counters refuse increments <= 0
@@ -97,6 +126,8 @@ class Allocator:
         with self._lock:
             gone = self.ledger.expire()
             self._check()
+            if gone:
+                self._persist()
             state = self.ledger.state()
         if gone:
             logger.warning("expired %d reservations never settled", len(gone))
@@ -134,7 +165,13 @@ class Allocator:
                 "refunded_tokens_total": st.refunded_total,
                 "expired_reservations_total": st.expired_total,
                 "invariant_holds": st.invariant_holds,
+                "restored_after_restart": self.restored,
             }
+
+    def _persist(self) -> None:
+        """Write-through snapshot (called under the lock, before the caller gets its answer)."""
+        if self.store is not None:
+            self.store.save({"ledger": self.ledger.snapshot(), "market": self.market.snapshot()})
 
     def _check(self) -> None:
         st = self.ledger.state()

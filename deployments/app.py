@@ -11,6 +11,8 @@ plain classes with ``serve.deployment(cls, **options)``::
 
 from __future__ import annotations
 
+import uuid
+
 from ray import serve
 
 from deployments.allocator import Allocator
@@ -47,7 +49,13 @@ def build_app(args: dict | None = None):
         num_replicas=1,
         max_ongoing_requests=10_000,
         ray_actor_options={"num_cpus": 0.1},
-    ).bind(cfg.allocator.model_dump(), cfg.max_completion_tokens)
+    ).bind(
+        cfg.allocator.model_dump(),
+        cfg.max_completion_tokens,
+        # A deploy id: a restarted allocator replica (same bound args) finds its books
+        # in the GCS; a new deploy starts a fresh budget (deployments/state_store.py).
+        state_key=f"allocator/{uuid.uuid4().hex}" if cfg.allocator.durable_state else None,
+    )
     engine = build_engine(cfg)
     return serve.deployment(IngressApp, **cfg.ingress.deployment.serve_options("Ingress")).bind(
         cfg.model_dump(), predictor, allocator, engine

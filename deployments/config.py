@@ -91,6 +91,9 @@ class AllocatorConfig(_Strict):
     min_rate_span_s: float = Field(1.0, gt=0, description="rate: floor of the arrival span used to estimate the rate.")
     abandonment_window_requests: int = Field(200, ge=1, description="Recent decisions the abandonment rate is over.")
     expire_interval_s: float = Field(5.0, gt=0, description="How often expired reservations are swept.")
+    durable_state: bool = Field(
+        True, description="Keep the books in Ray's GCS key-value store so an allocator restart keeps the budget."
+    )
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="The global token budget.")
 
 
