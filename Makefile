@@ -3,7 +3,7 @@ PY ?= python
 SHARED ?= ../shared
 POOL ?= $(SHARED)/data/traces/r1-distill-qwen-7b-mix.jsonl
 
-.PHONY: install test test-slow bench bench-quick clearing-bench serve
+.PHONY: install test test-slow bench bench-quick clearing-bench serve load-demo digital-twin serving-overhead
 
 install:  ## CPU install for development (torch pinned to the CPU build)
 	$(PY) -m pip install "torch==2.13.0"
@@ -26,3 +26,12 @@ clearing-bench:  ## exact / optimal vs the paper's bisection, N = 1e3 .. 1e6
 
 serve:  ## the embedded default: local Ray, CPU, replay engine
 	serve run serve_config.yaml
+
+load-demo:  ## uniform vs clear on the embedded default, balanced and u-shaped streams, 256 tokens/query
+	$(PY) -m load_tests.demo --traces $(POOL) --tokenizer $(SHARED)/data/tokenizer/qwen.tiktoken --out artifacts/load-demo
+
+digital-twin:  ## the live service vs the offline bench on the same stream (within 2 points)
+	$(PY) benchmarks/digital_twin.py
+
+serving-overhead:  ## latency the predictor and allocator add; allocator decisions per second
+	$(PY) benchmarks/serving_overhead.py
