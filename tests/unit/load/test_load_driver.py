@@ -69,6 +69,13 @@ def test_driver_records_outcomes_and_tokens(mode):
     assert "| accuracy | 33.3% |" in side_by_side({"x": s})
 
 
+def test_math_verify_grades_equivalent_forms():
+    import math_verify  # noqa: F401  (a dev dependency: the real-engine grader must be there)
+
+    assert check_answer(r"so the answer is $\boxed{0.5}$", r"\frac{1}{2}")
+    assert not check_answer(r"so the answer is $\boxed{0.4}$", r"\frac{1}{2}")
+
+
 def test_grading():
     assert last_boxed(r"so \boxed{\frac{1}{2}} and finally \boxed{42}") == "42"
     assert check_answer(r"The answer is $\boxed{42}$.", "42")
