@@ -56,13 +56,20 @@ def collate(ids: Sequence[Sequence[int]], pad_id: int, device: torch.device | st
 
 
 def bucketed_batches(
-    lengths: Sequence[int], batch_size: int, rng: np.random.Generator | None = None, pool_factor: int = 8
+    lengths: Sequence[int],
+    batch_size: int,
+    rng: np.random.Generator | None = None,
+    pool_factor: int = 8,
+    max_tokens: int | None = None,
 ) -> list[np.ndarray]:
     """Index batches of similar lengths.
 
     With ``rng``: shuffle, cut into chunks of ``pool_factor * batch_size``, sort
     each chunk by length, split into batches, shuffle the batches (training).
-    Without: sort everything by length (inference; callers restore the order).
+    Without: sort everything by length (inference; callers restore the order);
+    a batch then also stops before its padded size ``rows * longest`` would pass
+    ``max_tokens`` (long prompts go in smaller batches; attention memory grows
+    with rows * length^2).
     """
     if batch_size <= 0:
         raise InvalidInputError("batch_size", batch_size, "must be a positive integer")
@@ -70,7 +77,17 @@ def bucketed_batches(
     lens = np.asarray(lengths, dtype=np.int64)
     if rng is None:
         order = np.argsort(lens, kind="stable")
-        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        if not max_tokens:
+            return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        out, start = [], 0
+        for k in range(n):
+            rows = k - start + 1  # rows if order[k] joins; it is the longest so far
+            if rows > batch_size or (rows > 1 and rows * lens[order[k]] > max_tokens):
+                out.append(order[start:k])
+                start = k
+        if start < n:
+            out.append(order[start:])
+        return out
     perm = rng.permutation(n)
     chunk = batch_size * max(1, pool_factor)
     batches = []

@@ -27,7 +27,9 @@ def _add_train_options(p: argparse.ArgumentParser, epochs_default: int) -> None:
     p.add_argument("--epochs", type=int, default=epochs_default, help=f"passes over the data (default {epochs_default})")
     p.add_argument("--batch-size", type=int, default=32, help="problems per optimiser step (default 32)")
     p.add_argument("--lr", type=float, default=2e-5, help="encoder AdamW learning rate (default 2e-5)")
-    p.add_argument("--head-lr", type=float, default=1e-3, help="head AdamW learning rate (default 1e-3)")
+    p.add_argument("--head-lr", type=float, default=1e-4, help="head AdamW learning rate (default 1e-4)")
+    p.add_argument("--head-init", choices=("ridge", "random"), default="ridge",
+                   help="ridge: linear probe on frozen features before fine-tuning (default); random: plain recipe")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument("--max-length", type=int, default=512, help="tokens kept, the last ones (default 512)")
     p.add_argument("--seed", type=int, default=0)
@@ -45,6 +47,7 @@ def _train_config(args, val_fraction: float = 0.0):
         batch_size=args.batch_size,
         lr=args.lr,
         head_lr=args.head_lr,
+        head_init=args.head_init,
         weight_decay=args.weight_decay,
         max_length=args.max_length,
         seed=args.seed,
@@ -177,9 +180,13 @@ def cmd_crossval(args) -> int:
         make = BASELINES[args.model]
     t0 = time.perf_counter()
 
-    def on_fold(k, tr, te):
+    from clear_predictor.metrics import score
+
+    def on_fold(k, tr, te, pred_log):
+        s = score(pred_log, data.log_targets[te])
         print(f"fold {k + 1}/{args.folds}: train {len(tr)} test {len(te)} problems, "
-              f"{time.perf_counter() - t0:.0f} s elapsed", file=sys.stderr, flush=True)
+              f"{time.perf_counter() - t0:.0f} s elapsed; per-problem Spearman {s.spearman:.3f} RMSE log {s.rmse_log:.3f}",
+              file=sys.stderr, flush=True)
 
     res = out_of_fold(data, make, n_splits=args.folds, seed=args.seed, on_fold=on_fold)
     seconds = time.perf_counter() - t0

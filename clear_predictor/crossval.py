@@ -31,8 +31,15 @@ def group_kfold_splits(groups, n_splits: int = 5, seed: int = 0) -> list[tuple[n
         raise InvalidInputError("folds", n_splits, "must be an integer >= 2")
     if n_groups < n_splits:
         raise InvalidInputError("folds", n_splits, f"only {n_groups} distinct problems")
-    splitter = GroupKFold(n_splits=int(n_splits), shuffle=True, random_state=int(seed))
-    splits = [(tr, te) for tr, te in splitter.split(np.zeros(len(groups)), groups=groups)]
+    try:  # scikit-learn >= 1.6 shuffles groups itself
+        splitter = GroupKFold(n_splits=int(n_splits), shuffle=True, random_state=int(seed))
+        splits = [(tr, te) for tr, te in splitter.split(np.zeros(len(groups)), groups=groups)]
+    except TypeError:  # older scikit-learn: shuffled groups dealt round-robin
+        uniq = np.unique(groups)
+        order = np.random.default_rng(int(seed)).permutation(len(uniq))
+        fold_of = {uniq[j]: k % int(n_splits) for k, j in enumerate(order)}
+        f = np.array([fold_of[g] for g in groups])
+        splits = [(np.flatnonzero(f != k), np.flatnonzero(f == k)) for k in range(int(n_splits))]
     for tr, te in splits:
         if set(groups[tr]) & set(groups[te]):  # the invariant the whole evaluation rests on
             raise AssertionError("GroupKFold put a problem on both sides of a fold")
@@ -44,7 +51,7 @@ def out_of_fold(
     make_model: Callable[[], object],
     n_splits: int = 5,
     seed: int = 0,
-    on_fold: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    on_fold: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
 ) -> OOFResult:
     """Fit a fresh ``make_model()`` on each fold's train rows; predict its test rows."""
     pred = np.full(len(data), np.nan)
@@ -55,7 +62,7 @@ def out_of_fold(
         pred[te] = model.predict_log([data.texts[i] for i in te])
         fold[te] = k
         if on_fold is not None:
-            on_fold(k, tr, te)
+            on_fold(k, tr, te, pred[te])
     if np.isnan(pred).any() or (fold < 0).any():
         raise AssertionError("some problems got no out-of-fold prediction")
     return OOFResult(pred_log=pred, fold=fold, n_splits=int(n_splits), seed=int(seed))

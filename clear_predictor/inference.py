@@ -12,6 +12,11 @@ from clear_core.errors import InvalidInputError
 from clear_predictor.batching import bucketed_batches, collate, pad_token_id, tokenize
 from clear_predictor.model import LengthRegressor, TrainingMetadata, load_checkpoint, pick_device
 
+#: Padded tokens per forward pass at inference (rows * longest row): batches of
+#: long prompts are cut smaller, so a large batch size never builds a huge
+#: attention tensor (128 prompts of 512 tokens would take ~1.6 GB in MiniLM).
+MAX_BATCH_TOKENS = 8192
+
 #: Predictions are clipped to [exp(MIN_LOG), exp(MAX_LOG)] tokens: 1 to ~1M.
 MIN_LOG = 0.0
 MAX_LOG = float(np.log(2.0**20))
@@ -25,8 +30,10 @@ def predict_log_batched(
     max_length: int,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    max_tokens: int | None = MAX_BATCH_TOKENS,
 ) -> np.ndarray:
-    """Predicted log length per text (log-tokens), in input order; batches sorted by length."""
+    """Predicted log length per text (log-tokens), in input order; batches sorted by length,
+    at most ``batch_size`` prompts and (unless one prompt alone exceeds it) ``max_tokens`` padded tokens."""
     ids = tokenize(tokenizer, texts, max_length)
     out = np.empty(len(ids), dtype=float)
     if not ids:
@@ -34,7 +41,7 @@ def predict_log_batched(
     was_training = model.training
     model.eval()
     pad = pad_token_id(tokenizer)
-    for idx in bucketed_batches([len(r) for r in ids], batch_size):
+    for idx in bucketed_batches([len(r) for r in ids], batch_size, max_tokens=max_tokens):
         batch = collate([ids[i] for i in idx], pad, device)
         out[idx] = model(**batch).float().cpu().numpy()
     if was_training:
