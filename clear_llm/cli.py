@@ -1,4 +1,4 @@
-"""``clear-llm``: one command line for the bench, the predictor and the clearing benchmark."""
+"""``clear-llm``: one command line for the offline bench and the threshold predictor."""
 
 from __future__ import annotations
 
