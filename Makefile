@@ -3,7 +3,7 @@ PY ?= python
 SHARED ?= ../shared
 POOL ?= $(SHARED)/data/traces/r1-distill-qwen-7b-mix.jsonl
 
-.PHONY: install test test-slow bench bench-quick clearing-bench serve load-demo digital-twin serving-overhead
+.PHONY: install test bench bench-quick clearing-bench serve load-demo digital-twin serving-overhead
 
 install:  ## CPU install for development (torch pinned to the CPU build)
 	$(PY) -m pip install "torch==2.13.0"
@@ -11,9 +11,6 @@ install:  ## CPU install for development (torch pinned to the CPU build)
 
 test:  ## the whole test suite CI runs (unit + cluster tests on a local CPU Ray)
 	$(PY) -m pytest -q -p no:cacheprovider
-
-test-slow:  ## long trainings and benchmarks marked slow
-	$(PY) -m pytest -q -m slow
 
 bench:  ## the paper's experiments on the main pool (Table 1, figures)
 	clear-llm bench --traces $(POOL) --predictions oracle-noise:0.5 --seeds 0,1,2,3,4 --out artifacts/bench-oracle-noise-0.5 --dump-allocations
