@@ -62,8 +62,7 @@ over the window's arrivals (``span`` floored at ``min_rate_span_s``).
 
 The ledger then checks solvency against the real pool: if the cap does not fit
 the available budget, it is cut to what is available when that still reaches
-the request's (uncertainty-aware) threshold, and the request is abandoned
-otherwise.
+the request's predicted threshold, and the request is abandoned otherwise.
 
 Reservations that are never settled (an ingress replica died) expire after
 ``reservation_ttl_s`` and are charged in full, so a reservation can never leak
@@ -401,13 +400,6 @@ class OnlineMarket:
         span = max(now - self._times[0], self.min_rate_span_s) if n else self.min_rate_span_s
         return self.spec.tokens_per_s * span / max(n, 1)
 
-    def effective_threshold(self, threshold: float, log_sigma: float) -> float:
-        """The tokens a request must get to be worth serving (the policy's quantile when it has one)."""
-        eff = getattr(self.policy, "effective_thresholds", None)
-        if eff is None:
-            return threshold
-        return float(eff(np.asarray([threshold]), log_sigma)[0])
-
     def abandonment_rate(self) -> float:
         return float(np.mean(self._outcomes)) if self._outcomes else 0.0
 
@@ -449,7 +441,9 @@ class OnlineMarket:
         avail = self.ledger.available(now)
         reason = "admitted"
         if cap > avail:
-            need = math.ceil(self.effective_threshold(threshold, log_sigma))
+            # A cut cap must still reach the predicted threshold (the median of
+            # the true length under the predictor's error) to be worth serving.
+            need = math.ceil(threshold)
             if avail >= max(need, 1):
                 cap, reason = avail, "cut_to_available"
             else:
