@@ -457,6 +457,19 @@ class OnlineMarket:
         return {"window": list(self._window), "outcomes": [bool(x) for x in self._outcomes],
                 "last_price": self.last_price}
 
+    def seed(self, thresholds) -> None:
+        """Prime the pricing window with thresholds of representative past demand.
+
+        At a cold start the window is empty and the first requests would be
+        priced against themselves alone; a seed (e.g. the predictions of a
+        recent traffic sample) prices them against realistic demand from the
+        first request on. Arrivals then push the seed out of the window.
+        """
+        values = [float(x) for x in thresholds]
+        if any(not (math.isfinite(v) and v >= 0) for v in values):
+            raise InvalidInputError("pricing window seed", values[:5], "thresholds must be finite and >= 0")
+        self._window.extend(values)
+
     def restore(self, snap: dict) -> None:
         self._window.extend(float(x) for x in snap.get("window", []))
         self._outcomes.extend(bool(x) for x in snap.get("outcomes", []))

@@ -26,13 +26,29 @@ import threading
 import time
 from dataclasses import asdict
 
-from clear_core.errors import ClearError, UnknownReservationError
+from clear_core.errors import ClearError, InvalidInputError, UnknownReservationError
 from clear_core.ledger import OnlineMarket, TokenLedger
 from clear_core.policies import parse_policy
 from deployments.config import AllocatorConfig
 from deployments.state_store import KVStateStore
 
 logger = logging.getLogger("ray.serve")
+
+
+def load_seed_thresholds(path: str, limit: int) -> list[float]:
+    """The last ``limit`` ``threshold_tokens`` values of a JSONL file (a predictions file works)."""
+    import json
+    from collections import deque
+
+    rows: deque[float] = deque(maxlen=max(limit, 1))
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(float(json.loads(line)["threshold_tokens"]))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise InvalidInputError(f"{path}:{lineno}", line.strip()[:80], f"not a threshold row: {exc}") from None
+    return list(rows)
 
 
 class Allocator:
@@ -68,6 +84,9 @@ class Allocator:
         if self.restored:
             self.market.restore(snap["market"])
             logger.warning("allocator restored its books: %s", self.ledger.state())
+        elif self.config.pricing_window_seed_path:
+            self.market.seed(load_seed_thresholds(self.config.pricing_window_seed_path,
+                                                  self.config.pricing_window_requests))
         self._lock = threading.Lock()
         self._sweeper: asyncio.Task | None = None
         self.metrics = None

@@ -85,6 +85,11 @@ class AllocatorConfig(_Strict):
     pricing_window_requests: int = Field(
         256, ge=0, description="Recent predicted thresholds each request is priced against (0: price alone)."
     )
+    pricing_window_seed_path: str | None = Field(
+        None,
+        description='JSONL of {"threshold_tokens": ...} rows (e.g. a predictions file) that prime the pricing '
+        "window at a cold start, so the first requests are priced against realistic demand.",
+    )
     pace_budget: bool = Field(
         True, description="per_query: clear with the block's remaining budget per remaining arrival (pacing)."
     )

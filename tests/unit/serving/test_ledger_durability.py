@@ -110,3 +110,31 @@ def test_a_new_budget_spec_starts_fresh_books():
     a.reserve_sync("q0", 300.0)
     b = _allocator(store, tokens_per_query=999)
     assert b.status_sync()["restored_after_restart"] is False and b.status_sync()["arrivals"] == 0
+
+
+def test_a_seeded_window_prices_the_first_request_like_a_warm_one(tmp_path):
+    """A cold allocator with a seed decides the first request as a warm one with that window would."""
+    rng = random.Random(5)
+    seed = [rng.lognormvariate(6.5, 1.0) for _ in range(256)]
+    path = tmp_path / "seed.jsonl"
+    path.write_text("".join(f'{{"id": "p{i}", "threshold_tokens": {t}}}\n' for i, t in enumerate(seed)))
+    base = {"policy": "clear", "pricing_window_requests": 256, "pace_budget": False,
+            "budget": {"mode": "per_query", "tokens_per_query": 300, "window_queries": 1000}}
+    seeded = Allocator({**base, "pricing_window_seed_path": str(path)}, max_completion_tokens=8192, metrics=False)
+    cold = Allocator(base, max_completion_tokens=8192, metrics=False)
+    warm = Allocator(base, max_completion_tokens=8192, metrics=False)
+    warm.market.restore({"window": seed})
+    differs = 0
+    for i, tau in enumerate((60.0, 150.0, 400.0, 900.0, 2500.0)):
+        a, b, c = (x.reserve_sync(f"q{i}", tau, log_sigma=0.5) for x in (seeded, cold, warm))
+        assert (a["admitted"], a["cap"], a["shadow_price"]) == (c["admitted"], c["cap"], c["shadow_price"])
+        differs += (a["cap"], a["shadow_price"]) != (b["cap"], b["shadow_price"])
+    assert differs >= 3  # priced alone, the first requests would have seen another market
+    assert seeded.status_sync()["pricing_window_filled"] == 256  # the window keeps its size
+
+
+def test_bad_seed_file(tmp_path):
+    path = tmp_path / "seed.jsonl"
+    path.write_text('{"id": "x"}\n')
+    with pytest.raises(InvalidInputError, match="seed.jsonl:1"):
+        Allocator({"pricing_window_seed_path": str(path)}, metrics=False)
