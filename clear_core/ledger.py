@@ -89,6 +89,11 @@ MIN_RETRY_AFTER_S = 1.0
 DEFAULT_MIN_RATE_SPAN_S = 1.0
 #: Recent decisions over which the abandonment rate is reported.
 DEFAULT_OUTCOME_WINDOW = 200
+#: Rate mode with refunds: settlements over which the cap / charge ratio is measured,
+#: how many are needed before it is used, and its ceiling.
+COST_WINDOW = 256
+MIN_COST_SAMPLES = 20
+MAX_CAP_COST_RATIO = 8.0
 
 
 @dataclass(frozen=True)
@@ -371,6 +376,7 @@ class OnlineMarket:
     _window: deque = field(init=False, repr=False)
     _times: deque = field(init=False, repr=False)
     _outcomes: deque = field(init=False, repr=False)
+    _costs: deque = field(init=False, repr=False)
     last_price: float = field(init=False, default=0.0)
 
     def __post_init__(self):
@@ -379,6 +385,7 @@ class OnlineMarket:
         self._window = deque(maxlen=self.window_size or None)
         self._times = deque(maxlen=max(self.window_size, 1))
         self._outcomes = deque(maxlen=self.outcome_window)
+        self._costs = deque(maxlen=COST_WINDOW)
         if self.window_size == 0:
             self._window = deque(maxlen=0)
 
@@ -398,7 +405,30 @@ class OnlineMarket:
             return max(self.ledger.available(now), 0) / remaining
         n = len(self._times)
         span = max(now - self._times[0], self.min_rate_span_s) if n else self.min_rate_span_s
-        return self.spec.tokens_per_s * span / max(n, 1)
+        return self.spec.tokens_per_s * span / max(n, 1) * self.cap_cost_ratio()
+
+    def cap_cost_ratio(self) -> float:
+        """Tokens of cap per token actually charged, over recent settlements (rate mode).
+
+        The window market clears *caps*, but when unused caps are refunded to
+        the pool a request only costs what it generates. Pricing caps against
+        the refill rate alone would abandon requests while the bucket fills up;
+        scaling the per-query budget by the observed cap / charge ratio prices
+        what a request really costs. 1 until ``MIN_COST_SAMPLES`` requests have
+        settled, and never above ``MAX_CAP_COST_RATIO``; the ledger still
+        reserves whole caps, so the invariant is untouched.
+        """
+        if not self.spec.refunds_to_pool or len(self._costs) < MIN_COST_SAMPLES:
+            return 1.0
+        caps = sum(c for c, _ in self._costs)
+        charged = sum(g for _, g in self._costs)
+        return float(min(max(caps / max(charged, 1), 1.0), MAX_CAP_COST_RATIO))
+
+    def settle(self, rid: str, generated: int) -> Settlement:
+        """End a request in the ledger and remember what its cap really cost."""
+        s = self.ledger.settle(rid, generated)
+        self._costs.append((s.cap, s.charged))
+        return s
 
     def abandonment_rate(self) -> float:
         return float(np.mean(self._outcomes)) if self._outcomes else 0.0

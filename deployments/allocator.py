@@ -126,7 +126,7 @@ class Allocator:
         """End a request; an unknown id (settled twice, expired, allocator restarted) is ignored."""
         with self._lock:
             try:
-                s = self.ledger.settle(rid, int(generated))
+                s = self.market.settle(rid, int(generated))
             except UnknownReservationError:
                 logger.warning("settle of unknown reservation %s ignored", rid)
                 return None

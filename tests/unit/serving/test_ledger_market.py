@@ -130,3 +130,34 @@ def test_online_pricing_tracks_the_offline_batch(main_pool):
     online = score(np.array(caps), stream.tokens, stream.correct, b * len(stream))
     assert online.tokens_allocated <= b * len(stream)
     assert abs(online.accuracy - acc_off) <= 0.02, (online.accuracy, acc_off)
+
+
+def test_rate_mode_prices_what_caps_really_cost():
+    """With refunds, requests that generate half their caps leave the bucket full:
+    the market learns the cap / charge ratio and stops abandoning needlessly."""
+    from clear_core.ledger import MIN_COST_SAMPLES, BudgetSpec, OnlineMarket, TokenLedger
+    from clear_core.policies import get_policy
+
+    def run(refund: bool):
+        clock = [0.0]
+        led = TokenLedger(BudgetSpec(mode="rate", tokens_per_s=2000, burst_tokens=50_000, refund_unused=refund),
+                          clock=lambda: clock[0])
+        m = OnlineMarket(get_policy("clear"), led, window_size=64, max_tokens=8192)
+        rng = np.random.default_rng(0)
+        abandoned = 0
+        for i in range(400):
+            clock[0] += 0.25  # 4 requests/s: the refill buys 500 tokens per request
+            d = m.request(f"r{i}", float(rng.lognormal(6.2, 0.8)), log_sigma=0.5, now=clock[0])
+            if d.admitted:
+                m.settle(f"r{i}", d.cap // 2)  # every request stops at half its cap
+            else:
+                abandoned += i >= 200
+            assert led.state(clock[0]).invariant_holds
+        return m, abandoned
+
+    refunding, ab_refund = run(True)
+    charged_caps, ab_caps = run(False)
+    assert len(refunding._costs) >= MIN_COST_SAMPLES
+    assert 1.8 <= refunding.cap_cost_ratio() <= 2.2  # caps cost twice what is charged
+    assert charged_caps.cap_cost_ratio() == 1.0  # without refunds a cap costs what it is
+    assert ab_refund < ab_caps  # pricing real cost abandons fewer in the second half
