@@ -158,6 +158,6 @@ def test_rate_mode_prices_what_caps_really_cost():
     refunding, ab_refund = run(True)
     charged_caps, ab_caps = run(False)
     assert len(refunding._costs) >= MIN_COST_SAMPLES
-    assert 1.8 <= refunding.cap_cost_ratio() <= 2.2  # caps cost twice what is charged
+    assert abs(refunding.cap_cost_ratio() - 2.0) <= 0.2  # caps cost twice what is charged
     assert charged_caps.cap_cost_ratio() == 1.0  # without refunds a cap costs what it is
     assert ab_refund < ab_caps  # pricing real cost abandons fewer in the second half
