@@ -9,7 +9,6 @@ error in log space, which the uncertainty-aware ``clear`` policy prices.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from clear_core.errors import InvalidInputError
+from clear_core.predictions import read_predictions
 from clear_core.traces import Stream, log_noise
 
 #: Seed offset so prediction noise is independent of the stream draw.
@@ -57,25 +57,9 @@ def parse_predictions(spec: str, log_sigma: float | None = None) -> Predictions:
         if not (math.isfinite(sigma) and sigma >= 0):
             raise InvalidInputError("predictions", spec, "SIGMA must be finite and >= 0")
         return Predictions(spec, "oracle-noise", sigma if log_sigma is None else log_sigma)
-    path = Path(spec)
-    if not path.is_file():
+    if not Path(spec).is_file():
         raise InvalidInputError("predictions", spec, "not oracle, oracle-noise:SIGMA or an existing file")
-    table: dict[str, float] = {}
-    sigmas: list[float] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                value = float(row["threshold_tokens"])
-                table[str(row["id"])] = value
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise InvalidInputError(f"{path}:{lineno}", line.strip()[:80], f"bad prediction row: {exc}") from None
-            if not (math.isfinite(value) and value >= 0):
-                raise InvalidInputError(f"{path}:{lineno} threshold_tokens", value, "must be finite and >= 0")
-            if "log_sigma" in row:
-                sigmas.append(float(row["log_sigma"]))
+    table = read_predictions(spec)
     if log_sigma is None:
-        log_sigma = float(np.median(sigmas)) if sigmas else 0.0
-    return Predictions(spec, "file", log_sigma, table)
+        log_sigma = float(np.median(table.log_sigmas)) if table.log_sigmas else 0.0
+    return Predictions(spec, "file", log_sigma, table.thresholds)

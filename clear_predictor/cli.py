@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from clear_core.errors import ClearError, InvalidInputError
+from clear_core.predictions import read_predictions
 
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -100,26 +100,6 @@ def write_predictions(path: str | Path, ids, thresholds, log_sigma: float) -> No
     with path.open("w", encoding="utf-8") as fh:
         for i, t in zip(ids, thresholds):
             fh.write(json.dumps({"id": i, "threshold_tokens": float(t), "log_sigma": float(log_sigma)}) + "\n")
-
-
-def read_predictions(path: str | Path) -> dict[str, float]:
-    out: dict[str, float] = {}
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError("predictions", str(path), "no such file")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                pid, thr = str(obj["id"]), float(obj["threshold_tokens"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise InvalidInputError("predictions", f"{path}:{lineno}", f"bad line: {exc}") from exc
-            if not (math.isfinite(thr) and thr > 0):
-                raise InvalidInputError("threshold_tokens", thr, f"{path}:{lineno}: must be finite and > 0")
-            out[pid] = thr
-    return out
 
 
 def _json_dump(obj, path: Path) -> None:
@@ -213,7 +193,10 @@ def cmd_evaluate(args) -> int:
     from clear_predictor.data import load_dataset
     from clear_predictor.metrics import evaluate, format_table
 
-    preds = read_predictions(args.predictions)
+    preds = read_predictions(args.predictions).thresholds
+    bad = [pid for pid, t in preds.items() if t <= 0]
+    if bad:  # evaluate works in log space
+        raise InvalidInputError("threshold_tokens", preds[bad[0]], f"{args.predictions}: must be > 0 (id {bad[0]})")
     data = load_dataset(args.traces)
     rows = [i for i, pid in enumerate(data.ids) if pid in preds]
     if not rows:

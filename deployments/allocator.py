@@ -26,7 +26,8 @@ import threading
 import time
 from dataclasses import asdict
 
-from clear_core.errors import ClearError, InvalidInputError, UnknownReservationError
+from clear_core.errors import ClearError, UnknownReservationError
+from clear_core.predictions import read_predictions
 from clear_core.ledger import OnlineMarket, TokenLedger
 from clear_core.policies import parse_policy
 from deployments.config import AllocatorConfig
@@ -36,19 +37,8 @@ logger = logging.getLogger("ray.serve")
 
 
 def load_seed_thresholds(path: str, limit: int) -> list[float]:
-    """The last ``limit`` ``threshold_tokens`` values of a JSONL file (a predictions file works)."""
-    import json
-    from collections import deque
-
-    rows: deque[float] = deque(maxlen=max(limit, 1))
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(float(json.loads(line)["threshold_tokens"]))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise InvalidInputError(f"{path}:{lineno}", line.strip()[:80], f"not a threshold row: {exc}") from None
-    return list(rows)
+    """The last ``limit`` thresholds of a predictions JSONL (clear_core.predictions)."""
+    return [r.threshold_tokens for r in read_predictions(path).rows][-max(limit, 1):]
 
 
 class Allocator:

@@ -20,13 +20,10 @@
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 
 import numpy as np
 
-from clear_core.errors import InvalidInputError
+from clear_core.predictions import read_predictions
 
 HEURISTIC_INTERCEPT = 4.914
 HEURISTIC_SLOPE = 0.159
@@ -52,23 +49,12 @@ class LookupPredictor:
     def __init__(self, table_path: str, pool_path: str | None = None):
         self.by_id: dict[str, tuple[float, float]] = {}
         self.prompt_to_id: dict[str, str] = {}
-        sigmas = []
-        with Path(table_path).open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                try:
-                    tau, sig = float(row["threshold_tokens"]), float(row.get("log_sigma", 0.0))
-                    pid = str(row["id"])
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise InvalidInputError(f"{table_path}:{lineno}", line.strip()[:80], f"bad row: {exc}") from exc
-                if not (math.isfinite(tau) and tau >= 0 and math.isfinite(sig) and sig >= 0):
-                    raise InvalidInputError(f"{table_path}:{lineno}", tau, "threshold and sigma must be finite, >= 0")
-                self.by_id[pid] = (tau, sig)
-                sigmas.append(sig)
-                if "prompt" in row:
-                    self.prompt_to_id[str(row["prompt"]).strip()] = pid
+        table = read_predictions(table_path)
+        for row in table.rows:
+            self.by_id[row.id] = (row.threshold_tokens, row.log_sigma or 0.0)
+            if row.prompt is not None:
+                self.prompt_to_id[row.prompt.strip()] = row.id
+        sigmas = [row.log_sigma or 0.0 for row in table.rows]
         if pool_path:
             from clear_core.traces import load_pool
 
