@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from clear_core.market import clear_market
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS
 
 
 def best_time(fn, repeats: int) -> float:
@@ -43,7 +44,7 @@ def main() -> None:
     for n in (int(float(x)) for x in args.sizes.split(",")):
         tau = rng.lognormal(6.5, 1.0, n)
         budget = args.budget_per_query * n
-        kw = dict(max_tokens=8192)
+        kw = dict(context_limit_tokens=POOL_GENERATION_CAP_TOKENS)
         results = {}
 
         def run(method):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clear_core.policies import POLICIES, parse_policy
-from clear_core.traces import MIXTURES, load_pool
+from clear_core.errors import InvalidInputError
+from clear_core.policies import POLICIES, parse_policy_list
+from clear_core.traces import MIXTURES, POOL_GENERATION_CAP_TOKENS, load_pool
 
 DEFAULT_BUDGETS = "256,512,1024,2048,4096"
 DEFAULT_POLICIES = ",".join(
@@ -31,6 +32,13 @@ def _csv(kind):
     return parse
 
 
+def _policy_list(text: str) -> list[str]:
+    try:
+        return parse_policy_list(text)
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("bench", help="evaluate allocation policies offline on a trace pool")
     p.add_argument("--traces", required=True, help="oracle pool JSONL (see shared/data/traces/README.md)")
@@ -40,11 +48,13 @@ def add_subcommands(subparsers) -> None:
                    help="override the predictions' log-space error that `clear` prices")
     p.add_argument("--streams", type=_csv(str), default=list(MIXTURES), help=f"from {sorted(MIXTURES)}")
     p.add_argument("--budgets", type=_csv(int), default=_csv(int)(DEFAULT_BUDGETS), help="tokens per query")
-    p.add_argument("--policies", type=_csv(str), default=_csv(str)(DEFAULT_POLICIES),
-                   help=f"policy specs, e.g. clear or clear-paper:beta=0.01; names: {sorted(POLICIES)}")
+    p.add_argument("--policies", type=_policy_list, default=_policy_list(DEFAULT_POLICIES),
+                   help="comma-separated policy specs; a spec's own parameters follow it, "
+                   f"e.g. uniform,clear-paper:beta=0.01,alpha=4,clear; names: {sorted(POLICIES)}")
     p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2, 3, 4])
     p.add_argument("--queries", type=int, default=500, help="queries per stream")
-    p.add_argument("--max-tokens", type=int, default=8192, help="context limit (the pools' generation cap)")
+    p.add_argument("--context-limit-tokens", type=int, default=POOL_GENERATION_CAP_TOKENS,
+                   help="no cap exceeds this (default: the pools' generation cap)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--dump-allocations", action="store_true", help="write allocations.jsonl (one row per query)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures and sensitivity studies")
@@ -56,8 +66,6 @@ def run_bench(args) -> int:
     from clear_bench.report import markdown_report
     from clear_bench.runner import run_grid
 
-    for spec in args.policies:  # fail fast on a bad policy name
-        parse_policy(spec)
     unknown = [s for s in args.streams if s not in MIXTURES]
     if unknown:
         raise SystemExit(f"unknown stream {unknown[0]!r}; expected one of {sorted(MIXTURES)}")
@@ -79,7 +87,7 @@ def run_bench(args) -> int:
     total = len(args.streams) * len(args.seeds) * len(args.budgets) * len(args.policies)
     with tqdm(total=total, desc="bench", unit="cell") as bar:
         rows = run_grid(problems, predictions, streams=args.streams, budgets=args.budgets, policies=args.policies,
-                        seeds=args.seeds, n_queries=args.queries, max_tokens=args.max_tokens,
+                        seeds=args.seeds, n_queries=args.queries, context_limit_tokens=args.context_limit_tokens,
                         on_allocation=on_allocation, progress=bar.update)
     if dump is not None:
         dump.close()
@@ -100,12 +108,12 @@ def _figures(args, problems, predictions, rows) -> None:
     mid = sorted(args.budgets)[len(args.budgets) // 2]
     plots.phase_transition(rows, args.out)
     studies.scatter(problems, predictions, args.out, stream=stream, budget=sorted(args.budgets)[1 if len(args.budgets) > 1 else 0],
-                    seed=args.seeds[0], max_tokens=args.max_tokens)
+                    seed=args.seeds[0], context_limit_tokens=args.context_limit_tokens)
     n_noise = len(studies.NOISE_SIGMAS) * len(args.seeds) * 2 * 3
     n_beta = len(args.seeds) * len(args.budgets) * (len(studies.FIXED_BETAS) + 1)
     n_alpha = len(studies.ALPHAS) * len(args.seeds) * len(args.budgets)
     with tqdm(total=n_noise + n_beta + n_alpha, desc="figures", unit="cell") as bar:
-        kw = dict(stream=stream, seeds=args.seeds, max_tokens=args.max_tokens, tick=bar.update)
+        kw = dict(stream=stream, seeds=args.seeds, context_limit_tokens=args.context_limit_tokens, tick=bar.update)
         noise = studies.noise_study(problems, args.out, budgets=[sorted(args.budgets)[0], mid], **kw)
         beta = studies.beta_study(problems, predictions, args.out, budgets=args.budgets, **kw)
         alpha = studies.alpha_study(problems, predictions, args.out, budgets=args.budgets, **kw)

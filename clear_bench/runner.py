@@ -10,11 +10,9 @@ import numpy as np
 
 from clear_core.policies import Truth, parse_policy
 from clear_core.simulate import score
-from clear_core.traces import Problem, Stream, make_stream
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, make_stream
 from clear_bench.predictions import Predictions
 
-#: The model's generation cap in the pools (8,192 for the 7B models).
-DEFAULT_CONTEXT_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ def run_grid(
     policies: Iterable[str],
     seeds: Iterable[int],
     n_queries: int = 500,
-    max_tokens: float | None = DEFAULT_CONTEXT_TOKENS,
+    context_limit_tokens: float | None = POOL_GENERATION_CAP_TOKENS,
     on_allocation: Callable[[Cell, Stream, np.ndarray], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
@@ -54,7 +52,7 @@ def run_grid(
                 budget = int(bpq) * len(stream)
                 for spec, policy in policy_objs.items():
                     alloc = policy.allocate(
-                        thresholds, budget, max_tokens=max_tokens, truth=truth, log_sigma=predictions.sigma
+                        thresholds, budget, context_limit_tokens=context_limit_tokens, truth=truth, log_sigma=predictions.sigma
                     )
                     s = score(alloc.caps, stream.tokens, stream.correct, budget)
                     consumed = np.minimum(alloc.caps, stream.tokens)

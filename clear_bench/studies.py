@@ -23,7 +23,7 @@ def _mean(rows, stream, budget, policy, field="accuracy") -> float:
     return aggregate(rows, field)[(stream, budget, policy)][0]
 
 
-def noise_study(problems, out: Path, *, stream: str, budgets: Sequence[int], seeds, max_tokens, tick) -> dict:
+def noise_study(problems, out: Path, *, stream: str, budgets: Sequence[int], seeds, context_limit_tokens, tick) -> dict:
     """Accuracy vs predictor noise sigma for uniform, the paper's rule and clear."""
     policies = ["uniform", "clear-paper", "clear"]
     data: dict[str, dict[int, list[float]]] = {p: {b: [] for b in budgets} for p in policies}
@@ -35,7 +35,7 @@ def noise_study(problems, out: Path, *, stream: str, budgets: Sequence[int], see
             budgets=budgets,
             policies=policies,
             seeds=seeds,
-            max_tokens=max_tokens,
+            context_limit_tokens=context_limit_tokens,
             progress=tick,
         )
         for p in policies:
@@ -54,7 +54,7 @@ def noise_study(problems, out: Path, *, stream: str, budgets: Sequence[int], see
     return {"sigmas": list(NOISE_SIGMAS), "accuracy": {k: v for k, v in series.items()}}
 
 
-def beta_study(problems, predictions: Predictions, out: Path, *, stream, budgets, seeds, max_tokens, tick) -> dict:
+def beta_study(problems, predictions: Predictions, out: Path, *, stream, budgets, seeds, context_limit_tokens, tick) -> dict:
     """Fixed beta values vs the adaptive rule (paper's surge, Fig. 7)."""
     specs = {"adaptive": "clear-paper"} | {f"1/{round(1 / b)}": f"clear-paper:beta={b}" for b in FIXED_BETAS}
     rows = run_grid(
@@ -64,7 +64,7 @@ def beta_study(problems, predictions: Predictions, out: Path, *, stream, budgets
         budgets=budgets,
         policies=list(specs.values()),
         seeds=seeds,
-        max_tokens=max_tokens,
+        context_limit_tokens=context_limit_tokens,
         progress=tick,
     )
     series = {f"beta {label}": [100 * _mean(rows, stream, b, spec) for b in budgets] for label, spec in specs.items()}
@@ -81,7 +81,7 @@ def beta_study(problems, predictions: Predictions, out: Path, *, stream, budgets
     return {"budgets": list(budgets), "accuracy": series}
 
 
-def alpha_study(problems, predictions: Predictions, out: Path, *, stream, budgets, seeds, max_tokens, tick) -> dict:
+def alpha_study(problems, predictions: Predictions, out: Path, *, stream, budgets, seeds, context_limit_tokens, tick) -> dict:
     """Caps are invariant to alpha and the shadow price scales with it (Fig. 8)."""
     acc: dict[str, list[float]] = {f"budget {b}": [] for b in budgets}
     price: dict[str, list[float]] = {f"budget {b}": [] for b in budgets}
@@ -94,7 +94,7 @@ def alpha_study(problems, predictions: Predictions, out: Path, *, stream, budget
             budgets=budgets,
             policies=[spec],
             seeds=seeds,
-            max_tokens=max_tokens,
+            context_limit_tokens=context_limit_tokens,
             progress=tick,
         )
         for b in budgets:
@@ -111,11 +111,11 @@ def alpha_study(problems, predictions: Predictions, out: Path, *, stream, budget
     return {"alphas": list(ALPHAS), "accuracy": acc, "shadow_price": price}
 
 
-def scatter(problems: Sequence[Problem], predictions: Predictions, out: Path, *, stream, budget, seed, max_tokens):
+def scatter(problems: Sequence[Problem], predictions: Predictions, out: Path, *, stream, budget, seed, context_limit_tokens):
     """One allocation of ``clear`` drawn as threshold vs cap (Fig. 6)."""
     st = make_stream(problems, stream, 500, seed)
     th = predictions.thresholds(st)
-    alloc = parse_policy("clear").allocate(th, budget * len(st), max_tokens=max_tokens, log_sigma=predictions.sigma)
+    alloc = parse_policy("clear").allocate(th, budget * len(st), context_limit_tokens=context_limit_tokens, log_sigma=predictions.sigma)
     return plots.allocation_scatter(
         th, alloc.caps, st.tokens, st.correct, out,
         f"clear on {stream} at {budget} tokens/query ({predictions.spec}); "

@@ -1,134 +1,41 @@
-"""The global token budget: a pure ledger and the online market that prices a stream.
+"""The budget's books: a pure, synchronous ledger of one global token budget.
 
-Two objects, both plain synchronous state with no concurrency of their own (the
-pattern of Text Generation Inference's queue: a thin actor owns the state and
-serialises the commands; the state itself is unit-tested without any actor):
+``granted`` tokens have been credited to the pool so far (how, is the
+:class:`~clear_core.budget.Budget`'s business); ``reserved`` are held by
+in-flight requests (their caps); ``spent`` are charged for requests that
+ended. The **budget invariant**
 
-:class:`TokenLedger`
-    Books of the budget. ``granted`` tokens have been credited to the pool so
-    far; ``reserved`` are held by in-flight requests (their caps); ``spent``
-    are charged for requests that ended. The **budget invariant**
+    reserved + spent <= granted
 
-        reserved + spent <= granted
+holds after every command: :meth:`TokenLedger.reserve` refuses (raises
+:class:`~clear_core.errors.BudgetExhaustedError`) whatever would break it. A
+request that ends (:meth:`TokenLedger.settle`) releases its reservation and is
+charged what it generated; the unused part of its cap is *refunded* (to the
+pool when the budget says so, else only to the client's account).
 
-    holds after every command: :meth:`TokenLedger.reserve` refuses (raises
-    :class:`~clear_core.errors.BudgetExhaustedError`) whatever would break it.
-    A request that ends (:meth:`TokenLedger.settle`) releases its reservation
-    and is charged what it generated; the unused part of its cap is *refunded*.
+Plain synchronous state with no concurrency of its own (the pattern of Text
+Generation Inference's queue: a thin actor owns the state and serialises the
+commands; the state itself is unit-tested without any actor). Snapshots
+(:meth:`TokenLedger.snapshot` / :meth:`TokenLedger.restore`) let the books
+survive an allocator restart.
 
-:class:`OnlineMarket`
-    Turns one arriving request (a predicted threshold) into a cap, a shadow
-    price, or an abandonment, then reserves the cap in the ledger.
-
-Budget modes
-------------
-``per_query`` (the paper's setting: ``b`` tokens per query on average)
-    The *budget window* is a block of ``window_queries`` arrivals: when the
-    first request of a block arrives, the pool is credited
-    ``window_queries * b`` tokens, so after ``n`` arrivals
-    ``granted = ceil(n / window_queries) * window_queries * b``. Every arrival
-    (admitted or abandoned; requests rejected as malformed never reach the
-    market) counts. Like the offline bench, the budget counts *caps*: with
-    ``refund_unused=False`` (the default of this mode) a request is charged its
-    whole cap, the unused part is reported as refunded to the client's account
-    but does not return to the pool, and the total allocated over a stream of
-    ``N`` requests (``N`` a multiple of the window) never exceeds ``N * b``:
-    exactly the offline bench's constraint. With ``refund_unused=True`` the
-    pool gets the unused part back (what a GPU operator pays for is generated
-    tokens), so the same budget admits more.
-``rate`` (a token bucket)
-    The bucket starts full with ``burst_tokens`` and refills at
-    ``tokens_per_s``; its content is the available budget *plus* the tokens
-    reserved by in-flight requests, and never exceeds ``burst_tokens``
-    (``available + reserved <= burst``: the burst is the most budget that can be
-    committed at once). Unused tokens go back to the bucket when a request ends
-    (``refund_unused=True`` by default); only generated tokens leave it.
-
-Online pricing (why a rolling window)
--------------------------------------
-Requests arrive one by one, so a market with only the requests currently in
-flight is *thin*: a lone request would always clear at price 0 and get its
-peak. :class:`OnlineMarket` keeps the last ``window_size`` predicted
-thresholds it has seen (admitted or not) and clears the market of
-``window + [new request]`` with budget ``b * (len(window) + 1)`` (the paper's
-batch problem, Eq. 14, on a sample of recent demand); the new request gets its
-cap from that clearing and the market's shadow price is the price quoted. When
-traffic is stationary the window is a sample of the same distribution as the
-batch, so the clearing price and every cap converge to those of the offline
-batch (the per-query budget and the threshold distribution are what fix the
-price). In ``rate`` mode the per-query budget of the window market is what the
-refill rate buys at the recent arrival rate, ``b = tokens_per_s * span / n``
-over the window's arrivals (``span`` floored at ``min_rate_span_s``).
-
-The ledger then checks solvency against the real pool: if the cap does not fit
-the available budget, it is cut to what is available when that still reaches
-the request's predicted threshold, and the request is abandoned otherwise.
-
-Reservations that are never settled (an ingress replica died) expire after
-``reservation_ttl_s`` and are charged in full, so a reservation can never leak
-for ever; a late settle of an expired reservation is ignored.
+Reservations that are never settled (an ingress replica died) expire after the
+budget's ``reservation_ttl_s`` and are charged in full, so a reservation can
+never leak for ever; a late settle of an expired reservation is ignored.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from clear_core.budget import Budget, budget_from_dict
 from clear_core.errors import BudgetExhaustedError, InvalidInputError, UnknownReservationError
-from clear_core.policies import Policy
-
-BUDGET_MODES = ("per_query", "rate")
-#: Abandoned requests are retried after at least this long (HTTP Retry-After).
-MIN_RETRY_AFTER_S = 1.0
-#: Floor of the arrival span used to estimate the arrival rate in rate mode.
-DEFAULT_MIN_RATE_SPAN_S = 1.0
-#: Recent decisions over which the abandonment rate is reported.
-DEFAULT_OUTCOME_WINDOW = 200
-#: Rate mode with refunds: settlements over which the cap / charge ratio is measured,
-#: how many are needed before it is used, and its ceiling.
-COST_WINDOW = 256
-MIN_COST_SAMPLES = 20
-MAX_CAP_COST_RATIO = 8.0
-
-
-@dataclass(frozen=True)
-class BudgetSpec:
-    """What the budget is: ``per_query`` (paper) or ``rate`` (token bucket)."""
-
-    mode: str = "per_query"
-    tokens_per_query: float = 512.0  # per_query: average budget b per query, tokens
-    window_queries: int = 500  # per_query: arrivals per budget block (the budget window)
-    tokens_per_s: float = 0.0  # rate: refill rate of the bucket, tokens per second
-    burst_tokens: float = 0.0  # rate: bucket capacity (and initial pool), tokens
-    refund_unused: bool | None = None  # None: False for per_query, True for rate
-    reservation_ttl_s: float = 600.0  # unsettled reservations expire (charged in full) after this
-
-    def __post_init__(self):
-        if self.mode not in BUDGET_MODES:
-            raise InvalidInputError("budget mode", self.mode, f"expected one of {BUDGET_MODES}")
-        if self.mode == "per_query":
-            if not (math.isfinite(self.tokens_per_query) and self.tokens_per_query >= 0):
-                raise InvalidInputError("tokens_per_query", self.tokens_per_query, "must be finite and >= 0")
-            if not (isinstance(self.window_queries, int) and self.window_queries >= 1):
-                raise InvalidInputError("window_queries", self.window_queries, "must be an integer >= 1")
-        else:
-            if not (math.isfinite(self.tokens_per_s) and self.tokens_per_s >= 0):
-                raise InvalidInputError("tokens_per_s", self.tokens_per_s, "must be finite and >= 0")
-            if not (math.isfinite(self.burst_tokens) and self.burst_tokens >= 0):
-                raise InvalidInputError("burst_tokens", self.burst_tokens, "must be finite and >= 0")
-        if not (self.reservation_ttl_s > 0):
-            raise InvalidInputError("reservation_ttl_s", self.reservation_ttl_s, "must be > 0")
-
-    @property
-    def refunds_to_pool(self) -> bool:
-        if self.refund_unused is None:
-            return self.mode == "rate"
-        return bool(self.refund_unused)
 
 
 @dataclass(frozen=True)
@@ -161,15 +68,15 @@ class Settlement:
 
 @dataclass
 class _Reservation:
-    cap: int
-    created: float
+    cap: int  # tokens held
+    created: float  # clock time of the reservation, s
 
 
 class TokenLedger:
     """The budget's books; every method keeps ``reserved + spent <= granted``."""
 
-    def __init__(self, spec: BudgetSpec, clock: Callable[[], float] = time.monotonic):
-        self.spec = spec
+    def __init__(self, budget: Budget, clock: Callable[[], float] = time.monotonic):
+        self.budget = budget
         self._clock = clock
         self._reservations: OrderedDict[str, _Reservation] = OrderedDict()
         self._reserved = 0
@@ -180,36 +87,27 @@ class TokenLedger:
         self._refunded = 0
         self._expired = 0
         self._last_refill = clock()
-        # The bucket starts full; per-query blocks are credited on arrival.
-        self._granted = float(spec.burst_tokens) if spec.mode == "rate" else 0.0
+        self._granted = float(budget.initial_grant())
 
     # -- budget inflow -------------------------------------------------------
 
     def _refill(self, now: float) -> None:
-        if self.spec.mode != "rate":
-            return
         dt = max(0.0, now - self._last_refill)
         self._last_refill = max(self._last_refill, now)
-        # The bucket holds what is available *and* what is lent out to in-flight
-        # requests (their reservations come back, in part, as refunds), so it
-        # never holds more than its capacity: available + reserved <= burst.
-        level = self._granted - self._spent
-        room = self.spec.burst_tokens - level
-        if room > 0:
-            self._granted += min(self.spec.tokens_per_s * dt, room)
+        self._granted += self.budget.grant_on_refill(self._granted - self._spent, dt)
 
     def arrive(self) -> None:
-        """Count one arriving request (credits a new block in per-query mode)."""
+        """Count one arriving request (credits a new block of a per-query budget)."""
         self._arrivals += 1
-        if self.spec.mode == "per_query":
-            w = self.spec.window_queries
-            if (self._arrivals - 1) % w == 0:
-                self._granted += w * self.spec.tokens_per_query
+        self._granted += self.budget.grant_on_arrival(self._arrivals)
 
-    def remaining_in_block(self) -> int:
-        """Arrivals still to come in the current per-query block, the latest one included."""
-        w = self.spec.window_queries
-        return w - (self._arrivals - 1) % w if self._arrivals else w
+    @property
+    def arrivals(self) -> int:
+        return self._arrivals
+
+    def now(self) -> float:
+        """The ledger's clock (monotonic seconds, or a test's fake clock)."""
+        return self._clock()
 
     # -- commands ------------------------------------------------------------
 
@@ -242,7 +140,7 @@ class TokenLedger:
             raise InvalidInputError("generated", generated, "must be an integer >= 0")
         used = min(int(generated), res.cap)
         refunded = res.cap - used
-        charged = used if self.spec.refunds_to_pool else res.cap
+        charged = used if self.budget.refund_unused else res.cap
         self._refill(self._clock())  # bucket level before the refund returns
         self._reserved -= res.cap
         self._spent += charged
@@ -254,7 +152,7 @@ class TokenLedger:
         """Charge in full and drop reservations older than the TTL; return their ids."""
         now = self._clock() if now is None else now
         gone = []
-        ttl = self.spec.reservation_ttl_s
+        ttl = self.budget.reservation_ttl_s
         while self._reservations:
             rid, res = next(iter(self._reservations.items()))
             if now - res.created < ttl:
@@ -265,9 +163,6 @@ class TokenLedger:
             self._expired += 1
             gone.append(rid)
         return gone
-
-    def holds(self, rid: str) -> bool:
-        return rid in self._reservations
 
     def state(self, now: float | None = None) -> LedgerState:
         avail = self.available(now)
@@ -294,7 +189,7 @@ class TokenLedger:
         now = self._clock() if now is None else now
         self._refill(now)  # the bucket level as of this instant
         return {
-            "spec": asdict(self.spec),
+            "budget": self.budget.to_dict(),
             "granted": self._granted,
             "spent": self._spent,
             "arrivals": self._arrivals,
@@ -314,8 +209,7 @@ class TokenLedger:
         as reservation age nor as bucket refill, so a restart can only make the
         budget tighter, never looser.
         """
-        spec = BudgetSpec(**snap["spec"])
-        led = cls(spec, clock)
+        led = cls(budget_from_dict(snap["budget"]), clock)
         now = clock()
         led._granted = float(snap["granted"])
         led._spent = int(snap["spent"])
@@ -334,179 +228,4 @@ class TokenLedger:
 
     def seconds_until(self, tokens: float, now: float | None = None) -> float:
         """How long until ``tokens`` could be available (inf if never by refill alone)."""
-        avail = self.available(now)
-        if avail >= tokens:
-            return 0.0
-        if self.spec.mode == "rate" and self.spec.tokens_per_s > 0 and tokens <= self.spec.burst_tokens:
-            return (tokens - avail) / self.spec.tokens_per_s
-        return math.inf
-
-
-# --------------------------------------------------------------------------
-# The online market
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the market decided for one request."""
-
-    admitted: bool
-    cap: int  # reserved completion cap in tokens (0 when abandoned)
-    market_cap: int  # the window market's cap before the client limit and the ledger check
-    shadow_price: float  # clearing price of the window market (utility per token)
-    threshold: float  # predicted threshold tau_hat, tokens
-    budget_per_query: float  # per-query budget the window market was cleared with, tokens
-    reason: str  # "admitted", "cut_to_available", "market" (insolvent) or "budget" (pool too low)
-    retry_after_s: float = 0.0  # abandoned: when a retry may succeed
-    window_size: int = 0  # thresholds the price was cleared against (window + this one)
-
-
-@dataclass
-class OnlineMarket:
-    """Clears each arriving request against a rolling window of recent demand (module docstring)."""
-
-    policy: Policy
-    ledger: TokenLedger
-    window_size: int = 256  # recent thresholds the price is cleared against
-    max_tokens: int | None = None  # context limit t_max for every cap
-    min_rate_span_s: float = DEFAULT_MIN_RATE_SPAN_S
-    pace: bool = True  # per_query: clear with the block's remaining budget per remaining arrival
-    outcome_window: int = DEFAULT_OUTCOME_WINDOW
-    _window: deque = field(init=False, repr=False)
-    _times: deque = field(init=False, repr=False)
-    _outcomes: deque = field(init=False, repr=False)
-    _costs: deque = field(init=False, repr=False)
-    last_price: float = field(init=False, default=0.0)
-
-    def __post_init__(self):
-        if not (isinstance(self.window_size, int) and self.window_size >= 0):
-            raise InvalidInputError("window_size", self.window_size, "must be an integer >= 0")
-        self._window = deque(maxlen=self.window_size or None)
-        self._times = deque(maxlen=max(self.window_size, 1))
-        self._outcomes = deque(maxlen=self.outcome_window)
-        self._costs = deque(maxlen=COST_WINDOW)
-        if self.window_size == 0:
-            self._window = deque(maxlen=0)
-
-    @property
-    def spec(self) -> BudgetSpec:
-        return self.ledger.spec
-
-    def budget_per_query(self, now: float) -> float:
-        """b of the window market: configured, or what the refill rate buys per arrival."""
-        if self.spec.mode == "per_query":
-            if not self.pace:
-                return float(self.spec.tokens_per_query)
-            # Pacing: what is left of the block per arrival still to come in it
-            # (this one included), so over- or under-spending early in a block
-            # is corrected smoothly instead of starving the block's last requests.
-            remaining = self.ledger.remaining_in_block()
-            return max(self.ledger.available(now), 0) / remaining
-        n = len(self._times)
-        span = max(now - self._times[0], self.min_rate_span_s) if n else self.min_rate_span_s
-        return self.spec.tokens_per_s * span / max(n, 1) * self.cap_cost_ratio()
-
-    def cap_cost_ratio(self) -> float:
-        """Tokens of cap per token actually charged, over recent settlements (rate mode).
-
-        The window market clears *caps*, but when unused caps are refunded to
-        the pool a request only costs what it generates. Pricing caps against
-        the refill rate alone would abandon requests while the bucket fills up;
-        scaling the per-query budget by the observed cap / charge ratio prices
-        what a request really costs. 1 until ``MIN_COST_SAMPLES`` requests have
-        settled, and never above ``MAX_CAP_COST_RATIO``; the ledger still
-        reserves whole caps, so the invariant is untouched.
-        """
-        if not self.spec.refunds_to_pool or len(self._costs) < MIN_COST_SAMPLES:
-            return 1.0
-        caps = sum(c for c, _ in self._costs)
-        charged = sum(g for _, g in self._costs)
-        return float(min(max(caps / max(charged, 1), 1.0), MAX_CAP_COST_RATIO))
-
-    def settle(self, rid: str, generated: int) -> Settlement:
-        """End a request in the ledger and remember what its cap really cost."""
-        s = self.ledger.settle(rid, generated)
-        self._costs.append((s.cap, s.charged))
-        return s
-
-    def abandonment_rate(self) -> float:
-        return float(np.mean(self._outcomes)) if self._outcomes else 0.0
-
-    def window(self) -> np.ndarray:
-        return np.asarray(self._window, dtype=float)
-
-    def request(
-        self,
-        rid: str,
-        threshold: float,
-        *,
-        log_sigma: float = 0.0,
-        max_tokens: int | None = None,
-        now: float | None = None,
-    ) -> Decision:
-        """Price one arriving request, reserve its cap or abandon it."""
-        now = self.ledger._clock() if now is None else now
-        if not (math.isfinite(threshold) and threshold >= 0):
-            raise InvalidInputError("threshold", threshold, "must be finite and >= 0")
-        if max_tokens is not None and max_tokens < 1:
-            raise InvalidInputError("max_tokens", max_tokens, "must be >= 1")
-        self.ledger.arrive()
-        self._times.append(now)
-        b = self.budget_per_query(now)
-        tau = np.append(self.window(), threshold)
-        alloc = self.policy.allocate(tau, b * tau.size, max_tokens=self.max_tokens, log_sigma=log_sigma)
-        if self.window_size > 0:
-            self._window.append(float(threshold))
-        price = float(alloc.shadow_price) if math.isfinite(alloc.shadow_price) else 0.0
-        self.last_price = price
-        market_cap = int(alloc.caps[-1])
-        cap = market_cap if max_tokens is None else min(market_cap, int(max_tokens))
-        common = dict(
-            market_cap=market_cap, shadow_price=price, threshold=float(threshold),
-            budget_per_query=b, window_size=int(tau.size),
-        )
-        if market_cap <= 0:
-            return self._abandon("market", now, threshold, common)
-        avail = self.ledger.available(now)
-        reason = "admitted"
-        if cap > avail:
-            # A cut cap must still reach the predicted threshold (the median of
-            # the true length under the predictor's error) to be worth serving.
-            need = math.ceil(threshold)
-            if avail >= max(need, 1):
-                cap, reason = avail, "cut_to_available"
-            else:
-                return self._abandon("budget", now, need, common)
-        self.ledger.reserve(rid, cap, now)
-        self._outcomes.append(False)
-        return Decision(admitted=True, cap=cap, reason=reason, **common)
-
-    def snapshot(self) -> dict:
-        """Pricing memory (recent thresholds and outcomes) for an allocator restart."""
-        return {"window": list(self._window), "outcomes": [bool(x) for x in self._outcomes],
-                "last_price": self.last_price}
-
-    def seed(self, thresholds) -> None:
-        """Prime the pricing window with thresholds of representative past demand.
-
-        At a cold start the window is empty and the first requests would be
-        priced against themselves alone; a seed (e.g. the predictions of a
-        recent traffic sample) prices them against realistic demand from the
-        first request on. Arrivals then push the seed out of the window.
-        """
-        values = [float(x) for x in thresholds]
-        if any(not (math.isfinite(v) and v >= 0) for v in values):
-            raise InvalidInputError("pricing window seed", values[:5], "thresholds must be finite and >= 0")
-        self._window.extend(values)
-
-    def restore(self, snap: dict) -> None:
-        self._window.extend(float(x) for x in snap.get("window", []))
-        self._outcomes.extend(bool(x) for x in snap.get("outcomes", []))
-        self.last_price = float(snap.get("last_price", 0.0))
-
-    def _abandon(self, reason: str, now: float, need: float, common: dict) -> Decision:
-        self._outcomes.append(True)
-        wait = self.ledger.seconds_until(need, now)
-        retry = MIN_RETRY_AFTER_S if not math.isfinite(wait) else max(MIN_RETRY_AFTER_S, wait)
-        return Decision(admitted=False, cap=0, reason=reason, retry_after_s=float(retry), **common)
+        return self.budget.seconds_until(tokens - self.available(now), tokens)

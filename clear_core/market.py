@@ -27,9 +27,13 @@ extra common slack, never beyond their peak ``tau + peak_slack`` nor the
 context limit; the reported shadow price stays the clearing price. With
 ``fill_unused=False`` the remainder is left unspent exactly as the paper does.
 
-Caps are integer tokens: real caps are floored (so they never exceed the
-budget) and, when filling, the rounding remainder goes to the largest
-fractional parts.
+Caps are integer tokens (:func:`clear_core.numerics.integer_caps`): real caps
+are floored (so they never exceed the budget) and, when filling, the rounding
+remainder goes to the largest fractional parts.
+
+Each method is a *solver* in :data:`SOLVERS` with one signature,
+``(curve, tau, budget, t_max) -> Clearing``; :func:`clear_market` validates the
+inputs, runs the solver, fills and rounds, whatever the method.
 """
 
 from __future__ import annotations
@@ -40,14 +44,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from clear_core.errors import InvalidInputError
+from clear_core.numerics import bisect_monotone, integer_caps
 from clear_core.utility import UtilityCurve, make_utility
 
 #: Algorithm 1's search budget and stopping tolerance (Table 5).
 BISECTION_ITERATIONS = 40
 BISECTION_TOLERANCE = 1e-6
+#: Water-filling by bisection (the optimum's prefixes cut by the context limit): tolerance and cap.
+WATER_FILL_TOLERANCE_TOKENS = 1e-9
+WATER_FILL_ITERATIONS = 100
 #: Floor of the adaptive slack 1/beta, in tokens (Eq. 16 reconstructed).
 DEFAULT_MIN_SLACK_TOKENS = 16.0
-METHODS = ("exact", "bisection", "optimal")
 #: Relative slack when comparing a demand with the budget. The adaptive beta
 #: makes sum(tau + 1/beta) equal B exactly, so demand == budget is a common case
 #: that summation order must not flip.
@@ -66,12 +73,12 @@ class MarketResult:
     shadow_price: float  # lambda*: marginal utility of one more token of budget
     active: np.ndarray  # query -> solvent (admitted) at the clearing price
     iterations: int  # price probes (bisection) or search steps (exact/optimal)
-    slack_tokens: float  # common slack x(lambda*) of active queries before filling
-    beta: float  # decay rate used (adaptive or given)
-    alpha: float  # initial velocity used
-    method: str  # "exact", "bisection" or "optimal"
+    slack_tokens: float  # common slack x(lambda*) of active queries before filling (log-normal: mean cap - tau)
+    beta: float  # decay rate used (adaptive or given); nan for curves without one
+    alpha: float  # initial velocity used; nan for curves without one
+    method: str  # the solver: "exact", "bisection", "optimal" or "lognormal"
     budget: float  # the budget B that was cleared, in tokens
-    converged: bool  # bisection met its tolerance (always True for the others)
+    converged: bool  # the solver met its tolerance (closed-form solvers: always)
 
     @property
     def allocated_tokens(self) -> int:
@@ -85,6 +92,19 @@ class MarketResult:
     def abandonment_rate(self) -> float:
         n = self.caps.size
         return float((~self.active).sum() / n) if n else 0.0
+
+
+@dataclass(frozen=True)
+class Clearing:
+    """What a solver returns, before filling and integer rounding."""
+
+    price: float  # the clearing (shadow) price
+    active: np.ndarray  # query -> solvent
+    real_caps: np.ndarray  # query -> real-valued cap, 0 where insolvent
+    slack: float  # common slack of the active queries
+    iterations: int  # probes or search steps
+    converged: bool  # met its tolerance
+    active_sorted: np.ndarray | None = None  # sorted thresholds of the active queries, when the solver has them
 
 
 def validate_thresholds(thresholds) -> np.ndarray:
@@ -109,12 +129,13 @@ def validate_budget(budget) -> float:
     return b
 
 
-def validate_max_tokens(max_tokens) -> float:
-    if max_tokens is None:
+def validate_context_limit(context_limit_tokens) -> float:
+    """The context limit ``t_max`` as a float (``inf`` for ``None``)."""
+    if context_limit_tokens is None:
         return math.inf
-    m = float(max_tokens)
+    m = float(context_limit_tokens)
     if math.isnan(m) or m <= 0:
-        raise InvalidInputError("max_tokens", max_tokens, "must be > 0 (the context limit)")
+        raise InvalidInputError("context_limit_tokens", context_limit_tokens, "must be > 0")
     return m
 
 
@@ -139,7 +160,7 @@ def clear_market(
     *,
     alpha: float = 2.0,
     beta: float | None = None,
-    max_tokens: float | None = None,
+    context_limit_tokens: float | None = None,
     method: str = "exact",
     utility: str = "surge",
     fill_unused: bool = True,
@@ -153,63 +174,55 @@ def clear_market(
     budget : total completion-token budget ``B`` of the batch.
     alpha : initial velocity (the reservation price); caps are invariant to it.
     beta : decay rate; ``None`` uses the adaptive rule (Eq. 16).
-    max_tokens : context limit ``t_max``; queries with ``tau >= t_max`` can
-        never reach their threshold and are abandoned.
-    method : ``exact`` (default), ``bisection`` (paper reference) or ``optimal``.
+    context_limit_tokens : ``t_max``; queries with ``tau >= t_max`` can never
+        reach their threshold and are abandoned.
+    method : a solver of :data:`SOLVERS`: ``exact`` (default), ``bisection``
+        (paper reference) or ``optimal``.
     utility : ``surge`` (Eq. 1), ``triangular`` or ``quadratic`` (Sec. 7.4).
     fill_unused : share the budget the clearing leaves unused (module docstring).
     min_slack_tokens : floor of ``1/beta`` for the adaptive rule.
     """
     tau = validate_thresholds(thresholds)
     b = validate_budget(budget)
-    t_max = validate_max_tokens(max_tokens)
+    t_max = validate_context_limit(context_limit_tokens)
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise InvalidInputError("alpha", alpha, "must be finite and > 0")
     if beta is None:
         beta = adaptive_beta(tau, b, min_slack_tokens)
     elif not (math.isfinite(beta) and beta > 0):
         raise InvalidInputError("beta", beta, "must be finite and > 0")
-    if method not in METHODS:
+    if method not in SOLVERS:
         raise InvalidInputError("method", method, f"expected one of {METHODS}")
     curve = make_utility(utility, alpha, beta)
 
-    if method == "bisection":
-        lam, real_caps, iterations, converged = _bisection(curve, tau, b, t_max)
-        active = real_caps > 0
-        slack = float(curve.slack(lam)) if active.any() else 0.0
-    elif method == "exact":
-        s = np.sort(tau)
-        lam, k, slack, iterations = _clear_exact(curve, s, b, t_max)
-        # The k easiest are active; ties were resolved as whole groups.
-        active = tau < (s[k] if k < s.size else t_max)
-        real_caps = np.zeros(tau.size)
-        real_caps[active] = np.minimum(tau[active] + slack, t_max)
-        converged = True
-    else:
-        order = np.argsort(tau, kind="stable")
-        lam, k, slack, iterations = _clear_optimal(curve, tau[order], b, t_max)
-        active = np.zeros(tau.size, dtype=bool)
-        active[order[:k]] = True
-        real_caps = np.zeros(tau.size)
-        real_caps[active] = np.minimum(tau[active] + slack, t_max)
-        converged = True
-
-    if fill_unused and active.any():
-        active_sorted = s[:k] if method == "exact" else np.sort(tau[active])
-        real_caps = _fill(curve, tau, active, active_sorted, real_caps, b, t_max)
-    caps = _integerize(real_caps, b, fill_unused, tau, curve, t_max)
+    cleared = SOLVERS[method](curve, tau, b, t_max)
+    real_caps = cleared.real_caps
+    limit = None
+    if fill_unused and cleared.active.any():
+        active_sorted = cleared.active_sorted
+        if active_sorted is None:
+            active_sorted = np.sort(tau[cleared.active])
+        real_caps = _fill(curve, tau, cleared.active, active_sorted, real_caps, b, t_max)
+        # Whole tokens the rounding leaves over: up to each query's peak and the context limit.
+        limit = np.minimum(tau + curve.peak_slack, t_max)
     return MarketResult(
-        caps=caps,
-        shadow_price=float(lam),
-        active=active,
-        iterations=int(iterations),
-        slack_tokens=float(slack),
+        caps=integer_caps(real_caps, b, limit=limit),
+        shadow_price=float(cleared.price),
+        active=cleared.active,
+        iterations=int(cleared.iterations),
+        slack_tokens=float(cleared.slack),
         beta=float(beta),
         alpha=float(alpha),
         method=method,
         budget=b,
-        converged=bool(converged),
+        converged=bool(cleared.converged),
     )
+
+
+def _common_slack_caps(tau: np.ndarray, active: np.ndarray, slack: float, t_max: float) -> np.ndarray:
+    real_caps = np.zeros(tau.size)
+    real_caps[active] = np.minimum(tau[active] + slack, t_max)
+    return real_caps
 
 
 # --------------------------------------------------------------------------
@@ -232,23 +245,24 @@ def _demand_per_query(curve: UtilityCurve, tau: np.ndarray, lam: float, t_max: f
     return np.where(solvent, np.minimum(t, t_max), 0.0)
 
 
-def _bisection(curve: UtilityCurve, tau: np.ndarray, budget: float, t_max: float):
-    lo, hi = 0.0, curve.max_price
-    caps = _demand_per_query(curve, tau, lo, t_max)
+def _solve_bisection(curve: UtilityCurve, tau: np.ndarray, budget: float, t_max: float) -> Clearing:
+    """Algorithm 1: bisect the price on ``[0, alpha]``, keep the feasible side."""
+    caps = _demand_per_query(curve, tau, 0.0, t_max)
     if _within(caps.sum(), budget):  # abundant budget: everyone at the peak
-        return 0.0, caps, 1, True
-    caps_hi = _demand_per_query(curve, tau, hi, t_max)
-    iterations = 0
-    for iterations in range(1, BISECTION_ITERATIONS + 1):
-        mid = 0.5 * (lo + hi)
-        caps_mid = _demand_per_query(curve, tau, mid, t_max)
-        if not _within(caps_mid.sum(), budget):  # excess demand: raise the price
-            lo = mid
-        else:  # supply surplus: lower the price, keep the feasible side
-            hi, caps_hi = mid, caps_mid
-        if hi - lo < BISECTION_TOLERANCE:
-            return hi, caps_hi, iterations, True
-    return hi, caps_hi, iterations, False
+        price, iterations, converged = 0.0, 1, True
+    else:
+        search = bisect_monotone(
+            lambda lam: not _within(_demand_per_query(curve, tau, lam, t_max).sum(), budget),
+            0.0,
+            curve.max_price,
+            tolerance=BISECTION_TOLERANCE,
+            max_iterations=BISECTION_ITERATIONS,
+        )
+        price, iterations, converged = search.hi, search.iterations, search.converged
+        caps = _demand_per_query(curve, tau, price, t_max)
+    active = caps > 0
+    slack = float(curve.slack(price)) if active.any() else 0.0
+    return Clearing(price, active, caps, slack, iterations, converged)
 
 
 # --------------------------------------------------------------------------
@@ -287,10 +301,10 @@ def water_fill(s: np.ndarray, prefix: np.ndarray, k: int, budget: float, t_max: 
     return (budget - (k - m) * t_max - prefix[m]) / m
 
 
-def _clear_exact(curve: UtilityCurve, s: np.ndarray, budget: float, t_max: float):
-    """Clearing price, active count and slack on sorted thresholds ``s``.
+def _solve_exact(curve: UtilityCurve, tau: np.ndarray, budget: float, t_max: float) -> Clearing:
+    """Clearing price, active set and slack from sorted thresholds.
 
-    Query ``i`` turns insolvent at ``breaks[i] = price_at_threshold(s_i)``
+    Query ``i`` (sorted) turns insolvent at ``breaks[i] = price_at_threshold(s_i)``
     (non-increasing in ``i``). With exactly ``k`` active the price lies in
     ``[breaks[k], breaks[k-1])``; the least demand those ``k`` can have is at
     the top of that range, ``min_demand(k)``, non-decreasing in ``k``. The
@@ -298,6 +312,14 @@ def _clear_exact(curve: UtilityCurve, s: np.ndarray, budget: float, t_max: float
     ``O(log N)`` scalar probes); the price inside its segment solves
     ``demand = budget`` in closed form (water-filling, then the inverse slack).
     """
+    s_all = np.sort(tau)
+    price, k, slack, iterations = _clear_sorted(curve, s_all, budget, t_max)
+    # The k easiest are active; ties were resolved as whole groups.
+    active = tau < (s_all[k] if k < s_all.size else t_max)
+    return Clearing(price, active, _common_slack_caps(tau, active, slack, t_max), slack, iterations, True, s_all[:k])
+
+
+def _clear_sorted(curve: UtilityCurve, s: np.ndarray, budget: float, t_max: float):
     eligible = int(np.searchsorted(s, t_max, side="left"))  # tau < t_max
     s = s[:eligible]
     prefix = np.concatenate(([0.0], np.cumsum(s)))
@@ -314,7 +336,7 @@ def _clear_exact(curve: UtilityCurve, s: np.ndarray, budget: float, t_max: float
         return float(_clipped_sum(s, prefix, k, top_slack, t_max))
 
     lo, hi, iterations = 0, n, 0  # invariant: min_demand(lo) <= cap < min_demand(hi + 1)
-    while lo < hi:
+    while lo < hi:  # a binary search over integers (the active count), not a price bisection
         iterations += 1
         mid = (lo + hi + 1) // 2
         if min_demand(mid) <= cap:
@@ -339,32 +361,51 @@ def _clear_exact(curve: UtilityCurve, s: np.ndarray, budget: float, t_max: float
 # --------------------------------------------------------------------------
 
 
-def _clear_optimal(curve: UtilityCurve, s: np.ndarray, budget: float, t_max: float):
+def _solve_optimal(curve: UtilityCurve, tau: np.ndarray, budget: float, t_max: float) -> Clearing:
     """Maximise sum u_i(t_i) s.t. sum t_i <= B by enumerating the active count k.
 
     For a fixed active set the gain is concave up to the peak, so a common
     water-filled slack (capped at the peak) is optimal; for a fixed size the
     ``k`` easiest leave the most budget, so only prefixes need checking.
     """
+    order = np.argsort(tau, kind="stable")
+    price, k, slack, iterations, converged = _optimal_sorted(curve, tau[order], budget, t_max)
+    active = np.zeros(tau.size, dtype=bool)
+    active[order[:k]] = True
+    real_caps = _common_slack_caps(tau, active, slack, t_max)
+    return Clearing(price, active, real_caps, slack, iterations, converged, np.sort(tau[active]))
+
+
+def _optimal_sorted(curve: UtilityCurve, s: np.ndarray, budget: float, t_max: float):
     eligible = int(np.searchsorted(s, t_max, side="left"))
     s = s[:eligible]
     n = s.size
     if n == 0:
-        return 0.0, 0, 0.0, 0
+        return 0.0, 0, 0.0, 0, True
     prefix = np.concatenate(([0.0], np.cumsum(s)))
     ks = np.arange(1, n + 1)
     feasible = prefix[ks] < budget  # need budget strictly above the thresholds
     ks = ks[feasible]
     if ks.size == 0:
-        return curve.max_price, 0, 0.0, 1
+        return curve.max_price, 0, 0.0, 1, True
     x = (budget - prefix[ks]) / ks  # unclipped common slack
     x = np.minimum(x, curve.peak_slack)
+    converged = True
     if math.isinf(t_max):
         total = ks * curve.gain(x)
     else:
         clipped = s[ks - 1] + x > t_max
         if clipped.any():
-            x[clipped] = _water_fill_many(s, prefix, ks[clipped], budget, t_max, curve.peak_slack)
+            # The clipped prefixes' slack: demand sum min(s_i + x, t_max) = budget, x <= peak.
+            search = bisect_monotone(
+                lambda xs: _clipped_sum(s, prefix, ks[clipped], xs, t_max) <= budget,
+                np.zeros(int(clipped.sum())),
+                np.full(int(clipped.sum()), float(curve.peak_slack)),
+                tolerance=WATER_FILL_TOLERANCE_TOKENS,
+                max_iterations=WATER_FILL_ITERATIONS,
+            )
+            x[clipped] = search.lo
+            converged = search.converged
         # sum_{i<k} g(min(x, t_max - s_i)): unclipped ones get g(x), the rest g(t_max - s_i).
         g_clip = np.concatenate(([0.0], np.cumsum(curve.gain(np.maximum(t_max - s, 0.0)))))
         m = np.minimum(ks, np.searchsorted(s, t_max - x, side="left"))
@@ -375,23 +416,16 @@ def _clear_optimal(curve: UtilityCurve, s: np.ndarray, budget: float, t_max: flo
     # The price that supports this allocation, for reporting: the marginal
     # utility of the common slack (0 at the peak).
     price = curve.price_at_slack(slack)
-    return price, k, slack, int(ks.size)
+    return price, k, slack, int(ks.size), converged
 
 
-def _water_fill_many(s, prefix, ks, budget, t_max, peak):
-    """Vectorised :func:`water_fill` (bisection on x) for several prefix sizes."""
-    lo = np.zeros(ks.size)
-    hi = np.full(ks.size, float(peak))
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        over = _clipped_sum(s, prefix, ks, mid, t_max) > budget
-        hi = np.where(over, mid, hi)
-        lo = np.where(over, lo, mid)
-    return lo
+#: The market's solvers, by ``method`` name; each ``(curve, tau, budget, t_max) -> Clearing``.
+SOLVERS = {"exact": _solve_exact, "bisection": _solve_bisection, "optimal": _solve_optimal}
+METHODS = tuple(SOLVERS)
 
 
 # --------------------------------------------------------------------------
-# Unused budget and integer caps
+# Unused budget
 # --------------------------------------------------------------------------
 
 
@@ -407,32 +441,3 @@ def _fill(curve, tau, active, s, real_caps, budget, t_max):
     x = min(water_fill(s, prefix, s.size, budget, t_max), curve.peak_slack)
     filled = np.minimum(tau + x, t_max)
     return np.where(active, np.maximum(filled, real_caps), 0.0)
-
-
-def _integerize(real_caps, budget, fill, tau, curve, t_max):
-    """Floor real caps; when filling, hand the rounding remainder to the largest fractions."""
-    caps = np.maximum(np.floor(real_caps + 1e-9).astype(np.int64), 0)
-    whole_budget = int(math.floor(budget + 1e-9))
-    excess = int(caps.sum()) - whole_budget
-    if excess > 0:  # floating round-off at demand == budget: take it back from the largest caps
-        for i in np.argsort(-caps, kind="stable")[:excess]:
-            caps[i] -= 1
-        return caps
-    if not fill:
-        return caps
-    remainder = whole_budget - int(caps.sum())
-    if remainder <= 0:
-        return caps
-    # Room left below each active query's peak and the context limit.
-    limit = np.floor(np.minimum(tau + curve.peak_slack, t_max)).astype(np.int64)
-    room = np.where(real_caps > 0, limit - caps, 0)
-    candidates = np.flatnonzero(room > 0)
-    if candidates.size == 0:
-        return caps
-    frac = (real_caps - np.floor(real_caps + 1e-9))[candidates]
-    if remainder < candidates.size:
-        chosen = candidates[np.argpartition(-frac, remainder - 1)[:remainder]]
-    else:
-        chosen = candidates
-    caps[chosen] += 1
-    return caps

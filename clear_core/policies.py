@@ -7,19 +7,28 @@ plus our variants::
     uniform, proportional, tale-ep, heuristic, auction,
     clear, clear-paper, clear-optimal, clear-triangular, clear-quadratic, oracle
 
-``clear`` is market clearing with one change to the paper's rule: when the
-thresholds are predictions with log-normal error ``sigma`` (``log_sigma > 0``),
-each query's utility is its probability of finishing,
-``Phi(ln(c / tau_hat) / sigma)``, instead of the shifted surge at the point
-prediction (see :mod:`clear_core.uncertainty`); with exact thresholds
-(``log_sigma = 0``) it is the paper's rule. ``clear-paper`` is the paper's
-rule as written whatever the uncertainty. ``clear-optimal``,
-``clear-triangular`` and ``clear-quadratic`` are ablations of the paper's
-model (solver and curve shape) and, like ``clear-paper``, take the thresholds
-at face value.
+Two market policies with their own parameters:
 
-Policy specs may carry parameters: ``clear:beta=0.01``, ``clear:alpha=4``,
-``clear:fill=0``, ``clear:uncertainty=0`` (see :func:`parse_policy`).
+:class:`ClearLognormal` (``clear``)
+    Market clearing with one change to the paper's rule: the thresholds are
+    predictions with log-normal error ``sigma`` (``log_sigma > 0``), so each
+    query's utility is its probability of finishing,
+    ``Phi(ln(c / tau_hat) / sigma)`` (:mod:`clear_core.uncertainty`). Its only
+    parameter is ``fill``. With exact thresholds (``log_sigma = 0``) that
+    utility is a step at the threshold, and ``clear`` clears the paper's market
+    with its default surge (:class:`ClearSurge` with no parameters).
+:class:`ClearSurge` (``clear-paper`` and its ablations)
+    The paper's rule as written (Eq. 1 utility, Lambert-W caps, Algorithm 1 or
+    its exact equivalent), taking the thresholds at face value whatever their
+    error. ``clear-optimal``, ``clear-triangular`` and ``clear-quadratic`` are
+    the same policy with another solver or curve. Parameters: ``alpha``,
+    ``beta``, ``method``, ``utility``, ``fill``, ``min_slack``.
+
+Policy specs may carry parameters, ``name:key=value,key=value`` (for example
+``clear-paper:beta=0.01,alpha=4,fill=0``); a parameter the policy's solver does
+not use is refused. :func:`parse_policy_list` reads a comma-separated *list* of
+specs: a comma followed by ``key=value`` continues the previous spec, so
+``uniform,clear-paper:beta=0.01,alpha=4,clear`` is three policies.
 """
 
 from __future__ import annotations
@@ -30,14 +39,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from clear_core.errors import InvalidInputError, UnknownPolicyError
-from clear_core.uncertainty import clear_market_lognormal
 from clear_core.market import (
     DEFAULT_MIN_SLACK_TOKENS,
+    METHODS,
+    MarketResult,
     clear_market,
     validate_budget,
-    validate_max_tokens,
+    validate_context_limit,
     validate_thresholds,
 )
+from clear_core.numerics import integer_caps
+from clear_core.uncertainty import clear_market_lognormal
+from clear_core.utility import UTILITIES
 
 #: Minimum cap of the proportional baseline (Appendix A.2.2: "e.g. 32 tokens").
 PROPORTIONAL_MIN_TOKENS = 32
@@ -51,6 +64,8 @@ class Allocation:
     shadow_price: float  # market-clearing price; nan for policies without a market
     active: np.ndarray  # query -> admitted (gets a positive cap)
     beta: float = math.nan  # decay rate used by market policies
+    iterations: int = 0  # market policies: the solver's probes or search steps
+    converged: bool = True  # market policies: the solver met its tolerance
 
     @property
     def abandonment_rate(self) -> float:
@@ -70,27 +85,11 @@ def _as_alloc(caps: np.ndarray, price: float = math.nan, beta: float = math.nan)
     return Allocation(caps=caps, shadow_price=price, active=caps > 0, beta=beta)
 
 
-def _fit_floor(real: np.ndarray, budget: float) -> np.ndarray:
-    """Floor real caps and make sure the integers never exceed the budget."""
-    caps = np.floor(real + 1e-9).astype(np.int64)
-    excess = int(caps.sum()) - int(math.floor(budget))
-    if excess > 0:
-        for i in np.argsort(-caps, kind="stable")[:excess]:
-            caps[i] -= 1
-    return np.maximum(caps, 0)
-
-
-def _round_to_budget(real: np.ndarray, budget: float, t_max: float) -> np.ndarray:
-    """Floor real caps, then give the rounding remainder (< one token per query) to the
-    admitted queries with the largest fractional parts, never above ``t_max``."""
-    caps = _fit_floor(real, budget)
-    remainder = int(math.floor(budget)) - int(caps.sum())
-    room = (real > 0) & (caps + 1 <= t_max)
-    candidates = np.flatnonzero(room)
-    if remainder > 0 and candidates.size:
-        frac = (real - caps)[candidates]
-        caps[candidates[np.argsort(-frac, kind="stable")[:remainder]]] += 1
-    return caps
+def _from_market(res: MarketResult) -> Allocation:
+    return Allocation(
+        caps=res.caps, shadow_price=res.shadow_price, active=res.active, beta=res.beta,
+        iterations=res.iterations, converged=res.converged,
+    )
 
 
 def _affine_share(tau: np.ndarray, selected: np.ndarray, budget: float, t_max: float) -> np.ndarray:
@@ -117,19 +116,26 @@ class Policy:
     """``allocate(thresholds, budget, ...) -> Allocation``; caps sum to <= budget."""
 
     name = "abstract"
+    #: Spec parameters this policy accepts: short name -> (field, parser). None take none.
+    spec_params: dict = {}
 
     def allocate(
         self,
         thresholds,
         budget,
         *,
-        max_tokens: float | None = None,
+        context_limit_tokens: float | None = None,
         truth: Truth | None = None,
         log_sigma: float = 0.0,
     ) -> Allocation:
+        """Integer caps for predicted ``thresholds`` under ``budget`` tokens.
+
+        ``context_limit_tokens`` is ``t_max`` (no cap exceeds it); ``truth`` is
+        for the oracle only; ``log_sigma`` is the predictor's error in log space.
+        """
         tau = validate_thresholds(thresholds)
         b = validate_budget(budget)
-        t_max = validate_max_tokens(max_tokens)
+        t_max = validate_context_limit(context_limit_tokens)
         if not (math.isfinite(log_sigma) and log_sigma >= 0):
             raise InvalidInputError("log_sigma", log_sigma, "must be finite and >= 0")
         if tau.size == 0:
@@ -163,7 +169,7 @@ class Proportional(Policy):
         if real.sum() > budget:  # the floor pushed it over: shrink the part above the floor
             above = real - lo
             real = lo + above * max(budget - lo * tau.size, 0.0) / above.sum()
-        return _as_alloc(_fit_floor(real, budget))
+        return _as_alloc(integer_caps(real, budget))
 
 
 class TaleEP(Policy):
@@ -183,21 +189,8 @@ class TaleEP(Policy):
         total = tau.sum()
         raw = tau / total * budget if total > 0 else np.full(tau.size, budget / tau.size)
         real = np.clip(raw, 1.0, t_max)
-        caps = np.floor(real).astype(np.int64)
-        residual = int(math.floor(budget)) - int(caps.sum())
-        if residual > 0:  # hand out the remainder by largest fractional part, within t_max
-            room = np.floor(t_max - caps) if math.isfinite(t_max) else np.full(caps.size, np.inf)
-            order = np.argsort(-(real - caps), kind="stable")
-            while residual > 0 and (room > 0).any():
-                for i in order:
-                    if residual == 0:
-                        break
-                    if room[i] > 0:
-                        caps[i] += 1
-                        room[i] -= 1
-                        residual -= 1
-        elif residual < 0:
-            caps = _fit_floor(caps.astype(float), budget)
+        # Residual correction: the floors' remainder by largest fractional part, within t_max.
+        caps = integer_caps(real, budget, limit=t_max)
         return _as_alloc(caps)
 
 
@@ -210,7 +203,7 @@ class Heuristic(Policy):
         mean = tau.mean()
         eta = (budget / tau.size) / mean if mean > 0 else math.inf
         selected = tau <= np.median(tau) if eta < HEURISTIC_SCARCITY else np.ones(tau.size, bool)
-        return _as_alloc(_round_to_budget(_affine_share(tau, selected, budget, t_max), budget, t_max))
+        return _as_alloc(integer_caps(_affine_share(tau, selected, budget, t_max), budget, limit=t_max))
 
 
 class Auction(Policy):
@@ -223,7 +216,7 @@ class Auction(Policy):
         k = int(np.searchsorted(np.cumsum(tau[order]), budget, side="right"))
         selected = np.zeros(tau.size, bool)
         selected[order[:k]] = True
-        return _as_alloc(_round_to_budget(_affine_share(tau, selected, budget, t_max), budget, t_max))
+        return _as_alloc(integer_caps(_affine_share(tau, selected, budget, t_max), budget, limit=t_max))
 
 
 class Oracle(Policy):
@@ -244,45 +237,95 @@ class Oracle(Policy):
         return _as_alloc(caps)
 
 
-@dataclass
-class Clear(Policy):
-    """Market clearing with the Lambert-W policy (Secs. 4-5) and its variants."""
+def _flag(value: str) -> bool:
+    v = value.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
 
-    name: str = "clear"
-    method: str = "exact"
-    utility: str = "surge"
-    alpha: float = 2.0
-    beta: float | None = None  # None: adaptive (Eq. 16)
-    fill_unused: bool = True
-    uncertainty: bool = True  # price the predictor's log-normal error (False: the paper's rule)
-    min_slack_tokens: float = DEFAULT_MIN_SLACK_TOKENS
+
+def _choice(options):
+    def parse(value: str) -> str:
+        if value not in options:
+            raise ValueError(value)
+        return value
+
+    return parse
+
+
+_FILL = {"fill": ("fill_unused", _flag)}
+
+
+@dataclass
+class ClearSurge(Policy):
+    """The paper's market: shifted-surge utility and Lambert-W caps (Secs. 4-5), and its ablations."""
+
+    name: str = "clear-paper"
+    method: str = "exact"  # a solver of clear_core.market.SOLVERS
+    utility: str = "surge"  # surge (Eq. 1), triangular or quadratic (Sec. 7.4)
+    alpha: float = 2.0  # initial velocity (the reservation price)
+    beta: float | None = None  # decay rate; None: adaptive (Eq. 16)
+    fill_unused: bool = True  # share the budget an abandonment jump leaves unspent
+    min_slack_tokens: float = DEFAULT_MIN_SLACK_TOKENS  # floor of the adaptive 1/beta
+
+    spec_params = {
+        "alpha": ("alpha", float),
+        "beta": ("beta", float),
+        "method": ("method", _choice(METHODS)),
+        "utility": ("utility", _choice(UTILITIES)),
+        "min_slack": ("min_slack_tokens", float),
+        **_FILL,
+    }
 
     def _allocate(self, tau, budget, t_max, truth, log_sigma):
-        max_tokens = None if math.isinf(t_max) else t_max
-        if self.uncertainty and log_sigma > 0.0:
-            res = clear_market_lognormal(
-                tau, budget, log_sigma=log_sigma, max_tokens=max_tokens, fill_unused=self.fill_unused
-            )
-            return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active, beta=res.beta)
         res = clear_market(
             tau,
             budget,
             alpha=self.alpha,
             beta=self.beta,
-            max_tokens=max_tokens,
+            context_limit_tokens=None if math.isinf(t_max) else t_max,
             method=self.method,
             utility=self.utility,
             fill_unused=self.fill_unused,
             min_slack_tokens=self.min_slack_tokens,
         )
-        return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active, beta=res.beta)
+        return _from_market(res)
 
 
-def _clear_factory(**defaults):
+@dataclass
+class ClearLognormal(Policy):
+    """Market clearing on the probability of finishing under the predictor's error (``clear``)."""
+
+    name: str = "clear"
+    fill_unused: bool = True  # share the budget an abandonment jump leaves unspent
+
+    spec_params = dict(_FILL)
+
+    def _allocate(self, tau, budget, t_max, truth, log_sigma):
+        if log_sigma == 0.0:  # exact thresholds: the paper's market (module docstring)
+            return ClearSurge(name=self.name, fill_unused=self.fill_unused)._allocate(tau, budget, t_max, truth, 0.0)
+        res = clear_market_lognormal(
+            tau,
+            budget,
+            log_sigma=log_sigma,
+            context_limit_tokens=None if math.isinf(t_max) else t_max,
+            fill_unused=self.fill_unused,
+        )
+        return _from_market(res)
+
+
+def _preset(cls, **fixed):
+    """A named policy: ``cls`` with some fields fixed; spec parameters may not override them."""
+
     def make(**params):
-        merged = {**defaults, **params}
-        return Clear(**merged)
+        clash = sorted(set(params) & set(fixed))
+        if clash:
+            raise InvalidInputError("policy parameter", clash[0], f"{fixed['name']} fixes it")
+        return cls(**fixed, **params)
 
+    make.spec_params = {k: v for k, v in cls.spec_params.items() if v[0] not in fixed}
     return make
 
 
@@ -293,48 +336,70 @@ POLICIES = {
     "heuristic": Heuristic,
     "auction": Auction,
     "oracle": Oracle,
-    "clear": _clear_factory(name="clear"),
-    "clear-paper": _clear_factory(name="clear-paper", uncertainty=False),
-    "clear-optimal": _clear_factory(name="clear-optimal", method="optimal", uncertainty=False),
-    "clear-triangular": _clear_factory(name="clear-triangular", utility="triangular", uncertainty=False),
-    "clear-quadratic": _clear_factory(name="clear-quadratic", utility="quadratic", uncertainty=False),
-}
-
-# Short parameter names accepted in a policy spec -> Clear field and parser.
-_SPEC_PARAMS = {
-    "alpha": ("alpha", float),
-    "beta": ("beta", float),
-    "fill": ("fill_unused", lambda v: v.lower() in ("1", "true", "yes", "on")),
-    "uncertainty": ("uncertainty", lambda v: v.lower() in ("1", "true", "yes", "on")),
-    "min_slack": ("min_slack_tokens", float),
-    "method": ("method", str),
+    "clear": _preset(ClearLognormal, name="clear"),
+    "clear-paper": _preset(ClearSurge, name="clear-paper"),
+    "clear-optimal": _preset(ClearSurge, name="clear-optimal", method="optimal"),
+    "clear-triangular": _preset(ClearSurge, name="clear-triangular", utility="triangular"),
+    "clear-quadratic": _preset(ClearSurge, name="clear-quadratic", utility="quadratic"),
 }
 
 
 def parse_policy(spec: str) -> Policy:
-    """Build a policy from ``name`` or ``name:key=value,key=value`` (clear* only take params)."""
+    """Build a policy from ``name`` or ``name:key=value,key=value``.
+
+    Only parameters the policy's solver uses are accepted (``spec_params`` of
+    the policy); anything else is refused with an error naming it.
+    """
     name, _, rest = spec.partition(":")
     name = name.strip()
     if name not in POLICIES:
         raise UnknownPolicyError("policy", name, f"expected one of {sorted(POLICIES)}")
+    accepted = POLICIES[name].spec_params
     params = {}
     if rest:
-        if not name.startswith("clear"):
+        if not accepted:
             raise InvalidInputError("policy", spec, f"{name} takes no parameters")
         for item in rest.split(","):
-            key, eq, value = item.partition("=")
-            if not eq or key.strip() not in _SPEC_PARAMS:
-                raise InvalidInputError("policy parameter", item, f"expected key=value with key in {sorted(_SPEC_PARAMS)}")
-            field_name, conv = _SPEC_PARAMS[key.strip()]
+            key, eq, value = (part.strip() for part in item.partition("="))
+            if not eq or key not in accepted:
+                raise InvalidInputError(
+                    f"{name} parameter", item, f"expected key=value with key in {sorted(accepted)}"
+                )
+            field_name, conv = accepted[key]
             try:
-                params[field_name] = conv(value.strip())
+                params[field_name] = conv(value)
             except ValueError:
-                raise InvalidInputError(f"policy parameter {key}", value, "not a valid value") from None
+                raise InvalidInputError(f"{name} parameter {key}", value, "not a valid value") from None
     return POLICIES[name](**params)
 
 
+def parse_policy_list(text: str) -> list[str]:
+    """Split a comma-separated list of policy specs; ``key=value`` items continue the previous spec.
+
+    A policy name never contains ``=`` and a parameter always does, so
+    ``uniform,clear-paper:beta=0.01,alpha=4,clear`` is
+    ``["uniform", "clear-paper:beta=0.01,alpha=4", "clear"]``. Every spec is
+    checked with :func:`parse_policy`.
+    """
+    specs: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item:
+            if not specs:
+                raise InvalidInputError("policy list", text, f"{item!r} has no policy before it")
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    if not specs:
+        raise InvalidInputError("policy list", text, "names no policy")
+    for spec in specs:
+        parse_policy(spec)
+    return specs
+
+
 def get_policy(name: str, **params) -> Policy:
-    """Build a registered policy by exact name, with keyword parameters for clear* policies."""
+    """Build a registered policy by exact name, with keyword parameters (the fields of its class)."""
     if name not in POLICIES:
         raise UnknownPolicyError("policy", name, f"expected one of {sorted(POLICIES)}")
     return POLICIES[name](**params)

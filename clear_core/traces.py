@@ -29,6 +29,9 @@ MIXTURES: dict[str, tuple[float, float, float, float]] = {
     "u-shaped": (0.45, 0.05, 0.05, 0.45),
 }
 DEFAULT_STREAM_SIZE = 500
+#: The recorded models' generation cap in the pools (8,192 for the 7B models): the
+#: context limit of the bench and the largest cap the service gives by default.
+POOL_GENERATION_CAP_TOKENS = 8192
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ from scipy.optimize import brentq
 from scipy.special import ndtr
 
 from clear_core.errors import InvalidInputError
-from clear_core.market import MarketResult, validate_budget, validate_max_tokens, validate_thresholds
+from clear_core.market import MarketResult, validate_budget, validate_context_limit, validate_thresholds
+from clear_core.numerics import bisect_monotone, integer_caps
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 #: Thresholds are floored at one token (log of 0 is undefined).
@@ -97,48 +98,42 @@ def clear_market_lognormal(
     budget,
     *,
     log_sigma: float,
-    max_tokens: float | None = None,
+    context_limit_tokens: float | None = None,
     fill_unused: bool = True,
 ) -> MarketResult:
     """Clear the market on the expected utility ``Phi(ln(c / tau_hat) / sigma)``.
 
     Same result object as :func:`clear_core.market.clear_market`; ``beta`` and
     ``alpha`` are reported as nan (this curve has neither), ``slack_tokens``
-    as the mean extra cap of active queries over their thresholds.
+    as the mean extra cap of active queries over their thresholds, and
+    ``converged`` / ``iterations`` are those of the price bisection.
     """
     tau = np.maximum(validate_thresholds(thresholds), MIN_THRESHOLD_TOKENS)
     b = validate_budget(budget)
-    t_max = validate_max_tokens(max_tokens)
+    t_max = validate_context_limit(context_limit_tokens)
     if not (math.isfinite(log_sigma) and log_sigma > 0):
         raise InvalidInputError("log_sigma", log_sigma, "must be finite and > 0")
     sigma = float(log_sigma)
     kappa0 = solvency_kappa(sigma)
     lo, hi = LOG_PRICE_BRACKET
-    iterations = 0
     caps = _caps_at(math.exp(lo), tau, sigma, t_max, kappa0)
+    iterations, converged, price = 0, True, 0.0
     if caps.sum() > b:
-        for iterations in range(1, LOG_PRICE_ITERATIONS + 1):
-            mid = 0.5 * (lo + hi)
-            if _caps_at(math.exp(mid), tau, sigma, t_max, kappa0).sum() > b:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo < LOG_PRICE_TOLERANCE:
-                break
-        caps = _caps_at(math.exp(hi), tau, sigma, t_max, kappa0)
-        price = math.exp(hi)
-    else:
-        price = 0.0
+        search = bisect_monotone(
+            lambda log_lam: _caps_at(math.exp(log_lam), tau, sigma, t_max, kappa0).sum() > b,
+            lo,
+            hi,
+            tolerance=LOG_PRICE_TOLERANCE,
+            max_iterations=LOG_PRICE_ITERATIONS,
+        )
+        price, iterations, converged = math.exp(search.hi), search.iterations, search.converged
+        caps = _caps_at(price, tau, sigma, t_max, kappa0)
     active = caps > 0
     if fill_unused and active.any() and b - caps.sum() >= 1.0:  # a jump left whole tokens over
-        caps = _fill_active(caps, active, tau, sigma, t_max, kappa0, b, price)
-    int_caps = np.floor(caps + 1e-9).astype(np.int64)
-    excess = int(int_caps.sum()) - int(math.floor(b + 1e-9))
-    for i in np.argsort(-int_caps, kind="stable")[: max(excess, 0)]:
-        int_caps[i] -= 1
+        caps = _fill_active(caps, active, tau, sigma, t_max, budget=b, price=price)
     slack = float((caps[active] - tau[active]).mean()) if active.any() else 0.0
     return MarketResult(
-        caps=int_caps,
+        caps=integer_caps(caps, b),
         shadow_price=float(price),
         active=active,
         iterations=iterations,
@@ -147,35 +142,34 @@ def clear_market_lognormal(
         alpha=math.nan,
         method="lognormal",
         budget=b,
-        converged=True,
+        converged=converged,
     )
 
 
-def _fill_active(caps, active, tau, sigma, t_max, kappa0, budget, price):
+def _fill_active(caps, active, tau, sigma, t_max, *, budget, price):
     """Spend what the abandonment jump left over on the active queries only.
 
     Lower the price seen by the active set (its membership frozen) until its
     demand meets the budget; nobody is admitted by this step.
     """
-    lo, hi = LOG_PRICE_BRACKET[0], math.log(price) if price > 0 else LOG_PRICE_BRACKET[0]
     t_act = tau[active]
 
     def demand(log_lam: float) -> np.ndarray:
         kappa = math.exp(log_lam) * sigma * t_act
         return np.minimum(t_act * np.exp(sigma * optimal_coverage(kappa, sigma)), t_max)
 
+    lo = LOG_PRICE_BRACKET[0]
     if demand(lo).sum() <= budget:
         best = demand(lo)
     else:
-        for _ in range(LOG_PRICE_ITERATIONS):
-            mid = 0.5 * (lo + hi)
-            if demand(mid).sum() > budget:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo < LOG_PRICE_TOLERANCE:
-                break
-        best = demand(hi)
+        search = bisect_monotone(
+            lambda log_lam: demand(log_lam).sum() > budget,
+            lo,
+            math.log(price) if price > 0 else lo,
+            tolerance=LOG_PRICE_TOLERANCE,
+            max_iterations=LOG_PRICE_ITERATIONS,
+        )
+        best = demand(search.hi)
     out = caps.copy()
     out[active] = np.maximum(best, caps[active])
     return out

@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse printed its one-line error (or the help)
+        return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
     except ClearError as exc:  # typed errors name the bad value: print, don't trace back

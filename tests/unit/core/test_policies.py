@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clear_core.errors import InvalidInputError, UnknownPolicyError
-from clear_core.policies import POLICIES, Truth, get_policy, parse_policy
+from clear_core.policies import POLICIES, Truth, get_policy, parse_policy, parse_policy_list
 
 REQUIRED = {"uniform", "proportional", "tale-ep", "heuristic", "auction", "clear", "clear-optimal",
             "clear-triangular", "clear-quadratic", "oracle"}
@@ -23,21 +23,21 @@ def test_registry_has_the_paper_names():
     tau=st.lists(st.floats(0, 9000, allow_nan=False), min_size=1, max_size=40),
     bpq=st.floats(0, 5000),
     sigma=st.sampled_from([0.0, 0.3, 1.0]),
-    max_tokens=st.one_of(st.none(), st.integers(1, 8192)),
+    context_limit_tokens=st.one_of(st.none(), st.integers(1, 8192)),
     data=st.data(),
 )
-def test_every_policy_respects_the_budget(tau, bpq, sigma, max_tokens, data):
+def test_every_policy_respects_the_budget(tau, bpq, sigma, context_limit_tokens, data):
     n = len(tau)
     tokens = np.array(data.draw(st.lists(st.integers(0, 9000), min_size=n, max_size=n)))
     correct = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
     budget = bpq * n
     for name in POLICIES:
-        a = get_policy(name).allocate(tau, budget, max_tokens=max_tokens, truth=Truth(tokens, correct), log_sigma=sigma)
+        a = get_policy(name).allocate(tau, budget, context_limit_tokens=context_limit_tokens, truth=Truth(tokens, correct), log_sigma=sigma)
         assert a.caps.dtype.kind == "i", name
         assert (a.caps >= 0).all(), name
         assert a.caps.sum() <= budget, name
-        if max_tokens is not None:
-            assert (a.caps <= max_tokens).all(), name
+        if context_limit_tokens is not None:
+            assert (a.caps <= context_limit_tokens).all(), name
 
 
 def test_uniform():
@@ -117,3 +117,56 @@ def test_policy_specs():
         parse_policy("uniform:beta=1")
     with pytest.raises(InvalidInputError, match="gamma"):
         parse_policy("clear:gamma=1")
+
+
+@pytest.mark.parametrize("param", ["beta=0.01", "alpha=9", "method=bisection", "utility=quadratic", "min_slack=4",
+                                   "uncertainty=0"])
+def test_clear_refuses_the_surge_parameters_it_would_ignore(param):
+    """`clear` prices the log-normal error: alpha, beta, method and utility mean nothing to it."""
+    with pytest.raises(InvalidInputError, match="clear parameter"):
+        parse_policy(f"clear:{param}")
+
+
+def test_surge_parameters_change_the_caps():
+    rng = np.random.default_rng(11)
+    tau = rng.lognormal(6.0, 0.8, 300)
+    base = parse_policy("clear-paper").allocate(tau, 500 * 300, log_sigma=0.5).caps
+    for spec in ("clear-paper:beta=0.01", "clear-paper:min_slack=200"):
+        assert not np.array_equal(parse_policy(spec).allocate(tau, 500 * 300, log_sigma=0.5).caps, base), spec
+    # The curve's shape shows at a fixed beta without filling (the adaptive beta and the fill hide it).
+    surge = parse_policy("clear-paper:beta=0.01,fill=0").allocate(tau, 500 * 300).caps
+    quad = parse_policy("clear-paper:beta=0.01,fill=0,utility=quadratic").allocate(tau, 500 * 300).caps
+    assert not np.array_equal(surge, quad)
+    # the reference bisection finds the exact solver's allocation
+    bis = parse_policy("clear-paper:method=bisection,fill=0").allocate(tau, 500 * 300).caps
+    ex = parse_policy("clear-paper:fill=0").allocate(tau, 500 * 300).caps
+    assert np.abs(bis - ex).max() <= 1
+
+
+def test_a_preset_refuses_to_override_what_it_fixes_and_bad_values():
+    with pytest.raises(InvalidInputError, match="method"):
+        parse_policy("clear-optimal:method=exact")
+    with pytest.raises(InvalidInputError, match="utility"):
+        parse_policy("clear-quadratic:utility=surge")
+    with pytest.raises(InvalidInputError, match="not a valid value"):
+        parse_policy("clear-paper:method=newton")
+    with pytest.raises(InvalidInputError, match="not a valid value"):
+        parse_policy("clear-paper:fill=maybe")
+
+
+def test_a_policy_list_keeps_each_spec_with_its_parameters():
+    assert parse_policy_list("uniform,clear-paper:beta=0.01,alpha=4,fill=0, clear ,oracle") == [
+        "uniform", "clear-paper:beta=0.01,alpha=4,fill=0", "clear", "oracle"]
+    with pytest.raises(InvalidInputError, match="no policy before it"):
+        parse_policy_list("beta=0.01,clear")
+    with pytest.raises(InvalidInputError):
+        parse_policy_list("clear,clear:beta=1")
+
+
+def test_market_policies_report_their_solver_honestly():
+    rng = np.random.default_rng(2)
+    tau = rng.lognormal(6.5, 1.0, 200)
+    ours = parse_policy("clear").allocate(tau, 300 * 200, log_sigma=0.5)
+    assert ours.converged and ours.iterations > 0  # the price bisection ran
+    paper = parse_policy("clear-paper:method=bisection").allocate(tau, 300 * 200)
+    assert paper.converged and 0 < paper.iterations <= 40

@@ -68,13 +68,13 @@ def test_beats_uniform_and_the_point_estimate_in_expectation():
     for bpq in (128, 512, 2048):
         tau = rng.lognormal(6.5, 1.0, 300)
         budget = bpq * tau.size
-        ours = clear_market_lognormal(tau, budget, log_sigma=sigma, max_tokens=8192)
+        ours = clear_market_lognormal(tau, budget, log_sigma=sigma, context_limit_tokens=8192)
         uniform = np.full(tau.size, bpq)
         assert expected_solved(ours.caps, tau, sigma) > expected_solved(uniform, tau, sigma)
 
 
 def test_abundant_budget_gives_the_context_limit():
-    r = clear_market_lognormal([100.0, 900.0, 4000.0], 1e9, log_sigma=0.5, max_tokens=8192)
+    r = clear_market_lognormal([100.0, 900.0, 4000.0], 1e9, log_sigma=0.5, context_limit_tokens=8192)
     assert r.caps.tolist() == [8192, 8192, 8192] and r.shadow_price == 0.0
 
 
@@ -91,14 +91,14 @@ def test_easiest_first_abandonment():
     tau=st.lists(st.floats(0, 10_000, allow_nan=False), min_size=1, max_size=50),
     budget=st.floats(0, 400_000),
     sigma=st.floats(0.05, 1.5),
-    max_tokens=st.one_of(st.none(), st.integers(1, 9000)),
+    context_limit_tokens=st.one_of(st.none(), st.integers(1, 9000)),
     fill=st.booleans(),
 )
-def test_budget_context_and_abandonment(tau, budget, sigma, max_tokens, fill):
-    r = clear_market_lognormal(tau, budget, log_sigma=sigma, max_tokens=max_tokens, fill_unused=fill)
+def test_budget_context_and_abandonment(tau, budget, sigma, context_limit_tokens, fill):
+    r = clear_market_lognormal(tau, budget, log_sigma=sigma, context_limit_tokens=context_limit_tokens, fill_unused=fill)
     assert r.caps.sum() <= budget and (r.caps >= 0).all()
-    if max_tokens is not None:
-        assert (r.caps <= max_tokens).all()
+    if context_limit_tokens is not None:
+        assert (r.caps <= context_limit_tokens).all()
     assert (r.caps[~r.active] == 0).all()
 
 

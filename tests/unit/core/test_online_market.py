@@ -7,40 +7,36 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clear_core.ledger import BudgetSpec, OnlineMarket, TokenLedger
+from clear_core.budget import make_budget
+from clear_core.ledger import TokenLedger
+from clear_core.online_market import DecisionReason, OnlineMarket
+from tests.factories import FakeClock
 from clear_core.policies import get_policy
 from clear_core.simulate import score
 from clear_core.traces import make_stream
 
 
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
 
 def make_market(policy="clear", b=512.0, w=100, window=64, mode="per_query", pace=True, **spec_kw):
     clock = FakeClock()
     if mode == "per_query":
-        spec = BudgetSpec(mode="per_query", tokens_per_query=b, window_queries=w, **spec_kw)
+        budget = make_budget(mode="per_query", tokens_per_query=b, window_queries=w, **spec_kw)
     else:
-        spec = BudgetSpec(mode="rate", **spec_kw)
-    ledger = TokenLedger(spec, clock=clock)
-    return OnlineMarket(get_policy(policy), ledger, window_size=window, max_tokens=8192, pace=pace), clock
+        budget = make_budget(mode="rate", **spec_kw)
+    ledger = TokenLedger(budget, clock=clock)
+    return OnlineMarket(get_policy(policy), ledger, window_size=window, context_limit_tokens=8192, pace=pace), clock
 
 
 def test_uniform_gives_every_request_b():
     m, _ = make_market("uniform", b=300.0, w=50)
-    caps = [m.request(str(i), float(t)).cap for i, t in enumerate(np.linspace(10, 5000, 50))]
+    caps = [m.request(str(i), float(t)).cap_tokens for i, t in enumerate(np.linspace(10, 5000, 50))]
     assert caps == [300] * 50
 
 
 def test_client_max_tokens_lowers_the_cap():
     m, _ = make_market("uniform", b=300.0)
-    d = m.request("a", 100.0, max_tokens=120)
-    assert (d.cap, d.market_cap, d.admitted) == (120, 300, True)
+    d = m.request("a", 100.0, client_cap_tokens=120)
+    assert (d.cap_tokens, d.market_cap_tokens, d.admitted) == (120, 300, True)
 
 
 def test_insolvent_request_is_abandoned_by_the_market():
@@ -49,7 +45,7 @@ def test_insolvent_request_is_abandoned_by_the_market():
     for i in range(32):
         m.request(f"w{i}", float(rng.uniform(50, 300)))
     d = m.request("hard", 20_000.0)
-    assert not d.admitted and d.reason == "market" and d.cap == 0
+    assert not d.admitted and d.reason is DecisionReason.INSOLVENT and d.cap_tokens == 0
     assert d.retry_after_s >= 1.0
     assert m.ledger.state().in_flight == 32  # the abandoned one reserved nothing
 
@@ -67,12 +63,12 @@ def test_lone_request_is_priced_against_recent_demand():
 
 def test_cap_is_cut_to_available_or_abandoned():
     m, _ = make_market("uniform", b=100.0, w=3, pace=False)
-    assert m.request("a", 10.0).cap == 100  # block credits 300
+    assert m.request("a", 10.0).cap_tokens == 100  # block credits 300
     m.ledger.reserve("x", 150)  # someone else holds tokens
     d = m.request("b", 10.0)
-    assert (d.cap, d.reason) == (50, "cut_to_available")
+    assert (d.cap_tokens, d.reason) == (50, DecisionReason.CUT_TO_AVAILABLE)
     d = m.request("c", 10.0)
-    assert not d.admitted and d.reason == "budget"
+    assert not d.admitted and d.reason is DecisionReason.POOL_EMPTY
 
 
 @settings(max_examples=40, deadline=None)
@@ -90,10 +86,10 @@ def test_per_query_total_allocated_never_exceeds_n_b(policy, b, seed, window, pa
     live = []
     allocated = 0
     for i in range(n):
-        d = m.request(str(i), float(np.exp(rng.normal(6.5, 1.2))), log_sigma=0.5, max_tokens=int(rng.integers(1, 9000)))
-        allocated += d.cap
+        d = m.request(str(i), float(np.exp(rng.normal(6.5, 1.2))), log_sigma=0.5, client_cap_tokens=int(rng.integers(1, 9000)))
+        allocated += d.cap_tokens
         if d.admitted:
-            live.append((str(i), d.cap))
+            live.append((str(i), d.cap_tokens))
         while live and rng.random() < 0.6:  # requests end out of order, some early
             rid, cap = live.pop(int(rng.integers(len(live))))
             m.ledger.settle(rid, int(cap * rng.uniform(0, 1)))
@@ -108,7 +104,7 @@ def test_rate_mode_prices_what_the_rate_buys():
     caps = []
     for i in range(16):
         clock.t = i * 0.5  # 2 requests per second -> 500 tokens per request
-        caps.append(m.request(str(i), 100.0).cap)
+        caps.append(m.request(str(i), 100.0).cap_tokens)
     assert caps[-1] == pytest.approx(500, abs=40)
 
 
@@ -119,13 +115,13 @@ def test_online_pricing_tracks_the_offline_batch(main_pool):
     tau = stream.tokens.clip(1) * np.exp(rng.normal(0, 0.5, len(stream)))
     b = 512.0
     policy = get_policy("clear")
-    offline = policy.allocate(tau, b * len(stream), max_tokens=8192, log_sigma=0.5)
+    offline = policy.allocate(tau, b * len(stream), context_limit_tokens=8192, log_sigma=0.5)
     acc_off = score(offline.caps, stream.tokens, stream.correct, b * len(stream)).accuracy
     m, _ = make_market("clear", b=b, w=len(stream), window=256)
     caps = []
     for i, t in enumerate(tau):
-        caps.append(m.request(str(i), float(t), log_sigma=0.5).cap)
-        if i >= 32 and m.ledger.holds(str(i - 32)):
+        caps.append(m.request(str(i), float(t), log_sigma=0.5).cap_tokens)
+        if i >= 32 and caps[i - 32] > 0:  # admitted, still open: settle it
             m.ledger.settle(str(i - 32), int(min(caps[i - 32], stream.tokens[i - 32])))
     online = score(np.array(caps), stream.tokens, stream.correct, b * len(stream))
     assert online.tokens_allocated <= b * len(stream)
@@ -135,21 +131,21 @@ def test_online_pricing_tracks_the_offline_batch(main_pool):
 def test_rate_mode_prices_what_caps_really_cost():
     """With refunds, requests that generate half their caps leave the bucket full:
     the market learns the cap / charge ratio and stops abandoning needlessly."""
-    from clear_core.ledger import MIN_COST_SAMPLES, BudgetSpec, OnlineMarket, TokenLedger
+    from clear_core.online_market import MIN_COST_SAMPLES
     from clear_core.policies import get_policy
 
     def run(refund: bool):
         clock = [0.0]
-        led = TokenLedger(BudgetSpec(mode="rate", tokens_per_s=2000, burst_tokens=50_000, refund_unused=refund),
+        led = TokenLedger(make_budget(mode="rate", tokens_per_s=2000, burst_tokens=50_000, refund_unused=refund),
                           clock=lambda: clock[0])
-        m = OnlineMarket(get_policy("clear"), led, window_size=64, max_tokens=8192)
+        m = OnlineMarket(get_policy("clear"), led, window_size=64, context_limit_tokens=8192)
         rng = np.random.default_rng(0)
         abandoned = 0
         for i in range(400):
             clock[0] += 0.25  # 4 requests/s: the refill buys 500 tokens per request
             d = m.request(f"r{i}", float(rng.lognormal(6.2, 0.8)), log_sigma=0.5, now=clock[0])
             if d.admitted:
-                m.settle(f"r{i}", d.cap // 2)  # every request stops at half its cap
+                m.settle(f"r{i}", d.cap_tokens // 2)  # every request stops at half its cap
             else:
                 abandoned += i >= 200
             assert led.state(clock[0]).invariant_holds

@@ -10,24 +10,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, rule
 
 from clear_core.errors import BudgetExhaustedError, InvalidInputError, UnknownReservationError
-from clear_core.ledger import BudgetSpec, TokenLedger
-
-
-class FakeClock:
-    def __init__(self, t: float = 0.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from clear_core.budget import make_budget
+from clear_core.ledger import TokenLedger
+from tests.factories import FakeClock
 
 
 def make_ledger(mode="per_query", **kw):
     clock = FakeClock()
     if mode == "per_query":
-        spec = BudgetSpec(mode="per_query", tokens_per_query=kw.pop("b", 100.0), window_queries=kw.pop("w", 10), **kw)
+        budget = make_budget(mode="per_query", tokens_per_query=kw.pop("b", 100.0), window_queries=kw.pop("w", 10), **kw)
     else:
-        spec = BudgetSpec(mode="rate", tokens_per_s=kw.pop("rate", 100.0), burst_tokens=kw.pop("burst", 1000.0), **kw)
-    return TokenLedger(spec, clock=clock), clock
+        budget = make_budget(mode="rate", tokens_per_s=kw.pop("rate", 100.0), burst_tokens=kw.pop("burst", 1000.0), **kw)
+    return TokenLedger(budget, clock=clock), clock
 
 
 def test_per_query_block_credit():
@@ -40,7 +34,7 @@ def test_per_query_block_credit():
     assert led.state().granted == 1000
     led.arrive()  # 11th arrival opens the second block
     assert led.state().granted == 2000
-    assert led.remaining_in_block() == 10
+    assert led.budget.remaining_in_block(led.arrivals) == 10
 
 
 def test_reserve_refuses_beyond_available():
@@ -153,13 +147,13 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(rid=consumes(reservations), frac=st.floats(0, 1.5))
     def settle(self, rid, frac):
-        if rid is None or rid not in self.model_reserved:
+        if rid is None:
             return
-        cap = self.model_reserved.pop(rid)
-        if not self.ledger.holds(rid):  # expired meanwhile
+        if rid not in self.model_reserved:  # expired meanwhile: a late settle is refused
             with pytest.raises(UnknownReservationError):
                 self.ledger.settle(rid, 0)
             return
+        cap = self.model_reserved.pop(rid)  # the model dropped it if it expired
         s = self.ledger.settle(rid, int(cap * frac))
         assert s.generated + s.refunded == cap
 
@@ -184,14 +178,14 @@ class LedgerMachine(RuleBasedStateMachine):
         b=st.floats(0, 2000),
         w=st.integers(1, 20),
         rate=st.floats(0, 500),
-        burst=st.floats(0, 5000),
+        burst=st.floats(1, 5000),  # a bucket with neither rate nor burst is refused
     )
     def init(self, mode, refund, b, w, rate, burst):
         if mode == "per_query":
-            spec = BudgetSpec(mode=mode, tokens_per_query=b, window_queries=w, refund_unused=refund, reservation_ttl_s=20)
+            budget = make_budget(mode=mode, tokens_per_query=b, window_queries=w, refund_unused=refund, reservation_ttl_s=20)
         else:
-            spec = BudgetSpec(mode=mode, tokens_per_s=rate, burst_tokens=burst, refund_unused=refund, reservation_ttl_s=20)
-        self.ledger = TokenLedger(spec, clock=self.clock)
+            budget = make_budget(mode=mode, tokens_per_s=rate, burst_tokens=burst, refund_unused=refund, reservation_ttl_s=20)
+        self.ledger = TokenLedger(budget, clock=self.clock)
 
     @invariant()
     def budget_invariant(self):
@@ -200,11 +194,11 @@ class LedgerMachine(RuleBasedStateMachine):
         s = self.ledger.state()
         assert s.reserved + s.spent <= s.granted + 1e-6
         assert s.available >= 0
-        assert s.reserved == sum(self.model_reserved[r] for r in self.model_reserved if self.ledger.holds(r))
+        assert s.reserved == sum(self.model_reserved.values())
         assert s.generated_total + s.refunded_total <= s.allocated_total
-        assert s.in_flight == sum(1 for r in self.model_reserved if self.ledger.holds(r))
-        if self.ledger.spec.mode == "rate":
-            assert s.available + s.reserved <= self.ledger.spec.burst_tokens + 1e-6
+        assert s.in_flight == len(self.model_reserved)
+        if self.ledger.budget.mode == "rate":
+            assert s.available + s.reserved <= self.ledger.budget.burst_tokens + 1e-6
 
 
 LedgerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)

@@ -1,0 +1,241 @@
+"""The online market: the paper's market clearing for requests that arrive one by one.
+
+:class:`OnlineMarket` turns one arriving request (a predicted threshold) into
+a cap and a shadow price, or an abandonment, then reserves the cap in the
+:class:`~clear_core.ledger.TokenLedger`. It answers a :class:`Decision`, whose
+:class:`DecisionReason` says why.
+
+Why a rolling window
+--------------------
+Requests arrive one by one, so a market with only the requests currently in
+flight is *thin*: a lone request would always clear at price 0 and get its
+peak. The market keeps the last ``window_size`` predicted thresholds it has
+seen (admitted or not) and clears the market of ``window + [new request]``
+with budget ``b * (len(window) + 1)`` (the paper's batch problem, Eq. 14, on a
+sample of recent demand); the new request gets its cap from that clearing and
+the market's shadow price is the price quoted. When traffic is stationary the
+window is a sample of the same distribution as the batch, so the clearing
+price and every cap converge to those of the offline batch (the per-query
+budget and the threshold distribution are what fix the price). The per-query
+budget ``b`` is the budget's (:meth:`clear_core.budget.Budget.pricing_budget_per_query`):
+a per-query budget's ``b`` (paced over its block), or what a token bucket's
+refill rate buys at the recent arrival rate, ``b = tokens_per_s * span / n``
+over the window's arrivals (``span`` floored at ``min_rate_span_s``).
+
+Solvency against the real pool
+------------------------------
+The market's cap is then checked against the ledger: if it does not fit the
+available budget, it is cut to what is available when that still reaches the
+request's predicted threshold (``CUT_TO_AVAILABLE``), and the request is
+abandoned otherwise (``POOL_EMPTY``). A request whose market cap is 0 is
+insolvent at the shadow price (``INSOLVENT``): an operator acts differently on
+the two abandonments (the first says the price is high, the second that the
+pool is drained).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clear_core.budget import Budget
+from clear_core.errors import InvalidInputError
+from clear_core.ledger import Settlement, TokenLedger
+from clear_core.policies import Policy
+
+#: Abandoned requests are retried after at least this long (HTTP Retry-After).
+MIN_RETRY_AFTER_S = 1.0
+#: Recent thresholds each request is priced against (the pricing window).
+DEFAULT_WINDOW_SIZE = 256
+#: Floor of the arrival span used to estimate the arrival rate of a token bucket.
+DEFAULT_MIN_RATE_SPAN_S = 1.0
+#: Recent decisions over which the abandonment rate is reported.
+DEFAULT_OUTCOME_WINDOW = 200
+#: Refunds to the pool: settlements over which the cap / charge ratio is measured,
+#: how many are needed before it is used, and its ceiling.
+COST_WINDOW = 256
+MIN_COST_SAMPLES = 20
+MAX_CAP_COST_RATIO = 8.0
+
+
+class DecisionReason(str, enum.Enum):
+    """Why the market decided what it did; the values are stable (metric labels, error bodies)."""
+
+    ADMITTED = "admitted"  # the market's cap fits the pool
+    CUT_TO_AVAILABLE = "cut_to_available"  # admitted with the pool's remainder (still >= the threshold)
+    INSOLVENT = "insolvent"  # abandoned: cannot pay back its cost at the shadow price
+    POOL_EMPTY = "pool_empty"  # abandoned: solvent, but the pool cannot cover its threshold
+
+    @property
+    def admitted(self) -> bool:
+        return self in (DecisionReason.ADMITTED, DecisionReason.CUT_TO_AVAILABLE)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the market decided for one request (passed from the allocator to the ingress)."""
+
+    reason: DecisionReason  # admitted, cut, or why it was abandoned
+    cap_tokens: int  # reserved completion cap (0 when abandoned)
+    market_cap_tokens: int  # the window market's cap before the client's cap and the pool check
+    shadow_price: float  # clearing price of the window market (utility per token)
+    threshold_tokens: float  # predicted threshold tau_hat
+    budget_per_query_tokens: float  # per-query budget the window market was cleared with
+    retry_after_s: float = 0.0  # abandoned: when a retry may succeed, s
+    window_size: int = 0  # thresholds the price was cleared against (window + this one)
+
+    @property
+    def admitted(self) -> bool:
+        return self.reason.admitted
+
+
+@dataclass
+class OnlineMarket:
+    """Clears each arriving request against a rolling window of recent demand (module docstring)."""
+
+    policy: Policy
+    ledger: TokenLedger
+    window_size: int = DEFAULT_WINDOW_SIZE  # recent thresholds the price is cleared against
+    context_limit_tokens: int | None = None  # t_max for every cap
+    min_rate_span_s: float = DEFAULT_MIN_RATE_SPAN_S
+    pace: bool = True  # per-query budget: clear with the block's remaining budget per remaining arrival
+    outcome_window: int = DEFAULT_OUTCOME_WINDOW
+    _window: deque = field(init=False, repr=False)
+    _times: deque = field(init=False, repr=False)
+    _outcomes: deque = field(init=False, repr=False)
+    _costs: deque = field(init=False, repr=False)
+    last_price: float = field(init=False, default=0.0)
+
+    def __post_init__(self):
+        if not (isinstance(self.window_size, int) and self.window_size >= 0):
+            raise InvalidInputError("window_size", self.window_size, "must be an integer >= 0")
+        self._window = deque(maxlen=self.window_size)
+        self._times = deque(maxlen=max(self.window_size, 1))
+        self._outcomes = deque(maxlen=self.outcome_window)
+        self._costs = deque(maxlen=COST_WINDOW)
+
+    @property
+    def budget(self) -> Budget:
+        return self.ledger.budget
+
+    def budget_per_query(self, now: float) -> float:
+        """b of the window market (the budget's :meth:`~clear_core.budget.Budget.pricing_budget_per_query`)."""
+        n = len(self._times)
+        span = max(now - self._times[0], self.min_rate_span_s) if n else self.min_rate_span_s
+        return self.budget.pricing_budget_per_query(
+            available=self.ledger.available(now), arrivals=self.ledger.arrivals,
+            recent_arrivals=n, recent_span_s=span, pace=self.pace, cap_cost_ratio=self.cap_cost_ratio(),
+        )
+
+    def cap_cost_ratio(self) -> float:
+        """Tokens of cap per token actually charged, over recent settlements (refunds to the pool).
+
+        The window market clears *caps*, but when unused caps are refunded to
+        the pool a request only costs what it generates. Pricing caps against
+        the budget alone would abandon requests while the pool fills up;
+        scaling the per-query budget by the observed cap / charge ratio prices
+        what a request really costs. 1 until ``MIN_COST_SAMPLES`` requests have
+        settled, and never above ``MAX_CAP_COST_RATIO``; the ledger still
+        reserves whole caps, so the invariant is untouched.
+        """
+        if not self.budget.refund_unused or len(self._costs) < MIN_COST_SAMPLES:
+            return 1.0
+        caps = sum(c for c, _ in self._costs)
+        charged = sum(g for _, g in self._costs)
+        return float(min(max(caps / max(charged, 1), 1.0), MAX_CAP_COST_RATIO))
+
+    def settle(self, rid: str, generated: int) -> Settlement:
+        """End a request in the ledger and remember what its cap really cost."""
+        s = self.ledger.settle(rid, generated)
+        self._costs.append((s.cap, s.charged))
+        return s
+
+    def abandonment_rate(self) -> float:
+        return float(np.mean(self._outcomes)) if self._outcomes else 0.0
+
+    def window(self) -> np.ndarray:
+        return np.asarray(self._window, dtype=float)
+
+    def request(
+        self,
+        rid: str,
+        threshold_tokens: float,
+        *,
+        log_sigma: float = 0.0,
+        client_cap_tokens: int | None = None,
+        now: float | None = None,
+    ) -> Decision:
+        """Price one arriving request, reserve its cap or abandon it.
+
+        ``client_cap_tokens`` is the most the client accepts (its ``max_tokens``
+        within the context); the reserved cap never exceeds it.
+        """
+        now = self.ledger.now() if now is None else now
+        if not (math.isfinite(threshold_tokens) and threshold_tokens >= 0):
+            raise InvalidInputError("threshold_tokens", threshold_tokens, "must be finite and >= 0")
+        if client_cap_tokens is not None and client_cap_tokens < 1:
+            raise InvalidInputError("client_cap_tokens", client_cap_tokens, "must be >= 1")
+        self.ledger.arrive()
+        self._times.append(now)
+        b = self.budget_per_query(now)
+        tau = np.append(self.window(), threshold_tokens)
+        alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
+                                     log_sigma=log_sigma)
+        if self.window_size > 0:
+            self._window.append(float(threshold_tokens))
+        price = float(alloc.shadow_price) if math.isfinite(alloc.shadow_price) else 0.0
+        self.last_price = price
+        market_cap = int(alloc.caps[-1])
+        cap = market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens))
+        quote = dict(
+            market_cap_tokens=market_cap, shadow_price=price, threshold_tokens=float(threshold_tokens),
+            budget_per_query_tokens=b, window_size=int(tau.size),
+        )
+        if market_cap <= 0:
+            return self._abandon(DecisionReason.INSOLVENT, now, threshold_tokens, quote)
+        avail = self.ledger.available(now)
+        reason = DecisionReason.ADMITTED
+        if cap > avail:
+            # A cut cap must still reach the predicted threshold (the median of
+            # the true length under the predictor's error) to be worth serving.
+            need = math.ceil(threshold_tokens)
+            if avail >= max(need, 1):
+                cap, reason = avail, DecisionReason.CUT_TO_AVAILABLE
+            else:
+                return self._abandon(DecisionReason.POOL_EMPTY, now, need, quote)
+        self.ledger.reserve(rid, cap, now)
+        self._outcomes.append(False)
+        return Decision(reason=reason, cap_tokens=cap, **quote)
+
+    def snapshot(self) -> dict:
+        """Pricing memory (recent thresholds and outcomes) for an allocator restart."""
+        return {"window": list(self._window), "outcomes": [bool(x) for x in self._outcomes],
+                "last_price": self.last_price}
+
+    def seed(self, thresholds) -> None:
+        """Prime the pricing window with thresholds of representative past demand.
+
+        At a cold start the window is empty and the first requests would be
+        priced against themselves alone; a seed (e.g. the predictions of a
+        recent traffic sample) prices them against realistic demand from the
+        first request on. Arrivals then push the seed out of the window.
+        """
+        values = [float(x) for x in thresholds]
+        if any(not (math.isfinite(v) and v >= 0) for v in values):
+            raise InvalidInputError("pricing window seed", values[:5], "thresholds must be finite and >= 0")
+        self._window.extend(values)
+
+    def restore(self, snap: dict) -> None:
+        self._window.extend(float(x) for x in snap.get("window", []))
+        self._outcomes.extend(bool(x) for x in snap.get("outcomes", []))
+        self.last_price = float(snap.get("last_price", 0.0))
+
+    def _abandon(self, reason: DecisionReason, now: float, need: float, quote: dict) -> Decision:
+        self._outcomes.append(True)
+        wait = self.ledger.seconds_until(need, now)
+        retry = MIN_RETRY_AFTER_S if not math.isfinite(wait) else max(MIN_RETRY_AFTER_S, wait)
+        return Decision(reason=reason, cap_tokens=0, retry_after_s=float(retry), **quote)
