@@ -9,7 +9,7 @@ For each (policy, budget per query) it
    service through its ``lookup`` predictor, the offline side by the same lookup;
 2. computes the **offline number** the way the bench does: one batch market
    over the whole stream, ``policy.allocate(thresholds, N * b,
-   max_tokens=max_completion_tokens, log_sigma=sigma)``, scored with
+   context_limit_tokens=max_completion_tokens, log_sigma=sigma)``, scored with
    ``clear_core.simulate.score``;
 3. deploys the service (replay engine on the pool, lookup predictor, per-query
    budget with a budget window of N queries, i.e. ``N * b`` tokens for the
@@ -49,11 +49,11 @@ if str(REPO_ROOT) not in sys.path:
 
 from clear_core.policies import parse_policy  # noqa: E402
 from clear_core.simulate import score  # noqa: E402
-from clear_core.traces import Problem, Stream, load_pool, make_stream  # noqa: E402
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, load_pool, make_stream  # noqa: E402
 
 SHARED = REPO_ROOT.parent / "shared"
 DEFAULT_POOL = SHARED / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
-MAX_COMPLETION_TOKENS = 8192
+MAX_COMPLETION_TOKENS = POOL_GENERATION_CAP_TOKENS
 
 
 @dataclass
@@ -92,7 +92,7 @@ def offline_caps(stream: Stream, table_path: Path, pool_path: Path, policy: str,
 
     lookup = LookupPredictor(str(table_path), str(pool_path))
     tau = np.array([lookup.lookup(p)[0] for p in stream.prompts])
-    alloc = parse_policy(policy).allocate(tau, b * len(stream), max_tokens=MAX_COMPLETION_TOKENS, log_sigma=sigma)
+    alloc = parse_policy(policy).allocate(tau, b * len(stream), context_limit_tokens=MAX_COMPLETION_TOKENS, log_sigma=sigma)
     return alloc.caps
 
 

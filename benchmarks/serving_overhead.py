@@ -34,7 +34,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from clear_core.ledger import BudgetSpec, OnlineMarket, TokenLedger  # noqa: E402
+from clear_core.budget import PerQueryBudget  # noqa: E402
+from clear_core.ledger import TokenLedger  # noqa: E402
+from clear_core.online_market import OnlineMarket  # noqa: E402
 from clear_core.policies import parse_policy  # noqa: E402
 
 
@@ -45,8 +47,8 @@ def pct(xs, q) -> float:
 def in_process_rate(policy: str, n: int, window: int) -> float:
     rng = np.random.default_rng(0)
     tau = np.exp(rng.normal(6.5, 1.2, n))
-    ledger = TokenLedger(BudgetSpec(mode="per_query", tokens_per_query=512.0, window_queries=n))
-    m = OnlineMarket(parse_policy(policy), ledger, window_size=window, max_tokens=8192)
+    ledger = TokenLedger(PerQueryBudget(tokens_per_query=512.0, window_queries=n))
+    m = OnlineMarket(parse_policy(policy), ledger, window_size=window, context_limit_tokens=8192)
     t0 = time.perf_counter()
     for i in range(n):
         d = m.request(str(i), float(tau[i]), log_sigma=0.5)
@@ -101,7 +103,7 @@ async def direct_latencies(engine, n: int, concurrency: int) -> list:
 
     async def worker():
         for i in idx:
-            req = EngineRequest(request_id=f"d{i}", kind="chat", prompt=f"Problem {i}: add {i} and 3.", messages=None, max_tokens=64, model="clear-replay")
+            req = EngineRequest(request_id=f"d{i}", kind="chat", prompt=f"Problem {i}: add {i} and 3.", messages=None, cap_tokens=64, model="clear-replay")
             t0 = time.perf_counter()
             async for _ in engine.options(stream=True).generate.remote(req):
                 pass
@@ -119,8 +121,8 @@ async def serve_decision_rate(allocator, n: int, concurrency: int) -> float:
     async def worker():
         for i in idx:
             d = await allocator.reserve.remote(f"b{i}", float(tau[i]), 0.5, None)
-            if d["admitted"]:
-                await allocator.settle.remote(f"b{i}", d["cap"] // 2)
+            if d.admitted:
+                await allocator.settle.remote(f"b{i}", d.cap_tokens // 2)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

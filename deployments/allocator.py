@@ -1,7 +1,7 @@
 """Allocator deployment: the one central actor holding the global token budget.
 
 A thin wrapper (deploy with exactly one replica) around the pure, synchronous
-:class:`clear_core.ledger.OnlineMarket` / :class:`~clear_core.ledger.TokenLedger`
+:class:`clear_core.online_market.OnlineMarket` / :class:`clear_core.ledger.TokenLedger`
 pair, which holds all the logic and is unit-tested without Ray. Every command
 runs under one lock and without awaiting inside it, so commands are applied
 one at a time in arrival order whatever the concurrency: the budget invariant
@@ -24,12 +24,12 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import asdict
 
 from clear_core.errors import ClearError, UnknownReservationError
-from clear_core.predictions import read_predictions
-from clear_core.ledger import OnlineMarket, TokenLedger
+from clear_core.ledger import Settlement, TokenLedger
+from clear_core.online_market import Decision, OnlineMarket
 from clear_core.policies import parse_policy
+from clear_core.predictions import read_predictions
 from deployments.config import AllocatorConfig
 from deployments.state_store import KVStateStore
 
@@ -44,29 +44,29 @@ def load_seed_thresholds(path: str, limit: int) -> list[float]:
 class Allocator:
     def __init__(
         self,
-        config: dict | AllocatorConfig,
+        config: AllocatorConfig,
         max_completion_tokens: int | None = None,
         metrics: bool = True,
         state_key: str | None = None,
         store=None,
     ):
-        self.config = AllocatorConfig.model_validate(config)
-        self.policy_spec = self.config.policy
-        self.policy = parse_policy(self.config.policy)
+        self.config = config
+        self.policy_spec = config.policy
+        self.policy = parse_policy(config.policy)
         if store is None and state_key is not None:
             store = KVStateStore(state_key)
         self.store = store
         snap = self.store.load() if self.store is not None else None
-        spec = self.config.budget.spec()
-        self.restored = snap is not None and snap["ledger"]["spec"] == asdict(spec)
+        budget = config.budget.to_budget()
+        self.restored = snap is not None and snap["ledger"].get("budget") == budget.to_dict()
         if snap is not None and not self.restored:
-            logger.warning("allocator state under this key has another budget spec; starting fresh books")
-        self.ledger = TokenLedger.restore(snap["ledger"]) if self.restored else TokenLedger(spec)
+            logger.warning("allocator state under this key has another budget; starting fresh books")
+        self.ledger = TokenLedger.restore(snap["ledger"]) if self.restored else TokenLedger(budget)
         self.market = OnlineMarket(
             self.policy,
             self.ledger,
             window_size=self.config.pricing_window_requests,
-            max_tokens=max_completion_tokens,
+            context_limit_tokens=max_completion_tokens,
             min_rate_span_s=self.config.min_rate_span_s,
             pace=self.config.pace_budget,
             outcome_window=self.config.abandonment_window_requests,
@@ -88,31 +88,25 @@ class Allocator:
 
     # -- commands --------------------------------------------------------------
 
-    def reserve_sync(self, rid: str, threshold: float, log_sigma: float = 0.0, max_tokens: int | None = None) -> dict:
+    def reserve_sync(
+        self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None
+    ) -> Decision:
         t0 = time.perf_counter()
         with self._lock:
-            d = self.market.request(rid, float(threshold), log_sigma=float(log_sigma), max_tokens=max_tokens)
+            d = self.market.request(
+                rid, float(threshold_tokens), log_sigma=float(log_sigma), client_cap_tokens=client_cap_tokens
+            )
             self._check()
             self._persist()
             state = self.ledger.state()
         if self.metrics:
             self.metrics.clearing.observe(time.perf_counter() - t0, tags=self.metrics.tags)
-            if d.admitted and d.cap > 0:  # Ray counters refuse increments <= 0
-                self.metrics.allocated.inc(float(d.cap), tags=self.metrics.tags)
+            if d.admitted and d.cap_tokens > 0:  # Ray counters refuse increments <= 0
+                self.metrics.allocated.inc(float(d.cap_tokens), tags=self.metrics.tags)
             self._publish(state)
-        return {
-            "admitted": d.admitted,
-            "cap": d.cap,
-            "market_cap": d.market_cap,
-            "shadow_price": d.shadow_price,
-            "threshold_tokens": d.threshold,
-            "reason": d.reason,
-            "retry_after_s": d.retry_after_s,
-            "budget_per_query_tokens": d.budget_per_query,
-            "policy": self.policy_spec,
-        }
+        return d
 
-    def settle_sync(self, rid: str, generated: int) -> dict | None:
+    def settle_sync(self, rid: str, generated: int) -> Settlement | None:
         """End a request; an unknown id (settled twice, expired, allocator restarted) is ignored."""
         with self._lock:
             try:
@@ -129,7 +123,7 @@ class Allocator:
             if s.refunded > 0:
                 self.metrics.refunded.inc(float(s.refunded), tags=self.metrics.tags)
             self._publish(state)
-        return {"cap": s.cap, "generated": s.generated, "refunded": s.refunded, "charged": s.charged}
+        return s
 
     def expire_sync(self) -> list[str]:
         with self._lock:
@@ -149,15 +143,12 @@ class Allocator:
     def status_sync(self) -> dict:
         with self._lock:
             st = self.ledger.state()
-            spec = self.ledger.spec
+            budget = self.ledger.budget.to_dict()
             return {
                 "policy": self.policy_spec,
-                "budget_mode": spec.mode,
-                "tokens_per_query": spec.tokens_per_query if spec.mode == "per_query" else None,
-                "window_queries": spec.window_queries if spec.mode == "per_query" else None,
-                "tokens_per_s": spec.tokens_per_s if spec.mode == "rate" else None,
-                "burst_tokens": spec.burst_tokens if spec.mode == "rate" else None,
-                "refund_unused": spec.refunds_to_pool,
+                "budget_mode": budget.pop("mode"),
+                **budget,  # the mode's own fields: tokens_per_query, window_queries | tokens_per_s, burst_tokens
+
                 "available_tokens": st.available,
                 "reserved_tokens": st.reserved,
                 "spent_tokens": st.spent,
@@ -205,11 +196,13 @@ class Allocator:
             except Exception:
                 logger.exception("reservation sweep failed")
 
-    async def reserve(self, rid: str, threshold: float, log_sigma: float = 0.0, max_tokens: int | None = None) -> dict:
+    async def reserve(
+        self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None
+    ) -> Decision:
         self._ensure_sweeper()
-        return self.reserve_sync(rid, threshold, log_sigma, max_tokens)
+        return self.reserve_sync(rid, threshold_tokens, log_sigma, client_cap_tokens)
 
-    async def settle(self, rid: str, generated: int) -> dict | None:
+    async def settle(self, rid: str, generated: int) -> Settlement | None:
         self._ensure_sweeper()
         return self.settle_sync(rid, generated)
 

@@ -28,29 +28,23 @@ def build_engine(cfg: AppConfig):
         opts = ecfg.deployment.serve_options("ReplayEngine")
         # A replica accepts no more than it decodes at once plus a short queue.
         opts["max_ongoing_requests"] = max(opts["max_ongoing_requests"], ecfg.max_concurrent_requests)
-        return serve.deployment(ReplayEngine, **opts).bind(ecfg.model_dump(), cfg.model_name)
+        return serve.deployment(ReplayEngine, **opts).bind(ecfg, cfg.model_name)
     from deployments.engines.vllm import VLLMEngine, build_vllm_deployment
 
     llm = build_vllm_deployment(ecfg, cfg.model_name)
     return serve.deployment(VLLMEngine, **ecfg.deployment.serve_options("VLLMEngine")).bind(
-        llm, ecfg.model_dump(), cfg.model_name
+        llm, ecfg, cfg.model_name
     )
 
 
 def build_app(args: dict | None = None):
     cfg = AppConfig.model_validate(args or {})
     predictor = serve.deployment(Predictor, **cfg.predictor.deployment.serve_options("Predictor")).bind(
-        cfg.predictor.model_dump()
+        cfg.predictor
     )
     # The allocator holds the global budget: exactly one replica, never autoscaled.
-    allocator = serve.deployment(
-        Allocator,
-        name="Allocator",
-        num_replicas=1,
-        max_ongoing_requests=10_000,
-        ray_actor_options={"num_cpus": 0.1},
-    ).bind(
-        cfg.allocator.model_dump(),
+    allocator = serve.deployment(Allocator, **cfg.allocator.deployment.serve_options("Allocator")).bind(
+        cfg.allocator,
         cfg.max_completion_tokens,
         # A deploy id: a restarted allocator replica (same bound args) finds its books
         # in the GCS; a new deploy starts a fresh budget (deployments/state_store.py).
@@ -58,5 +52,5 @@ def build_app(args: dict | None = None):
     )
     engine = build_engine(cfg)
     return serve.deployment(IngressApp, **cfg.ingress.deployment.serve_options("Ingress")).bind(
-        cfg.model_dump(), predictor, allocator, engine
+        cfg, predictor, allocator, engine
     )

@@ -6,11 +6,19 @@ what it is. Unknown keys are refused so a typo in the YAML fails at deploy time.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from clear_core.ledger import BudgetSpec
+from clear_core import budget as core_budget
+from clear_core import online_market
+from clear_core.errors import InvalidInputError
+from clear_core.policies import parse_policy
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS
+
+#: @serve.batch of the predictor: most prompts per batch and longest wait to fill one.
+DEFAULT_PREDICTOR_BATCH_SIZE = 32
+DEFAULT_PREDICTOR_BATCH_WAIT_S = 0.005
 
 
 class _Strict(BaseModel):
@@ -49,41 +57,71 @@ class DeploymentOptions(_Strict):
         return opts
 
 
-class BudgetConfig(_Strict):
-    """The global token budget (see clear_core.ledger for the exact semantics)."""
+class AllocatorDeploymentOptions(_Strict):
+    """Ray Serve options of the allocator: always exactly one replica (it holds the global budget)."""
 
-    mode: Literal["per_query", "rate"] = Field(
-        "per_query", description="per_query: average tokens per query (the paper); rate: a token bucket."
-    )
-    tokens_per_query: float = Field(512.0, ge=0, description="per_query: average completion budget per query, tokens.")
-    window_queries: int = Field(
-        500, ge=1, description="per_query: budget window; each block of this many arrivals gets window*b tokens."
-    )
-    tokens_per_s: float = Field(0.0, ge=0, description="rate: refill rate of the bucket, tokens per second.")
-    burst_tokens: float = Field(0.0, ge=0, description="rate: bucket capacity and initial pool, tokens.")
+    max_ongoing_requests: int = Field(10_000, ge=1, description="Reserve/settle/status calls one replica accepts at a time.")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs reserved for the replica.")
+
+    def serve_options(self, name: str = "Allocator") -> dict:
+        return {
+            "name": name,
+            "num_replicas": 1,  # never autoscaled: one ledger, one market
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+        }
+
+
+class _BudgetConfig(_Strict):
     refund_unused: bool | None = Field(
-        None,
-        description="Unused cap tokens return to the pool when a request ends "
-        "(None: no in per_query mode, as the offline bench counts caps; yes in rate mode).",
+        None, description="Unused cap tokens return to the pool when a request ends (None: the mode's default)."
     )
     reservation_ttl_s: float = Field(
-        600.0, gt=0, description="A reservation never settled (its ingress died) is charged in full after this."
+        core_budget.DEFAULT_RESERVATION_TTL_S,
+        description="A reservation never settled (its ingress died) is charged in full after this, s.",
     )
 
+    def to_budget(self) -> core_budget.Budget:
+        """The clear_core budget this config describes (clear_core validates it)."""
+        return core_budget.make_budget(**self.model_dump())
+
     @model_validator(mode="after")
-    def _rate_needs_budget(self):
-        if self.mode == "rate" and self.tokens_per_s <= 0 and self.burst_tokens <= 0:
-            raise ValueError("rate mode needs tokens_per_s > 0 or burst_tokens > 0")
+    def _valid_in_core(self):
+        try:
+            self.to_budget()  # one validation, the core's: the config cannot accept what the ledger refuses
+        except InvalidInputError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
-    def spec(self) -> BudgetSpec:
-        return BudgetSpec(**self.model_dump())
+
+class PerQueryBudgetConfig(_BudgetConfig):
+    """The paper's setting: tokens per query, credited per block of arrivals (clear_core.budget.PerQueryBudget)."""
+
+    mode: Literal["per_query"] = Field("per_query", description="Average tokens per query (the paper).")
+    tokens_per_query: float = Field(
+        core_budget.DEFAULT_TOKENS_PER_QUERY, description="Average completion budget per query, tokens."
+    )
+    window_queries: int = Field(
+        core_budget.DEFAULT_WINDOW_QUERIES, description="Budget window: each block of this many arrivals gets window*b tokens."
+    )
+
+
+class RateBudgetConfig(_BudgetConfig):
+    """A token bucket (clear_core.budget.TokenBucketBudget); needs tokens_per_s > 0 or burst_tokens > 0."""
+
+    mode: Literal["rate"] = Field("rate", description="A token bucket.")
+    tokens_per_s: float = Field(0.0, description="Refill rate of the bucket, tokens per second.")
+    burst_tokens: float = Field(0.0, description="Bucket capacity and initial pool, tokens.")
+
+
+BudgetConfig = Annotated[PerQueryBudgetConfig | RateBudgetConfig, Field(discriminator="mode")]
 
 
 class AllocatorConfig(_Strict):
     policy: str = Field("clear", description="Allocation policy spec (clear_core.policies.parse_policy), e.g. clear, uniform.")
     pricing_window_requests: int = Field(
-        256, ge=0, description="Recent predicted thresholds each request is priced against (0: price alone)."
+        online_market.DEFAULT_WINDOW_SIZE, ge=0,
+        description="Recent predicted thresholds each request is priced against (0: price alone).",
     )
     pricing_window_seed_path: str | None = Field(
         None,
@@ -93,13 +131,29 @@ class AllocatorConfig(_Strict):
     pace_budget: bool = Field(
         True, description="per_query: clear with the block's remaining budget per remaining arrival (pacing)."
     )
-    min_rate_span_s: float = Field(1.0, gt=0, description="rate: floor of the arrival span used to estimate the rate.")
-    abandonment_window_requests: int = Field(200, ge=1, description="Recent decisions the abandonment rate is over.")
+    min_rate_span_s: float = Field(
+        online_market.DEFAULT_MIN_RATE_SPAN_S, gt=0, description="rate: floor of the arrival span used to estimate the rate."
+    )
+    abandonment_window_requests: int = Field(
+        online_market.DEFAULT_OUTCOME_WINDOW, ge=1, description="Recent decisions the abandonment rate is over."
+    )
     expire_interval_s: float = Field(5.0, gt=0, description="How often expired reservations are swept.")
     durable_state: bool = Field(
         True, description="Keep the books in Ray's GCS key-value store so an allocator restart keeps the budget."
     )
-    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="The global token budget.")
+    budget: BudgetConfig = Field(default_factory=PerQueryBudgetConfig, description="The global token budget.")
+    deployment: AllocatorDeploymentOptions = Field(
+        default_factory=AllocatorDeploymentOptions, description="Serve options (always one replica)."
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, spec: str) -> str:
+        try:
+            parse_policy(spec)
+        except InvalidInputError as exc:
+            raise ValueError(str(exc)) from None
+        return spec
 
 
 class PredictorConfig(_Strict):
@@ -117,8 +171,10 @@ class PredictorConfig(_Strict):
     log_sigma: float | None = Field(
         None, ge=0, description="Override the backend's log-space error sigma (None: the backend's own)."
     )
-    max_batch_size: int = Field(32, ge=1, description="@serve.batch: most prompts per batch.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch: longest wait to fill a batch, s.")
+    max_batch_size: int = Field(DEFAULT_PREDICTOR_BATCH_SIZE, ge=1, description="@serve.batch: most prompts per batch.")
+    batch_wait_timeout_s: float = Field(
+        DEFAULT_PREDICTOR_BATCH_WAIT_S, ge=0, description="@serve.batch: longest wait to fill a batch, s."
+    )
     timeout_s: float = Field(2.0, gt=0, description="Ingress waits this long for a prediction, then uses the fallback.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
@@ -155,13 +211,29 @@ class VLLMEngineConfig(_Strict):
     kind: Literal["vllm"] = Field("vllm", description="vLLM through Ray Serve LLM (GPU).")
     model_source: str = Field(..., description="Hugging Face id or local path of the model weights.")
     llm_config: dict = Field(
-        default_factory=dict, description="Extra ray.serve.llm.LLMConfig fields (engine_kwargs, accelerator_type...)."
+        default_factory=dict,
+        description="Extra ray.serve.llm.LLMConfig fields (engine_kwargs, accelerator_type...); the vLLM "
+        "replicas' autoscaling is set by min_replicas / max_replicas / target_ongoing_requests only.",
     )
-    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest vLLM replicas.")
-    max_replicas: int = Field(2, ge=1, description="Autoscaling: most vLLM replicas.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling of the vLLM replicas: fewest.")
+    max_replicas: int = Field(2, ge=1, description="Autoscaling of the vLLM replicas: most.")
     target_ongoing_requests: float = Field(64.0, gt=0, description="Autoscaling: ongoing requests per vLLM replica.")
     ignore_eos: bool = Field(False, description="Generate exactly max_tokens (load tests with dummy weights).")
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options of the adapter.")
+    deployment: DeploymentOptions = Field(
+        default_factory=DeploymentOptions,
+        description="Serve options of the thin VLLMEngine adapter deployment (not of the vLLM replicas).",
+    )
+
+    @field_validator("llm_config")
+    @classmethod
+    def _one_place_for_autoscaling(cls, extra: dict) -> dict:
+        for key in ("deployment_config", "model_loading_config"):
+            if key in extra:
+                raise ValueError(
+                    f"llm_config.{key} is set by this config (model_source, min_replicas, max_replicas, "
+                    "target_ongoing_requests); remove it"
+                )
+        return extra
 
 
 class IngressConfig(_Strict):
@@ -175,7 +247,9 @@ class AppConfig(_Strict):
 
     model_name: str = Field("clear-replay", description="Model id served at /v1/models and accepted in requests.")
     context_limit_tokens: int = Field(32768, ge=16, description="Prompt + completion tokens a request may use.")
-    max_completion_tokens: int = Field(8192, ge=1, description="Largest cap CLEAR may give (the t_max of the market).")
+    max_completion_tokens: int = Field(
+        POOL_GENERATION_CAP_TOKENS, ge=1, description="Largest cap CLEAR may give (the t_max of the market)."
+    )
     allocator: AllocatorConfig = Field(default_factory=AllocatorConfig, description="Budget and market.")
     predictor: PredictorConfig = Field(default_factory=PredictorConfig, description="Threshold predictor.")
     engine: ReplayEngineConfig | VLLMEngineConfig = Field(

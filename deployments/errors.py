@@ -8,6 +8,7 @@ classes live in :mod:`clear_core.errors`; these are the ones only a server raise
 from __future__ import annotations
 
 from clear_core.errors import BudgetExhaustedError, ClearError, InvalidInputError
+from clear_core.online_market import DecisionReason
 
 
 class BadRequestError(ClearError):
@@ -19,6 +20,13 @@ class BadRequestError(ClearError):
     def __init__(self, message: str, param: str | None = None):
         self.param = param
         super().__init__(message)
+
+
+class RequestTooLargeError(BadRequestError):
+    """The request body exceeds ``ingress.max_request_body_bytes``."""
+
+    error_type = "request_too_large"
+    http_status = 413
 
 
 class ContextLengthError(BadRequestError):
@@ -38,7 +46,12 @@ class AuthenticationError(ClearError):
 
 
 class BudgetAbandonedError(BudgetExhaustedError):
-    """CLEAR abandoned the request: it cannot pay back its cost at the current shadow price."""
+    """CLEAR abandoned the request: it cannot pay back its cost at the current shadow price.
+
+    The market's answer (``DecisionReason.INSOLVENT``): the price is high
+    because demand is hard for the budget. :class:`BudgetPoolEmptyError` is the
+    other abandonment. Build either with :func:`abandonment_error`.
+    """
 
     error_type = "budget_abandoned"
     http_status = 429
@@ -48,6 +61,28 @@ class BudgetAbandonedError(BudgetExhaustedError):
         self.retry_after_s = retry_after_s
         self.threshold_tokens = threshold_tokens
         super().__init__(message)
+
+
+class BudgetPoolEmptyError(BudgetAbandonedError):
+    """Solvent at the shadow price, but the pool cannot cover the predicted threshold now
+    (``DecisionReason.POOL_EMPTY``): the budget is drained; ``Retry-After`` is the refill time."""
+
+    error_type = "budget_pool_empty"
+
+
+def abandonment_error(decision) -> BudgetAbandonedError:
+    """The 429 for an abandoned :class:`~clear_core.online_market.Decision`."""
+    if decision.reason is DecisionReason.POOL_EMPTY:
+        cls, why = BudgetPoolEmptyError, "the budget pool cannot cover its predicted threshold now"
+    else:
+        cls, why = BudgetAbandonedError, "it cannot pay back its cost at the shadow price"
+    return cls(
+        f"request abandoned: predicted threshold {decision.threshold_tokens:.0f} tokens; {why} "
+        f"(shadow price {decision.shadow_price:.6g}, reason {decision.reason.value})",
+        shadow_price=decision.shadow_price,
+        retry_after_s=decision.retry_after_s,
+        threshold_tokens=decision.threshold_tokens,
+    )
 
 
 class EngineError(ClearError):
@@ -76,10 +111,13 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BudgetAbandonedError",
+    "BudgetPoolEmptyError",
     "ClearError",
     "ContextLengthError",
     "EngineError",
     "InvalidInputError",
     "ModelNotFoundError",
+    "RequestTooLargeError",
+    "abandonment_error",
     "outcome_of",
 ]

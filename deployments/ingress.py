@@ -37,8 +37,11 @@ from deployments.errors import (
     ContextLengthError,
     EngineError,
     ModelNotFoundError,
+    RequestTooLargeError,
+    abandonment_error,
     outcome_of,
 )
+from deployments.messages import Decision, Prediction
 from deployments.openai_schema import (
     SSE_DONE,
     ParsedRequest,
@@ -50,17 +53,12 @@ from deployments.openai_schema import (
     sse_chunk,
     sse_error,
 )
-from deployments.predictor import heuristic_prediction, valid_prediction
+from deployments.predictor_backends import heuristic_prediction
 from deployments.tokens import TokenCodec
 
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="CLEAR", description="Token-budget allocation with a shadow price (OpenAI-compatible API)")
-
-
-class RequestTooLargeError(BadRequestError):
-    error_type = "request_too_large"
-    http_status = 413
 
 
 def _error_response(exc: ClearError) -> JSONResponse:
@@ -69,8 +67,8 @@ def _error_response(exc: ClearError) -> JSONResponse:
 
 
 class Ingress:
-    def __init__(self, config: dict | AppConfig, predictor, allocator, engine, metrics: bool = True):
-        self.config = AppConfig.model_validate(config)
+    def __init__(self, config: AppConfig, predictor, allocator, engine, metrics: bool = True):
+        self.config = config
         self.predictor = predictor
         self.allocator = allocator
         self.engine = engine
@@ -153,7 +151,7 @@ class Ingress:
             )
         return prompt_tokens, room
 
-    async def _predict(self, prompt: str) -> dict:
+    async def _predict(self, prompt: str) -> Prediction:
         t0 = time.perf_counter()
         try:
             resp = self.predictor.predict.remote(prompt)
@@ -163,8 +161,8 @@ class Ingress:
                 _cancel(resp)
                 self._count_fallback("timeout")
                 return heuristic_prediction(prompt, "timeout")
-            if not valid_prediction(pred):
-                raise ValueError(f"invalid prediction {pred!r}")
+            if not isinstance(pred, Prediction):
+                raise TypeError(f"the predictor answered {type(pred).__name__}, not a Prediction")
             return pred  # may itself be a fallback the predictor counted (lookup_miss, error)
         except Exception:
             logger.exception("predictor call failed; using the heuristic")
@@ -193,39 +191,34 @@ class Ingress:
             pred = await self._predict(req.prompt)
             t1 = time.perf_counter()
             try:
-                decision = await self.allocator.reserve.remote(
-                    rid, pred["threshold_tokens"], pred["log_sigma"], int(client_cap)
+                decision: Decision = await self.allocator.reserve.remote(
+                    rid, pred.threshold_tokens, pred.log_sigma, int(client_cap)
                 )
                 t2 = time.perf_counter()
             except ClearError:
                 raise
             except Exception as exc:
                 raise AllocatorUnavailableError(f"the allocator is unavailable: {type(exc).__name__}") from exc
-            if not decision["admitted"]:
-                raise BudgetAbandonedError(
-                    f"request abandoned: predicted threshold {pred['threshold_tokens']:.0f} tokens cannot pay back "
-                    f"its cost at shadow price {decision['shadow_price']:.6g} ({decision['reason']})",
-                    shadow_price=decision["shadow_price"],
-                    retry_after_s=decision["retry_after_s"],
-                    threshold_tokens=pred["threshold_tokens"],
-                )
+            if not decision.admitted:
+                raise abandonment_error(decision)
         except ClearError as exc:
             self._count(outcome_of(exc), exc.error_type)
             return _error_response(exc)
 
         clear = {
-            "allocated_tokens": decision["cap"],
-            "predicted_threshold_tokens": pred["threshold_tokens"],
-            "shadow_price": decision["shadow_price"],
-            "policy": decision["policy"],
-            "market_cap_tokens": decision["market_cap"],
+            "allocated_tokens": decision.cap_tokens,
+            "predicted_threshold_tokens": pred.threshold_tokens,
+            "shadow_price": decision.shadow_price,
+            "policy": self.config.allocator.policy,
+            "market_cap_tokens": decision.market_cap_tokens,
+            "decision": decision.reason.value,
             "client_max_tokens": req.max_tokens,
-            "prediction_source": pred["source"],
+            "prediction_source": pred.source,
             # Time this request spent in the predictor and the allocator (the CLEAR overhead), ms.
             "timing_ms": {"predict": 1e3 * (t1 - t0), "allocate": 1e3 * (t2 - t1)},
         }
         ereq = EngineRequest(
-            request_id=rid, kind=kind, prompt=req.prompt, messages=req.messages, max_tokens=int(decision["cap"]),
+            request_id=rid, kind=kind, prompt=req.prompt, messages=req.messages, cap_tokens=int(decision.cap_tokens),
             model=req.model, sample_index=req.sample_index, sampling=req.sampling,
         )
         if req.stream:

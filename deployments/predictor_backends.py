@@ -1,4 +1,10 @@
-"""Threshold predictors the Predictor deployment can run: prompt -> (tau_hat tokens, log sigma).
+"""Threshold predictor backends behind one interface: prompts -> :class:`~deployments.messages.Prediction`.
+
+Every backend implements :class:`PredictorBackend`; the Predictor deployment
+builds the configured one with :func:`make_backend` and never branches on its
+name. This module imports neither Ray nor torch (the checkpoint backend loads
+``clear_predictor`` only when built), so the ingress can take its fallback
+from here.
 
 ``heuristic`` (the embedded default and the fallback)
     ``tau_hat = exp(4.914 + 0.159 * ln(prompt characters))`` clipped to
@@ -12,39 +18,73 @@
     per problem id (optionally ``"prompt"``); prompts are mapped to ids by the
     row's ``prompt`` or by a trace pool. Used by the digital twin and load
     tests (the same thresholds as the offline bench). A prompt not in the table
-    falls back to the heuristic (counted as ``lookup_miss``).
+    gets no prediction (``None``): the deployment falls back to the heuristic
+    and counts a ``lookup_miss``.
 ``checkpoint``
-    ``clear_predictor.inference.ThresholdPredictor.from_checkpoint`` (imported
-    only when configured).
+    ``clear_predictor.inference.ThresholdPredictor.from_checkpoint``.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import numpy as np
 
 from clear_core.predictions import read_predictions
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS
+from deployments.messages import Prediction
 
 HEURISTIC_INTERCEPT = 4.914
 HEURISTIC_SLOPE = 0.159
 HEURISTIC_LOG_SIGMA = 0.84
 MIN_THRESHOLD_TOKENS = 16.0
-MAX_THRESHOLD_TOKENS = 8192.0
+MAX_THRESHOLD_TOKENS = float(POOL_GENERATION_CAP_TOKENS)
 
 
-class HeuristicPredictor:
+class PredictorBackend(ABC):
+    """Predicts emergence thresholds for a batch of prompts."""
+
+    name = "abstract"  # the config's ``predictor.backend`` value
+    #: True when ``predict`` computes for long (a model on a CPU): the deployment runs it in a thread.
+    blocking = False
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config) -> PredictorBackend:
+        """Build from a :class:`~deployments.config.PredictorConfig`."""
+
+    @abstractmethod
+    def predict(self, prompts: Sequence[str], log_sigma: float | None = None) -> list[Prediction | None]:
+        """One prediction per prompt, in order; ``None`` where this backend has none (the caller
+        falls back). ``log_sigma`` overrides the backend's own error when not None. Raises on
+        failure (the caller falls back for the whole batch and counts it)."""
+
+
+class HeuristicPredictor(PredictorBackend):
     """Prompt-length rule (module docstring)."""
 
+    name = "heuristic"
     log_sigma = HEURISTIC_LOG_SIGMA
 
-    def predict(self, prompts: list[str]) -> np.ndarray:
+    @classmethod
+    def from_config(cls, config) -> HeuristicPredictor:
+        return cls()
+
+    def thresholds(self, prompts: Sequence[str]) -> np.ndarray:
         chars = np.array([max(len(p), 1) for p in prompts], dtype=float)
         tau = np.exp(HEURISTIC_INTERCEPT + HEURISTIC_SLOPE * np.log(chars))
         return np.clip(tau, MIN_THRESHOLD_TOKENS, MAX_THRESHOLD_TOKENS)
 
+    def predict(self, prompts, log_sigma=None):
+        sigma = self.log_sigma if log_sigma is None else log_sigma
+        return [Prediction(float(t), sigma, self.name) for t in self.thresholds(prompts)]
 
-class LookupPredictor:
-    """Thresholds from a predictions table; ``predict`` returns NaN for prompts it does not know."""
+
+class LookupPredictor(PredictorBackend):
+    """Thresholds from a predictions table (module docstring)."""
+
+    name = "lookup"
 
     def __init__(self, table_path: str, pool_path: str | None = None):
         self.by_id: dict[str, tuple[float, float]] = {}
@@ -54,20 +94,65 @@ class LookupPredictor:
             self.by_id[row.id] = (row.threshold_tokens, row.log_sigma or 0.0)
             if row.prompt is not None:
                 self.prompt_to_id[row.prompt.strip()] = row.id
-        sigmas = [row.log_sigma or 0.0 for row in table.rows]
         if pool_path:
             from clear_core.traces import load_pool
 
             for p in load_pool(pool_path):
                 self.prompt_to_id.setdefault(p.problem.strip(), p.id)
-        self.log_sigma = float(np.median(sigmas)) if sigmas else 0.0
+
+    @classmethod
+    def from_config(cls, config) -> LookupPredictor:
+        return cls(config.table_path, config.pool_path)
 
     def lookup(self, prompt: str) -> tuple[float, float] | None:
+        """(threshold tokens, log sigma) of the prompt's problem, or None."""
         pid = self.prompt_to_id.get(prompt.strip())
         return self.by_id.get(pid) if pid is not None else None
 
+    def predict(self, prompts, log_sigma=None):
+        out: list[Prediction | None] = []
+        for p in prompts:
+            hit = self.lookup(p)
+            out.append(None if hit is None else Prediction(hit[0], hit[1] if log_sigma is None else log_sigma, self.name))
+        return out
 
-def load_checkpoint_predictor(path: str, device: str | None = None):
-    from clear_predictor.inference import ThresholdPredictor  # heavy: torch + transformers
 
-    return ThresholdPredictor.from_checkpoint(path, device=device)
+class CheckpointPredictor(PredictorBackend):
+    """A trained ``clear_predictor`` checkpoint (torch + transformers, imported when built)."""
+
+    name = "checkpoint"
+    blocking = True
+
+    def __init__(self, path: str, device: str | None = None):
+        from clear_predictor.inference import ThresholdPredictor  # heavy: torch + transformers
+
+        self.model = ThresholdPredictor.from_checkpoint(path, device=device)
+        self.log_sigma = float(self.model.log_sigma)
+
+    @classmethod
+    def from_config(cls, config) -> CheckpointPredictor:
+        return cls(config.checkpoint_path, config.device)
+
+    def predict(self, prompts, log_sigma=None):
+        tau = np.asarray(self.model.predict(list(prompts)), dtype=float)
+        if tau.shape != (len(prompts),) or not np.all(np.isfinite(tau)):
+            raise ValueError(f"predictor returned shape {tau.shape} or non-finite thresholds")
+        sigma = self.log_sigma if log_sigma is None else log_sigma
+        return [Prediction(max(float(t), 0.0), sigma, self.name) for t in tau]
+
+
+#: Backends by the config's ``predictor.backend`` name.
+BACKENDS: dict[str, type[PredictorBackend]] = {
+    cls.name: cls for cls in (HeuristicPredictor, LookupPredictor, CheckpointPredictor)
+}
+
+
+def make_backend(config) -> PredictorBackend:
+    """The backend a :class:`~deployments.config.PredictorConfig` names."""
+    return BACKENDS[config.backend].from_config(config)
+
+
+def heuristic_prediction(prompt: str, reason: str | None = None) -> Prediction:
+    """The documented fallback for one prompt: the prompt-length heuristic, with why it was used."""
+    h = HeuristicPredictor()
+    return Prediction(float(h.thresholds([prompt])[0]), h.log_sigma, h.name, reason)

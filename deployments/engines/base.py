@@ -9,6 +9,7 @@ the stream breaks, with what it received so far).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ class EngineRequest:
     kind: str  # "chat" or "completion"
     prompt: str  # the problem text (last user message, or the completion prompt)
     messages: tuple[dict, ...] | None  # chat: the full message list as sent
-    max_tokens: int  # the cap: min(client max_tokens, CLEAR cap), tokens
+    cap_tokens: int  # the engine's cap: min(client's max_tokens, CLEAR cap), tokens
     model: str  # model id the client asked for
     sample_index: int | None = None  # replay: which recorded sample to replay
     sampling: dict = field(default_factory=dict)  # temperature, top_p, stop, seed ... passed through
@@ -33,17 +34,15 @@ class EngineChunk:
     info: dict | None = None  # engine extras on the last chunk (replay: problem_id, sample_index, solved)
 
 
-class Engine:
-    """``generate(request)`` streams the completion of one request, never beyond ``max_tokens``.
+class Engine(ABC):
+    """``generate(request)`` streams the completion of one request, never beyond ``cap_tokens``."""
 
-    Implementations must stop at ``request.max_tokens`` tokens, must end the
-    stream with exactly one chunk whose ``finish_reason`` is set, and raise
-    (rather than end quietly) when generation fails, so the ingress can tell an
-    engine error from a finished request.
-    """
-
+    @abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
-        raise NotImplementedError
+        """Stream the completion of ``request``.
 
-    def model_ids(self) -> list[str]:
-        raise NotImplementedError
+        Implementations must stop at ``request.cap_tokens`` tokens, must end the
+        stream with exactly one chunk whose ``finish_reason`` is set, and raise
+        (rather than end quietly) when generation fails, so the ingress can tell
+        an engine error from a finished request.
+        """

@@ -37,20 +37,14 @@ from deployments.tokens import TokenCodec
 
 
 class ReplayEngine(Engine):
-    def __init__(self, config: dict | ReplayEngineConfig, model_name: str = "clear-replay"):
-        self.config = ReplayEngineConfig.model_validate(config)
+    def __init__(self, config: ReplayEngineConfig, model_name: str = "clear-replay"):
+        self.config = config
         self.model_name = model_name
         self.workload: Workload = load_workload(
             self.config.trace_path, self.config.synthetic_problems, self.config.synthetic_seed
         )
         self.codec = TokenCodec(self.config.tokenizer_path)
         self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
-
-    def model_ids(self) -> list[str]:
-        return [self.model_name]
-
-    def describe(self) -> dict:
-        return {"workload": self.workload.source, "synthetic": self.workload.synthetic, "exact_tokens": self.codec.exact}
 
     def plan(self, request: EngineRequest) -> tuple[list[str], str, dict]:
         """The pieces to stream, the finish reason and the info of one request (no waiting)."""
@@ -62,7 +56,7 @@ class ReplayEngine(Engine):
                 param="clear_sample_index",
             )
         sample = problem.samples[j]
-        cap = int(request.max_tokens)
+        cap = int(request.cap_tokens)
         n = min(cap, sample.tokens)
         text = problem.response if (j == 0 and problem.response) else ""
         pieces = self.codec.cut(text, n)

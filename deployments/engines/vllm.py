@@ -30,7 +30,7 @@ def openai_body(req: EngineRequest, ignore_eos: bool = False) -> dict:
     """The OpenAI request body vLLM gets for one capped request."""
     body = {
         "model": req.model,
-        "max_tokens": int(req.max_tokens),  # the CLEAR cap, already <= the client's max_tokens
+        "max_tokens": int(req.cap_tokens),  # the CLEAR cap, already <= the client's max_tokens
         "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         **req.sampling,
@@ -69,14 +69,11 @@ def _sse_payloads(item) -> list[dict]:
 
 
 class VLLMEngine(Engine):
-    def __init__(self, llm_handle, config: dict | VLLMEngineConfig, model_name: str, request_factory: Callable | None = None):
+    def __init__(self, llm_handle, config: VLLMEngineConfig, model_name: str, request_factory: Callable | None = None):
         self.llm = llm_handle
-        self.config = VLLMEngineConfig.model_validate(config)
+        self.config = config
         self.model_name = model_name
         self.request_factory = request_factory or default_request_factory
-
-    def model_ids(self) -> list[str]:
-        return [self.model_name]
 
     async def generate(self, request: EngineRequest):
         body = openai_body(request, self.config.ignore_eos)

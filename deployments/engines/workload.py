@@ -23,11 +23,11 @@ import hashlib
 
 import numpy as np
 
-from clear_core.traces import TIERS, Problem, Sample, load_pool
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS, TIERS, Problem, Sample, load_pool
 
 SYNTHETIC_PREFIX = "[synthetic workload]"
 #: Generation cap of the recorded pools; longer synthetic samples are censored here.
-RECORDED_CAP_TOKENS = 8192
+RECORDED_CAP_TOKENS = POOL_GENERATION_CAP_TOKENS
 _TIER_MEDIAN_TOKENS = {"easy": 230, "moderate": 700, "hard": 2200, "very_hard": 5000}
 _TIER_ACCURACY = {"easy": 0.87, "moderate": 0.85, "hard": 0.73, "very_hard": 0.40}
 _TIER_DATASET = {"easy": ("gsm8k", None), "moderate": ("math500", 2), "hard": ("math500", 5), "very_hard": ("aime", None)}
@@ -49,7 +49,6 @@ class Workload:
         self._by_prompt = {}
         for p in problems:
             self._by_prompt.setdefault(_key(p.problem), p)
-        self._by_id = {p.id: p for p in problems}
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -61,9 +60,6 @@ class Workload:
             return p, True
         h = int.from_bytes(hashlib.sha1(prompt.encode("utf-8")).digest()[:8], "big")
         return self.problems[h % len(self.problems)], False
-
-    def by_id(self, problem_id: str) -> Problem | None:
-        return self._by_id.get(problem_id)
 
 
 def load_workload(trace_path: str | None, n_synthetic: int = 200, seed: int = 0) -> Workload:

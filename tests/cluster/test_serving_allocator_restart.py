@@ -5,15 +5,15 @@ import time
 import httpx
 import pytest
 
+from tests.factories import app_args
+
 pytestmark = pytest.mark.cluster
 
 APP = "restart"
-ARGS = {
-    "model_name": "clear-replay",
-    "allocator": {"policy": "clear", "budget": {"mode": "per_query", "tokens_per_query": 300, "window_queries": 1000}},
-    "predictor": {"backend": "heuristic"},
-    "engine": {"kind": "replay", "decode_tokens_per_s": 100000.0, "deployment": {"num_replicas": 1}},
-}
+ARGS = app_args(
+    allocator={"budget": {"tokens_per_query": 300, "window_queries": 1000}},
+    engine={"decode_tokens_per_s": 100000.0, "deployment": {"num_replicas": 1}},
+)
 
 
 def status(url):

@@ -14,27 +14,26 @@ import time
 import httpx
 import pytest
 
+from tests.factories import app_args
+
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(400)]
 
 APP = "load"
 N_REQUESTS = 300
-ARGS = {
-    "model_name": "clear-replay",
-    "allocator": {
-        "policy": "clear",
+ARGS = app_args(
+    allocator={
         "pricing_window_requests": 128,
         "budget": {"mode": "rate", "tokens_per_s": 40_000.0, "burst_tokens": 150_000.0, "reservation_ttl_s": 120.0},
     },
-    "engine": {
-        "kind": "replay",
+    engine={
         "decode_tokens_per_s": 4000.0,
         "stream_chunk_tokens": 16,
         "max_concurrent_requests": 64,
         "fail_probability": 0.05,
         "deployment": {"num_replicas": 2, "max_ongoing_requests": 200},
     },
-    "ingress": {"deployment": {"num_replicas": 1, "max_ongoing_requests": 1000}},
-}
+    ingress={"deployment": {"num_replicas": 1, "max_ongoing_requests": 1000}},
+)
 
 
 def kill_one_engine_replica(app: str) -> str:
@@ -149,7 +148,7 @@ def test_budget_invariant_under_load(cluster):
         assert reserved == 0 and inflight == 0
         assert requests == N_REQUESTS
         errors = cluster.metric_sum(f"ray_{m.REQUESTS}_total", APP, outcome="error", error_type="engine_error")
-        abandoned = cluster.metric_sum(f"ray_{m.REQUESTS}_total", APP, outcome="abandoned", error_type="budget_abandoned")
+        abandoned = cluster.metric_sum(f"ray_{m.REQUESTS}_total", APP, outcome="abandoned")  # insolvent or pool empty
         assert errors and errors > 0 and abandoned and abandoned > 0
     finally:
         cluster.delete(APP)

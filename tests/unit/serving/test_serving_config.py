@@ -107,3 +107,56 @@ def test_completion_parsing():
     assert parse_completion({"model": "m", "prompt": ["one"]}, 100).prompt == "one"
     with pytest.raises(BadRequestError):
         parse_completion({"model": "m", "prompt": ["a", "b"]}, 100)
+
+
+def test_the_budget_config_is_validated_by_the_core_budget():
+    from clear_core.budget import PerQueryBudget, TokenBucketBudget
+    from deployments.config import AllocatorConfig
+
+    assert AllocatorConfig().budget.to_budget() == PerQueryBudget()  # one source of the defaults
+    rate = AllocatorConfig(budget={"mode": "rate", "tokens_per_s": 100}).budget.to_budget()
+    assert rate == TokenBucketBudget(tokens_per_s=100.0, burst_tokens=0.0) and rate.refund_unused
+    with pytest.raises(ValidationError, match="tokens_per_s > 0 or burst_tokens > 0"):
+        AllocatorConfig(budget={"mode": "rate"})
+    with pytest.raises(ValidationError, match="tokens_per_query"):
+        AllocatorConfig(budget={"mode": "per_query", "tokens_per_query": -1})
+    with pytest.raises(ValidationError, match="tokens_per_s"):  # a field of the other mode
+        AllocatorConfig(budget={"mode": "per_query", "tokens_per_s": 5})
+    with pytest.raises(ValidationError, match="policy"):
+        AllocatorConfig(policy="clear:beta=0.01")  # refused at deploy time, not at the first request
+
+
+def test_the_allocator_options_come_from_config_and_stay_one_replica():
+    from deployments.config import AllocatorConfig
+
+    opts = AllocatorConfig(deployment={"num_cpus": 0.5, "max_ongoing_requests": 77}).deployment.serve_options()
+    assert opts == {"name": "Allocator", "num_replicas": 1, "max_ongoing_requests": 77,
+                    "ray_actor_options": {"num_cpus": 0.5}}
+    with pytest.raises(ValidationError):
+        AllocatorConfig(deployment={"num_replicas": 2})
+
+
+def test_vllm_autoscaling_is_set_in_one_place():
+    from deployments.config import VLLMEngineConfig
+
+    with pytest.raises(ValidationError, match="deployment_config"):
+        VLLMEngineConfig(model_source="m", llm_config={"deployment_config": {"autoscaling_config": {"max_replicas": 9}}})
+    ok = VLLMEngineConfig(model_source="m", max_replicas=3, llm_config={"engine_kwargs": {"max_model_len": 512}})
+    assert ok.max_replicas == 3
+
+
+def test_the_two_abandonments_are_two_error_types():
+    from clear_core.online_market import Decision, DecisionReason
+    from deployments.errors import BudgetPoolEmptyError, abandonment_error, outcome_of
+
+    def decision(reason):
+        return Decision(reason=reason, cap_tokens=0, market_cap_tokens=0, shadow_price=0.2, threshold_tokens=900.0,
+                        budget_per_query_tokens=128.0, retry_after_s=3.0)
+
+    insolvent = abandonment_error(decision(DecisionReason.INSOLVENT))
+    empty = abandonment_error(decision(DecisionReason.POOL_EMPTY))
+    assert (insolvent.error_type, empty.error_type) == ("budget_abandoned", "budget_pool_empty")
+    assert isinstance(empty, BudgetPoolEmptyError) and not isinstance(insolvent, BudgetPoolEmptyError)
+    assert {insolvent.http_status, empty.http_status} == {429}
+    assert outcome_of(insolvent) == outcome_of(empty) == "abandoned"
+    assert "insolvent" in str(insolvent) and "pool_empty" in str(empty)

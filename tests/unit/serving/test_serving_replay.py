@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from deployments.engines.base import EngineRequest
+from deployments.config import ReplayEngineConfig
 from deployments.engines.replay import ReplayEngine
 from deployments.engines.workload import SYNTHETIC_PREFIX, synthetic_problems
 from deployments.errors import BadRequestError, EngineError
@@ -17,15 +18,15 @@ QWEN = SHARED / "data" / "tokenizer" / "qwen.tiktoken"
 
 
 def make_request(prompt: str, cap: int, sample: int | None = None, rid: str = "r1") -> EngineRequest:
-    return EngineRequest(request_id=rid, kind="chat", prompt=prompt, messages=None, max_tokens=cap, model="m", sample_index=sample)
+    return EngineRequest(request_id=rid, kind="chat", prompt=prompt, messages=None, cap_tokens=cap, model="m", sample_index=sample)
 
 
 async def collect(engine: ReplayEngine, req: EngineRequest):
     return [c async for c in engine.generate(req)]
 
 
-def fast(**kw) -> dict:
-    return {"decode_tokens_per_s": 1e9, "time_to_first_token_s": 0.0, **kw}
+def fast(**kw) -> ReplayEngineConfig:
+    return ReplayEngineConfig(**{"decode_tokens_per_s": 1e9, "time_to_first_token_s": 0.0, **kw})
 
 
 def test_synthetic_workload_is_labelled_and_deterministic():
@@ -73,7 +74,8 @@ def test_unknown_prompt_is_served_from_a_stable_problem():
 
 
 def test_concurrency_and_pace():
-    engine = ReplayEngine({"decode_tokens_per_s": 1000.0, "time_to_first_token_s": 0.0, "stream_chunk_tokens": 10, "max_concurrent_requests": 1})
+    engine = ReplayEngine(ReplayEngineConfig(decode_tokens_per_s=1000.0, time_to_first_token_s=0.0, stream_chunk_tokens=10,
+                                             max_concurrent_requests=1))
     prompt = engine.workload.problems[0].problem  # easy, > 50 tokens
 
     async def two():

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from deployments.engines.base import EngineRequest
+from deployments.config import VLLMEngineConfig
 from deployments.engines.vllm import VLLMEngine, openai_body
 from deployments.errors import EngineError
 
@@ -57,7 +58,7 @@ def chat_chunk(text, total, finish=None):
 def req(kind="chat", cap=300, **kw):
     return EngineRequest(
         request_id="r", kind=kind, prompt="Solve x+1=2", messages=({"role": "user", "content": "Solve x+1=2"},) if kind == "chat" else None,
-        max_tokens=cap, model="qwen", sampling={"temperature": 0.7}, **kw,
+        cap_tokens=cap, model="qwen", sampling={"temperature": 0.7}, **kw,
     )
 
 
@@ -68,7 +69,7 @@ async def run(engine, r):
 def test_cap_becomes_max_tokens_and_stream_is_translated():
     items = [[chat_chunk("x", 1), chat_chunk(" =", 2)], [chat_chunk(" 1", 3, "stop"), "data: [DONE]\n\n"]]
     handle = FakeLLMHandle(items)
-    engine = VLLMEngine(handle, {"model_source": "Qwen/Qwen2.5-7B"}, "qwen", request_factory=lambda kind, body: body)
+    engine = VLLMEngine(handle, VLLMEngineConfig(model_source="Qwen/Qwen2.5-7B"), "qwen", request_factory=lambda kind, body: body)
     chunks = asyncio.run(run(engine, req(cap=300)))
     (name, sent), = handle.calls
     assert name == "chat" and handle.options == {"stream": True}
@@ -88,6 +89,6 @@ def test_completion_mapping_and_ignore_eos():
 
 def test_engine_error_payload_raises():
     handle = FakeLLMHandle([sse({"error": {"message": "CUDA OOM", "type": "InternalServerError"}})])
-    engine = VLLMEngine(handle, {"model_source": "m"}, "qwen", request_factory=lambda k, b: b)
+    engine = VLLMEngine(handle, VLLMEngineConfig(model_source="m"), "qwen", request_factory=lambda k, b: b)
     with pytest.raises(EngineError, match="CUDA OOM"):
         asyncio.run(run(engine, req()))

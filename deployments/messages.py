@@ -1,0 +1,33 @@
+"""Typed messages between the deployments (frozen dataclasses, pickled over Serve handles).
+
+Ingress -> Predictor -> Ingress: :class:`Prediction`.
+Ingress -> Allocator -> Ingress: :class:`clear_core.online_market.Decision`.
+Ingress -> Engine: :class:`deployments.engines.base.EngineRequest` (and ``EngineChunk`` back).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from clear_core.online_market import Decision, DecisionReason
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A predicted emergence threshold for one prompt."""
+
+    threshold_tokens: float  # tau_hat, the reasoning tokens the request is predicted to need
+    log_sigma: float  # the predictor's error in log space (out-of-fold RMSE of log length)
+    source: str  # the backend that made it: heuristic, lookup or checkpoint
+    fallback_reason: str | None = None  # why the fallback was used (timeout, error, lookup_miss), else None
+
+    def __post_init__(self):
+        if not (isinstance(self.threshold_tokens, (int, float)) and math.isfinite(self.threshold_tokens)
+                and self.threshold_tokens >= 0):
+            raise ValueError(f"threshold_tokens must be finite and >= 0, got {self.threshold_tokens!r}")
+        if not (isinstance(self.log_sigma, (int, float)) and math.isfinite(self.log_sigma) and self.log_sigma >= 0):
+            raise ValueError(f"log_sigma must be finite and >= 0, got {self.log_sigma!r}")
+
+
+__all__ = ["Decision", "DecisionReason", "Prediction"]

@@ -1,0 +1,237 @@
+"""The ingress with fake handles (no Ray): every reservation is settled exactly once, with the
+tokens the client received, whether the request succeeds, the engine fails, or the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from starlette.requests import Request
+
+from clear_core.online_market import Decision, DecisionReason
+from deployments.config import AppConfig
+from deployments.engines.base import EngineChunk
+from deployments.errors import EngineError
+from deployments.ingress import Ingress
+from deployments.messages import Prediction
+from tests.factories import app_args
+
+CHUNK_TOKENS = 3
+
+
+class _Call:
+    """What ``handle.method.remote(...)`` returns: awaitable, cancellable."""
+
+    def __init__(self, value):
+        self.value = value
+        self.cancelled = False
+
+    def __await__(self):
+        async def get():
+            return self.value
+
+        return get().__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+class FakePredictor:
+    def __init__(self):
+        self.predict = _Method(lambda prompt: _Call(Prediction(100.0, 0.5, "fake")))
+
+
+class FakeAllocator:
+    """Admits with ``cap`` tokens (or abandons) and records every settle."""
+
+    def __init__(self, cap: int = 60, admit: bool = True):
+        self.reserved: list[str] = []
+        self.settled: list[tuple[str, int]] = []
+
+        def reserve(rid, threshold, log_sigma, client_cap):
+            self.reserved.append(rid)
+            reason = DecisionReason.ADMITTED if admit else DecisionReason.INSOLVENT
+            return _Call(Decision(reason=reason, cap_tokens=min(cap, client_cap) if admit else 0,
+                                  market_cap_tokens=cap, shadow_price=0.01, threshold_tokens=threshold,
+                                  budget_per_query_tokens=256.0, retry_after_s=2.0))
+
+        def settle(rid, generated):
+            self.settled.append((rid, generated))
+            return _Call(None)
+
+        self.reserve = _Method(reserve)
+        self.settle = _Method(settle)
+
+
+class _Stream:
+    def __init__(self, chunks: int, fail_after: int | None, gate: asyncio.Event | None):
+        self.chunks, self.fail_after, self.gate = chunks, fail_after, gate
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self._gen()
+
+    async def _gen(self):
+        for i in range(self.chunks):
+            if self.fail_after is not None and i == self.fail_after:
+                raise RuntimeError("engine replica died")
+            if self.gate is not None and i == 2:
+                self.gate.set()  # two chunks are out: the test may disconnect now
+                await asyncio.sleep(3600)
+            yield EngineChunk(text="abc", tokens=CHUNK_TOKENS)
+        yield EngineChunk(text="", tokens=0, finish_reason="length", info={"engine": "fake"})
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeEngine:
+    def __init__(self, chunks: int = 4, fail_after: int | None = None, gate: asyncio.Event | None = None):
+        self.streams: list[_Stream] = []
+        self.requests = []
+
+        def generate(ereq):
+            self.requests.append(ereq)
+            s = _Stream(chunks, fail_after, gate)
+            self.streams.append(s)
+            return s
+
+        self.generate = _Method(generate)
+
+    def options(self, stream: bool):
+        assert stream
+        return self
+
+
+def make_ingress(allocator, engine) -> Ingress:
+    return Ingress(AppConfig.model_validate(app_args()), FakePredictor(), allocator, engine, metrics=False)
+
+
+def make_request(body: dict) -> Request:
+    raw = json.dumps(body).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+    }
+    return Request(scope, receive)
+
+
+def chat(stream: bool = False, **extra) -> dict:
+    return {"model": "clear-replay", "messages": [{"role": "user", "content": "What is 2+2?"}], "stream": stream,
+            **extra}
+
+
+async def settle_tasks(ingress: Ingress) -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+    if ingress._background:
+        await asyncio.gather(*ingress._background)
+
+
+def test_success_settles_once_with_the_tokens_generated():
+    async def run():
+        alloc, engine = FakeAllocator(cap=60), FakeEngine(chunks=4)
+        ing = make_ingress(alloc, engine)
+        resp = await ing._complete(make_request(chat(max_tokens=50)), "chat")
+        await settle_tasks(ing)
+        return alloc, engine, resp
+
+    alloc, engine, resp = asyncio.run(run())
+    assert alloc.settled == [(alloc.reserved[0], 4 * CHUNK_TOKENS)]
+    assert engine.requests[0].cap_tokens == 50  # min(client max_tokens, CLEAR cap)
+    assert resp["usage"]["completion_tokens"] == 4 * CHUNK_TOKENS
+    assert resp["clear"]["allocated_tokens"] == 50 and resp["clear"]["decision"] == "admitted"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_error_settles_once_with_what_was_received(stream):
+    async def run():
+        alloc, engine = FakeAllocator(), FakeEngine(chunks=4, fail_after=2)
+        ing = make_ingress(alloc, engine)
+        resp = await ing._complete(make_request(chat(stream=stream)), "chat")
+        body = b""
+        if stream:
+            async for part in resp.body_iterator:
+                body += part.encode() if isinstance(part, str) else part
+        await settle_tasks(ing)
+        return alloc, resp, body
+
+    alloc, resp, body = asyncio.run(run())
+    assert alloc.settled == [(alloc.reserved[0], 2 * CHUNK_TOKENS)]
+    if stream:  # the error comes as an SSE error event, then [DONE]
+        assert EngineError.error_type in body.decode() and body.decode().rstrip().endswith("[DONE]")
+    else:
+        assert resp.status_code == 502 and json.loads(resp.body)["error"]["type"] == EngineError.error_type
+
+
+def test_client_disconnect_mid_stream_settles_once_and_cancels_the_engine():
+    async def run():
+        gate = asyncio.Event()
+        alloc, engine = FakeAllocator(), FakeEngine(chunks=10, gate=gate)
+        ing = make_ingress(alloc, engine)
+        resp = await ing._complete(make_request(chat(stream=True)), "chat")
+        it = resp.body_iterator
+
+        async def consume():
+            async for _ in it:
+                pass
+
+        task = asyncio.create_task(consume())
+        await gate.wait()
+        await asyncio.sleep(0.01)
+        task.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await it.aclose()
+        await settle_tasks(ing)
+        return alloc, engine
+
+    alloc, engine = asyncio.run(run())
+    assert alloc.settled == [(alloc.reserved[0], 2 * CHUNK_TOKENS)]
+    assert engine.streams[0].cancelled
+
+
+def test_cancelled_whole_request_settles_once():
+    async def run():
+        gate = asyncio.Event()
+        alloc, engine = FakeAllocator(), FakeEngine(chunks=10, gate=gate)
+        ing = make_ingress(alloc, engine)
+        task = asyncio.create_task(ing._complete(make_request(chat()), "chat"))
+        await gate.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await settle_tasks(ing)
+        return alloc
+
+    alloc = asyncio.run(run())
+    assert alloc.settled == [(alloc.reserved[0], 2 * CHUNK_TOKENS)]
+
+
+def test_abandoned_and_malformed_requests_never_settle_nor_reach_the_engine():
+    async def run():
+        alloc, engine = FakeAllocator(admit=False), FakeEngine()
+        ing = make_ingress(alloc, engine)
+        abandoned = await ing._complete(make_request(chat()), "chat")
+        bad = await ing._complete(make_request({"model": "clear-replay", "messages": []}), "chat")
+        await settle_tasks(ing)
+        return alloc, engine, abandoned, bad
+
+    alloc, engine, abandoned, bad = asyncio.run(run())
+    assert abandoned.status_code == 429 and json.loads(abandoned.body)["error"]["type"] == "budget_abandoned"
+    assert abandoned.headers["retry-after"] == "2"
+    assert bad.status_code == 400
+    assert len(alloc.reserved) == 1 and alloc.settled == [] and engine.requests == []
