@@ -60,7 +60,7 @@ def bucketed_batches(
     batch_size: int,
     rng: np.random.Generator | None = None,
     pool_factor: int = 8,
-    max_tokens: int | None = None,
+    max_batch_tokens: int | None = None,
 ) -> list[np.ndarray]:
     """Index batches of similar lengths.
 
@@ -68,7 +68,7 @@ def bucketed_batches(
     each chunk by length, split into batches, shuffle the batches (training).
     Without: sort everything by length (inference; callers restore the order);
     a batch then also stops before its padded size ``rows * longest`` would pass
-    ``max_tokens`` (long prompts go in smaller batches; attention memory grows
+    ``max_batch_tokens`` (long prompts go in smaller batches; attention memory grows
     with rows * length^2).
     """
     if batch_size <= 0:
@@ -77,12 +77,12 @@ def bucketed_batches(
     lens = np.asarray(lengths, dtype=np.int64)
     if rng is None:
         order = np.argsort(lens, kind="stable")
-        if not max_tokens:
+        if not max_batch_tokens:
             return [order[i : i + batch_size] for i in range(0, n, batch_size)]
         out, start = [], 0
         for k in range(n):
             rows = k - start + 1  # rows if order[k] joins; it is the longest so far
-            if rows > batch_size or (rows > 1 and rows * lens[order[k]] > max_tokens):
+            if rows > batch_size or (rows > 1 and rows * lens[order[k]] > max_batch_tokens):
                 out.append(order[start:k])
                 start = k
         if start < n:

@@ -18,29 +18,36 @@ import numpy as np
 
 from clear_core.errors import ClearError, InvalidInputError
 from clear_core.predictions import read_predictions
+from clear_predictor.config import DEFAULT_EVAL_BATCH_SIZE, TrainConfig
 
+#: ``predictor train`` holds out this share of problems to measure log_sigma (TrainConfig's
+#: own default, 0, is for cross-validation, where the out-of-fold residuals measure it).
 DEFAULT_VAL_FRACTION = 0.1
+#: ``predictor crossval`` trains one model per fold: fewer passes than a full training.
+CROSSVAL_EPOCHS = 3
 
 
-def _add_train_options(p: argparse.ArgumentParser, epochs_default: int) -> None:
-    p.add_argument("--backbone", default=None, help="HF encoder name or local folder (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--epochs", type=int, default=epochs_default, help=f"passes over the data (default {epochs_default})")
-    p.add_argument("--batch-size", type=int, default=32, help="problems per optimiser step (default 32)")
-    p.add_argument("--lr", type=float, default=2e-5, help="encoder AdamW learning rate (default 2e-5)")
-    p.add_argument("--head-lr", type=float, default=1e-4, help="head AdamW learning rate (default 1e-4)")
-    p.add_argument("--head-init", choices=("ridge", "random"), default="ridge",
-                   help="ridge: linear probe on frozen features before fine-tuning (default); random: plain recipe")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens kept, the last ones (default 512)")
-    p.add_argument("--seed", type=int, default=0)
+def _add_train_options(p: argparse.ArgumentParser, epochs_default: int | None = None) -> None:
+    """Options of TrainConfig; their defaults are TrainConfig's (``epochs_default`` overrides one)."""
+    d = TrainConfig()
+    epochs = d.epochs if epochs_default is None else epochs_default
+    p.add_argument("--backbone", default=d.backbone, help="HF encoder name or local folder (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--epochs", type=int, default=epochs, help="passes over the data (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="problems per optimiser step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="encoder AdamW learning rate (default %(default)s)")
+    p.add_argument("--head-lr", type=float, default=d.head_lr, help="head AdamW learning rate (default %(default)s)")
+    p.add_argument("--head-init", choices=("ridge", "random"), default=d.head_init,
+                   help="ridge: linear probe on frozen features before fine-tuning; random: plain recipe "
+                        "(default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens kept, the last ones (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N problems")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda (default %(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=d.progress, help="no tqdm bars")
 
 
-def _train_config(args, val_fraction: float = 0.0):
-    from clear_predictor.train import TrainConfig
-
+def _train_config(args, val_fraction: float = TrainConfig.val_fraction) -> TrainConfig:
     return TrainConfig(
         backbone=args.backbone,
         epochs=args.epochs,
@@ -53,7 +60,7 @@ def _train_config(args, val_fraction: float = 0.0):
         seed=args.seed,
         val_fraction=val_fraction,
         device=args.device,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
 
 
@@ -66,16 +73,17 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--traces", nargs="+", required=True, help="pool JSONL file(s)")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
-                   help="share of problems held out to measure log_sigma (default 0.1; 0: use training residuals)")
-    _add_train_options(p, epochs_default=10)
+                   help="share of problems held out to measure log_sigma (default %(default)s; 0: use training residuals)")
+    _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="per-problem thresholds from a checkpoint")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--traces", required=True, help="pool JSONL file")
     p.add_argument("--out", required=True, help="output JSONL: id, threshold_tokens, log_sigma")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass")
+    p.add_argument("--device", default=TrainConfig.device, help="auto, cpu or cuda (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE,
+                   help="prompts per forward pass (default %(default)s)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("crossval", help="grouped K-fold out-of-fold predictions and metrics")
@@ -83,7 +91,7 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--out", required=True, help="output JSONL; metrics go to OUT with suffix .metrics.json")
     p.add_argument("--model", choices=("transformer", "tfidf", "length"), default="transformer")
-    _add_train_options(p, epochs_default=3)
+    _add_train_options(p, epochs_default=CROSSVAL_EPOCHS)
     p.set_defaults(func=cmd_crossval)
 
     p = sub.add_parser("evaluate", help="metrics of a predictions JSONL against a pool's true lengths")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clear_core.errors import InvalidInputError
+from clear_core.errors import ClearError, InvalidInputError
 from clear_predictor.data import LengthDataset
 
 
@@ -40,9 +40,13 @@ def group_kfold_splits(groups, n_splits: int = 5, seed: int = 0) -> list[tuple[n
         fold_of = {uniq[j]: k % int(n_splits) for k, j in enumerate(order)}
         f = np.array([fold_of[g] for g in groups])
         splits = [(np.flatnonzero(f != k), np.flatnonzero(f == k)) for k in range(int(n_splits))]
+    tested = np.zeros(len(groups), dtype=np.int64)
     for tr, te in splits:
         if set(groups[tr]) & set(groups[te]):  # the invariant the whole evaluation rests on
-            raise AssertionError("GroupKFold put a problem on both sides of a fold")
+            raise ClearError("grouped K-fold put a problem on both sides of a fold")
+        tested[te] += 1
+    if (tested != 1).any():  # a bug of the splitter, not of the caller's input
+        raise ClearError(f"grouped K-fold tested {int((tested != 1).sum())} rows other than exactly once")
     return splits
 
 
@@ -59,10 +63,23 @@ def out_of_fold(
     for k, (tr, te) in enumerate(group_kfold_splits(data.groups, n_splits, seed)):
         model = make_model()
         model.fit([data.texts[i] for i in tr], data.log_targets[tr])
-        pred[te] = model.predict_log([data.texts[i] for i in te])
+        got = np.asarray(model.predict_log([data.texts[i] for i in te]), dtype=float)
+        if got.shape != (len(te),):
+            raise InvalidInputError(
+                "make_model", _name(make_model), f"its model returned {got.shape} predictions for {len(te)} prompts"
+            )
+        pred[te] = got
         fold[te] = k
         if on_fold is not None:
             on_fold(k, tr, te, pred[te])
-    if np.isnan(pred).any() or (fold < 0).any():
-        raise AssertionError("some problems got no out-of-fold prediction")
+    bad = ~np.isfinite(pred)
+    if bad.any():  # the splits test every row once, so only the model can leave a hole
+        raise InvalidInputError(
+            "make_model", _name(make_model),
+            f"its models predicted a non-finite log length for {int(bad.sum())} of {len(pred)} problems",
+        )
     return OOFResult(pred_log=pred, fold=fold, n_splits=int(n_splits), seed=int(seed))
+
+
+def _name(make_model) -> str:
+    return getattr(make_model, "__name__", None) or repr(make_model)

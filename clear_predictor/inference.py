@@ -10,6 +10,7 @@ import torch
 
 from clear_core.errors import InvalidInputError
 from clear_predictor.batching import bucketed_batches, collate, pad_token_id, tokenize
+from clear_predictor.config import DEFAULT_EVAL_BATCH_SIZE
 from clear_predictor.model import LengthRegressor, TrainingMetadata, load_checkpoint, pick_device
 
 #: Padded tokens per forward pass at inference (rows * longest row): batches of
@@ -28,12 +29,13 @@ def predict_log_batched(
     tokenizer,
     texts: Sequence[str],
     max_length: int,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     device: torch.device | str = "cpu",
-    max_tokens: int | None = MAX_BATCH_TOKENS,
+    max_batch_tokens: int | None = MAX_BATCH_TOKENS,
 ) -> np.ndarray:
     """Predicted log length per text (log-tokens), in input order; batches sorted by length,
-    at most ``batch_size`` prompts and (unless one prompt alone exceeds it) ``max_tokens`` padded tokens."""
+    at most ``batch_size`` prompts and (unless one prompt alone exceeds it) ``max_batch_tokens``
+    padded tokens."""
     ids = tokenize(tokenizer, texts, max_length)
     out = np.empty(len(ids), dtype=float)
     if not ids:
@@ -41,7 +43,7 @@ def predict_log_batched(
     was_training = model.training
     model.eval()
     pad = pad_token_id(tokenizer)
-    for idx in bucketed_batches([len(r) for r in ids], batch_size, max_tokens=max_tokens):
+    for idx in bucketed_batches([len(r) for r in ids], batch_size, max_batch_tokens=max_batch_tokens):
         batch = collate([ids[i] for i in idx], pad, device)
         out[idx] = model(**batch).float().cpu().numpy()
     if was_training:
@@ -64,7 +66,7 @@ class ThresholdPredictor:
     time (validation split), for callers that model uncertainty (log-normal).
     """
 
-    def __init__(self, model: LengthRegressor, tokenizer, metadata: TrainingMetadata, device=None, batch_size: int = 64):
+    def __init__(self, model: LengthRegressor, tokenizer, metadata: TrainingMetadata, device=None, batch_size: int = DEFAULT_EVAL_BATCH_SIZE):
         if batch_size <= 0:
             raise InvalidInputError("batch_size", batch_size, "must be a positive integer")
         self.device = pick_device(device)
@@ -75,7 +77,7 @@ class ThresholdPredictor:
         self.max_length = int(model.config.max_length)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device=None, batch_size: int = 64) -> "ThresholdPredictor":
+    def from_checkpoint(cls, path: str | Path, device=None, batch_size: int = DEFAULT_EVAL_BATCH_SIZE) -> "ThresholdPredictor":
         dev = pick_device(device)
         model, tokenizer, meta = load_checkpoint(path, dev)
         return cls(model, tokenizer, meta, dev, batch_size)

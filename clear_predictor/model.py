@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from clear_core.errors import InvalidInputError
+from clear_predictor.config import DEFAULT_MAX_LENGTH
 
 CONFIG_FILE = "predictor_config.json"
 METADATA_FILE = "training_metadata.json"
 HEAD_FILE = "head.pt"
 ENCODER_DIR = "encoder"
 TOKENIZER_DIR = "tokenizer"
-DEFAULT_MAX_LENGTH = 512
 
 
 def default_backbone() -> str:

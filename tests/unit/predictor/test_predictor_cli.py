@@ -87,3 +87,20 @@ def test_add_subcommands_plugs_into_another_parser():
     assert args.traces == ["a", "b"] and args.lr == 2e-5 and args.epochs == 10 and args.backbone is None
     with pytest.raises(SystemExit):
         parser.parse_args(["predictor", "crossval", "--traces", "a", "--out", "o", "--model", "bert"])
+
+
+def test_training_defaults_come_from_train_config():
+    """One source per default: the options a user leaves out are TrainConfig's."""
+    from clear_predictor.config import DEFAULT_EVAL_BATCH_SIZE, TrainConfig
+
+    parser = cli.build_parser()
+    train = parser.parse_args(["predictor", "train", "--traces", "a", "--out", "d"])
+    assert cli._train_config(train) == TrainConfig()
+    assert train.val_fraction == cli.DEFAULT_VAL_FRACTION
+    crossval = parser.parse_args(["predictor", "crossval", "--traces", "a", "--out", "o"])
+    assert cli._train_config(crossval) == TrainConfig(epochs=cli.CROSSVAL_EPOCHS)
+    predict = parser.parse_args(["predictor", "predict", "--model", "m", "--traces", "a", "--out", "o"])
+    assert predict.batch_size == DEFAULT_EVAL_BATCH_SIZE == TrainConfig().eval_batch_size
+    assert predict.device == TrainConfig().device
+    quiet = parser.parse_args(["predictor", "train", "--traces", "a", "--out", "d", "--no-progress", "--seed", "4"])
+    assert cli._train_config(quiet) == TrainConfig(progress=False, seed=4)

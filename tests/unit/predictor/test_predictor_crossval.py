@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clear_core.errors import InvalidInputError
+from clear_core.errors import ClearError, InvalidInputError
 from clear_core.traces import load_pool
 from clear_predictor.baselines import PromptLengthBaseline, TfidfRidgeBaseline
 from clear_predictor.crossval import group_kfold_splits, out_of_fold
@@ -74,3 +74,53 @@ def test_folds_argument_is_checked(tmp_path):
         out_of_fold(data, PromptLengthBaseline, n_splits=1)
     with pytest.raises(InvalidInputError):
         out_of_fold(data, PromptLengthBaseline, n_splits=11)
+    with pytest.raises(InvalidInputError) as err:
+        group_kfold_splits(["a", "b", "c"], 2.5)
+    assert err.value.name == "folds" and err.value.value == 2.5
+
+
+class _Constant:
+    """A model predicting ``value`` for every prompt (``rows``: how many values it returns)."""
+
+    def __init__(self, value=1.0, rows=None):
+        self.value, self.rows = value, rows
+
+    def fit(self, texts, y):
+        return self
+
+    def predict_log(self, texts):
+        return np.full(len(texts) if self.rows is None else self.rows, self.value)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_model_without_a_finite_prediction_is_an_input_error(tmp_path, value):
+    data = build_dataset(load_pool(write_pool(tmp_path / "p.jsonl", n=12)))
+    with pytest.raises(InvalidInputError) as err:
+        out_of_fold(data, lambda: _Constant(value), n_splits=3)
+    assert err.value.name == "make_model" and "12 of 12" in err.value.reason
+    assert not isinstance(err.value, AssertionError)
+
+
+def test_a_model_returning_the_wrong_number_of_predictions_is_an_input_error(tmp_path):
+    data = build_dataset(load_pool(write_pool(tmp_path / "p.jsonl", n=12)))
+    with pytest.raises(InvalidInputError, match="predictions for"):
+        out_of_fold(data, lambda: _Constant(rows=1), n_splits=3)
+
+
+def test_a_splitter_breaking_the_grouping_is_a_clear_error_not_an_input_error(monkeypatch):
+    """The invariant check is not an input check: a straddling fold is the splitter's bug."""
+    import sklearn.model_selection
+
+    class Straddling:
+        def __init__(self, n_splits, **_):
+            self.n_splits = n_splits
+
+        def split(self, x, groups=None):
+            rows = np.arange(len(x))
+            for _ in range(self.n_splits):
+                yield rows, rows  # every problem on both sides
+
+    monkeypatch.setattr(sklearn.model_selection, "GroupKFold", Straddling)
+    with pytest.raises(ClearError, match="both sides") as err:
+        group_kfold_splits(["a", "b", "c", "d"], 2)
+    assert not isinstance(err.value, (InvalidInputError, AssertionError))

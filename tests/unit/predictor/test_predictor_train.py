@@ -149,8 +149,8 @@ def test_linear_probe_head_init_fits_before_any_step(tiny_parts):
 
 def test_inference_batches_respect_a_token_budget():
     lengths = [5] * 50 + [500] * 10
-    batches = bucketed_batches(lengths, 128, max_tokens=1000)
+    batches = bucketed_batches(lengths, 128, max_batch_tokens=1000)
     assert sorted(np.concatenate(batches).tolist()) == list(range(60))
     for b in batches:
         assert len(b) <= 128 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 1000)
-    assert bucketed_batches([2000], 8, max_tokens=1000)[0].tolist() == [0]  # one long prompt still runs
+    assert bucketed_batches([2000], 8, max_batch_tokens=1000)[0].tolist() == [0]  # one long prompt still runs
