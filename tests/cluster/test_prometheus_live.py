@@ -25,6 +25,7 @@ from load_tests.driver import LoadConfig, run_load
 from load_tests.traffic import plan_stream
 from monitoring.panels import panel_queries
 from tests.cluster.conftest import MAIN_POOL, QWEN_TOKENIZER, REPO_ROOT
+from tests.factories import app_args
 
 pytestmark = pytest.mark.cluster
 
@@ -32,18 +33,15 @@ APP = "prom"
 RULES = REPO_ROOT / "monitoring" / "prometheus" / "rules.yml"
 DASHBOARD = REPO_ROOT / "monitoring" / "grafana" / "clear-dashboard.json"
 OUTPUT = REPO_ROOT / "artifacts" / "test-output"
-ARGS = {
-    "model_name": "clear-replay",
-    "allocator": {"policy": "clear", "budget": {"mode": "per_query", "tokens_per_query": 256, "window_queries": 100}},
-    "predictor": {"backend": "heuristic"},
-    "engine": {
-        "kind": "replay",
+ARGS = app_args(
+    allocator={"budget": {"tokens_per_query": 256, "window_queries": 100}},
+    engine={
         "trace_path": str(MAIN_POOL),
         "tokenizer_path": str(QWEN_TOKENIZER),
         "decode_tokens_per_s": 20000.0,
         "deployment": {"num_replicas": 1},
     },
-}
+)
 
 
 def _free_port() -> int:
@@ -165,14 +163,63 @@ def test_promql_during_and_after_a_load_test(loaded, prometheus):
     assert value(abandoned) == sum(r.status == "abandoned" for r in records)
 
 
+#: How long the panel check may wait for every panel to have data (a loaded 2-core machine
+#: can delay Ray's metrics export, or time out a scrape, for several seconds at a time).
+PANEL_DEADLINE_S = 180.0
+#: Successful scrapes of the Ray metrics port required after the load ended, before the check.
+SCRAPES_AFTER_LOAD = 3
+
+
+def scrapes_since(prom: str, since: float) -> int:
+    """Successful scrapes of the Ray target with a timestamp after ``since`` (unix seconds)."""
+    samples = query(prom, 'up{job="ray"}[5m]')
+    return sum(1 for s in samples for t, v in s.get("values", []) if float(t) > since and float(v) == 1)
+
+
+def scrape_target_state(prom: str) -> str:
+    """The Ray target's health and last scrape error, for a failure message."""
+    try:
+        targets = httpx.get(f"{prom}/api/v1/targets", timeout=30).json()["data"]["activeTargets"]
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        return f"targets unavailable: {exc}"
+    return "; ".join(f"{t.get('scrapeUrl')}: {t.get('health')} (last scrape {t.get('lastScrape')}, "
+                     f"{t.get('lastScrapeDuration')} s, error {t.get('lastError')!r})" for t in targets)
+
+
+def panels_without_data(prom: str) -> list[str]:
+    return [f"{title}: {expr}" for title, expr in panel_queries(DASHBOARD, rate_interval="2m") if not query(prom, expr)]
+
+
 def test_every_dashboard_panel_returns_data(loaded, prometheus):
+    """Every panel has data at one moment after the load test, polled up to a deadline.
+
+    On a loaded machine a single instant can come up empty without anything being wrong: a
+    scrape of Ray's metrics port that times out marks every series stale (instant selectors,
+    i.e. the gauge panels, return nothing until the next good scrape), and Ray evicts a gauge
+    whose value reached its metrics agent late. So the check waits for a few good scrapes after
+    the load, then asks for all panels again until one pass finds data in every panel; the
+    requirement itself (all panels, in the same pass) is unchanged.
+    """
     loaded["thread"].join(timeout=300)
-    time.sleep(3)  # a last scrape and rule evaluation
-    empty = []
-    for title, expr in panel_queries(DASHBOARD, rate_interval="2m"):
-        if not query(prometheus, expr):
-            empty.append(f"{title}: {expr}")
-    assert not empty, "panels without data:\n" + "\n".join(empty)
+    assert not loaded["thread"].is_alive(), "the load test did not finish"
+    ended = time.time()
+    deadline = ended + PANEL_DEADLINE_S
+    while scrapes_since(prometheus, ended) < SCRAPES_AFTER_LOAD and time.time() < deadline:
+        time.sleep(1.0)
+    scraped = scrapes_since(prometheus, ended)
+    assert scraped >= SCRAPES_AFTER_LOAD, (
+        f"only {scraped} successful scrapes in {PANEL_DEADLINE_S:.0f} s after the load test: "
+        f"{scrape_target_state(prometheus)}")
+    passes = 0
+    while True:
+        empty = panels_without_data(prometheus)
+        passes += 1
+        if not empty or time.time() >= deadline:
+            break
+        time.sleep(2.0)
+    assert not empty, (
+        f"no pass of {passes} over {time.time() - ended:.0f} s after the load found data in every panel; "
+        f"empty in the last one:\n" + "\n".join(empty) + f"\nscrape target: {scrape_target_state(prometheus)}")
 
 
 def test_render_the_shadow_price_panel(loaded, prometheus):
