@@ -25,7 +25,7 @@ serve:  ## the embedded default: local Ray, CPU, replay engine
 	serve run serve_config.yaml
 
 load-demo:  ## uniform vs clear on the embedded default, balanced and u-shaped streams, 256 tokens/query
-	$(PY) -m load_tests.demo --traces $(POOL) --tokenizer $(SHARED)/data/tokenizer/qwen.tiktoken --out artifacts/load-demo
+	$(PY) benchmarks/load_demo.py --traces $(POOL) --tokenizer $(SHARED)/data/tokenizer/qwen.tiktoken --out artifacts/load-demo
 
 digital-twin:  ## the live service vs the offline bench on the same stream (within 2 points)
 	$(PY) benchmarks/digital_twin.py

@@ -1,12 +1,17 @@
-"""``python -m load_tests.demo``: uniform vs clear on the embedded default, side by side.
+"""Load demo: uniform vs clear on the embedded default, side by side, over HTTP.
 
-Starts a local Ray (CPU), deploys the graph of ``serve_config.yaml`` twice
-(policy ``uniform`` and policy ``clear``, each with its own budget and route
-prefix) with the replay engine pointed at a trace pool so answers follow trace
-semantics, and drives each with the same stream (closed loop, N clients). Each
-(stream, policy) pair gets a fresh deployment, so every run starts from an
-empty budget and pricing window. Writes ``summary.md``, ``summary.json``,
-per-request records and the over-time plots to ``--out``.
+    python benchmarks/load_demo.py --traces POOL.jsonl [--tokenizer qwen.tiktoken] --out DIR
+
+(``make load-demo``.) Starts a local Ray (CPU), deploys the graph of
+``serve_config.yaml`` twice (policy ``uniform`` and policy ``clear``, each with
+its own budget and route prefix) with the replay engine pointed at a trace pool
+so answers follow trace semantics, and drives each with the same stream (closed
+loop, N clients). Each (stream, policy) pair gets a fresh deployment, so every
+run starts from an empty budget and pricing window. Writes ``summary.md``,
+``summary.json``, per-request records and the over-time plots to ``--out``.
+
+The deployment lives here, beside the other benchmarks that start the service;
+the requests go through the ``load_tests`` driver, which only speaks HTTP.
 """
 
 from __future__ import annotations
@@ -15,18 +20,21 @@ import argparse
 import asyncio
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
 import yaml
 from tqdm import tqdm
 
-from clear_core.traces import load_pool
-from load_tests.driver import LoadConfig, run_load
-from load_tests.report import plot_over_time, side_by_side, summarize
-from load_tests.traffic import plan_stream
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from clear_core.traces import load_pool  # noqa: E402
+from load_tests.driver import LoadConfig, run_load  # noqa: E402
+from load_tests.report import plot_over_time, side_by_side, summarize  # noqa: E402
+from load_tests.traffic import plan_stream  # noqa: E402
 
 
 def default_args() -> dict:
@@ -45,7 +53,7 @@ def app_args(policy: str, budget: int, traces: str, tokenizer: str | None, queri
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m load_tests.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/load_demo.py", description=__doc__.splitlines()[0])
     p.add_argument("--traces", required=True)
     p.add_argument("--tokenizer", default=None, help="qwen.tiktoken for exact token cuts")
     p.add_argument("--streams", default="balanced,u-shaped")
