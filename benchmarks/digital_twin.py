@@ -47,6 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from clear_core.online_market import DEFAULT_WINDOW_SIZE  # noqa: E402
 from clear_core.policies import parse_policy  # noqa: E402
 from clear_core.simulate import score  # noqa: E402
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, load_pool, make_stream  # noqa: E402
@@ -160,7 +161,7 @@ def run_twin(
     clients: int = 32,
     sigma: float = 0.5,
     seed: int = 0,
-    window: int = 256,
+    window: int = DEFAULT_WINDOW_SIZE,
     workdir: Path | None = None,
 ) -> TwinResult:
     """One (policy, budget) twin run. ``deploy(args, name) -> base url`` and ``delete(name)`` run the service."""
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--sigma", type=float, default=0.5, help="log-space noise of the oracle-noise thresholds")
-    ap.add_argument("--window", type=int, default=256, help="pricing window (recent thresholds)")
+    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW_SIZE, help="pricing window (recent thresholds)")
     ap.add_argument("--policies", nargs="+", default=["clear", "uniform"])
     ap.add_argument("--budgets", nargs="+", type=float, default=[512.0, 2048.0])
     ap.add_argument("--json", type=Path, default=None, help="write the results here")

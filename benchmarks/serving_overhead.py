@@ -37,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:
 from clear_core.budget import PerQueryBudget  # noqa: E402
 from clear_core.ledger import TokenLedger  # noqa: E402
 from clear_core.online_market import OnlineMarket  # noqa: E402
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS  # noqa: E402
 from clear_core.policies import parse_policy  # noqa: E402
 
 
@@ -48,7 +49,8 @@ def in_process_rate(policy: str, n: int, window: int) -> float:
     rng = np.random.default_rng(0)
     tau = np.exp(rng.normal(6.5, 1.2, n))
     ledger = TokenLedger(PerQueryBudget(tokens_per_query=512.0, window_queries=n))
-    m = OnlineMarket(parse_policy(policy), ledger, window_size=window, context_limit_tokens=8192)
+    m = OnlineMarket(parse_policy(policy), ledger, window_size=window,
+                     context_limit_tokens=POOL_GENERATION_CAP_TOKENS)
     t0 = time.perf_counter()
     for i in range(n):
         d = m.request(str(i), float(tau[i]), log_sigma=0.5)
