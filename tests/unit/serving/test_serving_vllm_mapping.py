@@ -92,3 +92,52 @@ def test_engine_error_payload_raises():
     engine = VLLMEngine(handle, VLLMEngineConfig(model_source="m"), "qwen", request_factory=lambda k, b: b)
     with pytest.raises(EngineError, match="CUDA OOM"):
         asyncio.run(run(engine, req()))
+
+
+@pytest.mark.parametrize("cap", [50, 10_000])
+def test_trace_replay_asks_for_the_recorded_work_and_scores_from_the_trace(main_pool, cap):
+    """replay: max_tokens = min(cap, recorded length) with ignore_eos; solved iff cap >= length and correct."""
+    from tests.conftest import MAIN_POOL
+
+    problem = next(p for p in main_pool if 100 < p.samples[0].tokens < 2000)
+    sample = problem.samples[0]
+    want = min(cap, sample.tokens)
+    handle = FakeLLMHandle([[chat_chunk("t" * want, want, "length")]])
+    cfg = VLLMEngineConfig(model_source="m", replay=True, trace_path=str(MAIN_POOL))
+    engine = VLLMEngine(handle, cfg, "qwen", request_factory=lambda k, b: b)
+    r = EngineRequest(request_id="r", kind="chat", prompt=problem.problem, messages=None, cap_tokens=cap,
+                      model="qwen", sample_index=0)
+    chunks = asyncio.run(run(engine, r))
+    (_, sent), = handle.calls
+    assert sent["max_tokens"] == want and sent["ignore_eos"] is True
+    info = chunks[-1].info
+    assert info["problem_id"] == problem.id and info["matched"] and info["engine"] == "vllm"
+    assert info["solved"] == (cap >= sample.tokens and sample.correct)
+    assert chunks[-1].finish_reason == ("stop" if cap >= sample.tokens and not sample.truncated else "length")
+
+
+def test_a_replay_cut_short_by_the_engine_is_scored_on_what_it_generated(main_pool):
+    from tests.conftest import MAIN_POOL
+
+    problem = next(p for p in main_pool if p.samples[0].correct and 100 < p.samples[0].tokens < 2000)
+    handle = FakeLLMHandle([[chat_chunk("t", 10, "abort")]])  # vLLM stopped after 10 tokens
+    engine = VLLMEngine(handle, VLLMEngineConfig(model_source="m", replay=True, trace_path=str(MAIN_POOL)), "qwen",
+                        request_factory=lambda k, b: b)
+    r = EngineRequest(request_id="r", kind="chat", prompt=problem.problem, messages=None, cap_tokens=8000,
+                      model="qwen", sample_index=0)
+    chunks = asyncio.run(run(engine, r))
+    assert sum(c.tokens for c in chunks) == 10 and chunks[-1].info["solved"] is False
+
+
+def test_an_out_of_range_sample_is_a_bad_request_before_the_engine(main_pool):
+    from deployments.errors import BadRequestError
+    from tests.conftest import MAIN_POOL
+
+    handle = FakeLLMHandle([])
+    engine = VLLMEngine(handle, VLLMEngineConfig(model_source="m", replay=True, trace_path=str(MAIN_POOL)), "qwen",
+                        request_factory=lambda k, b: b)
+    r = EngineRequest(request_id="r", kind="chat", prompt=main_pool[0].problem, messages=None, cap_tokens=10,
+                      model="qwen", sample_index=999)
+    with pytest.raises(BadRequestError, match="clear_sample_index"):
+        asyncio.run(run(engine, r))
+    assert handle.calls == []
