@@ -129,7 +129,6 @@ def engine_args(engine: str, pool_path: Path, model_dir: str | None) -> dict:
             "max_replicas": 1,  # one replica: engine time is wall time
             "target_ongoing_requests": 256,
             "llm_config": CPU_LLM_CONFIG,
-            "deployment": {"num_replicas": 1, "max_ongoing_requests": 512},
         }
     return {
         "kind": "replay",
@@ -350,18 +349,22 @@ def make_tiny_model() -> str:
 
 
 def wait_for_engine(app_name: str, timeout_s: float = 600) -> None:
-    """The first request of a fresh vLLM engine compiles and allocates: send one to the engine
-    adapter directly (a request through the ingress would count as an arrival of the stream)."""
+    """The first request of a fresh vLLM engine compiles and allocates: send one to Ray Serve LLM's
+    LLMServer directly (a request through the ingress would count as an arrival of the stream)."""
     from ray import serve
 
+    from deployments.config import VLLMEngineConfig
     from deployments.engines.base import EngineRequest
+    from deployments.engines.vllm import VLLMEngine
 
-    engine = serve.get_deployment_handle("VLLMEngine", app_name=app_name)
+    model = MODEL_NAMES["vllm"]
+    engine = VLLMEngine(serve.get_deployment_handle(f"LLMServer:{model}", app_name=app_name),
+                        VLLMEngineConfig(model_source="unused"), model)
     request = EngineRequest(request_id="warm-up", kind="completion", prompt="warm up", messages=None,
-                            cap_tokens=2, model=MODEL_NAMES["vllm"])
+                            cap_tokens=2, model=model)
 
     async def once():
-        async for _ in engine.options(stream=True).generate.remote(request):
+        async for _ in engine.generate(request):
             pass
 
     deadline = time.time() + timeout_s

@@ -6,7 +6,7 @@ plain classes with ``serve.deployment(cls, **options)``::
 
     Ingress --predict--> Predictor
             --reserve/settle/status--> Allocator   (always exactly one replica)
-            --generate (stream)--> ReplayEngine | VLLMEngine -> LLMServer (Ray Serve LLM)
+            --generate (stream)--> ReplayEngine | LLMServer (Ray Serve LLM, through the in-process VLLMEngine)
 """
 
 from __future__ import annotations
@@ -29,12 +29,10 @@ def build_engine(cfg: AppConfig):
         # A replica accepts no more than it decodes at once plus a short queue.
         opts["max_ongoing_requests"] = max(opts["max_ongoing_requests"], ecfg.max_concurrent_requests)
         return serve.deployment(ReplayEngine, **opts).bind(ecfg, cfg.model_name)
-    from deployments.engines.vllm import VLLMEngine, build_vllm_deployment
+    from deployments.engines.vllm import build_vllm_deployment
 
-    llm = build_vllm_deployment(ecfg, cfg.model_name)
-    return serve.deployment(VLLMEngine, **ecfg.deployment.serve_options("VLLMEngine")).bind(
-        llm, ecfg, cfg.model_name
-    )
+    # The ingress gets the LLMServer's handle and runs the VLLMEngine adapter in process.
+    return build_vllm_deployment(ecfg, cfg.model_name)
 
 
 def build_app(args: dict | None = None):

@@ -230,10 +230,6 @@ class VLLMEngineConfig(_WorkloadConfig):
     max_replicas: int = Field(2, ge=1, description="Autoscaling of the vLLM replicas: most.")
     target_ongoing_requests: float = Field(64.0, gt=0, description="Autoscaling: ongoing requests per vLLM replica.")
     ignore_eos: bool = Field(False, description="Generate exactly max_tokens (load tests with dummy weights).")
-    deployment: DeploymentOptions = Field(
-        default_factory=DeploymentOptions,
-        description="Serve options of the thin VLLMEngine adapter deployment (not of the vLLM replicas).",
-    )
 
     @field_validator("llm_config")
     @classmethod

@@ -27,6 +27,7 @@ from ray import serve
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments.config import AppConfig
+from deployments.engines import engine_client
 from deployments.engines.base import EngineRequest
 from deployments.errors import (
     AllocatorUnavailableError,
@@ -71,7 +72,7 @@ class Ingress:
         self.config = config
         self.predictor = predictor
         self.allocator = allocator
-        self.engine = engine
+        self.engine = engine_client(config.engine, engine, config.model_name)
         tok = getattr(self.config.engine, "tokenizer_path", None)
         self.codec = TokenCodec(tok)
         self._keys = [k.encode() for k in self.config.ingress.api_keys]
@@ -219,7 +220,7 @@ class Ingress:
         }
         ereq = EngineRequest(
             request_id=rid, kind=kind, prompt=req.prompt, messages=req.messages, cap_tokens=int(decision.cap_tokens),
-            model=req.model, sample_index=req.sample_index, sampling=req.sampling,
+            model=req.model, sample_index=req.sample_index, sampling=req.sampling, stream=req.stream,
         )
         if req.stream:
             return StreamingResponse(self._sse(req, rid, ereq, prompt_tokens, clear), media_type="text/event-stream")
@@ -227,7 +228,7 @@ class Ingress:
 
     async def _engine_stream(self, ereq: EngineRequest, tally: dict):
         """Engine chunks; ``tally`` keeps the tokens received, the finish reason and info."""
-        gen = self.engine.options(stream=True).generate.remote(ereq)
+        gen = self.engine.generate(ereq)
         try:
             async for chunk in gen:
                 tally["tokens"] += chunk.tokens
@@ -236,7 +237,7 @@ class Ingress:
                     tally["info"] = chunk.info
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
-            _cancel(gen)
+            await gen.aclose()  # cancels the engine's remote stream
             raise
         except ClearError:
             raise

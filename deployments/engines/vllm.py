@@ -3,12 +3,15 @@
 ``build_vllm_deployment`` turns :class:`~deployments.config.VLLMEngineConfig`
 into a ``ray.serve.llm.LLMConfig`` (model id = the app's model name,
 ``autoscaling_config`` from the config) and an ``LLMServer`` deployment;
-:class:`VLLMEngine` is the thin adapter the ingress talks to through the common
-:class:`~deployments.engines.base.Engine` interface. It maps each
-:class:`EngineRequest` to an OpenAI request whose ``max_tokens`` is the CLEAR
-cap, asks for streaming with continuous usage statistics (so the tokens
-generated are known at every chunk, also when the client disconnects), and
-translates vLLM's SSE chunks back into :class:`EngineChunk`.
+:class:`VLLMEngine` is the thin adapter behind the common
+:class:`~deployments.engines.base.Engine` interface; it runs inside the ingress
+replica (no deployment of its own, so a request crosses one Serve hop to vLLM).
+It maps each :class:`EngineRequest` to an OpenAI request whose ``max_tokens`` is
+the CLEAR cap. A streaming client's request streams with continuous usage
+statistics (the tokens generated are known at every chunk, also when the client
+disconnects); a non-streaming one is answered whole, with its usage (a client
+that leaves before the answer received nothing and is charged nothing). vLLM's
+chunks are translated back into :class:`EngineChunk`.
 
 Trace replay on the real engine (``replay: true``): a request's prompt and
 ``clear_sample_index`` name a recorded sample (:class:`~deployments.engines.workload.ReplayPlan`);
@@ -24,6 +27,7 @@ for real on CPU.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -52,10 +56,11 @@ def openai_body(req: EngineRequest, ignore_eos: bool = False, max_tokens: int | 
         "model": req.model,
         # the CLEAR cap (already <= the client's max_tokens), or less when replaying a shorter sample
         "max_tokens": int(req.cap_tokens if max_tokens is None else max_tokens),
-        "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "stream": req.stream,
         **req.sampling,
     }
+    if req.stream:  # usage on every chunk: what was generated is known when a client leaves mid-stream
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     if ignore_eos:
         body["ignore_eos"] = True
     if req.kind == "chat":
@@ -76,7 +81,10 @@ def _sse_payloads(item) -> list[dict]:
     items = item if isinstance(item, list) else [item]
     out = []
     for it in items:
-        if hasattr(it, "model_dump"):  # an ErrorResponse or a pydantic chunk
+        if isinstance(it, dict):
+            out.append(it)
+            continue
+        if hasattr(it, "model_dump"):  # a whole response, an ErrorResponse or a pydantic chunk
             out.append(it.model_dump())
             continue
         for line in str(it).splitlines():
@@ -111,21 +119,27 @@ class VLLMEngine(Engine):
             oai = self.request_factory(request.kind, body)
             method = self.llm.chat if request.kind == "chat" else self.llm.completions
             stream = method.options(stream=True).remote(oai)
-            async for item in stream:
-                for payload in _sse_payloads(item):
-                    if "error" in payload or payload.get("object") == "error":
-                        err = payload.get("error", payload)
-                        raise EngineError(f"vLLM error: {err.get('message', err)}")
-                    usage = payload.get("usage") or {}
-                    total = usage.get("completion_tokens")
-                    text = ""
-                    for choice in payload.get("choices") or []:
-                        text += (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-                        finish = choice.get("finish_reason") or finish
-                    new = max(int(total) - seen, 0) if total is not None else (1 if text else 0)
-                    seen += new
-                    if text or new:
-                        yield EngineChunk(text=text, tokens=new)
+            try:
+                async for item in stream:
+                    # One chunk per item Ray Serve LLM sends (a batch every ~50 ms when streaming,
+                    # the whole answer otherwise), not per token: each chunk costs a Serve message.
+                    parts, new = [], 0
+                    for payload in _sse_payloads(item):
+                        if "error" in payload or payload.get("object") == "error":
+                            err = payload.get("error", payload)
+                            raise EngineError(f"vLLM error: {err.get('message', err)}")
+                        text, payload_finish = _text_and_finish(payload)
+                        finish = payload_finish or finish
+                        total = (payload.get("usage") or {}).get("completion_tokens")
+                        step = max(int(total) - seen, 0) if total is not None else (1 if text else 0)
+                        seen += step
+                        new += step
+                        parts.append(text)
+                    if new or any(parts):
+                        yield EngineChunk(text="".join(parts), tokens=new)
+            except (asyncio.CancelledError, GeneratorExit):
+                stream.cancel()  # the client left: vLLM aborts the request
+                raise
         info = {"engine": "vllm", "engine_finish_reason": finish}
         if plan is None:
             yield EngineChunk(text="", tokens=0, finish_reason=finish or "stop", info=info)
@@ -133,6 +147,16 @@ class VLLMEngine(Engine):
         # Scored as the trace says, for the tokens really generated (all of them, unless vLLM stopped early).
         cap = int(request.cap_tokens) if seen >= want else seen
         yield EngineChunk(text="", tokens=0, finish_reason=plan.finish_reason(cap), info={**plan.info(cap), **info})
+
+
+def _text_and_finish(payload: dict) -> tuple[str, str | None]:
+    """Generated text and finish reason of one OpenAI payload (stream chunk or whole response)."""
+    text, finish = "", None
+    for choice in payload.get("choices") or []:
+        piece = (choice.get("delta") or choice.get("message") or {}).get("content") or choice.get("text") or ""
+        text += piece
+        finish = choice.get("finish_reason") or finish
+    return text, finish
 
 
 def build_vllm_deployment(cfg: VLLMEngineConfig, model_name: str):

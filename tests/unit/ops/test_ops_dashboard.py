@@ -135,7 +135,7 @@ def test_panel_queries_substitutes_every_variable(ops, panels_module):
     for title, expr in queries:
         assert "$" not in expr and "[[" not in expr, f"{title}: {expr}"
     engine = [e for t, e in queries if t == "Engine load per replica"][0]
-    assert 'deployment=~"ReplayEngine|VLLMEngine|LLMServer.*"' in engine
+    assert 'deployment=~"ReplayEngine|LLMServer.*"' in engine
     assert 'application=~".*"' in engine
     assert any("[1m]" in e for _, e in queries)
     assert any("[2m]" in e for _, e in panels_module.panel_queries(ops.DASHBOARD, rate_interval="2m"))
@@ -174,7 +174,7 @@ def _synthetic_series(ops) -> list[dict]:
                 out.append({"series": f"{base}_count{alloc}", "values": "0+60x20"})
             else:
                 out.append({"series": f"{base}{alloc}", "values": "5x20"})
-        for dep, rep in (("Ingress", "i1"), ("Allocator", "a1"), ("VLLMEngine", "v1"), ("LLMServer:qwen2_5-7b", "l1")):
+        for dep, rep in (("Ingress", "i1"), ("Allocator", "a1"), ("LLMServer:qwen2_5-7b", "l1")):
             labels = f'{cluster}application="clear", deployment="{dep}", replica="{rep}"'
             out.append({"series": f"ray_serve_replica_processing_queries{{{labels}}}", "values": "3x20"})
             out.append({"series": f"ray_serve_deployment_replica_healthy{{{labels}}}", "values": "1x20"})

@@ -160,3 +160,18 @@ def test_the_two_abandonments_are_two_error_types():
     assert {insolvent.http_status, empty.http_status} == {429}
     assert outcome_of(insolvent) == outcome_of(empty) == "abandoned"
     assert "insolvent" in str(insolvent) and "pool_empty" in str(empty)
+
+
+def test_the_vllm_cpu_yaml_is_the_tested_cpu_engine():
+    """serve_config.vllm-cpu.yaml runs the engine settings the real-vLLM tests run (no drift)."""
+    from deployments.app import build_app
+    from deployments.engines.vllm import CPU_LLM_CONFIG
+
+    raw = yaml.safe_load((REPO / "serve_config.vllm-cpu.yaml").read_text())
+    args = raw["applications"][0]["args"]
+    cfg = AppConfig.model_validate(args)
+    assert cfg.engine.kind == "vllm" and cfg.engine.replay and cfg.engine.trace_path is None
+    assert cfg.engine.llm_config == CPU_LLM_CONFIG
+    assert (cfg.engine.min_replicas, cfg.engine.max_replicas) == (1, 2)
+    assert raw["http_options"]["host"] == "127.0.0.1"
+    assert build_app(args) is not None

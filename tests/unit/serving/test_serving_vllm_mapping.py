@@ -141,3 +141,15 @@ def test_an_out_of_range_sample_is_a_bad_request_before_the_engine(main_pool):
     with pytest.raises(BadRequestError, match="clear_sample_index"):
         asyncio.run(run(engine, r))
     assert handle.calls == []
+
+
+def test_a_non_streaming_request_is_answered_whole_with_its_usage():
+    whole = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x = 1"}, "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}}
+    handle = FakeLLMHandle([whole])
+    engine = VLLMEngine(handle, VLLMEngineConfig(model_source="m"), "qwen", request_factory=lambda k, b: b)
+    chunks = asyncio.run(run(engine, req(cap=300, stream=False)))
+    (_, sent), = handle.calls
+    assert sent["stream"] is False and "stream_options" not in sent
+    assert "".join(c.text for c in chunks) == "x = 1" and sum(c.tokens for c in chunks) == 4
+    assert chunks[-1].finish_reason == "stop"
