@@ -186,7 +186,8 @@ async def replay_stream(url: str, stream: Stream, clients: int, model: str = "cl
                           "error": data.get("error", {}).get("type")}
 
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+    # Long replays on a small engine can take minutes each (the tail of caps): no short timeout.
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as c:
         await asyncio.gather(*(client(c) for _ in range(clients)))
     return out, time.perf_counter() - t0
 
@@ -376,3 +377,7 @@ def wait_for_engine(app_name: str, timeout_s: float = 600) -> None:
             if time.time() > deadline:
                 raise
             time.sleep(2)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
