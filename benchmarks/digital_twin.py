@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     max_gap = args.max_gap if args.max_gap is not None else (1.0 if args.engine == "vllm" else 2.0)
-    bad = [r for r in results if abs(r.gap_points) > max_gap or r.live_tokens_allocated > r.budget_tokens or r.live_errors]
+    bad = [r for r in results if abs(r.gap_points) > max_gap + 1e-9 or r.live_tokens_allocated > r.budget_tokens or r.live_errors]
     print(json.dumps({"engine": args.engine, "pool": str(args.pool), "stream": args.stream, "n": args.n,
                       "seed": args.seed, "max_gap_points": max_gap, "ok": not bad,
                       "results": [asdict(r) for r in results]}))
