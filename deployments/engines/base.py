@@ -50,7 +50,7 @@ class Engine(ABC):
         """
 
 
-class DeploymentEngine:
+class DeploymentEngine(Engine):
     """An :class:`Engine` deployed on its own (the replay engine), reached through its Serve handle.
 
     Cancelling the consumer (a client that leaves) cancels the remote stream.
