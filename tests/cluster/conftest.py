@@ -75,13 +75,20 @@ class Cluster:
         return value
 
 
+#: How often Ray's metrics reach the export port in the test cluster; a value read twice
+#: more than this apart, unchanged, has received its last report.
+METRICS_REPORT_INTERVAL_S = 2.0
+
+
 @pytest.fixture(scope="session")
 def cluster():
     import ray
     from ray import serve
 
     http_port, metrics_port = _free_port(), _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
+    # Metrics reach the export port every METRICS_REPORT_INTERVAL_S (Ray's default is 10 s).
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": int(METRICS_REPORT_INTERVAL_S * 1000)})
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     try:
         yield Cluster(http_port, metrics_port)

@@ -20,7 +20,7 @@ import pytest
 
 from clear_core.traces import load_pool
 from deployments.engines.vllm import CPU_LLM_CONFIG
-from tests.cluster.conftest import MAIN_POOL, QWEN_TOKENIZER
+from tests.cluster.conftest import MAIN_POOL, METRICS_REPORT_INTERVAL_S, QWEN_TOKENIZER
 from tests.factories import app_args
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -117,10 +117,10 @@ def vllm_metric(cluster, name: str) -> float:
 
 
 def settled(cluster, name: str) -> float:
-    """A vLLM counter once the last report reached the endpoint: two reads a report interval apart agree."""
+    """A vLLM counter once the last report reached the endpoint: two reads 2.5 report intervals apart agree."""
     value = vllm_metric(cluster, name)
     for _ in range(12):
-        time.sleep(6)
+        time.sleep(2.5 * METRICS_REPORT_INTERVAL_S)
         again = vllm_metric(cluster, name)
         if again == value:
             return value
@@ -208,6 +208,7 @@ def test_a_disconnect_aborts_the_vllm_request_and_refunds_the_rest(url, pool, cl
     assert after["allocated_tokens_total"] - before["allocated_tokens_total"] == cap
     assert refunded == cap - generated  # the refund is exactly what was not generated
     assert received <= generated < want  # stopped early, charged what the ingress received
+    wait_generated(cluster, engine_before + generated)  # the report of the aborted request arrives
     engine_generated = settled(cluster, "ray_vllm_generation_tokens_total") - engine_before
     assert generated <= engine_generated < want
 
