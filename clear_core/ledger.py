@@ -19,9 +19,24 @@ commands; the state itself is unit-tested without any actor). Snapshots
 (:meth:`TokenLedger.snapshot` / :meth:`TokenLedger.restore`) let the books
 survive an allocator restart.
 
-Reservations that are never settled (an ingress replica died) expire after the
-budget's ``reservation_ttl_s`` and are charged in full, so a reservation can
-never leak for ever; a late settle of an expired reservation is ignored.
+Faults never charge for tokens nobody received:
+
+* a request that ended in an error settles with ``failed=True``: it is charged
+  the tokens it generated (what its client received), whatever the budget's
+  refund rule, and the rest of its cap returns to the pool;
+* a reservation carries the *owner* that made it (an ingress replica), and an
+  owner holds a *lease* it renews (:meth:`TokenLedger.renew`). When a lease
+  lapses (the replica died), :meth:`TokenLedger.release_lapsed` *recovers* its
+  open reservations at once: charged nothing, the whole cap back to the pool;
+* a reservation without an owner, or whose owner keeps renewing but never
+  settles it, expires after the budget's ``reservation_ttl_s`` and is charged
+  in full (the backstop: a reservation can never leak for ever).
+
+Settling is idempotent: a settle of a reservation that is no longer open
+(settled already, recovered, expired, or never made because the reserve
+failed) changes nothing. Every token a cap takes ends in exactly one of
+generated, refunded or expired, so ``allocated = generated + refunded +
+expired + reserved`` at all times (:attr:`LedgerState.reconciles`).
 """
 
 from __future__ import annotations
@@ -52,10 +67,22 @@ class LedgerState:
     refunded_total: int  # unused parts of caps (cap - generated) of ended requests
     expired_total: int  # reservations that timed out and were charged in full
     arrivals: int  # requests that reached the market
+    expired_tokens_total: int = 0  # caps of the expired reservations (charged in full)
+    recovered_total: int = 0  # reservations of lapsed owners given back (charged nothing)
+    recovered_tokens_total: int = 0  # their caps (part of refunded_total)
+    failed_total: int = 0  # requests settled as failed (charged only what they generated)
+    owners: int = 0  # owners (ingress replicas) holding a live lease
 
     @property
     def invariant_holds(self) -> bool:
         return self.reserved + self.spent <= self.granted + 1e-6
+
+    @property
+    def reconciles(self) -> bool:
+        """Every allocated token is generated, refunded, expired or still reserved."""
+        return self.allocated_total == (
+            self.generated_total + self.refunded_total + self.expired_tokens_total + self.reserved
+        )
 
 
 @dataclass(frozen=True)
@@ -66,19 +93,33 @@ class Settlement:
     charged: int  # what the pool was charged (generated, or the cap without refunds)
 
 
+#: An owner (ingress replica) that has not renewed its lease for this long is presumed dead, s.
+DEFAULT_LEASE_TTL_S = 15.0
+
+
 @dataclass
 class _Reservation:
     cap: int  # tokens held
     created: float  # clock time of the reservation, s
+    owner: str | None = None  # who made it (an ingress replica's lease), None: only the TTL ends it
 
 
 class TokenLedger:
     """The budget's books; every method keeps ``reserved + spent <= granted``."""
 
-    def __init__(self, budget: Budget, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, budget: Budget, clock: Callable[[], float] = time.monotonic,
+                 lease_ttl_s: float = DEFAULT_LEASE_TTL_S):
+        if not (isinstance(lease_ttl_s, (int, float)) and lease_ttl_s > 0):
+            raise InvalidInputError("lease_ttl_s", lease_ttl_s, "must be > 0")
         self.budget = budget
+        self.lease_ttl_s = float(lease_ttl_s)
         self._clock = clock
         self._reservations: OrderedDict[str, _Reservation] = OrderedDict()
+        self._leases: dict[str, float] = {}  # owner -> clock time of its last renewal
+        self._expired_tokens = 0
+        self._recovered = 0
+        self._recovered_tokens = 0
+        self._failed = 0
         self._reserved = 0
         self._spent = 0
         self._arrivals = 0
@@ -115,8 +156,8 @@ class TokenLedger:
         self._refill(self._clock() if now is None else now)
         return int(math.floor(self._granted - self._reserved - self._spent + 1e-9))
 
-    def reserve(self, rid: str, cap: int, now: float | None = None) -> None:
-        """Hold ``cap`` tokens for request ``rid``; raise if they are not available."""
+    def reserve(self, rid: str, cap: int, now: float | None = None, owner: str | None = None) -> None:
+        """Hold ``cap`` tokens for request ``rid`` (made by ``owner``); raise if they are not available."""
         now = self._clock() if now is None else now
         if not isinstance(cap, (int, np.integer)) or cap < 0:
             raise InvalidInputError("cap", cap, "must be an integer >= 0")
@@ -126,27 +167,65 @@ class TokenLedger:
         avail = self.available(now)
         if cap > avail:
             raise BudgetExhaustedError(f"cap {cap} exceeds the available budget {avail}")
-        self._reservations[rid] = _Reservation(cap=cap, created=now)
+        if owner is not None:
+            self.renew(owner, now)
+        self._reservations[rid] = _Reservation(cap=cap, created=now, owner=owner)
         self._reserved += cap
         self._allocated += cap
 
-    def settle(self, rid: str, generated: int) -> Settlement:
-        """End request ``rid`` having generated ``generated`` tokens; refund the rest."""
-        res = self._reservations.pop(rid, None)
+    def settle(self, rid: str, generated: int, *, failed: bool = False) -> Settlement:
+        """End request ``rid`` having generated ``generated`` tokens; refund the rest.
+
+        ``failed``: the request was answered with an error; it is charged only
+        what it generated (its client received it), even when the budget does
+        not refund unused caps. Raises :class:`UnknownReservationError` when
+        ``rid`` holds no open reservation (the books are unchanged).
+        """
+        res = self._reservations.get(rid)
         if res is None:
-            raise UnknownReservationError(f"no open reservation {rid!r} (settled twice or expired)")
+            raise UnknownReservationError(f"no open reservation {rid!r} (settled twice, recovered or expired)")
         if not isinstance(generated, (int, np.integer)) or generated < 0:
-            self._reservations[rid] = res  # leave the books as they were
             raise InvalidInputError("generated", generated, "must be an integer >= 0")
+        del self._reservations[rid]
         used = min(int(generated), res.cap)
         refunded = res.cap - used
-        charged = used if self.budget.refund_unused else res.cap
+        charged = used if (self.budget.refund_unused or failed) else res.cap
         self._refill(self._clock())  # bucket level before the refund returns
         self._reserved -= res.cap
         self._spent += charged
         self._generated += used
         self._refunded += refunded
+        self._failed += int(failed)
         return Settlement(cap=res.cap, generated=used, refunded=refunded, charged=charged)
+
+    # -- leases of the owners (ingress replicas) -----------------------------------
+
+    def renew(self, owner: str, now: float | None = None) -> int:
+        """Renew ``owner``'s lease; returns how many open reservations it holds."""
+        self._leases[str(owner)] = self._clock() if now is None else now
+        return sum(1 for r in self._reservations.values() if r.owner == owner)
+
+    def release_lapsed(self, now: float | None = None) -> list[tuple[str, int]]:
+        """Recover the reservations of owners whose lease lapsed: charged nothing, caps back to the pool.
+
+        Returns the ``(rid, cap)`` recovered; the lapsed owners are forgotten
+        (an owner that comes back simply renews again).
+        """
+        now = self._clock() if now is None else now
+        lapsed = {o for o, t in self._leases.items() if now - t >= self.lease_ttl_s}
+        if not lapsed:
+            return []
+        for o in lapsed:
+            del self._leases[o]
+        gone = [(rid, r.cap) for rid, r in self._reservations.items() if r.owner in lapsed]
+        self._refill(now)
+        for rid, cap in gone:
+            del self._reservations[rid]
+            self._reserved -= cap
+            self._refunded += cap
+            self._recovered += 1
+            self._recovered_tokens += cap
+        return gone
 
     def expire(self, now: float | None = None) -> list[str]:
         """Charge in full and drop reservations older than the TTL; return their ids."""
@@ -161,6 +240,7 @@ class TokenLedger:
             self._reserved -= res.cap
             self._spent += res.cap
             self._expired += 1
+            self._expired_tokens += res.cap
             gone.append(rid)
         return gone
 
@@ -177,6 +257,11 @@ class TokenLedger:
             refunded_total=self._refunded,
             expired_total=self._expired,
             arrivals=self._arrivals,
+            expired_tokens_total=self._expired_tokens,
+            recovered_total=self._recovered,
+            recovered_tokens_total=self._recovered_tokens,
+            failed_total=self._failed,
+            owners=len(self._leases),
         )
 
     # -- durability ----------------------------------------------------------
@@ -197,7 +282,12 @@ class TokenLedger:
             "generated": self._generated,
             "refunded": self._refunded,
             "expired": self._expired,
-            "reservations": [[rid, r.cap, max(0.0, now - r.created)] for rid, r in self._reservations.items()],
+            "expired_tokens": self._expired_tokens,
+            "recovered": self._recovered,
+            "recovered_tokens": self._recovered_tokens,
+            "failed": self._failed,
+            "lease_ttl_s": self.lease_ttl_s,
+            "reservations": [[rid, r.cap, max(0.0, now - r.created), r.owner] for rid, r in self._reservations.items()],
         }
 
     @classmethod
@@ -207,9 +297,10 @@ class TokenLedger:
         Open reservations stay reserved (their requests may still settle, or
         expire after the TTL); the time the allocator was down counts neither
         as reservation age nor as bucket refill, so a restart can only make the
-        budget tighter, never looser.
+        budget tighter, never looser. Every owner of an open reservation gets
+        a fresh lease: a live one renews it, a dead one lapses a lease later.
         """
-        led = cls(budget_from_dict(snap["budget"]), clock)
+        led = cls(budget_from_dict(snap["budget"]), clock, lease_ttl_s=float(snap.get("lease_ttl_s", DEFAULT_LEASE_TTL_S)))
         now = clock()
         led._granted = float(snap["granted"])
         led._spent = int(snap["spent"])
@@ -218,9 +309,16 @@ class TokenLedger:
         led._generated = int(snap["generated"])
         led._refunded = int(snap["refunded"])
         led._expired = int(snap["expired"])
-        for rid, cap, age in snap["reservations"]:
-            led._reservations[str(rid)] = _Reservation(cap=int(cap), created=now - float(age))
+        led._expired_tokens = int(snap.get("expired_tokens", 0))
+        led._recovered = int(snap.get("recovered", 0))
+        led._recovered_tokens = int(snap.get("recovered_tokens", 0))
+        led._failed = int(snap.get("failed", 0))
+        for rid, cap, age, *rest in snap["reservations"]:
+            owner = rest[0] if rest else None
+            led._reservations[str(rid)] = _Reservation(cap=int(cap), created=now - float(age), owner=owner)
             led._reserved += int(cap)
+            if owner is not None:
+                led._leases[owner] = now
         led._last_refill = now
         if not led.state(now).invariant_holds:
             raise InvalidInputError("ledger snapshot", "reserved + spent > granted", "refusing to restore broken books")

@@ -31,13 +31,28 @@ abandoned otherwise (``POOL_EMPTY``). A request whose market cap is 0 is
 insolvent at the shadow price (``INSOLVENT``): an operator acts differently on
 the two abandonments (the first says the price is high, the second that the
 pool is drained).
+
+Retries
+-------
+A retry is not new demand. A request may carry an *arrival key* (the client's
+``Idempotency-Key``, or a fingerprint of its body); a request marked as a
+retry whose key arrived within the last ``ARRIVAL_MEMORY_S`` is priced again
+but is not a new arrival: it credits no per-query budget and does not enter
+the pricing window, the arrival rate or the abandonment rate a second time.
+
+An abandonment says when a retry could succeed and whether to retry at all
+(:attr:`Decision.should_retry`): a request insolvent at the shadow price stays
+insolvent until the demand the price was cleared against has turned over
+(about ``window / arrival rate``), so it is told not to retry soon; a solvent
+request refused by an empty pool is told to come back after the refill time
+when a refill will cover it.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,8 +62,12 @@ from clear_core.errors import InvalidInputError
 from clear_core.ledger import Settlement, TokenLedger
 from clear_core.policies import Policy
 
-#: Abandoned requests are retried after at least this long (HTTP Retry-After).
+#: Abandoned requests are retried after at least this long, and are told at most this long (HTTP Retry-After).
 MIN_RETRY_AFTER_S = 1.0
+MAX_RETRY_AFTER_S = 3600.0
+#: Arrival keys remembered to recognise retries: how many, and for how long, s.
+ARRIVAL_MEMORY = 8192
+ARRIVAL_MEMORY_S = 600.0
 #: Recent thresholds each request is priced against (the pricing window).
 DEFAULT_WINDOW_SIZE = 256
 #: Floor of the arrival span used to estimate the arrival rate of a token bucket.
@@ -87,6 +106,8 @@ class Decision:
     budget_per_query_tokens: float  # per-query budget the window market was cleared with
     retry_after_s: float = 0.0  # abandoned: when a retry may succeed, s
     window_size: int = 0  # thresholds the price was cleared against (window + this one)
+    should_retry: bool = False  # abandoned: whether a retry after retry_after_s is worth it
+    new_arrival: bool = True  # False: a retry of a recent arrival (no new budget, not re-counted)
 
     @property
     def admitted(self) -> bool:
@@ -108,6 +129,7 @@ class OnlineMarket:
     _times: deque = field(init=False, repr=False)
     _outcomes: deque = field(init=False, repr=False)
     _costs: deque = field(init=False, repr=False)
+    _keys: OrderedDict = field(init=False, repr=False)  # arrival key -> clock time of its first arrival
     last_price: float = field(init=False, default=0.0)
 
     def __post_init__(self):
@@ -117,6 +139,7 @@ class OnlineMarket:
         self._times = deque(maxlen=max(self.window_size, 1))
         self._outcomes = deque(maxlen=self.outcome_window)
         self._costs = deque(maxlen=COST_WINDOW)
+        self._keys = OrderedDict()
 
     @property
     def budget(self) -> Budget:
@@ -148,11 +171,31 @@ class OnlineMarket:
         charged = sum(g for _, g in self._costs)
         return float(min(max(caps / max(charged, 1), 1.0), MAX_CAP_COST_RATIO))
 
-    def settle(self, rid: str, generated: int) -> Settlement:
+    def settle(self, rid: str, generated: int, *, failed: bool = False) -> Settlement:
         """End a request in the ledger and remember what its cap really cost."""
-        s = self.ledger.settle(rid, generated)
-        self._costs.append((s.cap, s.charged))
+        s = self.ledger.settle(rid, generated, failed=failed)
+        if not failed:
+            self._costs.append((s.cap, s.charged))
         return s
+
+    def arrival_rate(self, now: float) -> float:
+        """Recent arrivals per second (over the window's arrival times)."""
+        n = len(self._times)
+        if n == 0:
+            return 0.0
+        return n / max(now - self._times[0], self.min_rate_span_s)
+
+    def _is_new_arrival(self, key: str | None, retry: bool, now: float) -> bool:
+        """Remember ``key``; a retry of a key seen within ARRIVAL_MEMORY_S is not a new arrival."""
+        while self._keys and (len(self._keys) > ARRIVAL_MEMORY or now - next(iter(self._keys.values())) > ARRIVAL_MEMORY_S):
+            self._keys.popitem(last=False)
+        if key is None:
+            return True
+        if retry and key in self._keys:
+            return False
+        self._keys[key] = now
+        self._keys.move_to_end(key)
+        return True
 
     def abandonment_rate(self) -> float:
         return float(np.mean(self._outcomes)) if self._outcomes else 0.0
@@ -168,24 +211,31 @@ class OnlineMarket:
         log_sigma: float = 0.0,
         client_cap_tokens: int | None = None,
         now: float | None = None,
+        owner: str | None = None,
+        arrival_key: str | None = None,
+        retry: bool = False,
     ) -> Decision:
         """Price one arriving request, reserve its cap or abandon it.
 
         ``client_cap_tokens`` is the most the client accepts (its ``max_tokens``
-        within the context); the reserved cap never exceeds it.
+        within the context); the reserved cap never exceeds it. ``owner`` is
+        whoever will settle the reservation (its lease, see the ledger);
+        ``arrival_key`` and ``retry`` recognise a retried request (module docstring).
         """
         now = self.ledger.now() if now is None else now
         if not (math.isfinite(threshold_tokens) and threshold_tokens >= 0):
             raise InvalidInputError("threshold_tokens", threshold_tokens, "must be finite and >= 0")
         if client_cap_tokens is not None and client_cap_tokens < 1:
             raise InvalidInputError("client_cap_tokens", client_cap_tokens, "must be >= 1")
-        self.ledger.arrive()
-        self._times.append(now)
+        new = self._is_new_arrival(arrival_key, retry, now)
+        if new:
+            self.ledger.arrive()
+            self._times.append(now)
         b = self.budget_per_query(now)
         tau = np.append(self.window(), threshold_tokens)
         alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
                                      log_sigma=log_sigma)
-        if self.window_size > 0:
+        if self.window_size > 0 and new:
             self._window.append(float(threshold_tokens))
         price = float(alloc.shadow_price) if math.isfinite(alloc.shadow_price) else 0.0
         self.last_price = price
@@ -193,7 +243,7 @@ class OnlineMarket:
         cap = market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens))
         quote = dict(
             market_cap_tokens=market_cap, shadow_price=price, threshold_tokens=float(threshold_tokens),
-            budget_per_query_tokens=b, window_size=int(tau.size),
+            budget_per_query_tokens=b, window_size=int(tau.size), new_arrival=new,
         )
         if market_cap <= 0:
             return self._abandon(DecisionReason.INSOLVENT, now, threshold_tokens, quote)
@@ -207,8 +257,9 @@ class OnlineMarket:
                 cap, reason = avail, DecisionReason.CUT_TO_AVAILABLE
             else:
                 return self._abandon(DecisionReason.POOL_EMPTY, now, need, quote)
-        self.ledger.reserve(rid, cap, now)
-        self._outcomes.append(False)
+        self.ledger.reserve(rid, cap, now, owner=owner)
+        if new:
+            self._outcomes.append(False)
         return Decision(reason=reason, cap_tokens=cap, **quote)
 
     def snapshot(self) -> dict:
@@ -235,7 +286,15 @@ class OnlineMarket:
         self.last_price = float(snap.get("last_price", 0.0))
 
     def _abandon(self, reason: DecisionReason, now: float, need: float, quote: dict) -> Decision:
-        self._outcomes.append(True)
-        wait = self.ledger.seconds_until(need, now)
-        retry = MIN_RETRY_AFTER_S if not math.isfinite(wait) else max(MIN_RETRY_AFTER_S, wait)
-        return Decision(reason=reason, cap_tokens=0, retry_after_s=float(retry), **quote)
+        if quote["new_arrival"]:
+            self._outcomes.append(True)
+        if reason is DecisionReason.INSOLVENT:
+            # The price moves only as the demand it is cleared against turns over.
+            rate = self.arrival_rate(now)
+            turnover = len(self._window) / rate if rate > 0 else math.inf
+            wait, should_retry = turnover, False
+        else:
+            wait = self.ledger.seconds_until(need, now)  # inf: no refill will cover it (per-query blocks)
+            should_retry = math.isfinite(wait)
+        retry = MAX_RETRY_AFTER_S if not math.isfinite(wait) else min(max(MIN_RETRY_AFTER_S, wait), MAX_RETRY_AFTER_S)
+        return Decision(reason=reason, cap_tokens=0, retry_after_s=float(retry), should_retry=should_retry, **quote)
