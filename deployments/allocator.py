@@ -7,15 +7,22 @@ runs under one lock and without awaiting inside it, so commands are applied
 one at a time in arrival order whatever the concurrency: the budget invariant
 ``reserved + spent <= granted`` is the ledger's, checked after every command.
 
-A background sweep expires reservations never settled (their ingress died)
-every ``expire_interval_s``.
+Leases: every ingress replica renews a lease (:meth:`Allocator.renew`) and
+tags its reservations with it; a background sweep every ``sweep_interval_s``
+recovers the reservations of a replica whose lease lapsed (charged nothing,
+the caps back to the pool) and expires, charged in full, reservations older
+than the budget's TTL (the backstop). Settles are idempotent: the ingress
+retries a settle until it is acknowledged, and a settle of a reservation that
+is no longer open is acknowledged without changing the books.
 
-Durability: with a state store (the builder passes a deploy id, and the
-replica keeps its books in Ray's GCS key-value store, see
-:mod:`deployments.state_store`) every command that changes the books writes a
-snapshot before it answers, and a replica that Serve restarts after a crash
-restores it: the budget granted and spent so far and the open reservations
-survive, so the invariant holds across an allocator restart.
+Durability: with a state store (:mod:`deployments.state_store`) every
+command that changes the books writes a snapshot before it answers, and a
+replica that Serve restarts after a crash restores it: the budget granted and
+spent so far, the open reservations with their owners, and the token counters
+survive (the counters continue from the books, they do not restart at 0), so
+the invariant holds across an allocator restart. With ``budget_name`` set, the
+books are kept under that name and survive redeploys and ``serve run``
+restarts too; without it every deploy starts fresh books.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from clear_core.online_market import Decision, OnlineMarket
 from clear_core.policies import parse_policy
 from clear_core.predictions import read_predictions
 from deployments.config import AllocatorConfig
-from deployments.state_store import KVStateStore
+from deployments.state_store import state_store_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -54,14 +61,15 @@ class Allocator:
         self.policy_spec = config.policy
         self.policy = parse_policy(config.policy)
         if store is None and state_key is not None:
-            store = KVStateStore(state_key)
+            store = state_store_for(config, state_key)
         self.store = store
         snap = self.store.load() if self.store is not None else None
         budget = config.budget.to_budget()
         self.restored = snap is not None and snap["ledger"].get("budget") == budget.to_dict()
         if snap is not None and not self.restored:
             logger.warning("allocator state under this key has another budget; starting fresh books")
-        self.ledger = TokenLedger.restore(snap["ledger"]) if self.restored else TokenLedger(budget)
+        self.ledger = (TokenLedger.restore(snap["ledger"]) if self.restored
+                       else TokenLedger(budget, lease_ttl_s=config.lease_ttl_s))
         self.market = OnlineMarket(
             self.policy,
             self.ledger,
@@ -84,61 +92,78 @@ class Allocator:
             from deployments.metrics import AllocatorMetrics
 
             self.metrics = AllocatorMetrics(self.policy_spec)
+            if self.restored:  # the counters continue from the restored books
+                self.metrics.count_books(self.ledger.state())
             self._publish()
 
     # -- commands --------------------------------------------------------------
 
     def reserve_sync(
-        self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None
+        self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None,
+        owner: str | None = None, arrival_key: str | None = None, retry: bool = False,
     ) -> Decision:
         t0 = time.perf_counter()
         with self._lock:
+            before = self.ledger.state()
             d = self.market.request(
-                rid, float(threshold_tokens), log_sigma=float(log_sigma), client_cap_tokens=client_cap_tokens
+                rid, float(threshold_tokens), log_sigma=float(log_sigma), client_cap_tokens=client_cap_tokens,
+                owner=owner, arrival_key=arrival_key, retry=bool(retry),
             )
             self._check()
             self._persist()
             state = self.ledger.state()
         if self.metrics:
             self.metrics.clearing.observe(time.perf_counter() - t0, tags=self.metrics.tags)
-            if d.admitted and d.cap_tokens > 0:  # Ray counters refuse increments <= 0
-                self.metrics.allocated.inc(float(d.cap_tokens), tags=self.metrics.tags)
+            self.metrics.count_change(before, state)
             self._publish(state)
         return d
 
-    def settle_sync(self, rid: str, generated: int) -> Settlement | None:
-        """End a request; an unknown id (settled twice, expired, allocator restarted) is ignored."""
+    def settle_sync(self, rid: str, generated: int, failed: bool = False) -> Settlement | None:
+        """End a request (``failed``: answered with an error, charged only what it generated).
+
+        Idempotent: a reservation that is not open (settled already, recovered,
+        expired, or never made because the reserve failed) is acknowledged
+        with ``None`` and the books do not change.
+        """
         with self._lock:
+            before = self.ledger.state()
             try:
-                s = self.market.settle(rid, int(generated))
+                s = self.market.settle(rid, int(generated), failed=bool(failed))
             except UnknownReservationError:
-                logger.warning("settle of unknown reservation %s ignored", rid)
+                logger.info("settle of %s: no open reservation (already settled, recovered or never made)", rid)
                 return None
             self._check()
             self._persist()
             state = self.ledger.state()
         if self.metrics:
-            if s.generated > 0:  # Ray counters refuse increments <= 0
-                self.metrics.generated.inc(float(s.generated), tags=self.metrics.tags)
-            if s.refunded > 0:
-                self.metrics.refunded.inc(float(s.refunded), tags=self.metrics.tags)
+            self.metrics.count_change(before, state)
             self._publish(state)
         return s
 
-    def expire_sync(self) -> list[str]:
+    def renew_sync(self, owner: str) -> int:
+        """Renew an ingress replica's lease (not persisted: a restart gives every owner a fresh lease)."""
         with self._lock:
+            return self.ledger.renew(str(owner))
+
+    def expire_sync(self) -> list[str]:
+        """Recover the reservations of lapsed leases (no charge), expire those past the TTL (full charge)."""
+        with self._lock:
+            before = self.ledger.state()
+            recovered = self.ledger.release_lapsed()
             gone = self.ledger.expire()
             self._check()
-            if gone:
+            if gone or recovered:
                 self._persist()
             state = self.ledger.state()
+        if recovered:
+            logger.warning("recovered %d reservations (%d tokens) of ingress replicas whose lease lapsed",
+                           len(recovered), sum(c for _, c in recovered))
         if gone:
-            logger.warning("expired %d reservations never settled", len(gone))
+            logger.warning("expired %d reservations never settled (charged in full)", len(gone))
         if self.metrics:
-            if gone:
-                self.metrics.expired.inc(float(len(gone)), tags=self.metrics.tags)
+            self.metrics.count_change(before, state)
             self._publish(state)
-        return gone
+        return [rid for rid, _ in recovered] + gone
 
     def status_sync(self) -> dict:
         with self._lock:
@@ -164,8 +189,15 @@ class Allocator:
                 "generated_tokens_total": st.generated_total,
                 "refunded_tokens_total": st.refunded_total,
                 "expired_reservations_total": st.expired_total,
+                "expired_tokens_total": st.expired_tokens_total,
+                "recovered_reservations_total": st.recovered_total,
+                "recovered_tokens_total": st.recovered_tokens_total,
+                "failed_requests_total": st.failed_total,
+                "leases": st.owners,
                 "invariant_holds": st.invariant_holds,
+                "books_reconcile": st.reconciles,
                 "restored_after_restart": self.restored,
+                "budget_name": self.config.budget_name,
             }
 
     def _persist(self) -> None:
@@ -190,21 +222,26 @@ class Allocator:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(self.config.expire_interval_s)
+            await asyncio.sleep(self.config.sweep_interval_s)
             try:
                 self.expire_sync()
             except Exception:
                 logger.exception("reservation sweep failed")
 
     async def reserve(
-        self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None
+        self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None,
+        owner: str | None = None, arrival_key: str | None = None, retry: bool = False,
     ) -> Decision:
         self._ensure_sweeper()
-        return self.reserve_sync(rid, threshold_tokens, log_sigma, client_cap_tokens)
+        return self.reserve_sync(rid, threshold_tokens, log_sigma, client_cap_tokens, owner, arrival_key, retry)
 
-    async def settle(self, rid: str, generated: int) -> Settlement | None:
+    async def settle(self, rid: str, generated: int, failed: bool = False) -> Settlement | None:
         self._ensure_sweeper()
-        return self.settle_sync(rid, generated)
+        return self.settle_sync(rid, generated, failed)
+
+    async def renew(self, owner: str) -> int:
+        self._ensure_sweeper()
+        return self.renew_sync(owner)
 
     async def status(self) -> dict:
         return self.status_sync()

@@ -20,6 +20,7 @@ from deployments.config import AppConfig, ReplayEngineConfig
 from deployments.engines.replay import ReplayEngine
 from deployments.ingress import IngressApp
 from deployments.predictor import Predictor
+from deployments.state_store import state_key
 
 
 def build_engine(cfg: AppConfig):
@@ -44,9 +45,9 @@ def build_app(args: dict | None = None):
     allocator = serve.deployment(Allocator, **cfg.allocator.deployment.serve_options("Allocator")).bind(
         cfg.allocator,
         cfg.max_completion_tokens,
-        # A deploy id: a restarted allocator replica (same bound args) finds its books
-        # in the GCS; a new deploy starts a fresh budget (deployments/state_store.py).
-        state_key=f"allocator/{uuid.uuid4().hex}" if cfg.allocator.durable_state else None,
+        # The budget's name, else a deploy id: a restarted allocator replica (same bound args)
+        # finds its books; a named budget survives redeploys too (deployments/state_store.py).
+        state_key=state_key(cfg.allocator.budget_name, uuid.uuid4().hex) if cfg.allocator.durable_state else None,
     )
     engine = build_engine(cfg)
     return serve.deployment(IngressApp, **cfg.ingress.deployment.serve_options("Ingress")).bind(

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from clear_core import budget as core_budget
 from clear_core import online_market
 from clear_core.errors import InvalidInputError
+from clear_core.ledger import DEFAULT_LEASE_TTL_S
 from clear_core.policies import parse_policy
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS
 
@@ -137,10 +138,27 @@ class AllocatorConfig(_Strict):
     abandonment_window_requests: int = Field(
         online_market.DEFAULT_OUTCOME_WINDOW, ge=1, description="Recent decisions the abandonment rate is over."
     )
-    expire_interval_s: float = Field(5.0, gt=0, description="How often expired reservations are swept.")
-    durable_state: bool = Field(
-        True, description="Keep the books in Ray's GCS key-value store so an allocator restart keeps the budget."
+    sweep_interval_s: float = Field(
+        1.0, gt=0, description="How often lapsed leases are recovered and reservations past the TTL expired, s."
     )
+    lease_ttl_s: float = Field(
+        DEFAULT_LEASE_TTL_S, gt=0,
+        description="An ingress replica that has not renewed its lease for this long is presumed dead: its "
+        "reservations are recovered (charged nothing), s.",
+    )
+    durable_state: bool = Field(
+        True, description="Keep the books in a state store so an allocator restart keeps the budget."
+    )
+    budget_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="Keep the books under this name: a redeploy or a new serve run with the same name continues "
+        "them, a new name starts fresh (None: every deploy starts fresh books).",
+    )
+    state_store: Literal["gcs", "file"] = Field(
+        "gcs", description="gcs: Ray's GCS key-value store (outlives replicas and redeploys; the cluster only with "
+        "GCS fault tolerance); file: a JSON file per budget under state_dir (outlives the cluster, one node).",
+    )
+    state_dir: str = Field("~/.cache/clear/budgets", description="state_store file: the directory of the books.")
     budget: BudgetConfig = Field(default_factory=PerQueryBudgetConfig, description="The global token budget.")
     deployment: AllocatorDeploymentOptions = Field(
         default_factory=AllocatorDeploymentOptions, description="Serve options (always one replica)."
@@ -247,7 +265,17 @@ class VLLMEngineConfig(_WorkloadConfig):
 
 class IngressConfig(_Strict):
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys (empty: no authentication).")
-    max_request_body_bytes: int = Field(1_000_000, ge=1, description="Larger bodies are refused (413).")
+    max_request_body_bytes: int = Field(
+        1_000_000, ge=1, description="Larger bodies are refused (413), with or without a Content-Length."
+    )
+    body_read_timeout_s: float = Field(10.0, gt=0, description="The whole request body must arrive within this (408), s.")
+    slow_body_after_s: float = Field(
+        0.5, gt=0, description="A body not arrived after this makes its request a slow reader, s."
+    )
+    max_slow_body_reads: int = Field(
+        32, ge=1, description="Slow readers one replica waits for at once; one more is refused at once (408), so "
+        "stalled connections cannot take the slots of other clients.",
+    )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
 

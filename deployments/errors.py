@@ -29,6 +29,27 @@ class RequestTooLargeError(BadRequestError):
     http_status = 413
 
 
+class RequestTimeoutError(BadRequestError):
+    """The request body did not arrive in time, or too many bodies are arriving slowly (deployments.http_body)."""
+
+    error_type = "request_timeout"
+    http_status = 408
+
+
+class UnsupportedMediaTypeError(BadRequestError):
+    """The body is declared as something other than JSON (``Content-Type``)."""
+
+    error_type = "unsupported_media_type"
+    http_status = 415
+
+
+class ClientDisconnectedError(BadRequestError):
+    """The client left before its request body arrived (nobody reads the answer; nginx's 499)."""
+
+    error_type = "client_disconnected"
+    http_status = 499
+
+
 class ContextLengthError(BadRequestError):
     """The prompt (plus the requested completion) does not fit the context limit."""
 
@@ -38,6 +59,25 @@ class ContextLengthError(BadRequestError):
 class ModelNotFoundError(ClearError):
     error_type = "model_not_found"
     http_status = 404
+
+
+class RouteNotFoundError(ClearError):
+    """No such route (or not with this method): answered as JSON like every other error."""
+
+    error_type = "not_found_error"
+    http_status = 404
+
+
+class MethodNotAllowedError(ClearError):
+    error_type = "method_not_allowed"
+    http_status = 405
+
+
+class InternalServerError(ClearError):
+    """A bug: the details go to the server log, never to the client."""
+
+    error_type = "internal_error"
+    http_status = 500
 
 
 class AuthenticationError(ClearError):
@@ -56,10 +96,12 @@ class BudgetAbandonedError(BudgetExhaustedError):
     error_type = "budget_abandoned"
     http_status = 429
 
-    def __init__(self, message: str, shadow_price: float, retry_after_s: float, threshold_tokens: float):
+    def __init__(self, message: str, shadow_price: float, retry_after_s: float, threshold_tokens: float,
+                 should_retry: bool = False):
         self.shadow_price = shadow_price
         self.retry_after_s = retry_after_s
         self.threshold_tokens = threshold_tokens
+        self.should_retry = should_retry  # x-should-retry: whether a retry after Retry-After is worth it
         super().__init__(message)
 
 
@@ -82,6 +124,7 @@ def abandonment_error(decision) -> BudgetAbandonedError:
         shadow_price=decision.shadow_price,
         retry_after_s=decision.retry_after_s,
         threshold_tokens=decision.threshold_tokens,
+        should_retry=decision.should_retry,
     )
 
 
@@ -93,8 +136,12 @@ class EngineError(ClearError):
 
 
 class AllocatorUnavailableError(ClearError):
+    """The allocator could not be reached (it is restarting); nothing was charged. Safe to retry."""
+
     error_type = "allocator_unavailable"
     http_status = 503
+    retry_after_s = 1.0
+    should_retry = True
 
 
 def outcome_of(exc: ClearError) -> str:
@@ -113,11 +160,17 @@ __all__ = [
     "BudgetAbandonedError",
     "BudgetPoolEmptyError",
     "ClearError",
+    "ClientDisconnectedError",
     "ContextLengthError",
     "EngineError",
+    "InternalServerError",
     "InvalidInputError",
+    "MethodNotAllowedError",
     "ModelNotFoundError",
+    "RequestTimeoutError",
     "RequestTooLargeError",
+    "RouteNotFoundError",
+    "UnsupportedMediaTypeError",
     "abandonment_error",
     "outcome_of",
 ]

@@ -2,69 +2,149 @@
 
 Request path of a completion::
 
-    auth (401) -> parse + validate (4xx) -> predict tau_hat (fallback on error or timeout)
-    -> allocator.reserve (429 budget_abandoned) -> engine with max_tokens = min(client, CLEAR cap)
-    -> settle the reservation with the tokens generated (always, in a finally)
+    auth (401) -> read the body (408/413, deployments.http_body) -> parse + validate (4xx, every
+    check, the replay sample included) -> predict tau_hat (fallback on error or timeout)
+    -> allocator.reserve (429 budget_abandoned | budget_pool_empty) -> engine with
+    max_tokens = min(client, CLEAR cap) -> settle the reservation (always, in a finally)
 
-Nothing touches the budget before validation has passed. Once a reservation
-exists it is settled exactly once, whatever happens: normal end, early stop,
-client disconnect (the stream is cancelled; the request is charged the tokens
-the ingress received), engine error or dead engine replica. If the ingress
-itself dies, the allocator expires the reservation after its TTL.
+Nothing touches the budget before every input check has passed. Once a
+reservation may exist it is settled exactly once, whatever happens, with what
+the client received:
+
+* success: the tokens generated;
+* an error answered to the client (engine error, dead engine replica): the
+  tokens the client received (a whole answer that fails: none), as a *failed*
+  settle, so the rest of the cap returns to the pool whatever the budget mode;
+* the allocator failed during the reserve (503): the reservation may or may
+  not exist, so it is released (a failed settle of 0 tokens);
+* a client that leaves: a stream is cancelled and charged the tokens sent; a
+  whole answer never sent is charged nothing.
+
+Settles are retried until the allocator acknowledges them (it may be
+restarting); they are idempotent there. Each ingress replica holds a lease at
+the allocator, renewed in the background, and tags its reservations with it:
+if the replica dies, its reservations are recovered a lease later, charged
+nothing, instead of waiting for the reservation TTL.
+
+A retried request (``Idempotency-Key``, or the ``openai`` client's
+``x-stainless-retry-count``) is the same arrival for the market and the
+budget: it carries an arrival key (the idempotency key, else a fingerprint of
+the client's key and the body). Abandonments answer ``Retry-After`` and
+``x-should-retry`` from the market's advice.
+
+Routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
+``/v1/clear/status``, ``/openapi.json`` and ``/docs`` need the API key when
+keys are configured; ``/health`` never does. Every error, 404 and 500
+included, is an OpenAI-style JSON body; no redirect is ever built from the
+request's headers.
 """
 
 
 import asyncio
 import contextvars
+import hashlib
 import hmac
-import json
 import logging
 import time
 import uuid
 
 from fastapi import FastAPI, Request
-from ray import serve
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import AppConfig
 from deployments.engines import engine_client
 from deployments.engines.base import EngineRequest
 from deployments.errors import (
     AllocatorUnavailableError,
+    RequestTooLargeError,
     AuthenticationError,
     BadRequestError,
-    BudgetAbandonedError,
     ClearError,
     ContextLengthError,
     EngineError,
+    InternalServerError,
+    MethodNotAllowedError,
     ModelNotFoundError,
-    RequestTooLargeError,
+    RouteNotFoundError,
     abandonment_error,
     outcome_of,
 )
+from deployments.http_body import SlowReaderGate, read_body
 from deployments.messages import Decision, Prediction
 from deployments.openai_schema import (
     SSE_DONE,
     ParsedRequest,
     completion_body,
+    decode_body,
     error_body,
     parse_chat,
     parse_completion,
-    retry_after_header,
+    retry_headers,
     sse_chunk,
     sse_error,
 )
+from deployments.engines.workload import Workload, load_workload
 from deployments.predictor_backends import heuristic_prediction
 from deployments.tokens import TokenCodec
 
 logger = logging.getLogger("ray.serve")
 
-app = FastAPI(title="CLEAR", description="Token-budget allocation with a shadow price (OpenAI-compatible API)")
+# No built-in docs routes (they would bypass the API key; the class serves them behind it) and no
+# trailing-slash redirects (Starlette builds their Location from the request's Host header).
+app = FastAPI(title="CLEAR", description="Token-budget allocation with a shadow price (OpenAI-compatible API)",
+              docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+
+#: Settles are retried until acknowledged, with this backoff (s), for at most SETTLE_RETRY_FOR_S.
+SETTLE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+SETTLE_RETRY_FOR_S = 900.0
+#: The engine's reason a completion stopped -> who stopped it (the clear object's ``stopped_by``).
+NATURAL_STOP = "stop"
 
 
 def _error_response(exc: ClearError) -> JSONResponse:
-    headers = {"Retry-After": retry_after_header(exc)} if isinstance(exc, BudgetAbandonedError) else None
-    return JSONResponse(error_body(exc), status_code=exc.http_status, headers=headers)
+    return JSONResponse(error_body(exc), status_code=exc.http_status, headers=retry_headers(exc))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    if exc.status_code == 405:
+        return _error_response(MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}"))
+    if exc.status_code == 404:
+        return _error_response(RouteNotFoundError(f"no route {request.method} {request.url.path}"))
+    return JSONResponse({"error": {"message": str(exc.detail), "type": "http_error", "param": None,
+                                   "code": exc.status_code}}, status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return _error_response(BadRequestError("the request is malformed"))
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _error_response(InternalServerError("internal server error (the details are in the server log)"))
+
+
+def _engine_failure(exc: BaseException) -> ClearError:
+    """A clean client error for whatever the engine raised: never a traceback, a path or an address.
+
+    An error raised in a remote deployment arrives wrapped by Ray, its message
+    a traceback; the project's own error inside (``.cause``) is answered bare,
+    anything else becomes an :class:`EngineError` naming only its type.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ClearError):
+        return cause
+    if isinstance(exc, ClearError) and not isinstance(exc, RayError):
+        return exc
+    return EngineError(f"the engine failed ({type(cause or exc).__name__}); the request is charged only the "
+                       "tokens it received")
 
 
 class Ingress:
@@ -77,13 +157,46 @@ class Ingress:
         self.codec = TokenCodec(tok)
         self._keys = [k.encode() for k in self.config.ingress.api_keys]
         self._background: set[asyncio.Task] = set()
+        self.workload: Workload | None = self._workload(config.engine)
+        self.slow_readers = SlowReaderGate(config.ingress.max_slow_body_reads)
+        # This replica's lease at the allocator: its reservations are recovered if it dies.
+        self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
+        self._lease_task: asyncio.Task | None = None
         self.metrics = None
         if metrics:
             from deployments.metrics import IngressMetrics
 
             self.metrics = IngressMetrics()
 
+    @staticmethod
+    def _workload(ecfg) -> Workload | None:
+        """The replayed workload, so a bad ``clear_sample_index`` is refused before the budget is touched."""
+        if ecfg.kind == "replay" or getattr(ecfg, "replay", False):
+            return load_workload(ecfg.trace_path, ecfg.synthetic_problems, ecfg.synthetic_seed)
+        return None
+
     # -- routes ----------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self):
+        """Liveness of this ingress replica (no key needed, says nothing about the budget)."""
+        return {"status": "ok"}
+
+    @app.get("/openapi.json")
+    async def openapi(self, request: Request):
+        try:
+            self._auth(request)
+        except ClearError as exc:
+            return _error_response(exc)
+        return app.openapi()
+
+    @app.get("/docs")
+    async def docs(self, request: Request):
+        try:
+            self._auth(request)
+        except ClearError as exc:
+            return _error_response(exc)
+        return get_swagger_ui_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json", title="CLEAR")
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -120,20 +233,35 @@ class Ingress:
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in self._keys):
             raise AuthenticationError("a valid API key is required (Authorization: Bearer <key>)")
 
-    async def _read(self, request: Request, kind: str) -> ParsedRequest:
+    async def _read(self, request: Request, kind: str) -> tuple[ParsedRequest, bytes]:
+        """The parsed, validated request and its raw body (every check that needs no budget)."""
+        icfg = self.config.ingress
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > self.config.ingress.max_request_body_bytes:
-            raise RequestTooLargeError(f"request body of {size} bytes exceeds {self.config.ingress.max_request_body_bytes}")
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequestError(f"the request body is not valid JSON: {exc}") from None
+        if size is not None and size.isdigit() and int(size) > icfg.max_request_body_bytes:
+            raise RequestTooLargeError(f"request body of {size} bytes exceeds {icfg.max_request_body_bytes}")
+        raw = await read_body(request.receive, max_bytes=icfg.max_request_body_bytes, timeout_s=icfg.body_read_timeout_s,
+                              fast_s=icfg.slow_body_after_s, gate=self.slow_readers)
+        body = decode_body(raw, request.headers.get("content-type"))
         limit = self.config.context_limit_tokens
         req = parse_chat(body, limit) if kind == "chat" else parse_completion(body, limit)
         if req.model != self.config.model_name:
             raise ModelNotFoundError(f"model {req.model!r} does not exist; this server serves {self.config.model_name!r}")
-        return req
+        if self.workload is not None:
+            self.workload.plan(req.prompt, req.sample_index)  # 400 for a sample the problem does not have
+        elif req.sample_index is not None:
+            raise BadRequestError("clear_sample_index needs an engine that replays traces (engine.replay)",
+                                  param="clear_sample_index")
+        return req, raw
+
+    def _arrival(self, request: Request, raw: bytes) -> tuple[str, bool]:
+        """(arrival key, is a retry): the client's Idempotency-Key, else a fingerprint of its key and body."""
+        idem = request.headers.get("idempotency-key")
+        retries = request.headers.get("x-stainless-retry-count", "0")
+        retry = idem is not None or (retries.isdigit() and int(retries) > 0)
+        principal = request.headers.get("authorization", "")
+        if idem is not None:
+            return "idem:" + hashlib.sha256(f"{principal}\n{idem}".encode()).hexdigest()[:32], retry
+        return "body:" + hashlib.sha256(principal.encode() + b"\n" + raw).hexdigest()[:32], retry
 
     def _completion_limit(self, req: ParsedRequest) -> tuple[int, int]:
         """(prompt tokens, most completion tokens the context allows)."""
@@ -185,21 +313,27 @@ class Ingress:
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             self._auth(request)
-            req = await self._read(request, kind)
+            req, raw = await self._read(request, kind)
             prompt_tokens, room = self._completion_limit(req)
             client_cap = min(req.max_tokens or room, room)
+            arrival_key, retry = self._arrival(request, raw)
             t0 = time.perf_counter()
             pred = await self._predict(req.prompt)
             t1 = time.perf_counter()
+            self._ensure_lease()
             try:
                 decision: Decision = await self.allocator.reserve.remote(
-                    rid, pred.threshold_tokens, pred.log_sigma, int(client_cap)
+                    rid, pred.threshold_tokens, pred.log_sigma, int(client_cap), self.owner, arrival_key, retry
                 )
                 t2 = time.perf_counter()
             except ClearError:
                 raise
             except Exception as exc:
-                raise AllocatorUnavailableError(f"the allocator is unavailable: {type(exc).__name__}") from exc
+                # The reservation may exist (the allocator died after writing it): release it.
+                self._settle(rid, 0, failed=True)
+                logger.warning("reserve of %s failed: %s", rid, type(exc).__name__)
+                raise AllocatorUnavailableError("the allocator is unavailable (restarting); nothing was charged, "
+                                                "retry shortly") from None
             if not decision.admitted:
                 raise abandonment_error(decision)
         except ClearError as exc:
@@ -215,6 +349,7 @@ class Ingress:
             "decision": decision.reason.value,
             "client_max_tokens": req.max_tokens,
             "prediction_source": pred.source,
+            "retry_of_recent_arrival": not decision.new_arrival,
             # Time this request spent in the predictor and the allocator (the CLEAR overhead), ms.
             "timing_ms": {"predict": 1e3 * (t1 - t0), "allocate": 1e3 * (t2 - t1)},
         }
@@ -222,9 +357,11 @@ class Ingress:
             request_id=rid, kind=kind, prompt=req.prompt, messages=req.messages, cap_tokens=int(decision.cap_tokens),
             model=req.model, sample_index=req.sample_index, sampling=req.sampling, stream=req.stream,
         )
+        cut = _cut_by(req.max_tokens, decision, room)
         if req.stream:
-            return StreamingResponse(self._sse(req, rid, ereq, prompt_tokens, clear), media_type="text/event-stream")
-        return await self._whole(req, rid, ereq, prompt_tokens, clear)
+            return StreamingResponse(self._sse(req, rid, ereq, prompt_tokens, clear, cut),
+                                     media_type="text/event-stream")
+        return await self._whole(req, rid, ereq, prompt_tokens, clear, cut)
 
     async def _engine_stream(self, ereq: EngineRequest, tally: dict):
         """Engine chunks; ``tally`` keeps the tokens received, the finish reason and info."""
@@ -239,38 +376,73 @@ class Ingress:
         except (asyncio.CancelledError, GeneratorExit):
             await gen.aclose()  # cancels the engine's remote stream
             raise
-        except ClearError:
-            raise
         except Exception as exc:
-            raise EngineError(f"the engine failed: {type(exc).__name__}: {exc}") from exc
+            logger.warning("engine failed on %s: %r", ereq.request_id, exc)
+            raise _engine_failure(exc) from None
 
-    def _settle(self, rid: str, tokens: int) -> None:
-        """Settle in a task of its own, so a cancelled request (client gone) still settles.
+    # -- settling, and this replica's lease ------------------------------------------
+
+    def _background_task(self, coro) -> None:
+        """Run ``coro`` in a task of its own, outside the request's context.
 
         The task runs in an empty ``contextvars.Context``: Serve tracks the
         handle calls made inside a request's context as its children and
         cancels them when the request is cancelled (a client disconnect), which
         would cancel this very settle and leak the reservation.
         """
-
-        async def run():
-            try:
-                await self.allocator.settle.remote(rid, int(tokens))
-            except Exception:
-                logger.exception("settle of %s failed; the reservation will expire", rid)
-
-        task = asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _whole(self, req, rid, ereq, prompt_tokens, clear):
+    def _settle(self, rid: str, tokens: int, failed: bool = False) -> None:
+        """Settle ``rid`` in the background, retried until the allocator acknowledges it (idempotent there)."""
+
+        async def run():
+            deadline = time.monotonic() + SETTLE_RETRY_FOR_S
+            for attempt in range(1_000_000):
+                try:
+                    await self.allocator.settle.remote(rid, int(tokens), failed)
+                    return
+                except Exception as exc:
+                    if time.monotonic() > deadline:
+                        logger.error("settle of %s never acknowledged: %r; its lease or TTL will end it", rid, exc)
+                        return
+                    await asyncio.sleep(SETTLE_BACKOFF_S[min(attempt, len(SETTLE_BACKOFF_S) - 1)])
+
+        self._background_task(run())
+
+    def _ensure_lease(self) -> None:
+        if self._lease_task is None or self._lease_task.done():
+            self._lease_task = asyncio.get_running_loop().create_task(self._renew_lease(),
+                                                                      context=contextvars.Context())
+
+    async def _renew_lease(self) -> None:
+        """Renew this replica's lease a few times per lease TTL, for as long as the replica lives."""
+        every = self.config.allocator.lease_ttl_s / 4
+        while True:
+            try:
+                await self.allocator.renew.remote(self.owner)
+            except Exception as exc:  # the allocator is restarting: a restored ledger gives a fresh lease
+                logger.info("lease renewal failed: %s", type(exc).__name__)
+            await asyncio.sleep(every)
+
+    # -- answers --------------------------------------------------------------------
+
+    async def _whole(self, req, rid, ereq, prompt_tokens, clear, cut):
+        """A non-streaming answer: charged the tokens generated if it is sent, nothing if not."""
         tally = {"tokens": 0, "finish": None, "info": None}
         parts = []
-        outcome, etype = "error", "internal_error"
+        outcome, etype, sent = "error", "internal_error", False
         try:
             async for chunk in self._engine_stream(ereq, tally):
                 parts.append(chunk.text)
             outcome, etype = "admitted", ""
+            if tally["info"] is not None:
+                clear["replay"] = tally["info"]
+            clear["stopped_by"] = _stopped_by(tally["finish"], cut)
+            body = completion_body(req, rid, "".join(parts), tally["finish"], prompt_tokens, tally["tokens"], clear)
+            sent = True
+            return body
         except ClearError as exc:
             outcome, etype = outcome_of(exc), exc.error_type
             return _error_response(exc)
@@ -278,41 +450,54 @@ class Ingress:
             outcome, etype = "admitted", "client_disconnected"
             raise
         finally:
-            self._settle(rid, tally["tokens"])
+            # The client receives the body only if it was built; a failure or a client gone
+            # before it received nothing and pays nothing.
+            self._settle(rid, tally["tokens"] if sent else 0, failed=not sent)
             self._count(outcome, etype)
-        if tally["info"] is not None:
-            clear["replay"] = tally["info"]
-        return completion_body(req, rid, "".join(parts), tally["finish"], prompt_tokens, tally["tokens"], clear)
 
-    async def _sse(self, req, rid, ereq, prompt_tokens, clear):
+    async def _sse(self, req, rid, ereq, prompt_tokens, clear, cut):
+        """A stream: charged the tokens sent, whether it ends, fails or the client leaves."""
         tally = {"tokens": 0, "finish": None, "info": None}
         created = int(time.time())
-        outcome, etype = "admitted", "client_disconnected"
+        outcome, etype, failed = "admitted", "client_disconnected", False
         try:
             yield sse_chunk(req, rid, created, "", None, first=True, clear=clear)
             async for chunk in self._engine_stream(ereq, tally):
-                if chunk.finish_reason is None:
-                    if chunk.text:
-                        yield sse_chunk(req, rid, created, chunk.text, None)
-                else:
-                    if chunk.text:
-                        yield sse_chunk(req, rid, created, chunk.text, None)
-                    final = dict(clear)
+                if chunk.text:
+                    yield sse_chunk(req, rid, created, chunk.text, None)
+                if chunk.finish_reason is not None:
+                    final = dict(clear, stopped_by=_stopped_by(chunk.finish_reason, cut))
                     if chunk.info is not None:
                         final["replay"] = chunk.info
                     yield sse_chunk(req, rid, created, None, chunk.finish_reason, clear=final)
             if req.include_usage:
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tally["tokens"], "total_tokens": prompt_tokens + tally["tokens"]}
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tally["tokens"],
+                         "total_tokens": prompt_tokens + tally["tokens"]}
                 yield sse_chunk(req, rid, created, None, None, usage=usage)
             yield SSE_DONE
             etype = ""
         except ClearError as exc:
-            outcome, etype = outcome_of(exc), exc.error_type
+            outcome, etype, failed = outcome_of(exc), exc.error_type, True
             yield sse_error(exc)
             yield SSE_DONE
         finally:
-            self._settle(rid, tally["tokens"])
+            self._settle(rid, tally["tokens"], failed=failed)
             self._count(outcome, etype)
+
+
+def _cut_by(client_max_tokens: int | None, decision: Decision, room: int) -> str:
+    """Who set the engine's cap: the client's max_tokens, CLEAR's market cap, or the context window."""
+    cap = decision.cap_tokens
+    if client_max_tokens is not None and cap == client_max_tokens and client_max_tokens <= decision.market_cap_tokens:
+        return "client_max_tokens"
+    if cap == room and room < decision.market_cap_tokens:
+        return "context_limit"
+    return "clear_cap"
+
+
+def _stopped_by(finish: str | None, cut: str) -> str:
+    """Why a completion ended: ``natural_stop``, or whoever set the cap it hit (:func:`_cut_by`)."""
+    return "natural_stop" if finish == NATURAL_STOP else cut
 
 
 async def _await(resp):

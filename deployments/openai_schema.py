@@ -1,9 +1,19 @@
 """OpenAI request parsing/validation and response bodies (chat, completions, SSE chunks, errors).
 
 Parsing is explicit rather than a pydantic model so that every refusal names
-the bad field in a clear message and maps to the project's error types; fields
-this server does not use (temperature, top_p, stop, seed, user...) are passed
-through to the engine untouched.
+the bad field in a clear message and maps to the project's error types. Every
+check here runs before any budget is reserved:
+
+* the body: JSON (a declared non-JSON ``Content-Type`` is a 415), an object,
+  nested at most :data:`MAX_JSON_DEPTH` deep, every string valid Unicode;
+* fields: those this server honours (:data:`CHAT_FIELDS`, :data:`COMPLETION_FIELDS`)
+  with OpenAI's ranges; OpenAI fields it does not implement (:data:`UNSUPPORTED`:
+  tools, logprobs, response_format, echo...) are refused with a 400 naming them
+  unless they carry their default value (``"logprobs": false``), and so is any
+  field OpenAI does not know ("Unrecognized request argument");
+* chat roles: system, developer, user, assistant (tool messages need tools).
+
+Sampling fields pass to the engine as given (they are in range).
 """
 
 from __future__ import annotations
@@ -13,11 +23,26 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from deployments.errors import BadRequestError, BudgetAbandonedError, ClearError
+from deployments.errors import BadRequestError, BudgetAbandonedError, ClearError, UnsupportedMediaTypeError
 
-#: Sampling fields passed through to the engine.
-PASSTHROUGH = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "user", "logit_bias")
 SAMPLE_INDEX_FIELD = "clear_sample_index"
+#: Sampling fields passed through to the engine, each with its check.
+PASSTHROUGH = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "user", "logit_bias")
+_COMMON_FIELDS = frozenset({"model", "max_tokens", "n", "stream", "stream_options", *PASSTHROUGH, SAMPLE_INDEX_FIELD})
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
+#: OpenAI fields this server does not implement -> the values that mean "not used" (accepted).
+UNSUPPORTED: dict[str, tuple] = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
+    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+    "web_search_options": (None,), "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
+}
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+MAX_JSON_DEPTH = 32
+MAX_STOP_SEQUENCES = 4
 
 
 @dataclass(frozen=True)
@@ -34,6 +59,53 @@ class ParsedRequest:
     sampling: dict = field(default_factory=dict)
 
 
+def decode_body(raw: bytes, content_type: str | None) -> dict:
+    """The JSON object of a request body, or the 4xx that says why not."""
+    if content_type:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaTypeError(f"Content-Type must be application/json, got {media!r}")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequestError(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("the request body must be a JSON object")
+    _check_json(body, 0, "body")
+    return body
+
+
+def _check_json(value, depth: int, where: str) -> None:
+    """Nesting depth and valid Unicode (an unpaired surrogate cannot be tokenized or sent on)."""
+    if depth > MAX_JSON_DEPTH:
+        raise BadRequestError(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequestError(f"{where} contains invalid Unicode (an unpaired surrogate)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_json(k, depth + 1, where)
+            _check_json(v, depth + 1, f"{where}.{k}" if depth == 0 else where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_json(v, depth + 1, where)
+
+
+def _check_fields(body: dict, known: frozenset) -> None:
+    for name, value in body.items():
+        if name in known:
+            continue
+        if name in UNSUPPORTED:
+            if value not in UNSUPPORTED[name]:
+                raise BadRequestError(f"'{name}' is not supported by this server; remove it", param=name)
+            continue
+        raise BadRequestError(f"Unrecognized request argument supplied: {name}", param=name)
+
+
 def _int_field(body: dict, name: str, lo: int, hi: int | None) -> int | None:
     v = body.get(name)
     if v is None:
@@ -47,6 +119,42 @@ def _int_field(body: dict, name: str, lo: int, hi: int | None) -> int | None:
         bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
         raise BadRequestError(f"'{name}' must be {bound}, got {v}", param=name)
     return v
+
+
+def _number_field(body: dict, name: str, lo: float, hi: float) -> None:
+    v = body.get(name)
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise BadRequestError(f"'{name}' must be a number between {lo:g} and {hi:g}, got {v!r}", param=name)
+
+
+def _check_sampling(body: dict) -> dict:
+    """OpenAI's ranges for the sampling fields passed to the engine."""
+    _number_field(body, "temperature", 0.0, 2.0)
+    _number_field(body, "top_p", 0.0, 1.0)
+    _number_field(body, "presence_penalty", -2.0, 2.0)
+    _number_field(body, "frequency_penalty", -2.0, 2.0)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63):
+        raise BadRequestError(f"'seed' must be a 64-bit integer, got {seed!r}", param="seed")
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not (isinstance(stops, list) and len(stops) <= MAX_STOP_SEQUENCES and all(isinstance(x, str) and x for x in stops)):
+            raise BadRequestError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES} "
+                                  "non-empty strings", param="stop")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise BadRequestError("'user' must be a string", param="user")
+    bias = body.get("logit_bias")
+    if bias is not None:
+        ok = isinstance(bias, dict) and all(
+            isinstance(k, str) and k.isdigit() and not isinstance(v, bool) and isinstance(v, (int, float))
+            and -100 <= v <= 100 for k, v in bias.items())
+        if not ok:
+            raise BadRequestError("'logit_bias' must map token ids to numbers between -100 and 100", param="logit_bias")
+    return {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
 
 
 def _content_text(content, where: str) -> str:
@@ -65,9 +173,8 @@ def _content_text(content, where: str) -> str:
     raise BadRequestError(f"{where}: content must be a string or a list of text parts", param="messages")
 
 
-def _common(body: dict, context_limit_tokens: int) -> dict:
-    if not isinstance(body, dict):
-        raise BadRequestError("the request body must be a JSON object")
+def _common(body: dict, context_limit_tokens: int, known: frozenset) -> dict:
+    _check_fields(body, known)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequestError("'model' is required and must be a string", param="model")
@@ -81,19 +188,23 @@ def _common(body: dict, context_limit_tokens: int) -> dict:
         stream = False
     if not isinstance(stream, bool):
         raise BadRequestError(f"'stream' must be a boolean, got {stream!r}", param="stream")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise BadRequestError("'stream_options' must be an object", param="stream_options")
+    opts = body.get("stream_options")
+    if opts is not None and not stream:
+        raise BadRequestError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    opts = opts or {}
+    if not isinstance(opts, dict) or set(opts) - {"include_usage"} or not isinstance(opts.get("include_usage", False), bool):
+        raise BadRequestError("'stream_options' must be an object with a boolean 'include_usage'", param="stream_options")
     sample = _int_field(body, SAMPLE_INDEX_FIELD, 0, None)
-    sampling = {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
     return dict(
         model=model, max_tokens=max_tokens, stream=stream, include_usage=bool(opts.get("include_usage", False)),
-        sample_index=sample, sampling=sampling,
+        sample_index=sample, sampling=_check_sampling(body),
     )
 
 
 def parse_chat(body, context_limit_tokens: int) -> ParsedRequest:
-    common = _common(body, context_limit_tokens)
+    if not isinstance(body, dict):
+        raise BadRequestError("the request body must be a JSON object")
+    common = _common(body, context_limit_tokens, CHAT_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequestError("'messages' is required and must be a non-empty list", param="messages")
@@ -101,6 +212,15 @@ def parse_chat(body, context_limit_tokens: int) -> ParsedRequest:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequestError(f"messages[{i}] must be an object with a 'role'", param="messages")
+        if m["role"] not in CHAT_ROLES:
+            raise BadRequestError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m['role']!r}",
+                                  param="messages")
+        extra = set(m) - MESSAGE_FIELDS
+        if extra:
+            raise BadRequestError(f"messages[{i}] has fields this server does not support: {', '.join(sorted(extra))}",
+                                  param="messages")
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise BadRequestError(f"messages[{i}].name must be a string", param="messages")
         text = _content_text(m.get("content"), f"messages[{i}]")
         texts.append(text)
         if m["role"] == "user":
@@ -113,7 +233,9 @@ def parse_chat(body, context_limit_tokens: int) -> ParsedRequest:
 
 
 def parse_completion(body, context_limit_tokens: int) -> ParsedRequest:
-    common = _common(body, context_limit_tokens)
+    if not isinstance(body, dict):
+        raise BadRequestError("the request body must be a JSON object")
+    common = _common(body, context_limit_tokens, COMPLETION_FIELDS)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -132,12 +254,18 @@ def error_body(exc: ClearError) -> dict:
     if isinstance(exc, BudgetAbandonedError):
         err["shadow_price"] = exc.shadow_price
         err["retry_after_s"] = exc.retry_after_s
+        err["should_retry"] = exc.should_retry
         err["predicted_threshold_tokens"] = exc.threshold_tokens
     return {"error": err}
 
 
-def retry_after_header(exc: BudgetAbandonedError) -> str:
-    return str(max(1, math.ceil(exc.retry_after_s)))
+def retry_headers(exc: ClearError) -> dict | None:
+    """``Retry-After`` and ``x-should-retry`` (honoured by the ``openai`` client) for errors that carry them."""
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is None:
+        return None
+    return {"Retry-After": str(max(1, math.ceil(retry_after))),
+            "x-should-retry": "true" if getattr(exc, "should_retry", False) else "false"}
 
 
 def completion_body(req: ParsedRequest, rid: str, text: str, finish: str | None, prompt_tokens: int, completion_tokens: int, clear: dict) -> dict:

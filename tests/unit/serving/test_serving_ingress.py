@@ -56,20 +56,30 @@ class FakeAllocator:
     def __init__(self, cap: int = 60, admit: bool = True):
         self.reserved: list[str] = []
         self.settled: list[tuple[str, int]] = []
+        self.failed: list[bool] = []
+        self.renewed: list[str] = []
+        self.arrivals: list[tuple[str, bool]] = []
 
-        def reserve(rid, threshold, log_sigma, client_cap):
+        def reserve(rid, threshold, log_sigma, client_cap, owner, arrival_key, retry):
             self.reserved.append(rid)
+            self.arrivals.append((arrival_key, retry))
             reason = DecisionReason.ADMITTED if admit else DecisionReason.INSOLVENT
             return _Call(Decision(reason=reason, cap_tokens=min(cap, client_cap) if admit else 0,
                                   market_cap_tokens=cap, shadow_price=0.01, threshold_tokens=threshold,
                                   budget_per_query_tokens=256.0, retry_after_s=2.0))
 
-        def settle(rid, generated):
+        def settle(rid, generated, failed):
             self.settled.append((rid, generated))
+            self.failed.append(failed)
             return _Call(None)
+
+        def renew(owner):
+            self.renewed.append(owner)
+            return _Call(0)
 
         self.reserve = _Method(reserve)
         self.settle = _Method(settle)
+        self.renew = _Method(renew)
 
 
 class _Stream:
@@ -170,7 +180,9 @@ def test_engine_error_settles_once_with_what_was_received(stream):
         return alloc, resp, body
 
     alloc, resp, body = asyncio.run(run())
-    assert alloc.settled == [(alloc.reserved[0], 2 * CHUNK_TOKENS)]
+    # a stream sent 2 chunks before the failure; a whole answer sent nothing: each pays what it received
+    assert alloc.settled == [(alloc.reserved[0], 2 * CHUNK_TOKENS if stream else 0)]
+    assert alloc.failed == [True]  # a failed settle: the rest of the cap returns to the pool in every budget mode
     if stream:  # the error comes as an SSE error event, then [DONE]
         assert EngineError.error_type in body.decode() and body.decode().rstrip().endswith("[DONE]")
     else:
@@ -200,11 +212,11 @@ def test_client_disconnect_mid_stream_settles_once_and_cancels_the_engine():
         return alloc, engine
 
     alloc, engine = asyncio.run(run())
-    assert alloc.settled == [(alloc.reserved[0], 2 * CHUNK_TOKENS)]
+    assert alloc.settled == [(alloc.reserved[0], 2 * CHUNK_TOKENS)] and alloc.failed == [False]
     assert engine.streams[0].cancelled
 
 
-def test_cancelled_whole_request_settles_once():
+def test_cancelled_whole_request_settles_once_and_pays_nothing_it_never_received():
     async def run():
         gate = asyncio.Event()
         alloc, engine = FakeAllocator(), FakeEngine(chunks=10, gate=gate)
@@ -218,7 +230,7 @@ def test_cancelled_whole_request_settles_once():
         return alloc
 
     alloc = asyncio.run(run())
-    assert alloc.settled == [(alloc.reserved[0], 2 * CHUNK_TOKENS)]
+    assert alloc.settled == [(alloc.reserved[0], 0)] and alloc.failed == [True]
 
 
 def test_abandoned_and_malformed_requests_never_settle_nor_reach_the_engine():
