@@ -102,6 +102,9 @@ app = FastAPI(title="CLEAR", description="Token-budget allocation with a shadow 
 #: Settles are retried until acknowledged, with this backoff (s), for at most SETTLE_RETRY_FOR_S.
 SETTLE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 SETTLE_RETRY_FOR_S = 900.0
+#: A completion's last event ([DONE], or the whole body) waits this long for its settle to be acknowledged,
+#: so a replica that dies after answering cannot take an unacknowledged settle with it (s).
+SETTLE_WAIT_S = 2.0
 #: The engine's reason a completion stopped -> who stopped it (the clear object's ``stopped_by``).
 NATURAL_STOP = "stop"
 
@@ -382,7 +385,7 @@ class Ingress:
 
     # -- settling, and this replica's lease ------------------------------------------
 
-    def _background_task(self, coro) -> None:
+    def _background_task(self, coro) -> asyncio.Task:
         """Run ``coro`` in a task of its own, outside the request's context.
 
         The task runs in an empty ``contextvars.Context``: Serve tracks the
@@ -393,8 +396,9 @@ class Ingress:
         task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
-    def _settle(self, rid: str, tokens: int, failed: bool = False) -> None:
+    def _settle(self, rid: str, tokens: int, failed: bool = False) -> asyncio.Task:
         """Settle ``rid`` in the background, retried until the allocator acknowledges it (idempotent there)."""
 
         async def run():
@@ -409,7 +413,7 @@ class Ingress:
                         return
                     await asyncio.sleep(SETTLE_BACKOFF_S[min(attempt, len(SETTLE_BACKOFF_S) - 1)])
 
-        self._background_task(run())
+        return self._background_task(run())
 
     def _ensure_lease(self) -> None:
         if self._lease_task is None or self._lease_task.done():
@@ -442,6 +446,7 @@ class Ingress:
             clear["stopped_by"] = _stopped_by(tally["finish"], cut)
             body = completion_body(req, rid, "".join(parts), tally["finish"], prompt_tokens, tally["tokens"], clear)
             sent = True
+            await asyncio.wait({self._settle(rid, tally["tokens"])}, timeout=SETTLE_WAIT_S)
             return body
         except ClearError as exc:
             outcome, etype = outcome_of(exc), exc.error_type
@@ -450,16 +455,16 @@ class Ingress:
             outcome, etype = "admitted", "client_disconnected"
             raise
         finally:
-            # The client receives the body only if it was built; a failure or a client gone
-            # before it received nothing and pays nothing.
-            self._settle(rid, tally["tokens"] if sent else 0, failed=not sent)
+            # A failure, or a client gone before the body, received nothing and pays nothing.
+            if not sent:
+                self._settle(rid, 0, failed=True)
             self._count(outcome, etype)
 
     async def _sse(self, req, rid, ereq, prompt_tokens, clear, cut):
         """A stream: charged the tokens sent, whether it ends, fails or the client leaves."""
         tally = {"tokens": 0, "finish": None, "info": None}
         created = int(time.time())
-        outcome, etype, failed = "admitted", "client_disconnected", False
+        outcome, etype, failed, settled = "admitted", "client_disconnected", False, False
         try:
             yield sse_chunk(req, rid, created, "", None, first=True, clear=clear)
             async for chunk in self._engine_stream(ereq, tally):
@@ -470,6 +475,8 @@ class Ingress:
                     if chunk.info is not None:
                         final["replay"] = chunk.info
                     yield sse_chunk(req, rid, created, None, chunk.finish_reason, clear=final)
+            settled = True
+            await asyncio.wait({self._settle(rid, tally["tokens"])}, timeout=SETTLE_WAIT_S)
             if req.include_usage:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tally["tokens"],
                          "total_tokens": prompt_tokens + tally["tokens"]}
@@ -481,7 +488,8 @@ class Ingress:
             yield sse_error(exc)
             yield SSE_DONE
         finally:
-            self._settle(rid, tally["tokens"], failed=failed)
+            if not settled:
+                self._settle(rid, tally["tokens"], failed=failed)
             self._count(outcome, etype)
 
 
