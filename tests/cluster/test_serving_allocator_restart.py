@@ -60,3 +60,38 @@ def test_allocator_restart_keeps_the_budget(cluster):
         assert final["reserved_tokens"] == 0 and final["invariant_holds"]
     finally:
         cluster.delete(APP)
+
+
+def test_a_named_budget_keeps_its_books_across_redeploys(cluster, tmp_path):
+    """Same budget_name: a deleted and redeployed app (as a new `serve run` would) continues the books;
+    a new name starts fresh ones. The file store outlives the Ray cluster as well."""
+    args = app_args(
+        allocator={"budget": {"tokens_per_query": 300, "window_queries": 1000}, "budget_name": "redeploy-test",
+                   "state_store": "file", "state_dir": str(tmp_path)},
+        engine={"decode_tokens_per_s": 100000.0},
+    )
+    url = cluster.deploy(args, "named")
+    try:
+        send(url, 12, 0)
+        before = status(url)
+        assert before["arrivals"] == 12 and before["budget_name"] == "redeploy-test"
+    finally:
+        cluster.delete("named")
+    assert (tmp_path / "budget_redeploy-test.json").is_file()
+    url = cluster.deploy(args, "named")
+    try:
+        again = status(url)
+        assert again["restored_after_restart"] is True
+        for key in ("arrivals", "granted_tokens", "spent_tokens", "allocated_tokens_total", "generated_tokens_total"):
+            assert again[key] == before[key], key
+        send(url, 3, 100)
+        assert status(url)["arrivals"] == 15
+    finally:
+        cluster.delete("named")
+    fresh_args = app_args(**{**args, "allocator": {**args["allocator"], "budget_name": "another-budget"}})
+    url = cluster.deploy(fresh_args, "named")
+    try:
+        fresh = status(url)
+        assert fresh["arrivals"] == 0 and fresh["restored_after_restart"] is False
+    finally:
+        cluster.delete("named")
