@@ -113,6 +113,11 @@ def _error_response(exc: ClearError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=exc.http_status, headers=retry_headers(exc))
 
 
+@app.exception_handler(ClearError)
+async def _clear_error(request: Request, exc: ClearError):
+    return _error_response(exc)
+
+
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     if exc.status_code == 405:
@@ -187,36 +192,24 @@ class Ingress:
 
     @app.get("/openapi.json")
     async def openapi(self, request: Request):
-        try:
-            self._auth(request)
-        except ClearError as exc:
-            return _error_response(exc)
+        self._auth(request)  # a ClearError is answered by _clear_error
         return app.openapi()
 
     @app.get("/docs")
     async def docs(self, request: Request):
-        try:
-            self._auth(request)
-        except ClearError as exc:
-            return _error_response(exc)
+        self._auth(request)
         return get_swagger_ui_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json", title="CLEAR")
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        try:
-            self._auth(request)
-        except ClearError as exc:
-            return _error_response(exc)
+        self._auth(request)
         now = int(time.time())
         return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": now, "owned_by": "clear"}]}
 
     @app.get("/v1/clear/status")
     async def status(self, request: Request):
-        try:
-            self._auth(request)
-            return await self.allocator.status.remote()
-        except ClearError as exc:
-            return _error_response(exc)
+        self._auth(request)
+        return await self.allocator.status.remote()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):

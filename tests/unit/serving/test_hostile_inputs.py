@@ -14,13 +14,12 @@ import deployments.ingress as ingress_module
 from deployments.config import AppConfig
 from deployments.errors import EngineError
 from deployments.ingress import Ingress, _engine_failure
+from load_tests.hostile_inputs import BAD_INPUTS, MODEL, body
 from tests.factories import app_args
 from tests.unit.serving.test_serving_ingress import (
     CHUNK_TOKENS, FakeAllocator, FakeEngine, FakePredictor, _Call, _Method, chat, settle_tasks,
 )
 
-MODEL = "clear-replay"
-USER = [{"role": "user", "content": "What is 2+2?"}]
 
 
 def make_ingress(allocator=None, engine=None, **ingress_cfg) -> Ingress:
@@ -32,6 +31,7 @@ def request(raw: bytes | list[bytes], headers: dict | None = None, path="/v1/cha
     """A request whose body arrives as the given chunks (a list: chunked, no Content-Length)."""
     chunks = list(raw) if isinstance(raw, list) else [raw]
     hdrs = {"content-type": "application/json", **(headers or {})}
+    hdrs = {k: v for k, v in hdrs.items() if v is not None}
     if not isinstance(raw, list):
         hdrs.setdefault("content-length", str(len(raw)))
     sent = {"n": 0}
@@ -52,107 +52,15 @@ def request(raw: bytes | list[bytes], headers: dict | None = None, path="/v1/cha
     return req
 
 
-def body(**fields) -> bytes:
-    return json.dumps({"model": MODEL, "messages": USER, **fields}).encode()
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.name for c in BAD_INPUTS])
+def test_bad_input_is_a_clean_4xx_before_any_budget_is_reserved(case):
+    status, etype = case.status, case.error_type
 
-
-def completion(**fields) -> bytes:
-    return json.dumps({"model": MODEL, "prompt": "What is 2+2?", **fields}).encode()
-
-
-def deep(n: int):
-    v = "x"
-    for _ in range(n):
-        v = [v]
-    return v
-
-
-#: (case, chat|completion, raw body, headers, expected status, expected error type)
-BAD_INPUTS = [
-    ("not json", "chat", b"{not json", None, 400, "invalid_request_error"),
-    ("empty body", "chat", b"", None, 400, "invalid_request_error"),
-    ("json array", "chat", b"[1, 2]", None, 400, "invalid_request_error"),
-    ("json string", "chat", b'"hello"', None, 400, "invalid_request_error"),
-    ("invalid utf-8", "chat", b'{"model": "\xff\xfe"}', None, 400, "invalid_request_error"),
-    ("lone surrogate", "chat", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "\ud800 hi"}]}).encode(),
-     None, 400, "invalid_request_error"),
-    ("nested 10k deep", "chat", json.dumps({"model": MODEL, "messages": USER, "user": deep(5)}).replace('"x"', "[" * 10000 + "]" * 10000).encode(),
-     None, 400, "invalid_request_error"),
-    ("nested 40 deep", "chat", json.dumps({"model": MODEL, "messages": USER, "stop": deep(40)}).encode(), None, 400,
-     "invalid_request_error"),
-    ("text/plain", "chat", body(), {"content-type": "text/plain"}, 415, "unsupported_media_type"),
-    ("form", "chat", body(), {"content-type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
-    ("no model", "chat", json.dumps({"messages": USER}).encode(), None, 400, "invalid_request_error"),
-    ("model not a string", "chat", body(model=7), None, 400, "invalid_request_error"),
-    ("other model", "chat", body(model="gpt-4"), None, 404, "model_not_found"),
-    ("no messages", "chat", json.dumps({"model": MODEL}).encode(), None, 400, "invalid_request_error"),
-    ("empty messages", "chat", body(messages=[]), None, 400, "invalid_request_error"),
-    ("messages not a list", "chat", body(messages="hi"), None, 400, "invalid_request_error"),
-    ("message without role", "chat", body(messages=[{"content": "hi"}]), None, 400, "invalid_request_error"),
-    ("unknown role beside a user", "chat", body(messages=[{"role": "wizard", "content": "x"}, *USER]), None, 400,
-     "invalid_request_error"),
-    ("tool role", "chat", body(messages=[*USER, {"role": "tool", "content": "x", "tool_call_id": "1"}]), None, 400,
-     "invalid_request_error"),
-    ("message extra field", "chat", body(messages=[{"role": "user", "content": "x", "tool_calls": []}]), None, 400,
-     "invalid_request_error"),
-    ("no user message", "chat", body(messages=[{"role": "system", "content": "x"}]), None, 400, "invalid_request_error"),
-    ("blank user message", "chat", body(messages=[{"role": "user", "content": "   "}]), None, 400, "invalid_request_error"),
-    ("image part", "chat", body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
-     None, 400, "invalid_request_error"),
-    ("content a number", "chat", body(messages=[{"role": "user", "content": 5}]), None, 400, "invalid_request_error"),
-    ("max_tokens 0", "chat", body(max_tokens=0), None, 400, "invalid_request_error"),
-    ("max_tokens negative", "chat", body(max_tokens=-5), None, 400, "invalid_request_error"),
-    ("max_tokens string", "chat", body(max_tokens="10"), None, 400, "invalid_request_error"),
-    ("max_tokens bool", "chat", body(max_tokens=True), None, 400, "invalid_request_error"),
-    ("max_tokens 1.5", "chat", body(max_tokens=1.5), None, 400, "invalid_request_error"),
-    ("max_tokens beyond context", "chat", body(max_tokens=10**9), None, 400, "invalid_request_error"),
-    ("n=2", "chat", body(n=2), None, 400, "invalid_request_error"),
-    ("stream a string", "chat", body(stream="yes"), None, 400, "invalid_request_error"),
-    ("stream_options without stream", "chat", body(stream_options={"include_usage": True}), None, 400,
-     "invalid_request_error"),
-    ("stream_options unknown key", "chat", body(stream=True, stream_options={"x": 1}), None, 400, "invalid_request_error"),
-    ("temperature 2.5", "chat", body(temperature=2.5), None, 400, "invalid_request_error"),
-    ("temperature -1", "chat", body(temperature=-1), None, 400, "invalid_request_error"),
-    ("temperature string", "chat", body(temperature="hot"), None, 400, "invalid_request_error"),
-    ("top_p 1.5", "chat", body(top_p=1.5), None, 400, "invalid_request_error"),
-    ("presence_penalty 3", "chat", body(presence_penalty=3), None, 400, "invalid_request_error"),
-    ("frequency_penalty -3", "chat", body(frequency_penalty=-3), None, 400, "invalid_request_error"),
-    ("seed float", "chat", body(seed=1.5), None, 400, "invalid_request_error"),
-    ("seed 2^64", "chat", body(seed=2**64), None, 400, "invalid_request_error"),
-    ("stop 5 sequences", "chat", body(stop=["a", "b", "c", "d", "e"]), None, 400, "invalid_request_error"),
-    ("stop a number", "chat", body(stop=3), None, 400, "invalid_request_error"),
-    ("logit_bias 500", "chat", body(logit_bias={"15": 500}), None, 400, "invalid_request_error"),
-    ("logit_bias word key", "chat", body(logit_bias={"hello": 1}), None, 400, "invalid_request_error"),
-    ("user a number", "chat", body(user=5), None, 400, "invalid_request_error"),
-    ("logprobs", "chat", body(logprobs=True), None, 400, "invalid_request_error"),
-    ("top_logprobs", "chat", body(top_logprobs=3), None, 400, "invalid_request_error"),
-    ("tools", "chat", body(tools=[{"type": "function", "function": {"name": "f"}}]), None, 400, "invalid_request_error"),
-    ("tool_choice", "chat", body(tool_choice="required"), None, 400, "invalid_request_error"),
-    ("response_format", "chat", body(response_format={"type": "json_object"}), None, 400, "invalid_request_error"),
-    ("unknown field", "chat", body(frobnicate=1), None, 400, "invalid_request_error"),
-    ("sample index negative", "chat", body(clear_sample_index=-1), None, 400, "invalid_request_error"),
-    ("sample index out of range", "chat", body(clear_sample_index=10**6), None, 400, "invalid_request_error"),
-    ("echo", "completion", completion(echo=True), None, 400, "invalid_request_error"),
-    ("best_of 3", "completion", completion(best_of=3), None, 400, "invalid_request_error"),
-    ("suffix", "completion", completion(suffix="end"), None, 400, "invalid_request_error"),
-    ("completion logprobs", "completion", completion(logprobs=5), None, 400, "invalid_request_error"),
-    ("batched prompts", "completion", completion(prompt=["a", "b"]), None, 400, "invalid_request_error"),
-    ("token-id prompt", "completion", completion(prompt=[1, 2, 3]), None, 400, "invalid_request_error"),
-    ("empty prompt", "completion", completion(prompt=""), None, 400, "invalid_request_error"),
-    ("prompt beyond context", "completion", completion(prompt="word " * 40000), None, 400, "context_length_exceeded"),
-    ("body over the limit", "chat", body(user="x" * 2_000_000), None, 413, "request_too_large"),
-    ("no key", "chat", body(), {"authorization": None}, 401, "authentication_error"),
-    ("wrong key", "chat", body(), {"authorization": "Bearer nope"}, 401, "authentication_error"),
-]
-
-
-@pytest.mark.parametrize("case,kind,raw,headers,status,etype", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_a_clean_4xx_before_any_budget_is_reserved(case, kind, raw, headers, status, etype):
     async def run():
         alloc, engine = FakeAllocator(), FakeEngine()
-        keys = ["k1"] if headers and "authorization" in headers else []
-        ing = make_ingress(alloc, engine, api_keys=keys)
-        resp = await ing._complete(request(raw, headers), kind)
+        ing = make_ingress(alloc, engine, api_keys=["k1"])
+        headers = {"authorization": "Bearer k1", **case.headers}
+        resp = await ing._complete(request(case.raw, {k: v for k, v in headers.items() if v is not None}), case.kind)
         await settle_tasks(ing)
         return alloc, engine, resp
 
