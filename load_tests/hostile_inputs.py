@@ -156,8 +156,14 @@ class Report:
         return self.books_before == self.books_after
 
 
-def _books(status: dict) -> tuple:
-    return (status["arrivals"], status["allocated_tokens_total"], status["reserved_tokens"], status["spent_tokens"])
+def _books(resp: httpx.Response) -> tuple:
+    """The budget's books from ``/v1/clear/status`` (a one-line error if the service cannot say)."""
+    try:
+        st = resp.json()
+        return (st["arrivals"], st["allocated_tokens_total"], st["reserved_tokens"], st["spent_tokens"])
+    except (ValueError, KeyError, TypeError):
+        raise SystemExit(f"error: {resp.request.url} answered {resp.status_code}, not the budget's status: "
+                         f"{resp.text[:200]!r}") from None
 
 
 def run(url: str, api_key: str | None = None, timeout_s: float = 60.0) -> Report:
@@ -165,7 +171,7 @@ def run(url: str, api_key: str | None = None, timeout_s: float = 60.0) -> Report
     auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
     report = Report()
     with httpx.Client(timeout=timeout_s) as http:
-        report.books_before = _books(http.get(f"{url}/v1/clear/status", headers=auth).json())
+        report.books_before = _books(http.get(f"{url}/v1/clear/status", headers=auth))
         for case in BAD_INPUTS:
             headers = {"content-type": "application/json", **auth, **case.headers}
             headers = {k: v for k, v in headers.items() if v is not None}
@@ -179,7 +185,7 @@ def run(url: str, api_key: str | None = None, timeout_s: float = 60.0) -> Report
             except (ValueError, KeyError, TypeError):
                 etype, clean = None, False
             report.outcomes.append(Outcome(case, r.status_code, etype, clean))
-        report.books_after = _books(http.get(f"{url}/v1/clear/status", headers=auth).json())
+        report.books_after = _books(http.get(f"{url}/v1/clear/status", headers=auth))
     return report
 
 
@@ -188,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", required=True, help="base URL of the service, e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key", default=None)
     args = p.parse_args(argv)
-    report = run(args.url.rstrip("/"), args.api_key)
+    try:
+        report = run(args.url.rstrip("/"), args.api_key)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"error: cannot reach {args.url}: {type(exc).__name__}: {exc}") from None
     for o in report.outcomes:
         mark = "ok " if o.right else "BAD"
         print(f"{mark} {o.case.name:32s} {o.status} {o.error_type} (want {o.case.status} {o.case.error_type})")
