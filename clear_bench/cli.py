@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from clear_core.errors import InvalidInputError
 from clear_core.policies import POLICIES, parse_policy_list
-from clear_core.traces import MIXTURES, POOL_GENERATION_CAP_TOKENS, load_pool
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS, STREAM_FAMILIES, load_pool, pool_streams
 
 DEFAULT_BUDGETS = "256,512,1024,2048,4096"
 DEFAULT_POLICIES = ",".join(
@@ -46,7 +46,15 @@ def add_subcommands(subparsers) -> None:
                    help="oracle | oracle-noise:SIGMA | predictions JSONL {id, threshold_tokens[, log_sigma]}")
     p.add_argument("--log-sigma", type=float, default=None,
                    help="override the predictions' log-space error that `clear` prices")
-    p.add_argument("--streams", type=_csv(str), default=list(MIXTURES), help=f"from {sorted(MIXTURES)}")
+    p.add_argument("--streams", type=_csv(str), default=None,
+                   help="comma-separated streams of the pool's family (default: all of them): "
+                   + "; ".join(f"{f.name}: {','.join(f.streams)}" for f in STREAM_FAMILIES.values()))
+    p.add_argument("--protocol", default="single", choices=["single", "best-of-k", "sequential"],
+                   help="single: one sample per query; best-of-k: k trajectories in parallel, each capped at "
+                   "budget/k; sequential: k trajectories one after another, each capped by what is left "
+                   "(default: single)")
+    p.add_argument("--k", type=int, default=5, help="trajectories per query with --protocol best-of-k | sequential "
+                   "(default: 5); --budgets are then totals per query")
     p.add_argument("--budgets", type=_csv(int), default=_csv(int)(DEFAULT_BUDGETS), help="tokens per query")
     p.add_argument("--policies", type=_policy_list, default=_policy_list(DEFAULT_POLICIES),
                    help="comma-separated policy specs; a spec's own parameters follow it, "
@@ -66,36 +74,53 @@ def run_bench(args) -> int:
     from clear_bench.report import markdown_report
     from clear_bench.runner import run_grid
 
-    unknown = [s for s in args.streams if s not in MIXTURES]
-    if unknown:
-        raise SystemExit(f"unknown stream {unknown[0]!r}; expected one of {sorted(MIXTURES)}")
     if any(b <= 0 for b in args.budgets):
         raise SystemExit("budgets must be positive token counts")
+    if args.k < 1:
+        raise SystemExit("--k must be at least 1")
     problems = load_pool(args.traces)
+    known = pool_streams(problems)
+    args.streams = args.streams or known
+    unknown = [s for s in args.streams if s not in known]
+    if unknown:
+        raise SystemExit(f"unknown stream {unknown[0]!r} for this pool; expected one of {known}")
     predictions = parse_predictions(args.predictions, args.log_sigma)
     args.out.mkdir(parents=True, exist_ok=True)
 
     dump = (args.out / "allocations.jsonl").open("w") if args.dump_allocations else None
 
+    trials = args.protocol != "single"
+
     def on_allocation(cell, stream, caps):
         if dump is None:
             return
+        # best-of-k: the cap is the query's total; its trajectories are the problem's first k samples
+        where = {"protocol": args.protocol, "k": args.k} if trials else {"protocol": "single"}
         for pid, j, cap in zip(stream.problem_ids, stream.sample_index.tolist(), caps.tolist()):
-            dump.write(json.dumps({"stream": cell.stream, "seed": cell.seed, "budget_per_query": cell.budget_per_query,
-                                   "policy": cell.policy, "problem_id": pid, "sample_index": j, "cap": cap}) + "\n")
+            row = {"stream": cell.stream, "seed": cell.seed, "budget_per_query": cell.budget_per_query,
+                   "policy": cell.policy, "problem_id": pid, **where, "cap": cap}
+            if not trials:
+                row["sample_index"] = j
+            dump.write(json.dumps(row) + "\n")
 
     total = len(args.streams) * len(args.seeds) * len(args.budgets) * len(args.policies)
     with tqdm(total=total, desc="bench", unit="cell") as bar:
         rows = run_grid(problems, predictions, streams=args.streams, budgets=args.budgets, policies=args.policies,
                         seeds=args.seeds, n_queries=args.queries, context_limit_tokens=args.context_limit_tokens,
-                        on_allocation=on_allocation, progress=bar.update)
+                        on_allocation=on_allocation, progress=bar.update, protocol=args.protocol,
+                        k=args.k if trials else 1)
     if dump is not None:
         dump.close()
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    report = markdown_report(rows, title=f"CLEAR bench on {Path(args.traces).name}")
+    title = f"CLEAR bench on {Path(args.traces).name}" + (f", {args.protocol} with k = {args.k}" if trials else "")
+    report = markdown_report(rows, title=title)
     (args.out / "results.md").write_text(report)
     print(report)
-    if not args.no_figures:
+    if trials and not args.no_figures:
+        from clear_bench import plots
+
+        plots.phase_transition(rows, args.out)  # the sensitivity studies are single-sample experiments
+    elif not args.no_figures:
         _figures(args, problems, predictions, rows)
     print(f"wrote {args.out}/results.json, results.md" + ("" if args.no_figures else " and figures"))
     return 0

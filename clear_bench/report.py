@@ -73,10 +73,10 @@ def markdown_report(rows: Sequence[dict], *, title: str, main: str = "clear", ba
                     continue
                 o = acc.get((stream, b, "oracle"))
                 share = gap_closed(c[0], u[0], o[0]) if o else None
-                ratio = c[0] / u[0] if u[0] > 0 else float("inf")
+                ratio = f"{c[0] / u[0]:.2f}×" if u[0] > 0 else "n/a (baseline 0)"
                 lines.append(
                     f"| {stream} | {b} | {100 * u[0]:.1f} | {100 * c[0]:.1f} | {100 * (c[0] - u[0]):+.1f} | "
-                    f"{ratio:.2f}× | {'' if share is None else f'{100 * share:.0f}%'} |"
+                    f"{ratio} | {'' if share is None else f'{100 * share:.0f}%'} |"
                 )
         lines.append("")
     # What the budget buys: solved per 1k allocated and per 1k generated tokens.

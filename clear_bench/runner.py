@@ -8,10 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clear_core.best_of_k import PROTOCOLS, make_trial_stream, minimal_budget, run_trials
 from clear_core.policies import Truth, parse_policy
-from clear_core.simulate import score
+from clear_core.simulate import score, score_outcome
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, make_stream
 from clear_bench.predictions import Predictions
+
+#: --protocol values: one sample per query (the math experiments), or best-of-k (parallel or sequential).
+BENCH_PROTOCOLS = ("single", "best-of-k", "sequential")
 
 
 
@@ -35,30 +39,58 @@ def run_grid(
     context_limit_tokens: float | None = POOL_GENERATION_CAP_TOKENS,
     on_allocation: Callable[[Cell, Stream, np.ndarray], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    protocol: str = "single",
+    k: int = 1,
 ) -> list[dict]:
     """Score every cell of the grid; one result row per (stream, budget, policy, seed).
 
     Each (stream, seed) draws one stream and one set of predicted thresholds,
     shared by every budget and policy, so the comparison is paired.
+
+    ``protocol`` ``best-of-k`` / ``sequential`` (:mod:`clear_core.best_of_k`):
+    a query is a problem with its first ``k`` trajectories; a policy allocates
+    each query ``k`` times its per-trajectory threshold (the budget per query
+    is the total over its trajectories), the oracle the least budget that
+    solves it, and the trajectories spend it in parallel (``C // k`` each) or
+    in sequence.
     """
+    if protocol not in BENCH_PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}: expected one of {BENCH_PROTOCOLS}")
     policy_objs = {spec: parse_policy(spec) for spec in policies}
     rows: list[dict] = []
     for stream_name in streams:
         for seed in seeds:
-            stream = make_stream(problems, stream_name, n_queries, seed)
-            thresholds = predictions.thresholds(stream)
-            truth = Truth(tokens=stream.tokens, correct=stream.correct)
+            if protocol == "single":
+                stream = make_stream(problems, stream_name, n_queries, seed)
+                thresholds = predictions.thresholds(stream)
+                truth = Truth(tokens=stream.tokens, correct=stream.correct)
+                limit = context_limit_tokens
+                trials, spend = None, None
+            else:
+                spend = PROTOCOLS[0] if protocol == "best-of-k" else PROTOCOLS[1]
+                trials = make_trial_stream(problems, stream_name, n_queries, seed, k)
+                stream = trials.stream
+                thresholds = k * predictions.thresholds(stream)  # per trajectory, times k per query
+                need, solvable = minimal_budget(trials.tokens, trials.correct, spend, context_limit_tokens)
+                truth = Truth(tokens=need, correct=solvable)
+                limit = None if context_limit_tokens is None else k * context_limit_tokens
             for bpq in budgets:
                 budget = int(bpq) * len(stream)
                 for spec, policy in policy_objs.items():
                     alloc = policy.allocate(
-                        thresholds, budget, context_limit_tokens=context_limit_tokens, truth=truth, log_sigma=predictions.sigma
+                        thresholds, budget, context_limit_tokens=limit, truth=truth, log_sigma=predictions.sigma
                     )
-                    s = score(alloc.caps, stream.tokens, stream.correct, budget)
-                    consumed = np.minimum(alloc.caps, stream.tokens)
+                    if trials is None:
+                        s = score(alloc.caps, stream.tokens, stream.correct, budget)
+                        consumed = np.minimum(alloc.caps, stream.tokens)
+                    else:
+                        out = run_trials(alloc.caps, trials.tokens, trials.correct, spend, context_limit_tokens)
+                        s = score_outcome(alloc.caps, out.solved, out.generated, budget)
+                        consumed = out.longest
                     rows.append(
                         {
                             "stream": stream_name,
+                            "protocol": protocol if trials is None else f"{protocol}:{k}",
                             "budget_per_query": int(bpq),
                             "policy": spec,
                             "seed": int(seed),
@@ -85,3 +117,4 @@ def run_grid(
                     if progress is not None:
                         progress(1)
     return rows
+

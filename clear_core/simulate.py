@@ -44,9 +44,16 @@ def score(caps, tokens, correct, budget: float) -> Score:
         raise InvalidInputError("caps", f"shape {caps.shape}", f"must match tokens {tokens.shape}")
     if (caps < 0).any():
         raise InvalidInputError("caps", int(caps.min()), "caps must be >= 0")
-    solved = int(solved_mask(caps, tokens, correct).sum())
+    return score_outcome(caps, solved_mask(caps, tokens, correct), np.minimum(caps, tokens), budget)
+
+
+def score_outcome(caps, solved, generated, budget: float) -> Score:
+    """The :class:`Score` of caps whose queries were ``solved`` having ``generated`` tokens each
+    (one trajectory per query in :func:`score`; several in :mod:`clear_core.best_of_k`)."""
+    caps = np.asarray(caps, dtype=np.int64)
+    solved = int(np.asarray(solved, dtype=bool).sum())
     allocated = int(caps.sum())
-    consumed = int(np.minimum(caps, tokens).sum())
+    consumed = int(np.asarray(generated, dtype=np.int64).sum())
     n = int(caps.size)
     return Score(
         n_queries=n,

@@ -1,10 +1,17 @@
-"""Oracle pools, difficulty tiers and traffic streams (Sec. 6, Appendix C).
+"""Oracle pools, difficulty strata and traffic streams (Sec. 6, Appendix C).
 
 A *pool* is a JSONL file with one benchmark problem per line and the model's
 sampled solutions (schema in ``shared/data/traces/README.md``). A *query* is
 one (problem, sample) pair: given a completion cap ``t`` it is solved iff
 ``t >= tokens and correct``. A *stream* is ``N`` queries drawn with a seed from
-the pool by difficulty tier according to a mixture.
+the pool by stratum according to a mixture.
+
+Strata (:func:`stratum_of`): the math pools' difficulty tiers (easy = GSM8K,
+moderate = MATH levels 1-3, hard = MATH 4-5 and AMC-23, very hard = AIME);
+any other dataset (the code pool's ``humaneval``, ``leetcode``,
+``codecontests``) is its own stratum. The streams of each pool family live in
+a declarative table, ``clear_core/streams.json``: a pool belongs to the first
+family whose strata cover its problems' strata.
 """
 
 from __future__ import annotations
@@ -20,14 +27,40 @@ import numpy as np
 from clear_core.errors import InvalidInputError, TraceFormatError
 
 TIERS = ("easy", "moderate", "hard", "very_hard")
+MATH_DATASETS = ("gsm8k", "math500", "amc23", "aime")
 
-#: Traffic mixtures over (easy, moderate, hard, very hard).
-MIXTURES: dict[str, tuple[float, float, float, float]] = {
-    "balanced": (0.25, 0.25, 0.25, 0.25),
-    "mostly-easy": (0.55, 0.25, 0.15, 0.05),
-    "mostly-hard": (0.05, 0.15, 0.25, 0.55),
-    "u-shaped": (0.45, 0.05, 0.05, 0.45),
-}
+
+@dataclass(frozen=True)
+class StreamFamily:
+    """The streams of one kind of pool: its strata and each stream's weights over them."""
+
+    name: str
+    strata: tuple[str, ...]
+    streams: dict[str, tuple[float, ...]]  # stream name -> weights aligned with ``strata``
+
+
+def load_stream_table(path: str | Path | None = None) -> dict[str, StreamFamily]:
+    """The stream table (``clear_core/streams.json`` unless ``path`` names another)."""
+    path = Path(path) if path is not None else Path(__file__).with_name("streams.json")
+    raw = json.loads(path.read_text())
+    families = {}
+    for name, fam in raw.items():
+        if name.startswith("_"):
+            continue
+        strata = tuple(fam["strata"])
+        streams = {}
+        for stream, weights in fam["streams"].items():
+            unknown = set(weights) - set(strata)
+            if unknown:
+                raise InvalidInputError("stream table", f"{name}/{stream}", f"weights name unknown strata {sorted(unknown)}")
+            streams[stream] = tuple(float(weights.get(s, 0.0)) for s in strata)
+        families[name] = StreamFamily(name, strata, streams)
+    return families
+
+
+STREAM_FAMILIES: dict[str, StreamFamily] = load_stream_table()
+#: Traffic mixtures of the math pools over (easy, moderate, hard, very hard).
+MIXTURES: dict[str, tuple[float, ...]] = STREAM_FAMILIES["math"].streams
 DEFAULT_STREAM_SIZE = 500
 #: The recorded models' generation cap in the pools (8,192 for the 7B models): the
 #: context limit of the bench and the largest cap the service gives by default.
@@ -54,7 +87,13 @@ class Problem:
 
     @property
     def tier(self) -> str:
-        return tier_of(self.dataset, self.level)
+        """The problem's stratum (:func:`stratum_of`): a difficulty tier in the math pools."""
+        return stratum_of(self.dataset, self.level)
+
+
+def stratum_of(dataset: str, level: int | None) -> str:
+    """A math dataset's difficulty tier (:func:`tier_of`); any other dataset is its own stratum."""
+    return tier_of(dataset, level) if dataset in MATH_DATASETS else dataset
 
 
 def tier_of(dataset: str, level: int | None) -> str:
@@ -158,39 +197,70 @@ def tier_counts(n: int, weights: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
+def stream_family(problems: Sequence[Problem]) -> StreamFamily:
+    """The family of the stream table that covers every stratum of this pool."""
+    present = {p.tier for p in problems}
+    for fam in STREAM_FAMILIES.values():
+        if present <= set(fam.strata):
+            return fam
+    raise InvalidInputError("pool", sorted(present), "no stream family of clear_core/streams.json covers these strata")
+
+
+def pool_streams(problems: Sequence[Problem]) -> list[str]:
+    """The stream names defined for this pool's family."""
+    return list(stream_family(problems).streams)
+
+
+def _mixture(problems: Sequence[Problem], mixture: str | Sequence[float]) -> tuple[str, tuple[str, ...], tuple[float, ...]]:
+    """(name, strata, weights) of a stream name of the pool's family, or of explicit weights."""
+    fam = stream_family(problems)
+    if isinstance(mixture, str):
+        if mixture not in fam.streams:
+            raise InvalidInputError("stream", mixture, f"expected one of {sorted(fam.streams)} for a {fam.name} pool")
+        return mixture, fam.strata, fam.streams[mixture]
+    weights = tuple(mixture)
+    if len(weights) != len(fam.strata):
+        raise InvalidInputError("mixture", weights, f"needs {len(fam.strata)} weights {fam.strata}")
+    return "custom", fam.strata, weights
+
+
+def draw_by_stratum(items: Sequence, strata_of_items: Sequence[str], strata: Sequence[str], weights, n: int,
+                    rng: np.random.Generator, name: str) -> list:
+    """``n`` items drawn by stratum weights; without replacement where a stratum has enough, else with."""
+    by: dict[str, list] = {t: [] for t in strata}
+    for item, t in zip(items, strata_of_items):
+        by[t].append(item)
+    chosen: list = []
+    for t, count in zip(strata, tier_counts(n, weights)):
+        if count == 0:
+            continue
+        pool = by[t]
+        if not pool:
+            raise InvalidInputError("stream", name, f"the pool has no {t} queries")
+        idx = rng.choice(len(pool), size=count, replace=count > len(pool))
+        chosen.extend(pool[i] for i in idx)
+    order = rng.permutation(len(chosen))  # interleave strata as real traffic would
+    return [chosen[i] for i in order]
+
+
 def make_stream(
     problems: Sequence[Problem],
     mixture: str | Sequence[float] = "balanced",
     n: int = DEFAULT_STREAM_SIZE,
     seed: int = 0,
 ) -> Stream:
-    """Draw ``n`` queries by tier; without replacement where a tier has enough
+    """Draw ``n`` queries by stratum; without replacement where a stratum has enough
     (problem, sample) pairs, with replacement where it is smaller than its share."""
-    if isinstance(mixture, str):
-        if mixture not in MIXTURES:
-            raise InvalidInputError("stream", mixture, f"expected one of {sorted(MIXTURES)}")
-        name, weights = mixture, MIXTURES[mixture]
-    else:
-        name, weights = "custom", tuple(mixture)
-    if len(weights) != len(TIERS):
-        raise InvalidInputError("mixture", tuple(weights), f"needs {len(TIERS)} weights {TIERS}")
+    name, strata, weights = _mixture(problems, mixture)
     if not isinstance(n, (int, np.integer)) or n <= 0:
         raise InvalidInputError("n", n, "must be a positive integer")
     rng = np.random.default_rng(seed)
-    by_tier: dict[str, list[tuple[Problem, int]]] = {t: [] for t in TIERS}
-    for pair in pool_queries(problems):
-        by_tier[pair[0].tier].append(pair)
-    chosen: list[tuple[Problem, int]] = []
-    for tier, count in zip(TIERS, tier_counts(n, weights)):
-        if count == 0:
-            continue
-        pairs = by_tier[tier]
-        if not pairs:
-            raise InvalidInputError("stream", name, f"the pool has no {tier} queries")
-        idx = rng.choice(len(pairs), size=count, replace=count > len(pairs))
-        chosen.extend(pairs[i] for i in idx)
-    order = rng.permutation(len(chosen))  # interleave tiers as real traffic would
-    chosen = [chosen[i] for i in order]
+    pairs = pool_queries(problems)
+    chosen = draw_by_stratum(pairs, [p.tier for p, _ in pairs], strata, weights, n, rng, name)
+    return _stream(name, seed, chosen)
+
+
+def _stream(name: str, seed: int, chosen: list[tuple[Problem, int]]) -> Stream:
     return Stream(
         name=name,
         seed=seed,

@@ -99,3 +99,37 @@ def test_prediction_specs(tmp_path):
 def test_bad_cli_input_fails_cleanly(tmp_path, capsys):
     rc = main(["bench", "--traces", str(MAIN_POOL), "--policies", "uniform,bogus", "--out", str(tmp_path)])
     assert rc == 2 and "bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("protocol", ["best-of-k", "sequential"])
+def test_best_of_k_bench_rescores_from_the_dumped_allocations(tmp_path, protocol):
+    """`--protocol best-of-k | sequential` on the code pool; the dumped total caps, re-scored here with a
+    slow per-query loop over the pool's first k samples, give the reported accuracy and generated tokens."""
+    from tests.unit.core.test_best_of_k import CODE_POOL, brute
+
+    k = 3
+    rc = main(["bench", "--traces", str(CODE_POOL), "--protocol", protocol, "--k", str(k), "--streams", "balanced",
+               "--budgets", "256,1024", "--policies", "uniform,clear,oracle", "--seeds", "0", "--queries", "120",
+               "--out", str(tmp_path), "--dump-allocations", "--no-figures"])
+    assert rc == 0
+    pool = {json.loads(line)["id"]: json.loads(line)["samples"] for line in CODE_POOL.read_text().splitlines()}
+    spend = "parallel" if protocol == "best-of-k" else "sequential"
+    solved, generated = defaultdict(int), defaultdict(int)
+    for line in (tmp_path / "allocations.jsonl").read_text().splitlines():
+        a = json.loads(line)
+        assert (a["protocol"], a["k"]) == (protocol, k)
+        samples = pool[a["problem_id"]][:k]
+        ok, gen, _ = brute(a["cap"], [s["tokens"] for s in samples], [s["correct"] for s in samples], spend, 8192)
+        key = (a["budget_per_query"], a["policy"])
+        solved[key] += ok
+        generated[key] += gen
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == 6
+    for r in rows:
+        key = (r["budget_per_query"], r["policy"])
+        assert r["protocol"] == f"{protocol}:{k}"
+        assert r["solved"] == solved[key] and r["tokens_consumed"] == generated[key]
+        assert r["tokens_allocated"] <= r["budget_per_query"] * 120
+    by = {(r["budget_per_query"], r["policy"]): r["accuracy"] for r in rows}
+    for b in (256, 1024):  # the oracle spends each query's least solving budget: nobody beats it
+        assert by[(b, "oracle")] >= max(by[(b, "uniform")], by[(b, "clear")])
