@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 
 import numpy as np
@@ -106,3 +107,33 @@ def test_a_trial_stream_keeps_each_problems_first_k_samples():
     one = Problem("x/1", "humaneval", None, "p", "", (Sample(10, True, False),))
     with pytest.raises(Exception, match="fewer samples"):
         make_trial_stream([one], "balanced", 5, 0, k=2)
+
+
+def test_the_math_bench_numbers_are_unchanged_by_the_strata():
+    """README figures measured before pools got strata and a stream table (balanced, oracle-noise:0.5, seeds 0-4)."""
+    from clear_bench.predictions import parse_predictions
+    from clear_bench.runner import run_grid
+
+    rows = run_grid(load_pool(MAIN_POOL), parse_predictions("oracle-noise:0.5"), streams=["balanced", "mostly-hard"],
+                    budgets=[256, 1024], policies=["uniform", "clear"], seeds=range(5))
+    mean = {}
+    for r in rows:
+        mean.setdefault((r["stream"], r["budget_per_query"], r["policy"]), []).append(r["accuracy"])
+    got = {k: round(100 * float(np.mean(v)), 1) for k, v in mean.items()}
+    assert got == {("balanced", 256, "uniform"): 25.6, ("balanced", 256, "clear"): 42.9,
+                   ("balanced", 1024, "uniform"): 57.4, ("balanced", 1024, "clear"): 64.2,
+                   ("mostly-hard", 256, "uniform"): 9.2, ("mostly-hard", 256, "clear"): 27.7,
+                   ("mostly-hard", 1024, "uniform"): 34.2, ("mostly-hard", 1024, "clear"): 43.4}
+
+
+def test_the_predictor_cross_validates_on_the_code_pool(tmp_path):
+    from clear_core.predictions import read_predictions
+    from clear_llm.cli import main
+
+    out = tmp_path / "oof.jsonl"
+    assert main(["predictor", "crossval", "--traces", str(CODE_POOL), "--folds", "3", "--model", "tfidf",
+                 "--out", str(out)]) == 0
+    table = read_predictions(str(out))
+    assert len(table.thresholds) == 589 and all(t > 0 for t in table.thresholds.values())
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert {"humaneval", "leetcode", "codecontests"} <= set(json.dumps(metrics).replace('"', " ").split())
