@@ -276,6 +276,11 @@ class IngressConfig(_Strict):
         32, ge=1, description="Slow readers one replica waits for at once; one more is refused at once (408), so "
         "stalled connections cannot take the slots of other clients.",
     )
+    settle_ack_wait_s: float = Field(
+        2.0, ge=0, description="A completion's end ([DONE], or the whole body) waits up to this long for its settle "
+        "to be acknowledged, so a replica that dies right after answering cannot lose the charge (0: answer at once; "
+        "such a settle is then lost and its reservation recovered at no charge), s.",
+    )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
 

@@ -102,9 +102,6 @@ app = FastAPI(title="CLEAR", description="Token-budget allocation with a shadow 
 #: Settles are retried until acknowledged, with this backoff (s), for at most SETTLE_RETRY_FOR_S.
 SETTLE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 SETTLE_RETRY_FOR_S = 900.0
-#: A completion's last event ([DONE], or the whole body) waits this long for its settle to be acknowledged,
-#: so a replica that dies after answering cannot take an unacknowledged settle with it (s).
-SETTLE_WAIT_S = 2.0
 #: The engine's reason a completion stopped -> who stopped it (the clear object's ``stopped_by``).
 NATURAL_STOP = "stop"
 
@@ -160,12 +157,12 @@ class Ingress:
         self.config = config
         self.predictor = predictor
         self.allocator = allocator
-        self.engine = engine_client(config.engine, engine, config.model_name)
         tok = getattr(self.config.engine, "tokenizer_path", None)
         self.codec = TokenCodec(tok)
         self._keys = [k.encode() for k in self.config.ingress.api_keys]
         self._background: set[asyncio.Task] = set()
         self.workload: Workload | None = self._workload(config.engine)
+        self.engine = engine_client(config.engine, engine, config.model_name, self.workload)
         self.slow_readers = SlowReaderGate(config.ingress.max_slow_body_reads)
         # This replica's lease at the allocator: its reservations are recovered if it dies.
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
@@ -408,6 +405,13 @@ class Ingress:
 
         return self._background_task(run())
 
+    async def _settle_acknowledged(self, rid: str, tokens: int) -> None:
+        """Settle, and wait up to ``ingress.settle_ack_wait_s`` for the allocator's acknowledgement
+        before the answer ends, so a replica that dies right after answering cannot lose the settle."""
+        task = self._settle(rid, tokens)
+        if self.config.ingress.settle_ack_wait_s > 0:
+            await asyncio.wait({task}, timeout=self.config.ingress.settle_ack_wait_s)
+
     def _ensure_lease(self) -> None:
         if self._lease_task is None or self._lease_task.done():
             self._lease_task = asyncio.get_running_loop().create_task(self._renew_lease(),
@@ -439,7 +443,7 @@ class Ingress:
             clear["stopped_by"] = _stopped_by(tally["finish"], cut)
             body = completion_body(req, rid, "".join(parts), tally["finish"], prompt_tokens, tally["tokens"], clear)
             sent = True
-            await asyncio.wait({self._settle(rid, tally["tokens"])}, timeout=SETTLE_WAIT_S)
+            await self._settle_acknowledged(rid, tally["tokens"])
             return body
         except ClearError as exc:
             outcome, etype = outcome_of(exc), exc.error_type
@@ -469,7 +473,7 @@ class Ingress:
                         final["replay"] = chunk.info
                     yield sse_chunk(req, rid, created, None, chunk.finish_reason, clear=final)
             settled = True
-            await asyncio.wait({self._settle(rid, tally["tokens"])}, timeout=SETTLE_WAIT_S)
+            await self._settle_acknowledged(rid, tally["tokens"])
             if req.include_usage:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tally["tokens"],
                          "total_tokens": prompt_tokens + tally["tokens"]}

@@ -5,18 +5,19 @@
 """
 
 
-def engine_client(config, handle, model_name: str):
+def engine_client(config, handle, model_name: str, workload=None):
     """What the ingress calls ``generate`` on, from the bound engine deployment's handle.
 
     The replay engine is a deployment of its own (:class:`~.base.DeploymentEngine`
     wraps its handle); the vLLM adapter runs inside the ingress replica and talks
     to Ray Serve LLM's ``LLMServer`` directly, so a request crosses one Serve hop
-    to the engine, not two.
+    to the engine, not two. ``workload``: the replayed workload the ingress
+    already loaded (the adapter replays from it instead of loading it again).
     """
     if config.kind == "vllm":
         from deployments.engines.vllm import VLLMEngine
 
-        return VLLMEngine(handle, config, model_name)
+        return VLLMEngine(handle, config, model_name, workload=workload)
     from deployments.engines.base import DeploymentEngine
 
     return DeploymentEngine(handle)

@@ -98,14 +98,15 @@ def _sse_payloads(item) -> list[dict]:
 
 
 class VLLMEngine(Engine):
-    def __init__(self, llm_handle, config: VLLMEngineConfig, model_name: str, request_factory: Callable | None = None):
+    def __init__(self, llm_handle, config: VLLMEngineConfig, model_name: str, request_factory: Callable | None = None,
+                 workload: Workload | None = None):
         self.llm = llm_handle
         self.config = config
         self.model_name = model_name
         self.request_factory = request_factory or default_request_factory
-        self.workload: Workload | None = (
-            load_workload(config.trace_path, config.synthetic_problems, config.synthetic_seed) if config.replay else None
-        )
+        if config.replay and workload is None:
+            workload = load_workload(config.trace_path, config.synthetic_problems, config.synthetic_seed)
+        self.workload: Workload | None = workload if config.replay else None
 
     async def generate(self, request: EngineRequest):
         plan: ReplayPlan | None = None
