@@ -14,7 +14,7 @@ from clear_core.traces import POOL_GENERATION_CAP_TOKENS, STREAM_FAMILIES, load_
 
 DEFAULT_BUDGETS = "256,512,1024,2048,4096"
 DEFAULT_POLICIES = ",".join(
-    ["uniform", "proportional", "tale-ep", "heuristic", "auction", "clear", "clear-paper", "clear-optimal",
+    ["uniform", "uniform-generated", "proportional", "tale-ep", "heuristic", "auction", "clear", "clear-paper", "clear-optimal",
      "clear-triangular", "clear-quadratic", "oracle"]
 )
 
@@ -56,7 +56,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--k", type=int, default=5, help="trajectories per query with --protocol best-of-k | sequential "
                    "(default: 5); --budgets are then totals per query")
     p.add_argument("--budgets", type=_csv(int), default=_csv(int)(DEFAULT_BUDGETS), help="tokens per query")
-    p.add_argument("--policies", type=_policy_list, default=_policy_list(DEFAULT_POLICIES),
+    p.add_argument("--policies", type=_policy_list, default=None,
                    help="comma-separated policy specs; a spec's own parameters follow it, "
                    f"e.g. uniform,clear-paper:beta=0.01,alpha=4,clear; names: {sorted(POLICIES)}")
     p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2, 3, 4])
@@ -78,6 +78,11 @@ def run_bench(args) -> int:
         raise SystemExit("budgets must be positive token counts")
     if args.k < 1:
         raise SystemExit("--k must be at least 1")
+    if args.policies is None:  # uniform-generated is a single-sample baseline
+        args.policies = [p for p in _policy_list(DEFAULT_POLICIES)
+                         if args.protocol == "single" or p != "uniform-generated"]
+    if args.protocol != "single" and "uniform-generated" in args.policies:
+        raise SystemExit("uniform-generated needs one length per query: use it with --protocol single")
     problems = load_pool(args.traces)
     known = pool_streams(problems)
     args.streams = args.streams or known

@@ -79,6 +79,8 @@ def markdown_report(rows: Sequence[dict], *, title: str, main: str = "clear", ba
                     f"{ratio} | {'' if share is None else f'{100 * share:.0f}%'} |"
                 )
         lines.append("")
+    if main in policies and base in policies:
+        lines += _cost_baselines(rows, streams, budgets, main, base)
     # What the budget buys: solved per 1k allocated and per 1k generated tokens.
     alloc_eff = aggregate(rows, "solved_per_1k_allocated")
     cons_eff = aggregate(rows, "solved_per_1k_consumed")
@@ -103,3 +105,34 @@ def markdown_report(rows: Sequence[dict], *, title: str, main: str = "clear", ba
                 )
     lines.append("")
     return "\n".join(lines)
+
+
+def _cost_baselines(rows, streams, budgets, main: str, base: str) -> list[str]:
+    """``main`` against three uniform baselines: caps of b, matched to main's generated tokens, and
+    (when ``uniform-generated`` ran) filling a budget of b *generated* tokens per query."""
+    acc = aggregate(rows, "accuracy")
+    matched = aggregate([r for r in rows if r["policy"] == main], "uniform_matched_accuracy")
+    spend = aggregate(rows, "generated_vs_budget")
+    if not matched:
+        return []
+    lines = [f"## `{main}` against uniform baselines on cost", ""]
+    lines.append(
+        f"Accuracy (%) of uniform caps of b; of the uniform cap that generates what {main} generated; of the "
+        "uniform cap that fills b generated tokens per query (`uniform-generated`, when it ran); of "
+        f"{main}; and {main}'s generated tokens as a share of the budget b N. Means over seeds."
+    )
+    lines.append("")
+    lines.append(f"| stream | budget | {base} | {base} matched | uniform-generated | {main} | {main} generated / budget |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for stream in streams:
+        for b in budgets:
+            key = (stream, b, main)
+            if key not in matched or (stream, b, base) not in acc:
+                continue
+            fill = acc.get((stream, b, "uniform-generated"))
+            lines.append(
+                f"| {stream} | {b} | {100 * acc[(stream, b, base)][0]:.1f} | {100 * matched[key][0]:.1f} | "
+                f"{'' if fill is None else f'{100 * fill[0]:.1f}'} | {100 * acc[key][0]:.1f} | {spend[key][0]:.2f} |"
+            )
+    lines.append("")
+    return lines

@@ -10,7 +10,7 @@ import numpy as np
 
 from clear_core.best_of_k import PROTOCOLS, make_trial_stream, minimal_budget, run_trials
 from clear_core.policies import Truth, parse_policy
-from clear_core.simulate import score, score_outcome
+from clear_core.simulate import score, score_outcome, solved_mask, uniform_cap_within
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, make_stream
 from clear_bench.predictions import Predictions
 
@@ -56,6 +56,8 @@ def run_grid(
     """
     if protocol not in BENCH_PROTOCOLS:
         raise ValueError(f"protocol {protocol!r}: expected one of {BENCH_PROTOCOLS}")
+    if protocol != "single" and "uniform-generated" in policies:
+        raise ValueError("uniform-generated is a single-sample baseline (it needs one length per query)")
     policy_objs = {spec: parse_policy(spec) for spec in policies}
     rows: list[dict] = []
     for stream_name in streams:
@@ -80,9 +82,14 @@ def run_grid(
                     alloc = policy.allocate(
                         thresholds, budget, context_limit_tokens=limit, truth=truth, log_sigma=predictions.sigma
                     )
+                    matched = None
                     if trials is None:
                         s = score(alloc.caps, stream.tokens, stream.correct, budget)
                         consumed = np.minimum(alloc.caps, stream.tokens)
+                        # The uniform cap that generates (at most) what this policy generated.
+                        cap_u = uniform_cap_within(stream.tokens, s.tokens_consumed, context_limit_tokens)
+                        matched = (cap_u, float(solved_mask(np.full(len(stream), cap_u), stream.tokens,
+                                                            stream.correct).mean()))
                     else:
                         out = run_trials(alloc.caps, trials.tokens, trials.correct, spend, context_limit_tokens)
                         s = score_outcome(alloc.caps, out.solved, out.generated, budget)
@@ -106,6 +113,9 @@ def run_grid(
                             "abandonment_rate": s.abandonment_rate,
                             "shadow_price": None if math.isnan(alloc.shadow_price) else alloc.shadow_price,
                             "beta": None if math.isnan(alloc.beta) else alloc.beta,
+                            "generated_vs_budget": s.tokens_consumed / budget,
+                            "uniform_matched_cap": None if matched is None else matched[0],
+                            "uniform_matched_accuracy": None if matched is None else matched[1],
                             "solved_per_1k_allocated": s.solved_per_1k_allocated,
                             "solved_per_1k_consumed": s.solved_per_1k_consumed,
                             # The longest generation keeps a GPU batch busy (ARCHITECTURE.md).

@@ -49,6 +49,7 @@ from clear_core.market import (
     validate_thresholds,
 )
 from clear_core.numerics import integer_caps
+from clear_core.simulate import uniform_cap_within
 from clear_core.uncertainty import clear_market_lognormal
 from clear_core.utility import UTILITIES
 
@@ -154,6 +155,24 @@ class Uniform(Policy):
     def _allocate(self, tau, budget, t_max, truth, log_sigma):
         each = min(math.floor(budget / tau.size), t_max)
         return _as_alloc(np.full(tau.size, int(each)))
+
+
+class UniformGenerated(Policy):
+    """The uniform cap that fills a budget of *generated* tokens (a cost baseline, not a serving policy).
+
+    The largest cap ``c`` with ``sum(min(c, d_i)) <= B``: what an operator who
+    pays for generated tokens buys with uniform caps. It needs the true lengths
+    ``d_i`` of the stream (``truth``), like the oracle, since what a cap costs
+    is only known after generation.
+    """
+
+    name = "uniform-generated"
+
+    def _allocate(self, tau, budget, t_max, truth, log_sigma):
+        if truth is None:
+            raise InvalidInputError("truth", None, "uniform-generated needs the true lengths of the stream")
+        limit = None if not math.isfinite(t_max) else t_max
+        return _as_alloc(np.full(tau.size, uniform_cap_within(truth.tokens, budget, limit)))
 
 
 class Proportional(Policy):
@@ -331,6 +350,7 @@ def _preset(cls, **fixed):
 
 POLICIES = {
     "uniform": Uniform,
+    "uniform-generated": UniformGenerated,
     "proportional": Proportional,
     "tale-ep": TaleEP,
     "heuristic": Heuristic,

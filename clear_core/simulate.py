@@ -66,3 +66,37 @@ def score_outcome(caps, solved, generated, budget: float) -> Score:
         solved_per_1k_allocated=1000.0 * solved / allocated if allocated else 0.0,
         solved_per_1k_consumed=1000.0 * solved / consumed if consumed else 0.0,
     )
+
+
+def generated_under_uniform_cap(tokens, cap: int) -> int:
+    """Tokens an engine generates when every query gets ``cap``: ``sum(min(cap, tokens))``."""
+    return int(np.minimum(np.asarray(tokens, dtype=np.int64), int(cap)).sum())
+
+
+def uniform_cap_within(tokens, target: float, context_limit_tokens: float | None = None) -> int:
+    """The largest uniform cap (at most the context limit) whose generated tokens stay within ``target``.
+
+    ``sum(min(c, tokens))`` is nondecreasing in ``c``, so an integer bisection
+    finds it; past the longest query it no longer grows, so when all of them
+    fit the cap is the context limit (or the longest query without one).
+    """
+    d = np.sort(np.asarray(tokens, dtype=np.int64))
+    if d.size == 0:
+        return 0
+    top = int(d[-1]) if context_limit_tokens is None else int(context_limit_tokens)
+    if generated_under_uniform_cap(d, top) <= target:
+        return top
+    prefix = np.concatenate([[0], np.cumsum(d)])
+
+    def generated(c: int) -> int:
+        k = int(np.searchsorted(d, c, side="left"))  # queries shorter than c generate their length
+        return int(prefix[k]) + c * (d.size - k)
+
+    lo, hi = 0, top  # generated(lo) <= target < generated(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if generated(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -133,3 +133,25 @@ def test_best_of_k_bench_rescores_from_the_dumped_allocations(tmp_path, protocol
     by = {(r["budget_per_query"], r["policy"]): r["accuracy"] for r in rows}
     for b in (256, 1024):  # the oracle spends each query's least solving budget: nobody beats it
         assert by[(b, "oracle")] >= max(by[(b, "uniform")], by[(b, "clear")])
+
+
+def test_cost_baselines_in_the_rows_and_the_report(tmp_path):
+    """uniform-generated fills b generated tokens per query; the matched uniform generates what the policy did."""
+    rc = main(["bench", "--traces", str(MAIN_POOL), "--streams", "balanced", "--budgets", "256,2048",
+               "--policies", "uniform,uniform-generated,clear,oracle", "--seeds", "0,1", "--out", str(tmp_path),
+               "--no-figures"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    by = {(r["budget_per_query"], r["policy"], r["seed"]): r for r in rows}
+    for (b, policy, seed), r in by.items():
+        budget = b * r["n_queries"]
+        assert r["generated_vs_budget"] == pytest.approx(r["tokens_consumed"] / budget)
+        if policy == "uniform":
+            # matching its own consumption cannot change which queries a uniform cap solves
+            assert r["uniform_matched_accuracy"] == pytest.approx(r["accuracy"])
+        if policy == "uniform-generated":
+            assert r["tokens_consumed"] <= budget
+            u = by[(b, "uniform", seed)]
+            assert r["accuracy"] >= u["accuracy"] and r["tokens_consumed"] >= u["tokens_consumed"]
+    md = (tmp_path / "results.md").read_text()
+    assert "against uniform baselines on cost" in md and "uniform-generated" in md

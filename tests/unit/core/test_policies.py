@@ -35,7 +35,10 @@ def test_every_policy_respects_the_budget(tau, bpq, sigma, context_limit_tokens,
         a = get_policy(name).allocate(tau, budget, context_limit_tokens=context_limit_tokens, truth=Truth(tokens, correct), log_sigma=sigma)
         assert a.caps.dtype.kind == "i", name
         assert (a.caps >= 0).all(), name
-        assert a.caps.sum() <= budget, name
+        if name == "uniform-generated":  # a budget of generated tokens, not of caps
+            assert np.minimum(a.caps, tokens).sum() <= budget, name
+        else:
+            assert a.caps.sum() <= budget, name
         if context_limit_tokens is not None:
             assert (a.caps <= context_limit_tokens).all(), name
 
@@ -170,3 +173,19 @@ def test_market_policies_report_their_solver_honestly():
     assert ours.converged and ours.iterations > 0  # the price bisection ran
     paper = parse_policy("clear-paper:method=bisection").allocate(tau, 300 * 200)
     assert paper.converged and 0 < paper.iterations <= 40
+
+
+def test_uniform_generated_is_the_largest_uniform_cap_within_a_generated_token_budget():
+    """Against a scan of every cap on small random streams."""
+    from clear_core.simulate import uniform_cap_within
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        tokens = rng.integers(0, 60, size=int(rng.integers(1, 8)))
+        target = float(rng.integers(0, 200))
+        limit = int(rng.integers(1, 80))
+        ok = [c for c in range(0, limit + 1) if np.minimum(c, tokens).sum() <= target]
+        assert uniform_cap_within(tokens, target, limit) == max(ok), (tokens, target, limit)
+        caps = get_policy("uniform-generated").allocate(np.ones(tokens.size), target, context_limit_tokens=limit,
+                                                        truth=Truth(tokens, np.ones(tokens.size, bool))).caps
+        assert set(caps.tolist()) == {max(ok)}
