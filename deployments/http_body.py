@@ -10,11 +10,11 @@ them take every slot. :func:`read_body` bounds that:
 * its size is counted as it arrives, so the limit holds for chunked bodies
   without a ``Content-Length`` too (else 413, without reading the rest);
 * a body that has not arrived within ``fast_s`` makes its request a *slow
-  reader*, and a replica admits at most ``max_slow`` slow readers at once
-  (:class:`SlowReaderGate`); one more is refused at once (408). Normal clients
-  (a JSON body arrives with its headers) never wait for the gate, so stalled
-  connections can take at most ``max_slow`` slots, each for at most
-  ``timeout_s``.
+  reader*, and a replica admits at most ``gate.limit`` slow readers at once
+  (:class:`SlowReaderGate`, ``ingress.max_slow_body_reads``); one more is
+  refused at once (408). Normal clients (a JSON body arrives with its headers)
+  never wait for the gate, so stalled connections can take at most
+  ``gate.limit`` slots, each for at most ``timeout_s``.
 
 Headers that never finish never reach a replica (Ray's proxy holds them);
 their timeout belongs to the load balancer in front (docs/PRODUCTION.md).
@@ -33,11 +33,9 @@ class SlowReaderGate:
     def __init__(self, limit: int):
         self.limit = int(limit)
         self.active = 0
-        self.refused = 0
 
     def try_enter(self) -> bool:
         if self.active >= self.limit:
-            self.refused += 1
             return False
         self.active += 1
         return True
