@@ -45,7 +45,12 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--predictions", default="oracle-noise:0.5",
                    help="oracle | oracle-noise:SIGMA | predictions JSONL {id, threshold_tokens[, log_sigma]}")
     p.add_argument("--log-sigma", type=float, default=None,
-                   help="override the predictions' log-space error that `clear` prices")
+                   help="override the predictions' one log-space error (that clear prices)")
+    p.add_argument("--calibration", default=None, choices=["binned", "global", "none"],
+                   help="the length distribution that clear-cost prices: binned (median, spread and runaway share "
+                   "calibrated out of fold per bin of predicted length), global (one of each, out of fold) or "
+                   "none (raw thresholds, one spread); the paper's policies always take raw thresholds "
+                   "(default: binned, none for oracle)")
     p.add_argument("--streams", type=_csv(str), default=None,
                    help="comma-separated streams of the pool's family (default: all of them): "
                    + "; ".join(f"{f.name}: {','.join(f.streams)}" for f in STREAM_FAMILIES.values()))
@@ -89,7 +94,10 @@ def run_bench(args) -> int:
     unknown = [s for s in args.streams if s not in known]
     if unknown:
         raise SystemExit(f"unknown stream {unknown[0]!r} for this pool; expected one of {known}")
-    predictions = parse_predictions(args.predictions, args.log_sigma)
+    calibration = args.calibration
+    if calibration is None:
+        calibration = "none" if args.predictions == "oracle" else "binned"
+    predictions = parse_predictions(args.predictions, args.log_sigma, calibration=calibration, problems=problems)
     args.out.mkdir(parents=True, exist_ok=True)
 
     dump = (args.out / "allocations.jsonl").open("w") if args.dump_allocations else None

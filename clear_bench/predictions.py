@@ -4,38 +4,84 @@ A predictions file is JSONL, one line per problem:
 ``{"id": PROBLEM_ID, "threshold_tokens": FLOAT[, "log_sigma": FLOAT]}``
 (the predictor's ``crossval`` and ``predict`` commands write it). Every query
 of a problem gets the problem's prediction; ``log_sigma`` is the predictor's
-error in log space, which the uncertainty-aware ``clear`` policy prices.
+error in log space, which the uncertainty-aware policies price.
+
+Calibration (``--calibration``, :mod:`clear_core.calibration`)
+---------------------------------------------------------------
+The paper's policies take the raw thresholds at face value (with one spread
+for ``clear``), as the paper does; the policies that price each query's own
+length distribution (``clear-cost``) get a calibrated one.
+
+A prediction is not the median of the true length *given the prediction*:
+a regressor shrinks towards the mean, and noise around the true length makes
+the shortest predictions too short (those are the ones a market admits first,
+a winner's curse). Calibration turns each raw prediction into a median and a
+spread fitted out of fold: problems are split into folds by id, and each
+query's raw prediction is mapped by the calibration fitted on the pool's
+samples of the *other* folds' problems (for ``oracle-noise``, on the other
+folds' samples with their own noise draw). ``binned`` fits bias, spread and
+runaway share per bin of predicted length, ``global`` one of each, and ``none``
+takes the raw predictions with one spread (the noise's SIGMA, the file's
+median ``log_sigma`` or ``--log-sigma``).
+
+The calibration set is weighted to the composition of the stream being
+served (:func:`clear_core.traces.query_weights`), as an operator calibrates on
+its own recent traffic: the pool itself is mostly GSM8K, and a calibration fitted
+on it says too little about a stream of mostly hard problems.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from clear_core.calibration import DEFAULT_BINS, DEFAULT_FOLDS, Calibration, fit_calibration, fold_of
 from clear_core.errors import InvalidInputError
 from clear_core.predictions import read_predictions
-from clear_core.traces import Stream, log_noise
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Stream, log_noise, pool_queries, query_weights
 
 #: Seed offset so prediction noise is independent of the stream draw.
 NOISE_SEED_OFFSET = 10_007
+#: Seed of the noise drawn on the pool to calibrate oracle-noise (independent of every stream's).
+CALIBRATION_NOISE_SEED = 99_991
+#: --calibration: how raw predictions become medians and spreads.
+CALIBRATIONS = ("binned", "global", "none")
 
 
 @dataclass(frozen=True)
 class Predictions:
     spec: str  # as given on the command line
     kind: str  # "oracle", "oracle-noise" or "file"
-    sigma: float  # log-space error of the thresholds (0 for oracle)
-    table: dict[str, float] | None = None  # problem id -> threshold (file only)
+    sigma: float  # log-space error of the raw thresholds (0 for oracle)
+    table: dict[str, float] | None = None  # problem id -> raw threshold (file only)
+    calibration: str = "none"  # CALIBRATIONS
+    calibration_set: tuple | None = None  # (raw predictions, observed lengths, problem ids, problems) of the pool
+    folds: int = DEFAULT_FOLDS
+    _fitted: dict = field(default_factory=dict, compare=False, repr=False)  # stream name -> fold calibrations
 
-    def thresholds(self, stream: Stream) -> np.ndarray:
-        """Predicted thresholds for every query of ``stream``."""
+    def fold_calibrations(self, stream: Stream) -> tuple[Calibration, ...]:
+        """For each fold, the calibration fitted on the other folds, weighted to the stream's composition."""
+        if stream.name not in self._fitted:
+            pred, obs, groups, problems = self.calibration_set
+            weights = query_weights(problems, stream.name)
+            fold = np.array([fold_of(g, self.folds) for g in groups])
+            bins = DEFAULT_BINS if self.calibration == "binned" else 1
+            self._fitted[stream.name] = tuple(
+                fit_calibration(pred[fold != f], obs[fold != f], bins=bins, weights=weights[fold != f],
+                                censor_tokens=POOL_GENERATION_CAP_TOKENS)
+                for f in range(self.folds)
+            )
+        return self._fitted[stream.name]
+
+    def raw_thresholds(self, stream: Stream) -> np.ndarray:
+        """The predictions as given, before calibration."""
         if self.kind == "oracle":
             return stream.tokens.astype(float)
         if self.kind == "oracle-noise":
-            return log_noise(stream.tokens, self.sigma, stream.seed + NOISE_SEED_OFFSET)
+            return log_noise(stream.tokens, self.sigma_raw, stream.seed + NOISE_SEED_OFFSET)
         assert self.table is not None
         missing = [pid for pid in stream.problem_ids if pid not in self.table]
         if missing:
@@ -44,10 +90,49 @@ class Predictions:
             )
         return np.array([self.table[pid] for pid in stream.problem_ids], dtype=float)
 
+    @property
+    def sigma_raw(self) -> float:
+        """oracle-noise: the SIGMA of its spec."""
+        return float(self.spec.split(":", 1)[1]) if self.kind == "oracle-noise" else self.sigma
 
-def parse_predictions(spec: str, log_sigma: float | None = None) -> Predictions:
-    """Parse ``oracle``, ``oracle-noise:SIGMA`` or a path to a predictions JSONL."""
+    def _calibrated(self, stream: Stream) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raw = self.raw_thresholds(stream)
+        out = np.empty((3, raw.size))
+        folds = np.array([fold_of(pid, self.folds) for pid in stream.problem_ids])
+        for f, cal in enumerate(self.fold_calibrations(stream)):
+            m = folds == f
+            if m.any():
+                out[:, m] = cal.apply(raw[m])
+        return out[0], out[1], out[2]
+
+    def thresholds(self, stream: Stream) -> np.ndarray:
+        """The raw predicted thresholds of every query (what the paper's policies take at face value)."""
+        return self.raw_thresholds(stream)
+
+    def distribution(self, stream: Stream) -> tuple[np.ndarray, np.ndarray | float, np.ndarray | float]:
+        """Each query's length distribution for the policies that price one: (median, spread, runaway share).
+
+        Calibrated out of fold when the predictions are calibrated; else the raw
+        thresholds with the one spread and no runaways.
+        """
+        if self.calibration_set is None:
+            return self.raw_thresholds(stream), self.sigma, 0.0
+        return self._calibrated(stream)
+
+
+def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration: str = "none",
+                      problems=None, folds: int = DEFAULT_FOLDS) -> Predictions:
+    """Parse ``oracle``, ``oracle-noise:SIGMA`` or a path to a predictions JSONL.
+
+    ``calibration`` ``binned`` / ``global`` calibrates out of fold against the
+    samples of ``problems`` (module docstring); ``log_sigma`` overrides the
+    single spread of ``none``.
+    """
+    if calibration not in CALIBRATIONS:
+        raise InvalidInputError("calibration", calibration, f"expected one of {CALIBRATIONS}")
     if spec == "oracle":
+        if calibration != "none":
+            raise InvalidInputError("calibration", calibration, "oracle thresholds are exact")
         return Predictions(spec, "oracle", 0.0)
     if spec.startswith("oracle-noise:"):
         try:
@@ -56,10 +141,43 @@ def parse_predictions(spec: str, log_sigma: float | None = None) -> Predictions:
             raise InvalidInputError("predictions", spec, "expected oracle-noise:SIGMA with a number") from None
         if not (math.isfinite(sigma) and sigma >= 0):
             raise InvalidInputError("predictions", spec, "SIGMA must be finite and >= 0")
-        return Predictions(spec, "oracle-noise", sigma if log_sigma is None else log_sigma)
-    if not Path(spec).is_file():
-        raise InvalidInputError("predictions", spec, "not oracle, oracle-noise:SIGMA or an existing file")
-    table = read_predictions(spec)
-    if log_sigma is None:
-        log_sigma = float(np.median(table.log_sigmas)) if table.log_sigmas else 0.0
-    return Predictions(spec, "file", log_sigma, table.thresholds)
+        base = Predictions(spec, "oracle-noise", sigma if log_sigma is None else log_sigma)
+        if calibration == "none":
+            return base
+        pairs = _noise_pairs(problems, sigma)
+    else:
+        if not Path(spec).is_file():
+            raise InvalidInputError("predictions", spec, "not oracle, oracle-noise:SIGMA or an existing file")
+        table = read_predictions(spec)
+        if log_sigma is None:
+            log_sigma = float(np.median(table.log_sigmas)) if table.log_sigmas else 0.0
+        base = Predictions(spec, "file", log_sigma, table.thresholds)
+        if calibration == "none":
+            return base
+        pairs = _file_pairs(problems, table.thresholds, spec)
+    return Predictions(spec, base.kind, base.sigma, base.table, calibration, pairs, folds)
+
+
+def _file_pairs(problems, thresholds: dict[str, float], spec: str):
+    """(raw prediction, observed length, problem id, problems) for every sample of the pool.
+
+    Every problem of the pool must have a prediction (the calibration set is
+    weighted by the pool's strata).
+    """
+    if problems is None:
+        raise InvalidInputError("calibration", spec, "needs the trace pool's problems")
+    missing = [p.id for p in problems if p.id not in thresholds]
+    if missing:
+        raise InvalidInputError("predictions", spec, f"no prediction for {len(missing)} problems of the pool, e.g. {missing[0]!r}")
+    pairs = pool_queries(problems)
+    return (np.array([thresholds[p.id] for p, _ in pairs], dtype=float),
+            np.array([p.samples[j].tokens for p, j in pairs], dtype=float), [p.id for p, _ in pairs], problems)
+
+
+def _noise_pairs(problems, sigma: float):
+    """Every sample of the pool with its own log-normal noise draw (a calibration set for oracle-noise)."""
+    if problems is None:
+        raise InvalidInputError("calibration", f"oracle-noise:{sigma}", "needs the trace pool's problems")
+    pairs = pool_queries(problems)
+    tokens = np.array([p.samples[j].tokens for p, j in pairs], dtype=float)
+    return log_noise(tokens, sigma, CALIBRATION_NOISE_SEED), tokens, [p.id for p, _ in pairs], problems

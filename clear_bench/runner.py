@@ -65,6 +65,7 @@ def run_grid(
             if protocol == "single":
                 stream = make_stream(problems, stream_name, n_queries, seed)
                 thresholds = predictions.thresholds(stream)
+                priced = predictions.distribution(stream)  # (median, spread, runaway) per query
                 truth = Truth(tokens=stream.tokens, correct=stream.correct)
                 limit = context_limit_tokens
                 trials, spend = None, None
@@ -73,15 +74,20 @@ def run_grid(
                 trials = make_trial_stream(problems, stream_name, n_queries, seed, k)
                 stream = trials.stream
                 thresholds = k * predictions.thresholds(stream)  # per trajectory, times k per query
+                # Calibration is per trajectory; a query of k trajectories keeps the raw spread.
+                priced = (thresholds, predictions.sigma, 0.0)
                 need, solvable = minimal_budget(trials.tokens, trials.correct, spend, context_limit_tokens)
                 truth = Truth(tokens=need, correct=solvable)
                 limit = None if context_limit_tokens is None else k * context_limit_tokens
             for bpq in budgets:
                 budget = int(bpq) * len(stream)
                 for spec, policy in policy_objs.items():
-                    alloc = policy.allocate(
-                        thresholds, budget, context_limit_tokens=limit, truth=truth, log_sigma=predictions.sigma
-                    )
+                    if policy.per_query_sigma:  # prices each query's calibrated length distribution
+                        alloc = policy.allocate(priced[0], budget, context_limit_tokens=limit, truth=truth,
+                                                log_sigma=priced[1], runaway=priced[2])
+                    else:
+                        alloc = policy.allocate(thresholds, budget, context_limit_tokens=limit, truth=truth,
+                                                log_sigma=predictions.sigma)
                     matched = None
                     if trials is None:
                         s = score(alloc.caps, stream.tokens, stream.correct, budget)

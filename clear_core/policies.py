@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clear_core.consumption import SIGMA_MIN, clear_consumption_market
 from clear_core.errors import InvalidInputError, UnknownPolicyError
 from clear_core.market import (
     DEFAULT_MIN_SLACK_TOKENS,
@@ -119,6 +120,10 @@ class Policy:
     name = "abstract"
     #: Spec parameters this policy accepts: short name -> (field, parser). None take none.
     spec_params: dict = {}
+    #: The policy prices one spread per query (else it gets the median of the spreads).
+    per_query_sigma: bool = False
+    #: The policy weights queries' value (tenant weights); others refuse unequal weights.
+    uses_weights: bool = False
 
     def allocate(
         self,
@@ -127,21 +132,44 @@ class Policy:
         *,
         context_limit_tokens: float | None = None,
         truth: Truth | None = None,
-        log_sigma: float = 0.0,
+        log_sigma=0.0,
+        weights=None,
+        runaway=0.0,
     ) -> Allocation:
         """Integer caps for predicted ``thresholds`` under ``budget`` tokens.
 
         ``context_limit_tokens`` is ``t_max`` (no cap exceeds it); ``truth`` is
-        for the oracle only; ``log_sigma`` is the predictor's error in log space.
+        for the oracle only; ``log_sigma`` is the predictor's error in log space,
+        one for all queries or one per query (policies that price a single
+        spread take the median); ``weights`` are the queries' value weights
+        (tenant weights, Eq. 2's alpha_i), which only weight-aware policies
+        (``uses_weights``) accept when they differ; ``runaway`` is each query's
+        probability of never finishing (priced by ``clear-cost`` only).
         """
         tau = validate_thresholds(thresholds)
         b = validate_budget(budget)
         t_max = validate_context_limit(context_limit_tokens)
-        if not (math.isfinite(log_sigma) and log_sigma >= 0):
-            raise InvalidInputError("log_sigma", log_sigma, "must be finite and >= 0")
+        sig = np.asarray(log_sigma, dtype=float)
+        if sig.ndim > 1 or (sig.ndim == 1 and sig.shape != tau.shape):
+            raise InvalidInputError("log_sigma", f"shape {sig.shape}", f"must be a number or match thresholds {tau.shape}")
+        bad = ~np.isfinite(sig) | (sig < 0)
+        if bad.any():
+            raise InvalidInputError("log_sigma", float(sig.flat[int(np.argmax(bad))]), "must be finite and >= 0")
+        if weights is not None:
+            w = np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)
+            if (~np.isfinite(w) | (w <= 0)).any():
+                raise InvalidInputError("weights", weights, "must be finite and > 0")
+            if not self.uses_weights and w.size and (w != w.flat[0]).any():
+                raise InvalidInputError("weights", "unequal", f"{self.name} does not weight queries")
+            weights = w if self.uses_weights else None
         if tau.size == 0:
             return _as_alloc(np.zeros(0, dtype=np.int64))
-        return self._allocate(tau, b, t_max, truth, log_sigma)
+        if sig.ndim == 0 or not self.per_query_sigma:
+            sig = float(np.median(sig)) if sig.ndim else float(sig)
+        if self.uses_weights:
+            rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
+            return self._allocate(tau, b, t_max, truth, sig, weights, rho)
+        return self._allocate(tau, b, t_max, truth, sig)
 
     def _allocate(self, tau, budget, t_max, truth, log_sigma) -> Allocation:
         raise NotImplementedError
@@ -335,6 +363,33 @@ class ClearLognormal(Policy):
         return _from_market(res)
 
 
+@dataclass
+class ClearCost(Policy):
+    """Market clearing on *expected generated tokens* (``clear-cost``, :mod:`clear_core.consumption`).
+
+    The budget is what the caps are expected to generate, ``sum E[min(D_i, c_i)]``,
+    each query's length log-normal around its threshold with its own spread;
+    the value is the weighted probability of finishing. Exact thresholds
+    (``log_sigma = 0``) are priced with the narrowest spread of the grid.
+    """
+
+    name: str = "clear-cost"
+    fill_unused: bool = True  # share the expected budget the last abandonment leaves unspent
+
+    spec_params = dict(_FILL)
+    per_query_sigma = True
+    uses_weights = True
+
+    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, runaway=0.0):
+        sig = np.maximum(log_sigma, SIGMA_MIN)
+        res = clear_consumption_market(
+            tau, budget, log_sigma=sig, runaway=runaway, weights=weights,
+            context_limit_tokens=None if math.isinf(t_max) else t_max, fill_unused=self.fill_unused,
+        )
+        return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active,
+                          iterations=res.iterations, converged=res.converged)
+
+
 def _preset(cls, **fixed):
     """A named policy: ``cls`` with some fields fixed; spec parameters may not override them."""
 
@@ -357,6 +412,7 @@ POLICIES = {
     "auction": Auction,
     "oracle": Oracle,
     "clear": _preset(ClearLognormal, name="clear"),
+    "clear-cost": _preset(ClearCost, name="clear-cost"),
     "clear-paper": _preset(ClearSurge, name="clear-paper"),
     "clear-optimal": _preset(ClearSurge, name="clear-optimal", method="optimal"),
     "clear-triangular": _preset(ClearSurge, name="clear-triangular", utility="triangular"),

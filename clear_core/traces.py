@@ -224,6 +224,20 @@ def _mixture(problems: Sequence[Problem], mixture: str | Sequence[float]) -> tup
     return "custom", fam.strata, weights
 
 
+def query_weights(problems: Sequence[Problem], mixture: str | Sequence[float]) -> np.ndarray:
+    """The probability of each (problem, sample) pair of :func:`pool_queries` under a stream's mixture.
+
+    A stream draws a stratum by its weight, then a pair uniformly within it,
+    so a pair weighs ``weight(stratum) / pairs(stratum)``: a calibration set
+    weighted by it has the stream's composition.
+    """
+    _, strata, weights = _mixture(problems, mixture)
+    share = dict(zip(strata, weights))
+    tiers = [p.tier for p, _ in pool_queries(problems)]
+    size = {t: tiers.count(t) for t in set(tiers)}
+    return np.array([share.get(t, 0.0) / size[t] for t in tiers], dtype=float)
+
+
 def draw_by_stratum(items: Sequence, strata_of_items: Sequence[str], strata: Sequence[str], weights, n: int,
                     rng: np.random.Generator, name: str) -> list:
     """``n`` items drawn by stratum weights; without replacement where a stratum has enough, else with."""

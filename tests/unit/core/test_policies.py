@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from clear_core.consumption import LOG_TAU_STEP, SIGMA_MIN, expected_generated
 from clear_core.errors import InvalidInputError, UnknownPolicyError
 from clear_core.policies import POLICIES, Truth, get_policy, parse_policy, parse_policy_list
 
@@ -37,6 +38,11 @@ def test_every_policy_respects_the_budget(tau, bpq, sigma, context_limit_tokens,
         assert (a.caps >= 0).all(), name
         if name == "uniform-generated":  # a budget of generated tokens, not of caps
             assert np.minimum(a.caps, tokens).sum() <= budget, name
+        elif name == "clear-cost":  # a budget of expected generated tokens under its model, solved exactly
+            # for thresholds rounded by at most LOG_TAU_STEP in log space (the cost moves with them)
+            spread = max(sigma, SIGMA_MIN)
+            slack = np.expm1(LOG_TAU_STEP / 2)
+            assert expected_generated(a.caps, np.maximum(tau, 1.0), spread).sum() <= budget * (1 + slack) + 1e-6, name
         else:
             assert a.caps.sum() <= budget, name
         if context_limit_tokens is not None:
