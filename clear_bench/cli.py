@@ -14,7 +14,8 @@ from clear_core.traces import POOL_GENERATION_CAP_TOKENS, STREAM_FAMILIES, load_
 
 DEFAULT_BUDGETS = "256,512,1024,2048,4096"
 DEFAULT_POLICIES = ",".join(
-    ["uniform", "uniform-generated", "proportional", "tale-ep", "heuristic", "auction", "clear", "clear-paper", "clear-optimal",
+    ["uniform", "uniform-generated", "proportional", "tale-ep", "heuristic", "auction", "clear", "clear-cost", "clear-paper",
+     "clear-optimal",
      "clear-triangular", "clear-quadratic", "oracle"]
 )
 
@@ -145,6 +146,16 @@ def _figures(args, problems, predictions, rows) -> None:
     stream = "balanced" if "balanced" in args.streams else args.streams[0]
     mid = sorted(args.budgets)[len(args.budgets) // 2]
     plots.phase_transition(rows, args.out)
+    coverage = None
+    if predictions.spec != "oracle" and "clear-cost" in args.policies:
+        from clear_bench.calibration_plot import coverage_study
+
+        coverage = coverage_study(problems, predictions, args.out, streams=args.streams, budgets=args.budgets,
+                                  seeds=args.seeds, n_queries=args.queries, context_limit_tokens=args.context_limit_tokens)
+        cal, raw = coverage["calibrated"], coverage["global"]
+        print(f"calibration (mean quantile-coverage error / ECE of clear-cost's caps): calibrated "
+              f"{cal['quantile_error']:.3f} / {cal['cap_ece']:.3f}, raw with one spread "
+              f"{raw['quantile_error']:.3f} / {raw['cap_ece']:.3f} (calibration.png)")
     studies.scatter(problems, predictions, args.out, stream=stream, budget=sorted(args.budgets)[1 if len(args.budgets) > 1 else 0],
                     seed=args.seeds[0], context_limit_tokens=args.context_limit_tokens)
     n_noise = len(studies.NOISE_SIGMAS) * len(args.seeds) * 2 * 3
@@ -155,4 +166,5 @@ def _figures(args, problems, predictions, rows) -> None:
         noise = studies.noise_study(problems, args.out, budgets=[sorted(args.budgets)[0], mid], **kw)
         beta = studies.beta_study(problems, predictions, args.out, budgets=args.budgets, **kw)
         alpha = studies.alpha_study(problems, predictions, args.out, budgets=args.budgets, **kw)
-    (args.out / "studies.json").write_text(json.dumps({"noise": noise, "beta": beta, "alpha": alpha}, indent=1))
+    (args.out / "studies.json").write_text(json.dumps({"noise": noise, "beta": beta, "alpha": alpha,
+                                                       "coverage": coverage}, indent=1))

@@ -79,8 +79,9 @@ def markdown_report(rows: Sequence[dict], *, title: str, main: str = "clear", ba
                     f"{ratio} | {'' if share is None else f'{100 * share:.0f}%'} |"
                 )
         lines.append("")
-    if main in policies and base in policies:
-        lines += _cost_baselines(rows, streams, budgets, main, base)
+    for priced in ("clear-cost", main):  # each market policy against the three uniform baselines on cost
+        if priced in policies and base in policies:
+            lines += _cost_baselines(rows, streams, budgets, priced, base)
     # What the budget buys: solved per 1k allocated and per 1k generated tokens.
     alloc_eff = aggregate(rows, "solved_per_1k_allocated")
     cons_eff = aggregate(rows, "solved_per_1k_consumed")
@@ -122,17 +123,21 @@ def _cost_baselines(rows, streams, budgets, main: str, base: str) -> list[str]:
         f"{main}; and {main}'s generated tokens as a share of the budget b N. Means over seeds."
     )
     lines.append("")
-    lines.append(f"| stream | budget | {base} | {base} matched | uniform-generated | {main} | {main} generated / budget |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append(f"| stream | budget | {base} | {base} matched | uniform-generated | {main} | {main} − best uniform | "
+                 f"{main} / uniform-generated | {main} generated / budget |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for stream in streams:
         for b in budgets:
             key = (stream, b, main)
             if key not in matched or (stream, b, base) not in acc:
                 continue
             fill = acc.get((stream, b, "uniform-generated"))
+            best = max(acc[(stream, b, base)][0], matched[key][0], fill[0] if fill else 0.0)
+            ratio = "" if not fill or fill[0] <= 0 else f"{acc[key][0] / fill[0]:.2f}×"
             lines.append(
                 f"| {stream} | {b} | {100 * acc[(stream, b, base)][0]:.1f} | {100 * matched[key][0]:.1f} | "
-                f"{'' if fill is None else f'{100 * fill[0]:.1f}'} | {100 * acc[key][0]:.1f} | {spend[key][0]:.2f} |"
+                f"{'' if fill is None else f'{100 * fill[0]:.1f}'} | {100 * acc[key][0]:.1f} | "
+                f"{100 * (acc[key][0] - best):+.1f} | {ratio} | {spend[key][0]:.3f} |"
             )
     lines.append("")
     return lines

@@ -159,11 +159,13 @@ class CoverageRow:
     n: int  # caps in the bin
 
 
-def coverage_table(caps, tokens, thresholds, sigmas, runaway=0.0, *, bins: int = 10) -> list[CoverageRow]:
+def coverage_table(caps, tokens, thresholds, sigmas, runaway=0.0, *, bins: int = 10,
+                   censor_tokens: float | None = None) -> list[CoverageRow]:
     """Predicted vs observed coverage of positive caps, in equal-width bins of predicted probability.
 
     The predicted probability of finishing within a cap is
-    ``(1 - rho) Phi(ln(cap / tau) / sigma)``; it is observed as ``tokens <= cap``.
+    ``(1 - rho) Phi(ln(cap / tau) / sigma)``; it is observed as ``tokens <= cap``
+    for a query that finished (below ``censor_tokens``, the recording's cap).
     """
     caps = np.asarray(caps, dtype=float)
     keep = caps > 0
@@ -171,7 +173,8 @@ def coverage_table(caps, tokens, thresholds, sigmas, runaway=0.0, *, bins: int =
     rho = np.broadcast_to(np.asarray(runaway, dtype=float), caps.shape)[keep]
     tau = np.asarray(thresholds, dtype=float)[keep]
     prob = (1.0 - rho) * ndtr(np.log(caps[keep] / np.maximum(tau, 1.0)) / np.maximum(sig, 1e-12))
-    hit = np.asarray(tokens, dtype=float)[keep] <= caps[keep]
+    tok = np.asarray(tokens, dtype=float)[keep]
+    hit = (tok <= caps[keep]) & (tok < (np.inf if censor_tokens is None else censor_tokens))
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(prob, edges[1:-1]), 0, bins - 1)
     rows = []
@@ -186,3 +189,38 @@ def coverage_error(rows: list[CoverageRow]) -> float:
     """Expected calibration error: the caps-weighted mean |predicted - observed| over the bins."""
     total = sum(r.n for r in rows)
     return math.nan if total == 0 else sum(r.n * abs(r.predicted - r.observed) for r in rows) / total
+
+
+#: Nominal coverage levels of :func:`quantile_coverage`.
+COVERAGE_LEVELS = tuple(round(0.1 * k, 1) for k in range(1, 10))
+
+
+def quantile_coverage(tokens, thresholds, sigmas, runaway=0.0, *, levels=COVERAGE_LEVELS,
+                      censor_tokens: float | None = None) -> list[tuple[float, float]]:
+    """(nominal q, observed share with ``tokens <= cap_q``) for the q-quantile cap of every query.
+
+    The cap that finishes a query with probability q under its distribution
+    is ``tau exp(sigma Phi^-1(q / (1 - rho)))`` (infinite when ``q >= 1 - rho``:
+    no cap reaches q). A calibrated model finishes a share q of queries within
+    their q-caps, for every q; a query at or above ``censor_tokens`` (the
+    recording's cap) never finished.
+    """
+    from scipy.special import ndtri
+
+    tokens = np.asarray(tokens, dtype=float)
+    tau = np.asarray(thresholds, dtype=float)
+    sig = np.broadcast_to(np.asarray(sigmas, dtype=float), tau.shape)
+    rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
+    out = []
+    for q in levels:
+        frac = q / np.maximum(1.0 - rho, 1e-12)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cap = np.where(frac < 1.0, tau * np.exp(sig * ndtri(np.minimum(frac, 1.0 - 1e-15))), np.inf)
+        finished = tokens < (np.inf if censor_tokens is None else censor_tokens)
+        out.append((float(q), float(np.mean((tokens <= cap) & finished))))
+    return out
+
+
+def quantile_coverage_error(pairs) -> float:
+    """Mean |observed - nominal| over the levels of :func:`quantile_coverage`."""
+    return float(np.mean([abs(o - q) for q, o in pairs])) if pairs else math.nan
