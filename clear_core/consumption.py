@@ -58,8 +58,9 @@ jumps where queries turn insolvent. Every query's cost depends on
    solvent queries by lowering the price they see (nobody is admitted by it),
    as :func:`clear_core.uncertainty.clear_market_lognormal` does.
 
-Equal types turn insolvent together (all of a tie group or none), as in the
-exact cap market. Caps are floored to whole tokens (which only lowers the
+Equal queries (one type) turn insolvent together; the budget that jump leaves
+is first offered to the marginal type's queries, as many as it covers in
+arrival order (rationing within a tie), then shared among the solvent ones. Caps are floored to whole tokens (which only lowers the
 expected cost). ``benchmarks/clearing_speed.py`` compares its time with a sort.
 """
 
@@ -87,7 +88,8 @@ LOG_TAU_STEP = 1.0 / 256.0
 CAP_CEILING_TOKENS = float(2**24)
 #: The coverage grid never goes past u = this (1 - Phi(u) is below 1e-300 there).
 U_CEILING = 37.0
-#: Step of the ln(kappa) tables, and dense points per unit of u used to invert R.
+#: Step and span of the ln(kappa) tables, and dense points per unit of u used to invert R.
+LOG_KAPPA_SPAN = 40.0
 LOG_KAPPA_STEP = 1.0 / 256.0
 _U_POINTS_PER_UNIT = 64
 #: Runaway probabilities are kept below this; their odds are rounded to a log grid above ETA_MIN.
@@ -215,6 +217,9 @@ def coverage_table(sigma: float, eta: float = 0.0) -> CoverageTable:
     peak = coverage_peak(sigma, eta)
     u = np.linspace(peak, u_top, int((u_top - peak) * _U_POINTS_PER_UNIT) + 2)
     r = hazard_index(u, sigma, eta)
+    # With runaways R falls like -u^2/2: past LOG_KAPPA_SPAN below x0 (prices e^40 apart) caps are far
+    # beyond any context limit, so the table stops there and its last coverage is the ceiling.
+    x_low = max(x_low, x0 - LOG_KAPPA_SPAN)
     k = int(math.ceil((x0 - x_low) / LOG_KAPPA_STEP)) + 1
     x = x0 - LOG_KAPPA_STEP * np.arange(k)
     cov = np.interp(-x, -r, u)  # -R rises along u past the peak
@@ -222,7 +227,7 @@ def coverage_table(sigma: float, eta: float = 0.0) -> CoverageTable:
         slope = np.exp(-0.5 * cov * cov - _LN_SQRT_2PI - _log_tail(cov, eta)) - cov - sigma
         step = (hazard_index(cov, sigma, eta) - x) / np.minimum(slope, -1e-12)
         cov = np.clip(cov - step, peak, u_top)
-    return CoverageTable(sigma, eta, x0, x_low, cov, expected_cost(cov, sigma, eta))
+    return CoverageTable(sigma, eta, x0, float(x[-1]), cov, expected_cost(cov, sigma, eta))
 
 
 def sigma_grid_index(sigmas: np.ndarray) -> np.ndarray:
@@ -286,10 +291,28 @@ class _Types:
     weight: np.ndarray  # type -> value weight v
 
 
+def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values, code of each) without sorting all N when there are few distinct values.
+
+    Weights come from a handful of tenants: the distinct values of a sample are
+    looked up with a binary search, O(N log K); if the sample missed one, fall
+    back to np.unique (a sort).
+    """
+    if values.size and (values == values.flat[0]).all():
+        return values[:1].copy(), np.zeros(values.size, dtype=np.int64)
+    step = max(1, values.size // 4096)
+    cand = np.unique(values[::step])
+    code = np.minimum(np.searchsorted(cand, values), cand.size - 1)
+    if (cand[code] == values).all():
+        return cand, code
+    vals, code = np.unique(values, return_inverse=True)
+    return vals, code
+
+
 def _group(tau: np.ndarray, sigma: np.ndarray, eta: np.ndarray, weight: np.ndarray) -> _Types:
     table = sigma_grid_index(sigma) * _ETA_LEVELS + np.minimum(eta_grid_index(eta), _ETA_LEVELS - 1)
     ltau = np.rint(np.log(tau) / LOG_TAU_STEP).astype(np.int64)
-    wvals, wcode = np.unique(weight, return_inverse=True)
+    wvals, wcode = _codes(weight)
     lmin, tmin = int(table.min()), int(ltau.min())
     nl, nt = int(table.max()) - lmin + 1, int(ltau.max()) - tmin + 1
     key = ((wcode.astype(np.int64) * nl + (table - lmin)) * nt) + (ltau - tmin)
@@ -423,6 +446,23 @@ def _boundary(over, lo: float, hi: float, f_lo: float, f_hi: float):
     return hi, probes, hi - lo <= LOG_PRICE_TOLERANCE
 
 
+def _ration_marginal_type(demand: _Demand, solvent: np.ndarray, log_price: float, spare: float, t_max: float):
+    """(type, how many, their cost, cap) of the marginal type's queries the spare budget covers, or None."""
+    out = ~solvent & (demand.l_solvent <= log_price) & np.isfinite(demand.l_solvent)
+    if spare < 1.0 or not out.any():
+        return None
+    m = int(np.flatnonzero(out)[np.argmax(demand.l_solvent[out])])
+    at = demand.l_solvent[m] - 1e-9  # just below the price at which type m turns insolvent
+    only = np.zeros_like(solvent)
+    only[m] = True
+    each = float(demand.per_type_cost(at, only)[m] * demand.types.tau[m] / (1.0 + demand.types.eta[m]))
+    k = int(min(spare // each, demand.types.count[m])) if each > 0 else 0
+    if k < 1:
+        return None
+    cap = int(np.floor(demand.caps(at, only, t_max)[m] + 1e-9))
+    return (m, k, k * each, cap) if cap > 0 else None
+
+
 def clear_consumption_market(
     thresholds,
     budget,
@@ -480,21 +520,35 @@ def clear_consumption_market(
         log_price, probes, converged = _boundary(lambda l: demand.total(l) - b, lo, hi, f_lo, f_hi)
         price = math.exp(log_price)
     solvent = log_price < demand.l_solvent
+    # Equal queries turn insolvent together; when the budget the jump left covers some of the
+    # marginal type (the last to turn insolvent), admit as many of them as it covers, in order,
+    # at their cap at the margin: rationing within a tie instead of abandoning all of it.
+    share = _ration_marginal_type(demand, solvent, log_price, b - demand.total(log_price, solvent), t_max)
+    spare = b - demand.total(log_price, solvent) - (share[2] if share else 0.0)
     log_fill = log_price
-    if fill_unused and price > 0 and solvent.any() and b - demand.total(log_price) >= 1.0:
-        f_top = demand.total(lo, solvent) - b
+    if fill_unused and price > 0 and solvent.any() and spare >= 1.0:
+        budget_left = b - (share[2] if share else 0.0)
+        f_top = demand.total(lo, solvent) - budget_left
         if f_top <= 0:
             log_fill = lo
         else:
-            log_fill, more, ok = _boundary(lambda l: demand.total(l, solvent) - b, lo, log_price,
-                                           f_top, demand.total(log_price, solvent) - b)
+            log_fill, more, ok = _boundary(lambda l: demand.total(l, solvent) - budget_left, lo, log_price,
+                                           f_top, demand.total(log_price, solvent) - budget_left)
             probes, converged = probes + more, converged and ok
     real = demand.caps(log_fill, solvent, t_max)
     type_caps = np.floor(real + 1e-9).astype(np.int64)
     caps = type_caps[types.inverse]
+    if share:
+        m, k, _, cap = share
+        caps[np.flatnonzero(types.inverse == m)[:k]] = cap
     active = caps > 0
+    # What the caps are expected to generate, under the rounded model the market cleared (per type).
     rho_t = types.eta / (1.0 + types.eta)
     expected = float(np.dot(types.count, expected_generated(type_caps, types.tau, types.sigma, rho_t)))
+    if share:
+        m, k, _, cap = share
+        both = expected_generated([cap, type_caps[m]], types.tau[[m, m]], types.sigma[m], rho_t[m])
+        expected += k * float(both[0] - both[1])
     return ConsumptionResult(
         caps=caps, shadow_price=float(price), active=active, expected_generated_tokens=expected, budget=b,
         iterations=probes, converged=bool(converged), n_types=int(types.count.size),
