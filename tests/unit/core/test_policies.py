@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clear_core.consumption import LOG_TAU_STEP, SIGMA_MIN, expected_generated
+from clear_core.consumption import LOG_TAU_STEP, SIGMA_MIN, expected_generated, sigma_grid_index, sigma_of_index
 from clear_core.errors import InvalidInputError, UnknownPolicyError
 from clear_core.policies import POLICIES, Truth, get_policy, parse_policy, parse_policy_list
 
@@ -38,11 +38,10 @@ def test_every_policy_respects_the_budget(tau, bpq, sigma, context_limit_tokens,
         assert (a.caps >= 0).all(), name
         if name == "uniform-generated":  # a budget of generated tokens, not of caps
             assert np.minimum(a.caps, tokens).sum() <= budget, name
-        elif name == "clear-cost":  # a budget of expected generated tokens under its model, solved exactly
-            # for thresholds rounded by at most LOG_TAU_STEP in log space (the cost moves with them)
-            spread = max(sigma, SIGMA_MIN)
-            slack = np.expm1(LOG_TAU_STEP / 2)
-            assert expected_generated(a.caps, np.maximum(tau, 1.0), spread).sum() <= budget * (1 + slack) + 1e-6, name
+        elif name == "clear-cost":  # a budget of expected generated tokens, exact for the rounded instance
+            spread = sigma_of_index(int(sigma_grid_index(np.array([max(sigma, SIGMA_MIN)]))[0]))
+            rounded = np.exp(np.rint(np.log(np.maximum(tau, 1.0)) / LOG_TAU_STEP) * LOG_TAU_STEP)
+            assert expected_generated(a.caps, rounded, spread).sum() <= budget * (1 + 1e-9) + 1e-6, name
         else:
             assert a.caps.sum() <= budget, name
         if context_limit_tokens is not None:
