@@ -77,7 +77,9 @@ def _dockerfile_copies(ops) -> list[str]:
 
 
 def _tracked(ops, under: str) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--", under], cwd=ops.REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(["git", "ls-files", "--", under], cwd=ops.REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.fail(f"this check reads the tracked files: git ls-files failed: {out.stderr.strip()}", pytrace=False)
     return out.stdout.split()
 
 
