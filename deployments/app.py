@@ -1,5 +1,13 @@
 """The one builder of the Serve graph: ``import_path: deployments.app:build_app``.
 
+Two import paths, because Ray Serve treats them differently:
+
+* ``deployments.app:build_app`` is the *builder*: a config's ``args:`` go to it
+  (``serve run serve_config.yaml``, ``serve deploy``, KubeRay's ``serveConfigV2``).
+* ``deployments.app:app`` is the graph built from :class:`AppConfig`'s defaults.
+  ``serve build`` only accepts an ``Application`` and passes no args, so it is
+  the path to give it: ``serve build deployments.app:app -o serve_config.out.yaml``.
+
 ``build_app(args)`` validates ``args`` with :class:`deployments.config.AppConfig`
 first (a bad config fails at deploy time with pydantic's message), then binds
 plain classes with ``serve.deployment(cls, **options)``::
@@ -53,3 +61,8 @@ def build_app(args: dict | None = None):
     return serve.deployment(IngressApp, **cfg.ingress.deployment.serve_options("Ingress")).bind(
         cfg, predictor, allocator, engine
     )
+
+
+# Built at import (binding a graph costs tens of milliseconds and starts nothing):
+# `serve build` reads an attribute and refuses anything but an Application.
+app = build_app()
