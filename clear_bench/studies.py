@@ -42,14 +42,20 @@ def noise_study(problems, out: Path, *, stream: str, budgets: Sequence[int], see
             for b in budgets:
                 data[p][b].append(100 * _mean(rows, stream, b, p))
     series = {f"{p} @{b}": data[p][b] for p in policies for b in budgets}
+    # one colour per policy, one line style and marker per budget
+    styles = {f"{p} @{b}": {"color": plots.POLICY_STYLE[p]["color"], "linestyle": plots.LINESTYLES[j],
+                            "marker": plots.MARKERS[j]}
+              for p in policies for j, b in enumerate(budgets)}
     plots.lines_plot(
         NOISE_SIGMAS,
         series,
         out,
         "noise_robustness.png",
-        xlabel="predictor noise sigma (log-normal)",
+        xlabel="predictor noise σ (log-normal, on log length)",
         ylabel="accuracy (%)",
-        title=f"Robustness to threshold noise ({stream})",
+        title=f"Robustness to threshold noise ({stream}; 'policy @b' = b tokens per query)",
+        styles=styles,
+        xname="σ",
     )
     return {"sigmas": list(NOISE_SIGMAS), "accuracy": {k: v for k, v in series.items()}}
 
@@ -68,6 +74,9 @@ def beta_study(problems, predictions: Predictions, out: Path, *, stream, budgets
         progress=tick,
     )
     series = {f"beta {label}": [100 * _mean(rows, stream, b, spec) for b in budgets] for label, spec in specs.items()}
+    # The beta the adaptive rule chose in each cell (mean over seeds), written beside its points.
+    chosen = [_mean(rows, stream, b, specs["adaptive"], "beta") for b in budgets]
+    labels = {"beta adaptive": [f"1/{1 / x:.0f}" if x > 0 else "" for x in chosen]}
     plots.lines_plot(
         list(budgets),
         series,
@@ -75,8 +84,12 @@ def beta_study(problems, predictions: Predictions, out: Path, *, stream, budgets
         "beta_sensitivity.png",
         xlabel="budget per query (tokens)",
         ylabel="accuracy (%)",
-        title=f"beta sensitivity, paper's surge ({stream}, {predictions.spec})",
+        title=f"beta sensitivity of the paper's surge ({stream}, {predictions.spec})",
         logx=True,
+        point_labels=labels,
+        notes=["Adaptive rule (Eq. 16): beta = 1/max(B/N - mean predicted threshold, 16); the beta it chose is "
+               "written beside its points. Where it chose 1/16 it is the 1/16 policy, point for point."],
+        xname="budget",
     )
     return {"budgets": list(budgets), "accuracy": series}
 
@@ -101,14 +114,24 @@ def alpha_study(problems, predictions: Predictions, out: Path, *, stream, budget
             acc[f"budget {b}"].append(100 * _mean(rows, stream, b, spec))
             price[f"budget {b}"].append(_mean(rows, stream, b, spec, "shadow_price"))
     plots.lines_plot(
-        ALPHAS, acc, out, "alpha_invariance.png", xlabel="alpha", ylabel="accuracy (%)",
-        title=f"alpha invariance of accuracy ({stream})", logx=True,
+        ALPHAS, acc, out, "alpha_invariance.png", xlabel="alpha (utility scale of Eq. 1)", ylabel="accuracy (%)",
+        title=f"alpha invariance of accuracy (clear-paper, {stream}, {predictions.spec})", logx=True, xname="alpha",
     )
     plots.lines_plot(
-        ALPHAS, price, out, "alpha_shadow_price.png", xlabel="alpha", ylabel="shadow price",
-        title=f"shadow price scales with alpha ({stream})",
+        ALPHAS, price, out, "alpha_shadow_price.png", xlabel="alpha (utility scale of Eq. 1)",
+        ylabel="shadow price λ (utility per token)",
+        title=f"shadow price scales with alpha (clear-paper, {stream}, {predictions.spec})", xname="alpha",
+        notes=_zero_price_note(price),
     )
     return {"alphas": list(ALPHAS), "accuracy": acc, "shadow_price": price}
+
+
+def _zero_price_note(price: dict[str, list[float]]) -> list[str]:
+    zero = [name for name, ys in price.items() if all(y == 0 for y in ys)]
+    if not zero:
+        return []
+    return [f"Price exactly 0 at every alpha for {', '.join(zero)}: the budget does not bind there "
+            "(every query gets the cap at its utility's peak)."]
 
 
 def scatter(problems: Sequence[Problem], predictions: Predictions, out: Path, *, stream, budget, seed, context_limit_tokens):
@@ -118,6 +141,6 @@ def scatter(problems: Sequence[Problem], predictions: Predictions, out: Path, *,
     alloc = parse_policy("clear").allocate(th, budget * len(st), context_limit_tokens=context_limit_tokens, log_sigma=predictions.sigma)
     return plots.allocation_scatter(
         th, alloc.caps, st.tokens, st.correct, out,
-        f"clear on {stream} at {budget} tokens/query ({predictions.spec}); "
-        f"abandoned {100 * float(np.mean(alloc.caps == 0)):.0f}%",
+        f"clear on {stream} at {budget} tokens/query, predictions {predictions.spec}: "
+        f"{100 * float(np.mean(alloc.caps == 0)):.0f}% abandoned",
     )
