@@ -5,52 +5,15 @@ from collections import defaultdict
 import numpy as np
 import pytest
 from matplotlib.collections import PathCollection
-from matplotlib.figure import Figure
-from matplotlib.text import Text
 
 from clear_bench import plots, studies
 from clear_bench.predictions import parse_predictions
 from clear_bench.runner import run_grid
 from clear_core.policies import parse_policy
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, make_stream
+from tests.unit.figure_checks import assert_legends_off_the_data, assert_text_inside, by_gid
 
 PREDICTIONS = "oracle-noise:0.5"
-
-
-def _by_gid(fig: Figure, gid: str):
-    found = fig.findobj(lambda a: a.get_gid() == gid)
-    assert found, f"nothing drawn with gid {gid!r}"
-    return found
-
-
-def assert_text_inside(fig: Figure) -> None:
-    """Everything drawn (axes with their tick labels, labels, titles, legends, footnotes; the
-    figure's title and legends) lies inside the figure, measured by the renderer."""
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    box = fig.bbox
-    parts = [(f"axes {i}", ax.get_tightbbox(renderer)) for i, ax in enumerate(fig.axes)]
-    title = [t for t in fig.findobj(Text) if t.get_text() and t.get_text() == fig.get_suptitle()]
-    assert title, "the figure has a title"
-    figure_texts = title + [t for t in fig.texts if t.get_text()]
-    parts += [(f"text {t.get_text()[:50]!r}", t.get_window_extent(renderer)) for t in figure_texts]
-    parts += [(f"figure legend {i}", leg.get_window_extent(renderer)) for i, leg in enumerate(fig.legends)]
-    for name, ext in parts:
-        assert (ext.x0 >= box.x0 - 0.5 and ext.x1 <= box.x1 + 0.5 and ext.y0 >= box.y0 - 0.5
-                and ext.y1 <= box.y1 + 0.5), f"{name} leaves the figure: {ext} vs {box}"
-
-
-def assert_legends_off_the_data(fig: Figure) -> None:
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    for ax in fig.axes:
-        leg = ax.get_legend()
-        if leg is None:
-            continue
-        lb, ab = leg.get_window_extent(renderer), ax.get_window_extent(renderer)
-        overlap_w = min(lb.x1, ab.x1) - max(lb.x0, ab.x0)
-        overlap_h = min(lb.y1, ab.y1) - max(lb.y0, ab.y0)
-        assert overlap_w <= 0.5 or overlap_h <= 0.5, "a legend covers the plotting area"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +40,7 @@ def test_scatter_draws_solved_and_unsolved_with_the_unsolved_on_top(allocation):
     unsolved = (caps > 0) & ~solved
     assert solved.sum() > 0 and unsolved.sum() > 0  # the allocation really has both
     fig = plots.allocation_scatter_figure(th, caps, tokens, correct, "t")
-    layers = {key: _by_gid(fig, f"scatter:{key}")[0] for key in ("solved", "cut", "wrong")}
+    layers = {key: by_gid(fig, f"scatter:{key}")[0] for key in ("solved", "cut", "wrong")}
     for layer in layers.values():
         assert isinstance(layer, PathCollection)
     drawn_solved = layers["solved"].get_offsets()
@@ -96,8 +59,8 @@ def test_scatter_histogram_counts_every_query_once(allocation):
     fig = plots.allocation_scatter_figure(th, caps, tokens, correct, "t")
     total = 0
     for key, _, _ in plots.OUTCOMES:
-        total += sum(p.get_height() for p in _by_gid(fig, f"hist:{key}"))
-    abandoned = sum(p.get_height() for p in _by_gid(fig, "hist:abandoned"))
+        total += sum(p.get_height() for p in by_gid(fig, f"hist:{key}"))
+    abandoned = sum(p.get_height() for p in by_gid(fig, "hist:abandoned"))
     assert total == len(th)
     assert abandoned == int(np.sum(np.asarray(caps) == 0)) > 0
 
@@ -131,7 +94,7 @@ def test_phase_plot_has_the_oracle_ceiling(rows):
             expected[(r["stream"], r["budget_per_query"])].append(r["solved"] / r["n_queries"])
     fig = plots.phase_transition_figure(rows)
     for stream in ("balanced", "mostly-hard"):
-        (line,) = _by_gid(fig, f"oracle:{stream}")
+        (line,) = by_gid(fig, f"oracle:{stream}")
         assert list(line.get_xdata()) == [256, 1024]
         want = [100 * np.mean(expected[(stream, b)]) for b in (256, 1024)]
         np.testing.assert_allclose(line.get_ydata(), want, rtol=1e-12)
@@ -153,7 +116,7 @@ def test_phase_plot_says_so_without_an_oracle(rows):
 
 def test_phase_plot_policies_differ_in_marker_and_line(rows):
     fig = plots.phase_transition_figure(rows)
-    lines = [_by_gid(fig, f"abandonment:balanced:{p}")[0] for p in ("uniform", "clear-paper", "clear")]
+    lines = [by_gid(fig, f"abandonment:balanced:{p}")[0] for p in ("uniform", "clear-paper", "clear")]
     assert len({ln.get_marker() for ln in lines}) == 3
     assert len({(ln.get_linestyle(), ln.get_color()) for ln in lines}) == 3
 
@@ -172,12 +135,12 @@ def test_coinciding_series_stay_visible_and_are_named():
     xs = [256, 512, 1024]
     series = {"adaptive": [30.0, 35.0, 71.0], "1/16": [30.0, 35.0, 40.0], "1/256": [43.0, 56.0, 64.0]}
     fig = plots.lines_figure(xs, series, xlabel="budget", ylabel="accuracy (%)", title="t", logx=True, xname="budget")
-    a, b = _by_gid(fig, "series:adaptive")[0], _by_gid(fig, "series:1/16")[0]
+    a, b = by_gid(fig, "series:adaptive")[0], by_gid(fig, "series:1/16")[0]
     assert a.get_marker() != b.get_marker() and a.get_linestyle() != b.get_linestyle()
     # the one drawn first has the larger hollow marker, so the later one sits inside it
     assert a.get_markersize() > b.get_markersize() and a.get_zorder() < b.get_zorder()
     assert a.get_markerfacecolor() == "none"
-    (note,) = _by_gid(fig, "footnote")
+    (note,) = by_gid(fig, "footnote")
     assert "'adaptive' and '1/16' at budget = 256, 512." in note.get_text()
     assert "1/256" not in note.get_text()
     assert_text_inside(fig)
@@ -203,12 +166,12 @@ def test_beta_figure_shows_adaptive_and_one_sixteenth(study_figures):
     acc = beta["accuracy"]
     # the data behind the issue: adaptive equals 1/16 at the scarce budgets
     assert acc["beta adaptive"][0] == acc["beta 1/16"][0]
-    a, b = _by_gid(fig, "series:beta adaptive")[0], _by_gid(fig, "series:beta 1/16")[0]
+    a, b = by_gid(fig, "series:beta adaptive")[0], by_gid(fig, "series:beta 1/16")[0]
     np.testing.assert_array_equal(a.get_ydata(), acc["beta adaptive"])
     assert a.get_marker() != b.get_marker() and a.get_linestyle() != b.get_linestyle()
-    note = _by_gid(fig, "footnote")[0].get_text()
+    note = by_gid(fig, "footnote")[0].get_text()
     assert "'beta adaptive'" in note and "'beta 1/16'" in note and "budget = 256" in note
-    chosen = [t.get_text() for t in _by_gid(fig, "point-label:beta adaptive")]
+    chosen = [t.get_text() for t in by_gid(fig, "point-label:beta adaptive")]
     assert chosen[0] == "1/16"
     assert_text_inside(fig)
     assert_legends_off_the_data(fig)
@@ -220,10 +183,10 @@ def test_alpha_price_figure_names_the_zero_series(study_figures):
     price = alpha["shadow_price"]
     zero = [k for k, v in price.items() if all(p == 0 for p in v)]
     assert "budget 2048" in zero and "budget 4096" in zero  # they coincide: both are 0 at every alpha
-    hi, lo = _by_gid(fig, "series:budget 2048")[0], _by_gid(fig, "series:budget 4096")[0]
+    hi, lo = by_gid(fig, "series:budget 2048")[0], by_gid(fig, "series:budget 4096")[0]
     assert hi.get_marker() != lo.get_marker() and hi.get_linestyle() != lo.get_linestyle()
     np.testing.assert_array_equal(lo.get_ydata(), price["budget 4096"])
-    note = _by_gid(fig, "footnote")[0].get_text()
+    note = by_gid(fig, "footnote")[0].get_text()
     assert "'budget 2048' and 'budget 4096' at every point" in note
     assert "Price exactly 0 at every alpha for budget 2048, budget 4096" in note
     assert "utility per token" in fig.axes[0].get_ylabel()
