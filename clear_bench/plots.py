@@ -303,6 +303,7 @@ def allocation_scatter_figure(thresholds, caps, tokens, correct, title: str) -> 
                  edgecolor="white", linewidth=0.4, label=f"{label} ({int(masks[key].sum())})", gid=f"hist:{key}",
                  hatch="xx" if key == "abandoned" else None)
         bottom += counts
+    hist.set_ylim(0, max(1.0, float(bottom.max())) * 1.08)  # the tallest stack below the top edge
     hist.set_xlabel("predicted threshold (tokens)")
     hist.set_ylabel("queries")
     hist.grid(alpha=0.3, axis="y")

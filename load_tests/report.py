@@ -235,6 +235,7 @@ def over_time_figure(runs: Mapping[str, Sequence[RequestRecord]]):
     fig, axes = _grid(plt, 3, labels, 2.9)
     edges = _bins(runs)
     width = float(edges[1] - edges[0]) if len(edges) > 1 else 1.0
+    top = 0.0
     for j, label in enumerate(labels):
         recs = sorted(runs[label], key=lambda r: r.start_s)
         t = np.array([r.start_s for r in recs])
@@ -246,6 +247,7 @@ def over_time_figure(runs: Mapping[str, Sequence[RequestRecord]]):
             ax.bar(edges[:-1], counts / width, width=width, bottom=bottom, align="edge", color=color, hatch=hatch,
                    edgecolor="white", linewidth=0.3, label=name, gid=f"outcomes:{label}:{key}")
             bottom += counts / width
+        top = max(top, float(bottom.max()) if len(bottom) else 0.0)
         counts = ", ".join(f"{int((kinds == k).sum())} {SHORT[k]}" for k, *_ in OUTCOMES if (kinds == k).any())
         axes[0, j].set_title(_wrap(f"{label}: {len(recs)} requests, {counts}", COLUMN_WIDTH_IN, 9), fontsize=9)
         ax = axes[1, j]
@@ -265,6 +267,7 @@ def over_time_figure(runs: Mapping[str, Sequence[RequestRecord]]):
                    zorder=3, gid=f"latency:{label}:abandoned")
         if (lat[ok | ab] > 0).any():
             ax.set_yscale("log")
+    axes[0, 0].set_ylim(0, max(top, 1e-9) * 1.08)  # the tallest stack below the top edge (the row shares y)
     axes[0, 0].set_ylabel("requests / s by outcome")
     axes[1, 0].set_ylabel("share of requests sent (%)")
     axes[2, 0].set_ylabel("end-to-end latency (s, log)")

@@ -105,6 +105,7 @@ def test_phase_plot_has_the_oracle_ceiling(rows):
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "oracle (ceiling)" in labels
     assert_text_inside(fig)
+    assert_legends_off_the_data(fig)
 
 
 def test_phase_plot_says_so_without_an_oracle(rows):
