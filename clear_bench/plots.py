@@ -131,7 +131,6 @@ def lines_figure(
     title: str,
     logx: bool = False,
     styles: Mapping[str, Mapping] | None = None,
-    point_labels: Mapping[str, Sequence[str]] | None = None,
     notes: Sequence[str] = (),
     xname: str = "x",
 ) -> Figure:
@@ -148,10 +147,6 @@ def lines_figure(
         ms = 5.0 + 1.6 * (n - 1 - i)
         ax.plot(xs, ys, label=label, markersize=ms, markerfacecolor="none", markeredgewidth=1.4, linewidth=1.5,
                 zorder=2 + i, gid=f"series:{label}", **style)
-        for x, y, text in zip(xs, ys, (point_labels or {}).get(label, ())):
-            if text:
-                ax.annotate(text, (x, y), xytext=(4, -12), textcoords="offset points", fontsize=7,
-                            color=style["color"], gid=f"point-label:{label}")
     if logx:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)

@@ -170,10 +170,11 @@ def test_beta_figure_shows_adaptive_and_one_sixteenth(study_figures):
     a, b = by_gid(fig, "series:beta adaptive")[0], by_gid(fig, "series:beta 1/16")[0]
     np.testing.assert_array_equal(a.get_ydata(), acc["beta adaptive"])
     assert a.get_marker() != b.get_marker() and a.get_linestyle() != b.get_linestyle()
-    note = by_gid(fig, "footnote")[0].get_text()
+    note = by_gid(fig, "footnote")[0].get_text().replace("\n", " ")
     assert "'beta adaptive'" in note and "'beta 1/16'" in note and "budget = 256" in note
-    chosen = [t.get_text() for t in by_gid(fig, "point-label:beta adaptive")]
-    assert chosen[0] == "1/16"
+    # the beta the rule chose, from the rows' own beta column, named in the footnote
+    assert beta["adaptive_beta"]["1/16"] == [256, 512]
+    assert "It chose beta = 1/16 at 256, 512;" in note
     assert_text_inside(fig)
     assert_legends_off_the_data(fig)
 
