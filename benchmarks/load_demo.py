@@ -8,7 +8,9 @@ its own budget and route prefix) with the replay engine pointed at a trace pool
 so answers follow trace semantics, and drives each with the same stream (closed
 loop, N clients). Each (stream, policy) pair gets a fresh deployment, so every
 run starts from an empty budget and pricing window. Writes ``summary.md``,
-``summary.json``, per-request records and the over-time plots to ``--out``.
+``summary.json``, per-request records, the polls of ``/v1/clear/status`` and the
+over-time figures to ``--out`` (``python -m load_tests.report --results DIR/uniform-balanced.records.jsonl
+DIR/clear-balanced.records.jsonl --out DIR`` redraws them from the files).
 
 The deployment lives here, beside the other benchmarks that start the service;
 the requests go through the ``load_tests`` driver, which only speaks HTTP.
@@ -33,7 +35,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from clear_core.traces import load_pool  # noqa: E402
 from load_tests.driver import LoadConfig, run_load  # noqa: E402
-from load_tests.report import plot_over_time, side_by_side, summarize  # noqa: E402
+from load_tests.report import plot_allocator_over_time, plot_over_time, side_by_side, summarize, write_run  # noqa: E402
 from load_tests.traffic import plan_stream  # noqa: E402
 
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for stream in a.streams.split(","):
             plan = plan_stream(pool, stream, a.queries, a.seed)
-            summaries, runs = {}, {}
+            summaries, runs, statuses = {}, {}, {}
             for policy in a.policies.split(","):
                 name = f"{policy}-{stream}"
                 serve.run(build_app(app_args(policy, a.budget, a.traces, a.tokenizer, a.queries)), name=name,
@@ -88,13 +90,16 @@ def main(argv: list[str] | None = None) -> int:
                                  max_requests=a.queries, max_duration_s=a.max_duration_s, seed=a.seed)
                 with tqdm(total=len(plan), desc=name, unit="req") as bar:
                     t0 = time.perf_counter()
-                    records = asyncio.run(run_load(cfg, plan, progress=lambda _r: bar.update(1)))
+                    status: list[dict] = []
+                    records = asyncio.run(run_load(cfg, plan, progress=lambda _r: bar.update(1),
+                                                   status_samples=status))
                     wall = time.perf_counter() - t0
                 serve.delete(name)
-                runs[policy] = records
+                runs[policy], statuses[policy] = records, status
                 summaries[policy] = summarize(records, wall)
-                (a.out / f"{name}.records.jsonl").write_text("\n".join(json.dumps(r.as_dict()) for r in records) + "\n")
+                write_run(a.out, name, records, status)
             plot_over_time(runs, a.out / f"over_time_{stream}.png")
+            plot_allocator_over_time(runs, statuses, a.out / f"allocator_over_time_{stream}.png")
             section = (f"## `{stream}` stream, {a.budget} tokens per query, {a.queries} requests, "
                        f"{a.concurrency} concurrent clients\n\n" + side_by_side(summaries))
             report.append(section)

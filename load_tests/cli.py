@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from clear_core.traces import MIXTURES, load_pool
 from load_tests.driver import LoadConfig, run_load
-from load_tests.report import plot_over_time, side_by_side, summarize
+from load_tests.report import side_by_side, summarize, write_figures, write_run
 from load_tests.traffic import plan_stream
 
 
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="client max_tokens sent with every request")
     p.add_argument("--model", default=None)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--status-interval-s", type=float, default=1.0,
+                   help="poll /v1/clear/status this often during the run (0: never)")
     p.add_argument("--no-replay-samples", action="store_true", help="don't name the recorded sample (real engines)")
     p.add_argument("--out", type=Path, required=True)
     return p
@@ -56,14 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan = plan_stream(load_pool(args.traces), args.stream, args.queries, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    summaries, runs = {}, {}
+    summaries, runs, statuses = {}, {}, {}
     for label, url in args.target:
         cfg = LoadConfig(
             base_url=url, model=args.model, mode="rate" if args.rate else "concurrency",
             concurrency=args.concurrency, rate_rps=args.rate or 0.0, max_requests=args.queries,
             max_duration_s=args.max_duration_s, request_timeout_s=args.request_timeout_s,
             max_tokens=args.max_tokens, api_key=args.api_key, replay_samples=not args.no_replay_samples,
-            seed=args.seed,
+            seed=args.seed, status_interval_s=args.status_interval_s,
         )
         with tqdm(total=len(plan), desc=label, unit="req") as bar:
             solved = [0]
@@ -74,17 +76,18 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(solved=solved[0], last=rec.status)
 
             t0 = time.perf_counter()
-            records = asyncio.run(run_load(cfg, plan, progress=tick))
+            status: list[dict] = []
+            records = asyncio.run(run_load(cfg, plan, progress=tick, status_samples=status))
             wall = time.perf_counter() - t0
-        runs[label] = records
+        runs[label], statuses[label] = records, status
         summaries[label] = summarize(records, wall)
-        (args.out / f"{label}.records.jsonl").write_text("\n".join(json.dumps(r.as_dict()) for r in records) + "\n")
+        write_run(args.out, label, records, status)
     table = side_by_side(summaries)
     header = (f"# Load test: stream `{args.stream}`, {args.queries} requests, seed {args.seed}, "
               + (f"Poisson {args.rate}/s" if args.rate else f"{args.concurrency} concurrent clients") + "\n\n")
     (args.out / "summary.md").write_text(header + table + "\n")
     (args.out / "summary.json").write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
                                                        "targets": summaries}, indent=1))
-    plot_over_time(runs, args.out / "over_time.png")
+    write_figures(args.out, runs, statuses)
     print(header + table)
     return 0

@@ -10,6 +10,13 @@ Two arrival modes, both bounded in request count and wall time:
 
 Requests stream (SSE) so time to first token is measured; a 429 is recorded
 as ``abandoned`` with the shadow price from its error body.
+
+While the load runs, a background task polls ``GET /v1/clear/status`` every
+``status_interval_s`` (the budget's books, the shadow price, the abandonment
+rate: what no single response carries) into ``status_samples``, on the same
+clock as the records (seconds since the test started); one poll before the
+first request and one after the last. A target without that route (404) is
+simply not polled further.
 """
 
 from __future__ import annotations
@@ -65,6 +72,41 @@ class LoadConfig:
     api_key: str | None = None
     replay_samples: bool = True  # name the recorded sample (replay engine)
     seed: int = 0
+    status_interval_s: float | None = 1.0  # poll /v1/clear/status this often (None or 0: never)
+
+
+STATUS_PATH = "/v1/clear/status"
+STATUS_TIMEOUT_S = 10.0
+
+
+async def _poll_status_once(client: httpx.AsyncClient, cfg: LoadConfig, t0: float, sink: list[dict]) -> bool:
+    """One sample of the allocator's status into ``sink``; False when the target has no status route."""
+    sent = time.perf_counter()
+    try:
+        r = await client.get(f"{cfg.base_url}{STATUS_PATH}", timeout=min(cfg.request_timeout_s, STATUS_TIMEOUT_S))
+        got = time.perf_counter()
+        if r.status_code == 404:
+            return False
+        body = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):  # a missed sample, not a failed load test
+        return True
+    if isinstance(body, dict):
+        # the snapshot was taken somewhere between sending and receiving: stamp the midpoint
+        sink.append({"t_s": (sent + got) / 2 - t0, "rtt_s": got - sent, **body})
+    return True
+
+
+async def _poll_status(client: httpx.AsyncClient, cfg: LoadConfig, t0: float, sink: list[dict],
+                       stop: asyncio.Event) -> None:
+    """Poll every ``cfg.status_interval_s`` until ``stop``, then once more (the books after the last request)."""
+    while not stop.is_set():
+        if not await _poll_status_once(client, cfg, t0, sink):
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=cfg.status_interval_s)
+        except asyncio.TimeoutError:
+            pass
+    await _poll_status_once(client, cfg, t0, sink)
 
 
 async def _discover_model(client: httpx.AsyncClient, base: str) -> str:
@@ -143,11 +185,16 @@ async def run_load(
     plan: list[PlannedRequest],
     progress: Callable[[RequestRecord], None] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    status_samples: list[dict] | None = None,
 ) -> list[RequestRecord]:
     """Send ``plan`` (at most ``max_requests`` of it) and return one record per request sent.
 
+    ``status_samples``: a list the status polls are appended to (see the module's
+    docstring); None, or ``cfg.status_interval_s`` unset, polls nothing.
     ``transport`` lets tests drive an in-process ASGI app instead of a socket.
     """
+    if cfg.mode not in ("concurrency", "rate"):
+        raise ValueError(f"unknown mode {cfg.mode!r}: expected 'concurrency' or 'rate'")
     plan = plan[: cfg.max_requests]
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=cfg.concurrency + 4, max_keepalive_connections=cfg.concurrency + 4)
@@ -157,6 +204,10 @@ async def run_load(
         model = cfg.model or await _discover_model(client, cfg.base_url)
         t0 = time.perf_counter()
         deadline = t0 + cfg.max_duration_s
+        stop_polling = asyncio.Event()
+        poller = None
+        if status_samples is not None and cfg.status_interval_s:
+            poller = asyncio.create_task(_poll_status(client, cfg, t0, status_samples, stop_polling))
 
         async def send(req: PlannedRequest) -> None:
             rec = await _one(client, cfg, model, req, t0)
@@ -164,36 +215,42 @@ async def run_load(
             if progress is not None:
                 progress(rec)
 
-        if cfg.mode == "concurrency":
-            queue: asyncio.Queue[PlannedRequest] = asyncio.Queue()
-            for r in plan:
-                queue.put_nowait(r)
+        try:
+            if cfg.mode == "concurrency":
+                queue: asyncio.Queue[PlannedRequest] = asyncio.Queue()
+                for r in plan:
+                    queue.put_nowait(r)
 
-            async def worker() -> None:
-                while time.perf_counter() < deadline:
-                    try:
-                        req = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
-                    await send(req)
+                async def worker() -> None:
+                    while time.perf_counter() < deadline:
+                        try:
+                            req = queue.get_nowait()
+                        except asyncio.QueueEmpty:
+                            return
+                        await send(req)
 
-            await asyncio.gather(*(worker() for _ in range(max(1, cfg.concurrency))))
-        elif cfg.mode == "rate":
-            rng = random.Random(cfg.seed)
-            in_flight = asyncio.Semaphore(max(1, cfg.concurrency))
-            tasks = []
+                await asyncio.gather(*(worker() for _ in range(max(1, cfg.concurrency))))
+            else:  # rate
+                rng = random.Random(cfg.seed)
+                in_flight = asyncio.Semaphore(max(1, cfg.concurrency))
+                tasks = []
 
-            async def guarded(req: PlannedRequest) -> None:
-                async with in_flight:
-                    await send(req)
+                async def guarded(req: PlannedRequest) -> None:
+                    async with in_flight:
+                        await send(req)
 
-            for req in plan:
-                if time.perf_counter() >= deadline:
-                    break
-                tasks.append(asyncio.create_task(guarded(req)))
-                await asyncio.sleep(rng.expovariate(cfg.rate_rps))
-            await asyncio.gather(*tasks)
-        else:
-            raise ValueError(f"unknown mode {cfg.mode!r}: expected 'concurrency' or 'rate'")
+                for req in plan:
+                    if time.perf_counter() >= deadline:
+                        break
+                    tasks.append(asyncio.create_task(guarded(req)))
+                    await asyncio.sleep(rng.expovariate(cfg.rate_rps))
+                await asyncio.gather(*tasks)
+        except BaseException:
+            if poller is not None:
+                poller.cancel()
+            raise
+        if poller is not None:
+            stop_polling.set()
+            await poller
     records.sort(key=lambda r: r.index)
     return records
