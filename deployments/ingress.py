@@ -200,8 +200,10 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._auth(request)
-        now = int(time.time())
-        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": now, "owned_by": "clear"}]}
+        model = {"id": self.config.model_name, "object": "model", "created": int(time.time()), "owned_by": "clear"}
+        if self.workload is not None:  # the replayed pool, so a load test can check it draws from the same one
+            model["clear"] = {"replay": self.workload.describe()}
+        return {"object": "list", "data": [model]}
 
     @app.get("/v1/clear/status")
     async def status(self, request: Request):
