@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from clear_core.cli_args import UsageError
 from load_tests.grading import solved as grade
 from load_tests.traffic import PlannedRequest
 
@@ -60,8 +61,9 @@ def normalize_base_url(url: str) -> str:
     return url
 
 
-class TargetError(Exception):
-    """A target that cannot be load-tested (unreachable, or not an OpenAI server at that URL); one line."""
+class TargetError(UsageError):
+    """A target that cannot be load-tested (unreachable, or not an OpenAI server at that URL): a usage error,
+    so a command line run through ``clear_core.cli_args.run_command`` prints it as one line."""
 
 
 @dataclass(frozen=True)

@@ -180,3 +180,14 @@ def test_the_help_shows_defaults_and_the_list_syntax():
 def test_normalize_base_url(given):
     assert normalize_base_url(given) == "http://h:8000"
     assert normalize_base_url("http://h:8000/clear/v1") == "http://h:8000/clear"
+
+
+def test_a_bad_target_inside_another_command_line_is_one_line_too(capsys):
+    """load_demo and the other scripts call run_load directly; its TargetError is a usage error for run_command."""
+    from clear_core.cli_args import run_command
+    from load_tests.driver import LoadConfig, run_load
+
+    with FakeServer() as server:
+        url = server.url
+    rc = run_command("tool", lambda: asyncio.run(run_load(LoadConfig(base_url=url, max_requests=1), [])))
+    assert rc == 2 and capsys.readouterr().err.startswith(f"tool: error: cannot reach {url}/v1/models")
