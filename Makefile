@@ -2,6 +2,9 @@
 PY ?= python
 SHARED ?= ../shared
 POOL ?= $(SHARED)/data/traces/r1-distill-qwen-7b-mix.jsonl
+# HTTP port of the local Serve proxy that load-demo starts (`make load-demo PORT=8001` beside another server;
+# 0: any free port). `make serve` listens where serve_config.yaml says (http_options.port).
+PORT ?= 8000
 
 .PHONY: install test bench bench-quick clearing-bench serve load-demo digital-twin serving-overhead tiny-model vllm-graph-cost digital-twin-vllm
 
@@ -26,7 +29,7 @@ serve:  ## the embedded default: local Ray, CPU, replay engine
 	serve run serve_config.yaml
 
 load-demo:  ## uniform vs clear on the embedded default, balanced and u-shaped streams, 256 tokens/query
-	$(PY) benchmarks/load_demo.py --traces $(POOL) --tokenizer $(SHARED)/data/tokenizer/qwen.tiktoken --out artifacts/load-demo
+	$(PY) benchmarks/load_demo.py --traces $(POOL) --tokenizer $(SHARED)/data/tokenizer/qwen.tiktoken --port $(PORT) --out artifacts/load-demo
 
 digital-twin:  ## the live service vs the offline bench on the same stream (within 2 points)
 	$(PY) benchmarks/digital_twin.py
@@ -41,4 +44,4 @@ vllm-graph-cost:  ## bare Ray Serve LLM vs the CLEAR graph on real vLLM (CPU): t
 	$(PY) benchmarks/vllm_graph_cost.py
 
 digital-twin-vllm: tiny-model  ## the live service on real vLLM vs the offline bench, uniform and clear at 256 and 512
-	$(PY) benchmarks/digital_twin.py --engine vllm --traces $(POOL) --n 300 --budgets 256 512 --model artifacts/tiny-llm-qwen
+	$(PY) benchmarks/digital_twin.py --engine vllm --traces $(POOL) --n 300 --budgets 256,512 --model artifacts/tiny-llm-qwen

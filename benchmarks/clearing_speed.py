@@ -8,7 +8,7 @@ differs between bisection and exact: the bisection stops once its price bracket
 is narrower than 1e-6, and with 1e5+ queries several insolvency prices fall
 inside that last bracket. Usage:
 
-    python benchmarks/clearing_speed.py [--sizes 1000,10000,100000,1000000] [--repeats 3]
+    python benchmarks/clearing_speed.py [--sizes 1e3,1e4,1e5,1e6] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from clear_core.cli_args import HelpFormatter, add_list_argument, positive_float, positive_int
 from clear_core.market import clear_market
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS
 
@@ -31,17 +32,32 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="1000,10000,100000,1000000")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--budget-per-query", type=float, default=512.0)
-    args = ap.parse_args()
+def _size(text: str) -> int:
+    """A count written 100000 or 1e5."""
+    value = float(text)
+    if not 1 <= value < 1e12 or value != int(value):
+        raise ValueError(text)
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python benchmarks/clearing_speed.py", description=__doc__,
+                                 formatter_class=HelpFormatter)
+    add_list_argument(ap, "--sizes", kind=_size, what="positive counts (1e5 or 100000)", metavar="N",
+                      default="1000,10000,100000,1000000", help="numbers of thresholds")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timings per cell; the best is kept")
+    ap.add_argument("--budget-per-query", type=positive_float, default=512.0, help="tokens per query (scarce)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     print(f"{'N':>9} | {'bisection s':>11} | {'exact s':>9} | {'optimal s':>9} | {'exact x':>8} | {'optimal x':>9} | "
           f"{'price (bis)':>11} | {'price (exact)':>13} | active differ")
     print("-" * 118)
-    for n in (int(float(x)) for x in args.sizes.split(",")):
+    for n in args.sizes:
         tau = rng.lognormal(6.5, 1.0, n)
         budget = args.budget_per_query * n
         kw = dict(context_limit_tokens=POOL_GENERATION_CAP_TOKENS)

@@ -36,7 +36,7 @@ printed is one JSON object with every figure.
     python benchmarks/digital_twin.py                      # 500 queries, clear+uniform x 512+2048
     python benchmarks/digital_twin.py --n 200 --policies clear --budgets 512
     python benchmarks/digital_twin.py --engine vllm --traces ../shared/data/traces/r1-distill-qwen-7b-mix.jsonl \
-        --n 300 --budgets 256 1024
+        --n 300 --budgets 256,1024
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from clear_bench.cli import policy_list  # noqa: E402
+from clear_core.cli_args import (  # noqa: E402
+    HelpFormatter, add_list_argument, make_dir, positive_float, positive_int, run_command,
+)
 from clear_core.online_market import DEFAULT_WINDOW_SIZE  # noqa: E402
 from clear_core.policies import parse_policy  # noqa: E402
 from clear_core.simulate import score  # noqa: E402
@@ -262,8 +266,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python benchmarks/digital_twin.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--traces", "--pool", dest="pool", type=Path, default=DEFAULT_POOL,
                     help="trace pool in the shared schema (default: the main pool)")
     ap.add_argument("--engine", choices=("replay", "vllm"), default="replay",
@@ -272,17 +277,28 @@ def main(argv: list[str] | None = None) -> int:
                     help="vllm: model folder (default: clear-llm engine make-model in a temp dir)")
     ap.add_argument("--max-gap", type=float, default=None,
                     help="fail when |live - offline| exceeds this many points (default: 2 replay, 1 vllm)")
-    ap.add_argument("--stream", default="balanced")
-    ap.add_argument("--n", type=int, default=500)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--stream", default="balanced", help="stream of the pool's family")
+    ap.add_argument("--n", type=positive_int, default=500, help="queries in the stream")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the stream and the noisy thresholds")
+    ap.add_argument("--clients", type=positive_int, default=32, help="concurrent clients")
     ap.add_argument("--sigma", type=float, default=0.5, help="log-space noise of the oracle-noise thresholds")
-    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW_SIZE, help="pricing window (recent thresholds)")
-    ap.add_argument("--policies", nargs="+", default=["clear", "uniform"])
-    ap.add_argument("--budgets", nargs="+", type=float, default=[512.0, 2048.0])
+    ap.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW_SIZE, help="pricing window (recent thresholds)")
+    add_list_argument(ap, "--policies", kind=policy_list, metavar="SPEC", default="clear,uniform", help="policy specs")
+    add_list_argument(ap, "--budgets", kind=positive_float, what="positive token counts", metavar="TOKENS",
+                      default="512,2048", help="tokens per query")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # a bad value: argparse's one-line error, exit 2
+    return run_command(parser.prog, lambda: run(args))
+
+
+def run(args) -> int:
+    if args.json is not None:
+        make_dir(args.json.parent, "--json")
     import ray
     from ray import serve
 

@@ -1,6 +1,6 @@
 """Load demo: uniform vs clear on the embedded default, side by side, over HTTP.
 
-    python benchmarks/load_demo.py --traces POOL.jsonl [--tokenizer qwen.tiktoken] --out DIR
+    python benchmarks/load_demo.py --traces POOL.jsonl [--tokenizer qwen.tiktoken] [--port 8000] --out DIR
 
 (``make load-demo``.) Starts a local Ray (CPU), deploys the graph of
 ``serve_config.yaml`` twice (policy ``uniform`` and policy ``clear``, each with
@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import copy
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -33,10 +34,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from clear_bench.cli import policy_list  # noqa: E402
+from clear_core.cli_args import (  # noqa: E402
+    HelpFormatter, UsageError, add_list_argument, make_dir, positive_float, positive_int, run_command,
+)
 from clear_core.traces import load_pool  # noqa: E402
 from load_tests.driver import LoadConfig, run_load  # noqa: E402
 from load_tests.report import plot_allocator_over_time, plot_over_time, side_by_side, summarize, write_run  # noqa: E402
 from load_tests.traffic import plan_stream  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def default_args() -> dict:
@@ -54,41 +74,56 @@ def app_args(policy: str, budget: int, traces: str, tokenizer: str | None, queri
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python benchmarks/load_demo.py", description=__doc__.splitlines()[0])
-    p.add_argument("--traces", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python benchmarks/load_demo.py", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--traces", required=True, help="trace pool the engine replays and the stream is drawn from")
     p.add_argument("--tokenizer", default=None, help="qwen.tiktoken for exact token cuts")
-    p.add_argument("--streams", default="balanced,u-shaped")
-    p.add_argument("--policies", default="uniform,clear")
-    p.add_argument("--budget", type=int, default=256, help="tokens per query (scarce: 256)")
-    p.add_argument("--queries", type=int, default=500)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-duration-s", type=float, default=600.0)
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args(argv)
+    add_list_argument(p, "--streams", metavar="STREAM", default="balanced,u-shaped", help="streams, one after another")
+    add_list_argument(p, "--policies", kind=policy_list, metavar="SPEC", default="uniform,clear",
+                      help="one deployment per policy")
+    p.add_argument("--budget", type=positive_int, default=256, help="tokens per query (256 is scarce)")
+    p.add_argument("--queries", type=positive_int, default=500, help="requests per stream and policy")
+    p.add_argument("--concurrency", type=positive_int, default=32, help="concurrent clients")
+    p.add_argument("--seed", type=int, default=0, help="seed of the streams")
+    p.add_argument("--max-duration-s", type=positive_float, default=600.0, help="per run")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the local Serve proxy (0: a free one)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)  # a bad value: argparse's one-line error, exit 2
+    return run_command(parser.prog, lambda: run(a))
+
+
+def run(a) -> int:
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
     pool = load_pool(a.traces)
-    a.out.mkdir(parents=True, exist_ok=True)
+    plans = {stream: plan_stream(pool, stream, a.queries, a.seed) for stream in a.streams}  # bad names fail here
+    make_dir(a.out)
+    port = a.port or _free_port()
+    if not _port_free(port):
+        raise UsageError(f"argument --port: 127.0.0.1:{port} is in use; pick another (make load-demo PORT=...)")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     report, all_summaries = [], {}
     try:
-        for stream in a.streams.split(","):
-            plan = plan_stream(pool, stream, a.queries, a.seed)
+        for stream in a.streams:
+            plan = plans[stream]
             summaries, runs, statuses = {}, {}, {}
-            for policy in a.policies.split(","):
+            for policy in a.policies:
                 name = f"{policy}-{stream}"
                 serve.run(build_app(app_args(policy, a.budget, a.traces, a.tokenizer, a.queries)), name=name,
                           route_prefix=f"/{name}")
-                cfg = LoadConfig(base_url=f"http://127.0.0.1:8000/{name}", concurrency=a.concurrency,
+                cfg = LoadConfig(base_url=f"http://127.0.0.1:{port}/{name}", concurrency=a.concurrency,
                                  max_requests=a.queries, max_duration_s=a.max_duration_s, seed=a.seed)
-                with tqdm(total=len(plan), desc=name, unit="req") as bar:
+                with tqdm(total=len(plan), desc=name, unit="req", disable=None) as bar:  # a bar on a terminal only
                     t0 = time.perf_counter()
                     status: list[dict] = []
                     records = asyncio.run(run_load(cfg, plan, progress=lambda _r: bar.update(1),

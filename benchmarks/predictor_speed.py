@@ -23,6 +23,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from clear_core.cli_args import HelpFormatter, add_list_argument, positive_int, run_command  # noqa: E402
+
 DEFAULT_POOL = ROOT.parent / "shared" / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
 
 
@@ -76,23 +78,35 @@ def run(model_dir, batch_sizes, devices, pool, n_prompts, repeats, max_length, t
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python benchmarks/predictor_speed.py", description=__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint dir (default: untrained head on the default backbone)")
-    ap.add_argument("--batch-sizes", default="1,8,32,128")
-    ap.add_argument("--device", action="append", default=None, help="cpu / cuda (default: cpu, plus cuda if available)")
+    add_list_argument(ap, "--batch-sizes", kind=positive_int, what="positive integers", metavar="N",
+                      default="1,8,32,128", help="prompts per forward pass")
+    add_list_argument(ap, "--device", metavar="DEVICE", repeatable=True,
+                      help="cpu / cuda, repeatable (default: cpu, plus cuda if available)")
     ap.add_argument("--traces", default=str(DEFAULT_POOL), help="pool whose prompts are used")
-    ap.add_argument("--prompts", type=int, default=256, help="prompts per timing, the same for every batch size (at least one batch)")
-    ap.add_argument("--repeats", type=int, default=2, help="timings per cell; the best is kept")
-    ap.add_argument("--max-length", type=int, default=512, help="without --model: tokens kept")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--prompts", type=positive_int, default=256,
+                    help="prompts per timing, the same for every batch size (at least one batch)")
+    ap.add_argument("--repeats", type=positive_int, default=2, help="timings per cell; the best is kept")
+    ap.add_argument("--max-length", type=positive_int, default=512, help="without --model: tokens kept")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's own choice)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    return run_command(ap.prog, lambda: _run(args))
+
+
+def _run(args) -> int:
 
     import torch
 
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    sizes = [int(x) for x in args.batch_sizes.split(",") if x]
-    rows = run(args.model, sizes, devices, Path(args.traces), args.prompts, args.repeats, args.max_length, args.threads)
+    rows = run(args.model, args.batch_sizes, devices, Path(args.traces), args.prompts, args.repeats, args.max_length, args.threads)
     print(f"model: {args.model or 'default backbone, untrained head'}; torch threads: {torch.get_num_threads()}")
     print("| device | batch | prompts | prompts/s | ms/batch |")
     print("|---|---:|---:|---:|---:|")

@@ -16,7 +16,7 @@ taken on a 2-core CI-sized machine):
 3. **Decisions per second through Serve:** many concurrent
    ``Allocator.reserve`` + ``settle`` handle calls on the one allocator replica.
 
-    python benchmarks/serving_overhead.py [--requests 400] [--concurrency 1 32]
+    python benchmarks/serving_overhead.py [--requests 400] [--concurrency 1,32]
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from clear_bench.cli import policy_list  # noqa: E402
 from clear_core.budget import PerQueryBudget  # noqa: E402
+from clear_core.cli_args import HelpFormatter, add_list_argument, positive_int, run_command  # noqa: E402
 from clear_core.ledger import TokenLedger  # noqa: E402
 from clear_core.online_market import OnlineMarket  # noqa: E402
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS  # noqa: E402
@@ -131,14 +133,25 @@ async def serve_decision_rate(allocator, n: int, concurrency: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python benchmarks/serving_overhead.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--requests", type=positive_int, default=400, help="requests per latency row")
+    add_list_argument(ap, "--concurrency", kind=positive_int, what="positive integers", metavar="N", default="1,32",
+                      help="concurrent clients, one latency row each")
+    add_list_argument(ap, "--policies", kind=policy_list, metavar="SPEC", default="clear,uniform", help="policy specs")
+    ap.add_argument("--decisions", type=positive_int, default=2000, help="allocator decisions per rate measurement")
+    ap.add_argument("--window", type=positive_int, default=256, help="pricing window (recent thresholds)")
+    return ap
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=400)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--policies", nargs="+", default=["clear", "uniform"])
-    ap.add_argument("--decisions", type=int, default=2000)
-    ap.add_argument("--window", type=int, default=256)
+    ap = build_parser()
     args = ap.parse_args(argv)
+    return run_command(ap.prog, lambda: _run(args))
+
+
+def _run(args) -> int:
 
     import ray
     from ray import serve

@@ -34,6 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from clear_core.cli_args import HelpFormatter, positive_int, run_command  # noqa: E402
 from deployments.engines.vllm import CPU_LLM_CONFIG  # noqa: E402
 
 MODEL = "clear-tiny"
@@ -108,17 +109,26 @@ def wait_ready(url: str, timeout_s: float = 600) -> None:
     raise SystemExit(f"{url} did not answer within {timeout_s} s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python benchmarks/vllm_graph_cost.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", default=None, help="model folder (default: clear-llm engine make-model in a temp dir)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of (bare, clear) phases (default %(default)s)")
-    ap.add_argument("--requests", type=int, default=48, help="requests per phase (default %(default)s)")
-    ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients (default %(default)s)")
-    ap.add_argument("--max-tokens", type=int, default=128, help="tokens per request (default %(default)s)")
+    ap.add_argument("--rounds", type=positive_int, default=3, help="rounds of (bare, clear) phases (default %(default)s)")
+    ap.add_argument("--requests", type=positive_int, default=48, help="requests per phase (default %(default)s)")
+    ap.add_argument("--concurrency", type=positive_int, default=8, help="concurrent clients (default %(default)s)")
+    ap.add_argument("--max-tokens", type=positive_int, default=128, help="tokens per request (default %(default)s)")
     ap.add_argument("--settle-ack-wait-s", type=float, default=2.0,
                     help="the CLEAR ingress's ingress.settle_ack_wait_s (default %(default)s; 0: answer without waiting)")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    return run_command(ap.prog, lambda: _run(args))
+
+
+def _run(args) -> int:
     import ray
     from ray import serve
 

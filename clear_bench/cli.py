@@ -8,6 +8,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from clear_core.cli_args import (
+    HelpFormatter, UsageError, add_list_argument, make_dir, parses_a_list, positive_int, split_items,
+)
 from clear_core.errors import InvalidInputError
 from clear_core.policies import POLICIES, parse_policy_list
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, STREAM_FAMILIES, load_pool, pool_streams
@@ -20,28 +23,20 @@ DEFAULT_POLICIES = ",".join(
 )
 
 
-def _csv(kind):
-    def parse(text: str):
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        try:
-            return [kind(x) for x in items]
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
-def _policy_list(text: str) -> list[str]:
+@parses_a_list
+def policy_list(text: str) -> list[str]:
+    """An argparse ``type``: policy specs in the one list syntax; a key=value item continues the spec before it."""
     try:
-        return parse_policy_list(text)
+        return parse_policy_list(",".join(split_items(text)))
     except InvalidInputError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_subcommands(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="evaluate allocation policies offline on a trace pool")
+    p = subparsers.add_parser("bench", help="evaluate allocation policies offline on a trace pool",
+                              description="Evaluate allocation policies offline on a trace pool (the paper's "
+                              "experiments): results.json, results.md and figures in --out.",
+                              formatter_class=HelpFormatter)
     p.add_argument("--traces", required=True, help="oracle pool JSONL (see shared/data/traces/README.md)")
     p.add_argument("--predictions", default="oracle-noise:0.5",
                    help="oracle | oracle-noise:SIGMA | predictions JSONL {id, threshold_tokens[, log_sigma]}")
@@ -52,23 +47,24 @@ def add_subcommands(subparsers) -> None:
                    "calibrated out of fold per bin of predicted length), global (one of each, out of fold) or "
                    "none (raw thresholds, one spread); the paper's policies always take raw thresholds "
                    "(default: binned, none for oracle)")
-    p.add_argument("--streams", type=_csv(str), default=None,
-                   help="comma-separated streams of the pool's family (default: all of them): "
-                   + "; ".join(f"{f.name}: {','.join(f.streams)}" for f in STREAM_FAMILIES.values()))
+    add_list_argument(p, "--streams", metavar="STREAM", what="stream names",
+                      help="streams of the pool's family (default: all of them): "
+                      + "; ".join(f"{f.name}: {','.join(f.streams)}" for f in STREAM_FAMILIES.values()))
     p.add_argument("--protocol", default="single", choices=["single", "best-of-k", "sequential"],
                    help="single: one sample per query; best-of-k: k trajectories in parallel, each capped at "
-                   "budget/k; sequential: k trajectories one after another, each capped by what is left "
-                   "(default: single)")
-    p.add_argument("--k", type=int, default=5, help="trajectories per query with --protocol best-of-k | sequential "
-                   "(default: 5); --budgets are then totals per query")
-    p.add_argument("--budgets", type=_csv(int), default=_csv(int)(DEFAULT_BUDGETS), help="tokens per query")
-    p.add_argument("--policies", type=_policy_list, default=None,
-                   help="comma-separated policy specs; a spec's own parameters follow it, "
-                   f"e.g. uniform,clear-paper:beta=0.01,alpha=4,clear; names: {sorted(POLICIES)}")
-    p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2, 3, 4])
-    p.add_argument("--queries", type=int, default=500, help="queries per stream")
-    p.add_argument("--context-limit-tokens", type=int, default=POOL_GENERATION_CAP_TOKENS,
-                   help="no cap exceeds this (default: the pools' generation cap)")
+                   "budget/k; sequential: k trajectories one after another, each capped by what is left")
+    p.add_argument("--k", type=positive_int, default=5, help="trajectories per query with --protocol best-of-k | "
+                   "sequential; --budgets are then totals per query")
+    add_list_argument(p, "--budgets", kind=positive_int, what="positive token counts", metavar="TOKENS",
+                      default=DEFAULT_BUDGETS, help="tokens per query")
+    add_list_argument(p, "--policies", kind=policy_list, metavar="SPEC",
+                      help="policy specs (default: every policy); a spec's own parameters follow it, "
+                      f"e.g. uniform,clear-paper:beta=0.01,alpha=4,clear; names: {sorted(POLICIES)}")
+    add_list_argument(p, "--seeds", kind=int, what="integers", metavar="SEED", default="0,1,2,3,4",
+                      help="seeds of the streams and of the prediction noise")
+    p.add_argument("--queries", type=positive_int, default=500, help="queries per stream")
+    p.add_argument("--context-limit-tokens", type=positive_int, default=POOL_GENERATION_CAP_TOKENS,
+                   help="no cap exceeds this (default: the pools' generation cap, %(default)s)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--dump-allocations", action="store_true", help="write allocations.jsonl (one row per query)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures and sensitivity studies")
@@ -80,26 +76,22 @@ def run_bench(args) -> int:
     from clear_bench.report import markdown_report
     from clear_bench.runner import run_grid
 
-    if any(b <= 0 for b in args.budgets):
-        raise SystemExit("budgets must be positive token counts")
-    if args.k < 1:
-        raise SystemExit("--k must be at least 1")
     if args.policies is None:  # uniform-generated is a single-sample baseline
-        args.policies = [p for p in _policy_list(DEFAULT_POLICIES)
+        args.policies = [p for p in policy_list(DEFAULT_POLICIES)
                          if args.protocol == "single" or p != "uniform-generated"]
     if args.protocol != "single" and "uniform-generated" in args.policies:
-        raise SystemExit("uniform-generated needs one length per query: use it with --protocol single")
+        raise UsageError("uniform-generated needs one length per query: use it with --protocol single")
     problems = load_pool(args.traces)
     known = pool_streams(problems)
     args.streams = args.streams or known
     unknown = [s for s in args.streams if s not in known]
     if unknown:
-        raise SystemExit(f"unknown stream {unknown[0]!r} for this pool; expected one of {known}")
+        raise UsageError(f"argument --streams: unknown stream {unknown[0]!r} for this pool; expected one of {known}")
     calibration = args.calibration
     if calibration is None:
         calibration = "none" if args.predictions == "oracle" else "binned"
     predictions = parse_predictions(args.predictions, args.log_sigma, calibration=calibration, problems=problems)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_dir(args.out)
 
     dump = (args.out / "allocations.jsonl").open("w") if args.dump_allocations else None
 
@@ -118,7 +110,8 @@ def run_bench(args) -> int:
             dump.write(json.dumps(row) + "\n")
 
     total = len(args.streams) * len(args.seeds) * len(args.budgets) * len(args.policies)
-    with tqdm(total=total, desc="bench", unit="cell") as bar:
+    # disable=None: a bar on a terminal only, never a 50 KB line of carriage returns in a log file
+    with tqdm(total=total, desc="bench", unit="cell", disable=None) as bar:
         rows = run_grid(problems, predictions, streams=args.streams, budgets=args.budgets, policies=args.policies,
                         seeds=args.seeds, n_queries=args.queries, context_limit_tokens=args.context_limit_tokens,
                         on_allocation=on_allocation, progress=bar.update, protocol=args.protocol,
@@ -161,7 +154,7 @@ def _figures(args, problems, predictions, rows) -> None:
     n_noise = len(studies.NOISE_SIGMAS) * len(args.seeds) * 2 * 3
     n_beta = len(args.seeds) * len(args.budgets) * (len(studies.FIXED_BETAS) + 1)
     n_alpha = len(studies.ALPHAS) * len(args.seeds) * len(args.budgets)
-    with tqdm(total=n_noise + n_beta + n_alpha, desc="figures", unit="cell") as bar:
+    with tqdm(total=n_noise + n_beta + n_alpha, desc="figures", unit="cell", disable=None) as bar:
         kw = dict(stream=stream, seeds=args.seeds, context_limit_tokens=args.context_limit_tokens, tick=bar.update)
         noise = studies.noise_study(problems, args.out, budgets=[sorted(args.budgets)[0], mid], **kw)
         beta = studies.beta_study(problems, predictions, args.out, budgets=args.budgets, **kw)

@@ -16,6 +16,7 @@ family whose strata cover its problems' strata.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -299,3 +300,13 @@ def log_noise(tokens: np.ndarray, sigma: float, seed: int) -> np.ndarray:
         raise InvalidInputError("sigma", sigma, "must be finite and >= 0")
     rng = np.random.default_rng(seed)
     return np.asarray(tokens, dtype=float) * np.exp(rng.normal(0.0, sigma, size=len(tokens)))
+
+
+def pool_fingerprint(problems: Iterable[Problem]) -> str:
+    """A short hash of a pool's content (problem ids, prompts, samples' lengths and verdicts), the same
+    wherever the file lives: a load test compares it with what a replaying server reports (``GET /v1/models``)
+    to know both replay the same pool."""
+    digest = hashlib.sha256()
+    for p in sorted(problems, key=lambda p: p.id):
+        digest.update(json.dumps([p.id, p.problem, [[s.tokens, s.correct] for s in p.samples]]).encode())
+    return digest.hexdigest()[:16]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clear_core.errors import ClearError
+from clear_core.cli_args import HelpFormatter, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clear-llm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clear-llm", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     from clear_bench.cli import add_subcommands as add_bench
 
@@ -29,15 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse printed its one-line error (or the help)
         return int(exc.code or 0)
-    try:
-        return int(args.func(args) or 0)
-    except ClearError as exc:  # typed errors name the bad value: print, don't trace back
-        print(f"clear-llm: error: {exc}", file=sys.stderr)
-        return 2
+    # A missing file, an unwritable --out or a value the command refuses: one line and exit 2.
+    return run_command(parser.prog, lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import json
 import os
 from pathlib import Path
 
+from clear_core.cli_args import HelpFormatter, UsageError
+
 #: Qwen2's pre-tokenisation pattern (the regex tiktoken splits on).
 QWEN_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -94,9 +96,12 @@ def make_model(out_dir: str | os.PathLike, *, tiktoken_path: str | None = None, 
 
 
 def add_subcommands(subparsers) -> None:
-    p = subparsers.add_parser("engine", help="the real engine (vLLM): a model it can serve without a download")
+    p = subparsers.add_parser("engine", help="the real engine (vLLM): a model it can serve without a download",
+                              formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="engine_command", required=True)
-    m = sub.add_parser("make-model", help="write a small random-weight causal LM with tokenizer and chat template")
+    m = sub.add_parser("make-model", help="write a small random-weight causal LM with tokenizer and chat template",
+                       description="Write a small random-weight causal LM with tokenizer and chat template.",
+                       formatter_class=HelpFormatter)
     m.add_argument("out", help="output folder (the model_source of the vLLM config)")
     m.add_argument("--tiktoken", default=None,
                    help="Qwen2.5 tiktoken rank file for the vocabulary (default: the MiniLM tokenizer the "
@@ -107,7 +112,7 @@ def add_subcommands(subparsers) -> None:
 
 def _cmd_make_model(args) -> int:
     if args.tiktoken and not Path(args.tiktoken).is_file():
-        raise SystemExit(f"clear-llm engine make-model: no such tiktoken file: {args.tiktoken}")
+        raise UsageError(f"argument --tiktoken: no such file: {args.tiktoken}")
     out = make_model(args.out, tiktoken_path=args.tiktoken, seed=args.seed)
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     return 0

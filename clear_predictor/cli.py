@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clear_core.errors import ClearError, InvalidInputError
+from clear_core.cli_args import HelpFormatter, add_list_argument, path_list, positive_int, run_command
+from clear_core.errors import InvalidInputError
 from clear_core.predictions import read_predictions
 from clear_predictor.config import DEFAULT_EVAL_BATCH_SIZE, TrainConfig
 
@@ -32,17 +33,17 @@ def _add_train_options(p: argparse.ArgumentParser, epochs_default: int | None = 
     d = TrainConfig()
     epochs = d.epochs if epochs_default is None else epochs_default
     p.add_argument("--backbone", default=d.backbone, help="HF encoder name or local folder (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--epochs", type=int, default=epochs, help="passes over the data (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="problems per optimiser step (default %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the data (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="problems per optimiser step (default %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="encoder AdamW learning rate (default %(default)s)")
     p.add_argument("--head-lr", type=float, default=d.head_lr, help="head AdamW learning rate (default %(default)s)")
     p.add_argument("--head-init", choices=("ridge", "random"), default=d.head_init,
                    help="ridge: linear probe on frozen features before fine-tuning; random: plain recipe "
                         "(default %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
-    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens kept, the last ones (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N problems")
+    p.add_argument("--max-length", type=positive_int, default=d.max_length, help="tokens kept, the last ones (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the split and the initialisation (default %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N problems")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=d.progress, help="no tqdm bars")
 
@@ -66,35 +67,41 @@ def _train_config(args, val_fraction: float = TrainConfig.val_fraction) -> Train
 
 def add_subcommands(subparsers) -> argparse.ArgumentParser:
     """Register ``predictor {train,predict,crossval,evaluate}`` on an argparse subparsers object."""
-    pred = subparsers.add_parser("predictor", help="threshold predictor: train, predict, crossval, evaluate")
+    pred = subparsers.add_parser("predictor", help="threshold predictor: train, predict, crossval, evaluate",
+                                 formatter_class=HelpFormatter)
     sub = pred.add_subparsers(dest="predictor_command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune the length regressor on trace pools")
-    p.add_argument("--traces", nargs="+", required=True, help="pool JSONL file(s)")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              formatter_class=HelpFormatter)
+
+    p = command("train", "fine-tune the length regressor on trace pools")
+    add_list_argument(p, "--traces", kind=path_list, metavar="POOL", required=True, help="pool JSONL file(s)")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                    help="share of problems held out to measure log_sigma (default %(default)s; 0: use training residuals)")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="per-problem thresholds from a checkpoint")
+    p = command("predict", "per-problem thresholds from a checkpoint")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--traces", required=True, help="pool JSONL file")
     p.add_argument("--out", required=True, help="output JSONL: id, threshold_tokens, log_sigma")
     p.add_argument("--device", default=TrainConfig.device, help="auto, cpu or cuda (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE,
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_EVAL_BATCH_SIZE,
                    help="prompts per forward pass (default %(default)s)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("crossval", help="grouped K-fold out-of-fold predictions and metrics")
-    p.add_argument("--traces", nargs="+", required=True, help="pool JSONL file(s)")
-    p.add_argument("--folds", type=int, default=5)
+    p = command("crossval", "grouped K-fold out-of-fold predictions and metrics")
+    add_list_argument(p, "--traces", kind=path_list, metavar="POOL", required=True, help="pool JSONL file(s)")
+    p.add_argument("--folds", type=positive_int, default=5, help="folds, grouped by problem")
     p.add_argument("--out", required=True, help="output JSONL; metrics go to OUT with suffix .metrics.json")
-    p.add_argument("--model", choices=("transformer", "tfidf", "length"), default="transformer")
+    p.add_argument("--model", choices=("transformer", "tfidf", "length"), default="transformer",
+                   help="the regressor: the fine-tuned encoder, or a baseline")
     _add_train_options(p, epochs_default=CROSSVAL_EPOCHS)
     p.set_defaults(func=cmd_crossval)
 
-    p = sub.add_parser("evaluate", help="metrics of a predictions JSONL against a pool's true lengths")
+    p = command("evaluate", "metrics of a predictions JSONL against a pool's true lengths")
     p.add_argument("--predictions", required=True, help="JSONL with id and threshold_tokens")
     p.add_argument("--traces", required=True, help="pool JSONL file")
     p.add_argument("--json", default=None, help="also write the metrics JSON here")
@@ -222,19 +229,20 @@ def cmd_evaluate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m clear_predictor.cli", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m clear_predictor.cli", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_subcommands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
-        return int(args.func(args) or 0)
-    except ClearError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed its one-line error (or the help)
+        return int(exc.code or 0)
+    return run_command(parser.prog, lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def fit_regressor(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     epoch_losses, step_losses = [], []
-    bar = tqdm(total=total, desc="train", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    # disable=None: a bar only on a terminal (a redirected log gets no carriage-return line)
+    bar = tqdm(total=total, desc="train", unit="step", disable=None if cfg.progress else True, dynamic_ncols=True)
     for epoch in range(cfg.epochs):
         running, seen = 0.0, 0
         for idx in bucketed_batches(lengths, cfg.batch_size, rng):

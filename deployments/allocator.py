@@ -130,7 +130,7 @@ class Allocator:
             try:
                 s = self.market.settle(rid, int(generated), failed=bool(failed))
             except UnknownReservationError:
-                logger.info("settle of %s: no open reservation (already settled, recovered or never made)", rid)
+                logger.debug("settle of %s: no open reservation (already settled, recovered or never made)", rid)
                 return None
             self._check()
             self._persist()
@@ -245,3 +245,13 @@ class Allocator:
 
     async def status(self) -> dict:
         return self.status_sync()
+
+    def __del__(self):
+        """Serve calls this when the replica stops: end the sweep loop, so the replica exits without
+        asyncio reporting a pending task (and its stack) at shutdown."""
+        task = getattr(self, "_sweeper", None)
+        if task is not None and not task.done():
+            try:
+                task.cancel()
+            except RuntimeError:  # garbage-collected after its event loop closed: nothing left to stop
+                pass

@@ -31,10 +31,17 @@ from deployments.predictor import Predictor
 from deployments.state_store import state_key
 
 
+#: Serve logs an access line for every call a replica serves. One request calls the predictor, the
+#: allocator (reserve, then settle) and the engine: four more lines per request. Only the ingress keeps
+#: its access line (one per HTTP request); a deployment's own ``logging_config`` in the YAML
+#: (``deployments: [{name: Allocator, logging_config: ...}]``) still overrides this.
+INNER_LOGGING = {"enable_access_log": False}
+
+
 def build_engine(cfg: AppConfig):
     ecfg = cfg.engine
     if isinstance(ecfg, ReplayEngineConfig):
-        opts = ecfg.deployment.serve_options("ReplayEngine")
+        opts = ecfg.deployment.serve_options("ReplayEngine") | {"logging_config": INNER_LOGGING}
         # A replica accepts no more than it decodes at once plus a short queue.
         opts["max_ongoing_requests"] = max(opts["max_ongoing_requests"], ecfg.max_concurrent_requests)
         return serve.deployment(ReplayEngine, **opts).bind(ecfg, cfg.model_name)
@@ -46,11 +53,11 @@ def build_engine(cfg: AppConfig):
 
 def build_app(args: dict | None = None):
     cfg = AppConfig.model_validate(args or {})
-    predictor = serve.deployment(Predictor, **cfg.predictor.deployment.serve_options("Predictor")).bind(
-        cfg.predictor
-    )
+    predictor = serve.deployment(Predictor, **cfg.predictor.deployment.serve_options("Predictor"),
+                                 logging_config=INNER_LOGGING).bind(cfg.predictor)
     # The allocator holds the global budget: exactly one replica, never autoscaled.
-    allocator = serve.deployment(Allocator, **cfg.allocator.deployment.serve_options("Allocator")).bind(
+    allocator = serve.deployment(Allocator, **cfg.allocator.deployment.serve_options("Allocator"),
+                                 logging_config=INNER_LOGGING).bind(
         cfg.allocator,
         cfg.max_completion_tokens,
         # The budget's name, else a deploy id: a restarted allocator replica (same bound args)

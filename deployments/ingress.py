@@ -200,8 +200,10 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._auth(request)
-        now = int(time.time())
-        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": now, "owned_by": "clear"}]}
+        model = {"id": self.config.model_name, "object": "model", "created": int(time.time()), "owned_by": "clear"}
+        if self.workload is not None:  # the replayed pool, so a load test can check it draws from the same one
+            model["clear"] = {"replay": self.workload.describe()}
+        return {"object": "list", "data": [model]}
 
     @app.get("/v1/clear/status")
     async def status(self, request: Request):
@@ -370,8 +372,12 @@ class Ingress:
             await gen.aclose()  # cancels the engine's remote stream
             raise
         except Exception as exc:
-            logger.warning("engine failed on %s: %r", ereq.request_id, exc)
-            raise _engine_failure(exc) from None
+            failure = _engine_failure(exc)
+            # One line, never the remote traceback a Ray error carries; a client's own error (4xx) is
+            # not the server's fault: debug only.
+            logger.log(logging.DEBUG if failure.http_status < 500 else logging.WARNING, "engine failed on %s: %s: %s",
+                       ereq.request_id, type(getattr(exc, "cause", None) or exc).__name__, failure)
+            raise failure from None
 
     # -- settling, and this replica's lease ------------------------------------------
 
@@ -426,6 +432,16 @@ class Ingress:
             except Exception as exc:  # the allocator is restarting: a restored ledger gives a fresh lease
                 logger.info("lease renewal failed: %s", type(exc).__name__)
             await asyncio.sleep(every)
+
+    def __del__(self):
+        """Serve calls this when the replica stops: end the lease renewal loop, so the replica exits
+        without asyncio reporting a pending task (and its stack) at shutdown."""
+        task = getattr(self, "_lease_task", None)
+        if task is not None and not task.done():
+            try:
+                task.cancel()
+            except RuntimeError:  # garbage-collected after its event loop closed: nothing left to stop
+                pass
 
     # -- answers --------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from clear_core.cli_args import UsageError
 from load_tests.grading import solved as grade
 from load_tests.traffic import PlannedRequest
 
@@ -58,9 +59,29 @@ class RequestRecord:
         return asdict(self)
 
 
+def normalize_base_url(url: str) -> str:
+    """The server's base URL without a trailing ``/`` or ``/v1`` (the driver adds ``/v1/...`` itself):
+    ``http://host:8000/v1/`` and ``http://host:8000`` name the same server, not ``/v1/v1/models``."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")].rstrip("/")
+    return url
+
+
+class TargetError(UsageError):
+    """A target that cannot be load-tested (unreachable, or not an OpenAI server at that URL): a usage error,
+    so a command line run through ``clear_core.cli_args.run_command`` prints it as one line."""
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    model: str  # the first model of GET /v1/models
+    replay: dict | None  # the pool a CLEAR replay server says it replays (problems, synthetic, fingerprint)
+
+
 @dataclass(frozen=True)
 class LoadConfig:
-    base_url: str  # e.g. http://127.0.0.1:8000 (the /v1 prefix is added)
+    base_url: str  # e.g. http://127.0.0.1:8000 (the /v1 prefix is added; a trailing /v1 is dropped)
     model: str | None = None  # None: the first of GET /v1/models
     mode: str = "concurrency"  # concurrency | rate
     concurrency: int = 32  # clients (concurrency mode) / max in flight (rate mode)
@@ -108,11 +129,25 @@ async def _poll_status(client: httpx.AsyncClient, cfg: LoadConfig, t0: float, si
             pass
     await _poll_status_once(client, cfg, t0, sink)
 
+    def __post_init__(self):
+        object.__setattr__(self, "base_url", normalize_base_url(self.base_url))
 
-async def _discover_model(client: httpx.AsyncClient, base: str) -> str:
-    r = await client.get(f"{base}/v1/models")
-    r.raise_for_status()
-    return r.json()["data"][0]["id"]
+
+async def probe(client: httpx.AsyncClient, base: str) -> ServerInfo:
+    """``GET /v1/models``: the model to ask for and the replayed pool, or a :class:`TargetError`."""
+    url = f"{normalize_base_url(base)}/v1/models"
+    try:
+        r = await client.get(url)
+    except httpx.HTTPError as exc:
+        raise TargetError(f"cannot reach {url}: {type(exc).__name__}: {str(exc) or 'no answer'}") from None
+    if r.status_code != 200:
+        hint = "a valid --api-key is needed" if r.status_code == 401 else "is that the server's base URL?"
+        raise TargetError(f"{url} answered HTTP {r.status_code} ({hint})")
+    try:
+        model = r.json()["data"][0]
+        return ServerInfo(model=str(model["id"]), replay=(model.get("clear") or {}).get("replay"))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise TargetError(f"{url} is not an OpenAI model list (no data[0].id)") from None
 
 
 async def _one(client: httpx.AsyncClient, cfg: LoadConfig, model: str, req: PlannedRequest, t0: float) -> RequestRecord:
@@ -201,7 +236,7 @@ async def run_load(
     records: list[RequestRecord] = []
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=cfg.request_timeout_s,
                                  transport=transport) as client:
-        model = cfg.model or await _discover_model(client, cfg.base_url)
+        model = cfg.model or (await probe(client, cfg.base_url)).model
         t0 = time.perf_counter()
         deadline = t0 + cfg.max_duration_s
         stop_polling = asyncio.Event()

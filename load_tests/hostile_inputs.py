@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from clear_core.cli_args import HelpFormatter
+from load_tests.driver import normalize_base_url
+
 MODEL = "clear-replay"
 USER = [{"role": "user", "content": "What is 2+2?"}]
 PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
@@ -190,14 +193,18 @@ def run(url: str, api_key: str | None = None, timeout_s: float = 60.0) -> Report
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m load_tests.hostile_inputs", description=__doc__.splitlines()[0])
-    p.add_argument("--url", required=True, help="base URL of the service, e.g. http://127.0.0.1:8000")
-    p.add_argument("--api-key", default=None)
+    p = argparse.ArgumentParser(prog="python -m load_tests.hostile_inputs", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--url", required=True, help="base URL of the service, e.g. http://127.0.0.1:8000 (a trailing /v1 "
+                   "is dropped)")
+    p.add_argument("--api-key", default=None, help="a valid bearer key, when the service has keys")
     args = p.parse_args(argv)
+    url = normalize_base_url(args.url)
     try:
-        report = run(args.url.rstrip("/"), args.api_key)
+        report = run(url, args.api_key)
     except httpx.HTTPError as exc:
-        raise SystemExit(f"error: cannot reach {args.url}: {type(exc).__name__}: {exc}") from None
+        print(f"{p.prog}: error: cannot reach {url}: {type(exc).__name__}: {str(exc) or 'no answer'}", file=sys.stderr)
+        return 2
     for o in report.outcomes:
         mark = "ok " if o.right else "BAD"
         print(f"{mark} {o.case.name:32s} {o.status} {o.error_type} (want {o.case.status} {o.case.error_type})")

@@ -79,9 +79,34 @@ def panel_queries(path: str | Path, rate_interval: str = "1m") -> list[tuple[str
     return out
 
 
-if __name__ == "__main__":  # python monitoring/panels.py [dashboard.json]: print the queries
+DEFAULT_DASHBOARD = Path(__file__).resolve().parent / "grafana" / "clear-dashboard.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python monitoring/panels.py [DASHBOARD] [--rate-interval 1m]``: print every panel's PromQL."""
+    import argparse
+    import os
     import sys
 
-    default = Path(__file__).resolve().parent / "grafana" / "clear-dashboard.json"
-    for title, expr in panel_queries(sys.argv[1] if len(sys.argv) > 1 else default):
-        print(f"{title}\n    {expr}")
+    p = argparse.ArgumentParser(prog="python monitoring/panels.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dashboard", nargs="?", type=Path, default=DEFAULT_DASHBOARD, help="Grafana dashboard JSON")
+    p.add_argument("--rate-interval", default="1m", help="what $__rate_interval and the other interval macros become")
+    args = p.parse_args(argv)
+    try:
+        queries = panel_queries(args.dashboard, args.rate_interval)
+    except (OSError, ValueError, KeyError) as exc:  # no file, not JSON, an undefined variable: one line
+        why = f"{exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc).strip("'\"")
+        print(f"{p.prog}: error: {args.dashboard}: {' '.join(why.split())}", file=sys.stderr)
+        return 2
+    try:
+        for title, expr in queries:
+            print(f"{title}\n    {expr}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head` stopped reading: not an error
+        sys.stdout = open(os.devnull, "w")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -166,6 +166,8 @@ def build_vllm_deployment(cfg: VLLMEngineConfig, model_name: str):
 
     extra = dict(cfg.llm_config)
     deployment_config = dict(extra.pop("deployment_config", {}))
+    # No Serve access line per engine call (the ingress logs the request's one); llm_config may set its own.
+    deployment_config.setdefault("logging_config", {"enable_access_log": False})
     # The one place the vLLM replicas' autoscaling is set (the config refuses it in llm_config).
     deployment_config["autoscaling_config"] = {
         "min_replicas": cfg.min_replicas,

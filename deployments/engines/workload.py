@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clear_core.traces import POOL_GENERATION_CAP_TOKENS, TIERS, Problem, Sample, load_pool
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS, TIERS, Problem, Sample, load_pool, pool_fingerprint
 from deployments.errors import BadRequestError
 
 SYNTHETIC_PREFIX = "[synthetic workload]"
@@ -83,12 +83,20 @@ class Workload:
         self.problems = problems
         self.synthetic = synthetic
         self.source = source  # trace path, or "synthetic(n=..., seed=...)"
+        self._fingerprint: str | None = None  # pool_fingerprint, computed on first describe()
         self._by_prompt = {}
         for p in problems:
             self._by_prompt.setdefault(_key(p.problem), p)
 
     def __len__(self) -> int:
         return len(self.problems)
+
+    def describe(self) -> dict:
+        """What a client may know of the replayed pool (no server path): its size and content hash, so a
+        load test can check it draws its stream from the same pool (:func:`clear_core.traces.pool_fingerprint`)."""
+        if self._fingerprint is None:
+            self._fingerprint = pool_fingerprint(self.problems)
+        return {"problems": len(self.problems), "synthetic": self.synthetic, "fingerprint": self._fingerprint}
 
     def lookup(self, prompt: str) -> tuple[Problem, bool]:
         """The problem whose text is ``prompt`` (matched=True), else a stable hashed choice."""

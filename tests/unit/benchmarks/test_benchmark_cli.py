@@ -1,0 +1,113 @@
+"""The benchmarks' command lines (no Ray is started): the one list syntax, defaults in the help, one-line
+errors before any cluster, and the port of `make load-demo`."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.cli_support import assert_one_line_error, run_cli
+from tests.conftest import MAIN_POOL, REPO_ROOT
+
+SCRIPTS = ["clearing_speed", "digital_twin", "load_demo", "predictor_speed", "serving_overhead", "vllm_graph_cost"]
+
+
+def _script(name: str):
+    """benchmarks/NAME.py as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _parse(name: str, *argv: str):
+    mod = _script(name)
+    return mod.build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("name, option, forms, parsed", [
+    ("digital_twin", "budgets", [["256,512"], ["256 512"], ["256", "512"]], [256.0, 512.0]),
+    ("digital_twin", "policies", [["clear,uniform"], ["clear uniform"]], ["clear", "uniform"]),
+    ("load_demo", "streams", [["balanced,u-shaped"], ["balanced u-shaped"]], ["balanced", "u-shaped"]),
+    ("serving_overhead", "concurrency", [["1,32"], ["1 32"], ["1", "32"]], [1, 32]),
+    ("serving_overhead", "policies", [["clear-paper:beta=0.01,alpha=4,uniform"], ["clear-paper:beta=0.01,alpha=4 uniform"]],
+     ["clear-paper:beta=0.01,alpha=4", "uniform"]),
+    ("clearing_speed", "sizes", [["1e3,1e4"], ["1000 10000"]], [1000, 10000]),
+    ("predictor_speed", "batch_sizes", [["1,8"], ["1 8"]], [1, 8]),
+    ("predictor_speed", "device", [["cpu,cuda"], ["cpu", "cuda"]], ["cpu", "cuda"]),
+])
+def test_list_options_take_commas_or_spaces(name, option, forms, parsed):
+    base = ["--traces", str(MAIN_POOL), "--out", "o"] if name == "load_demo" else []
+    for form in forms:
+        assert getattr(_parse(name, *base, f"--{option.replace('_', '-')}", *form), option) == parsed
+
+
+def test_a_repeated_device_adds_up():
+    assert _parse("predictor_speed", "--device", "cpu", "--device", "cuda").device == ["cpu", "cuda"]
+
+
+def test_clearing_speed_runs_the_sizes_it_is_given(capsys):
+    mod = _script("clearing_speed")
+    mod.main(["--sizes", "1e3 2000", "--repeats", "1"])
+    rows = [line.split("|")[0].strip() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["1000", "2000"]
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--sizes", "1e3,1.5"])
+    assert exc.value.code == 2
+    assert "argument --sizes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_help_shows_defaults(name):
+    proc = run_cli(f"benchmarks/{name}.py", "--help", timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert "default" in proc.stdout and "usage: python benchmarks/" in proc.stdout
+
+
+@pytest.mark.parametrize("name, argv, prefix", [
+    ("digital_twin", ["--budgets", "256 abc"], "argument --budgets"),
+    ("digital_twin", ["--n", "0"], "argument --n"),
+    ("load_demo", ["--traces", "p", "--out", "o", "--policies", "uniform,bogus"], "argument --policies"),
+    ("serving_overhead", ["--concurrency", "0"], "argument --concurrency"),
+    ("predictor_speed", ["--batch-sizes", "8,x"], "argument --batch-sizes"),
+    ("vllm_graph_cost", ["--rounds", "0"], "argument --rounds"),
+])
+def test_a_bad_value_is_argparses_one_line_error(name, argv, prefix):
+    proc = run_cli(f"benchmarks/{name}.py", *argv, timeout=300)
+    assert_one_line_error(proc, f"python benchmarks/{name}.py: error: {prefix}", usage=True)
+
+
+def test_a_missing_pool_or_an_unknown_stream_fails_before_any_cluster(tmp_path):
+    proc = run_cli("benchmarks/digital_twin.py", "--traces", str(tmp_path / "nope.jsonl"), timeout=300)
+    assert_one_line_error(proc, "python benchmarks/digital_twin.py: error:")
+    proc = run_cli("benchmarks/digital_twin.py", "--stream", "bogus", "--n", "5", timeout=300)
+    assert_one_line_error(proc, "python benchmarks/digital_twin.py: error: invalid stream='bogus'")
+    proc = run_cli("benchmarks/load_demo.py", "--traces", str(MAIN_POOL), "--streams", "balanced bogus",
+                   "--out", str(tmp_path), timeout=300)
+    assert_one_line_error(proc, "python benchmarks/load_demo.py: error: invalid stream='bogus'")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = run_cli("benchmarks/digital_twin.py", "--json", str(blocker / "twin.json"), timeout=300)
+    assert_one_line_error(proc, "python benchmarks/digital_twin.py: error: argument --json: cannot write to")
+
+
+def test_load_demo_refuses_a_port_in_use_before_starting_ray(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("benchmarks/load_demo.py", "--traces", str(MAIN_POOL), "--port", str(port),
+                       "--out", str(tmp_path), timeout=300)
+    assert_one_line_error(proc, f"python benchmarks/load_demo.py: error: argument --port: 127.0.0.1:{port} is in use")
+
+
+@pytest.mark.parametrize("port", [None, "8123"])
+def test_make_load_demo_passes_its_port(port):
+    argv = ["make", "-n", "load-demo"] + ([f"PORT={port}"] if port else [])
+    out = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    assert f"benchmarks/load_demo.py" in out and f"--port {port or 8000} " in out
