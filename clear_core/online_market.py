@@ -22,6 +22,25 @@ a per-query budget's ``b`` (paced over its block), or what a token bucket's
 refill rate buys at the recent arrival rate, ``b = tokens_per_s * span / n``
 over the window's arrivals (``span`` floored at ``min_rate_span_s``).
 
+What each request brings
+------------------------
+A request brings its predicted threshold and, for the policies that price a
+length *distribution* (``clear-cost``, :mod:`clear_core.consumption`), its
+calibrated spread and runaway share, and its tenant's weight (the paper's
+alpha_i of Eq. 2: a tenant worth more buys tokens first at the same price).
+The window keeps all four, so the clearing sees the recent demand as it was.
+``clear-cost`` clears a budget of *expected generated tokens*, so the window
+market uses the budget's per-query ``b`` as it is; the paper's cap policies
+clear caps, and in a refunding budget ``b`` is scaled by the measured
+cap / charge ratio (:meth:`OnlineMarket.cap_cost_ratio`). Either way the
+ledger reserves whole caps: reservation = cap, price = expected cost, so the
+invariant ``reserved + spent <= granted`` is untouched.
+
+Tenants
+-------
+Per-tenant counters (:class:`TenantStats`: admitted, abandoned, tokens
+allocated and generated) are kept for the tenants the market is told about.
+
 Solvency against the real pool
 ------------------------------
 The market's cap is then checked against the ledger: if it does not fit the
@@ -81,6 +100,29 @@ MIN_COST_SAMPLES = 20
 MAX_CAP_COST_RATIO = 8.0
 
 
+#: Requests whose tenant is remembered until they settle (older ones are forgotten first).
+TENANT_MEMORY = 65536
+DEFAULT_TENANT = "default"
+#: Tenants counted by name (configured ones always); the rest are counted together as OTHER_TENANT.
+MAX_TENANTS = 256
+OTHER_TENANT = "other"
+
+
+@dataclass
+class TenantStats:
+    """What one tenant's requests got from the market (counters since the allocator started)."""
+
+    weight: float = 1.0  # the tenant's weight in the utility
+    admitted: int = 0  # requests admitted (new arrivals)
+    abandoned: int = 0  # requests abandoned (new arrivals)
+    allocated_tokens: int = 0  # caps reserved
+    generated_tokens: int = 0  # tokens charged at settlement
+
+    def as_dict(self) -> dict:
+        return {"weight": self.weight, "admitted": self.admitted, "abandoned": self.abandoned,
+                "allocated_tokens": self.allocated_tokens, "generated_tokens": self.generated_tokens}
+
+
 class DecisionReason(str, enum.Enum):
     """Why the market decided what it did; the values are stable (metric labels, error bodies)."""
 
@@ -108,6 +150,7 @@ class Decision:
     window_size: int = 0  # thresholds the price was cleared against (window + this one)
     should_retry: bool = False  # abandoned: whether a retry after retry_after_s is worth it
     new_arrival: bool = True  # False: a retry of a recent arrival (no new budget, not re-counted)
+    tenant: str = DEFAULT_TENANT  # whose request it was (the tenant's counters)
 
     @property
     def admitted(self) -> bool:
@@ -125,7 +168,8 @@ class OnlineMarket:
     min_rate_span_s: float = DEFAULT_MIN_RATE_SPAN_S
     pace: bool = True  # per-query budget: clear with the block's remaining budget per remaining arrival
     outcome_window: int = DEFAULT_OUTCOME_WINDOW
-    _window: deque = field(init=False, repr=False)
+    tenant_weights: dict = field(default_factory=dict)  # tenant -> weight in the utility (others: 1)
+    _window: deque = field(init=False, repr=False)  # (threshold, spread, runaway share, weight) per recent arrival
     _times: deque = field(init=False, repr=False)
     _outcomes: deque = field(init=False, repr=False)
     _costs: deque = field(init=False, repr=False)
@@ -140,6 +184,27 @@ class OnlineMarket:
         self._outcomes = deque(maxlen=self.outcome_window)
         self._costs = deque(maxlen=COST_WINDOW)
         self._keys = OrderedDict()
+        self._tenant_of = OrderedDict()  # rid -> tenant, until it settles
+        for t, w in self.tenant_weights.items():
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
+                raise InvalidInputError(f"tenant_weights[{t}]", w, "must be finite and > 0")
+        if not self.policy.uses_weights and any(w != 1.0 for w in self.tenant_weights.values()):
+            raise InvalidInputError("tenant_weights", self.tenant_weights,
+                                    f"{self.policy.name} does not weight queries (use clear-cost)")
+        self.tenants: dict[str, TenantStats] = {t: TenantStats(float(w)) for t, w in self.tenant_weights.items()}
+
+    def tenant_weight(self, tenant: str) -> float:
+        return float(self.tenant_weights.get(tenant, 1.0))
+
+    def _stats(self, tenant: str) -> TenantStats:
+        if tenant not in self.tenants:
+            if len(self.tenants) >= MAX_TENANTS:  # bounded: a client cannot grow the books with new names
+                tenant = OTHER_TENANT
+            self.tenants.setdefault(tenant, TenantStats(self.tenant_weight(tenant)))
+        return self.tenants[tenant]
+
+    def tenant_snapshot(self) -> dict:
+        return {t: s.as_dict() for t, s in self.tenants.items()}
 
     @property
     def budget(self) -> Budget:
@@ -165,6 +230,8 @@ class OnlineMarket:
         settled, and never above ``MAX_CAP_COST_RATIO``; the ledger still
         reserves whole caps, so the invariant is untouched.
         """
+        if self.policy.prices_generated_tokens:  # its budget already is one of expected generated tokens
+            return 1.0
         if not self.budget.refund_unused or len(self._costs) < MIN_COST_SAMPLES:
             return 1.0
         caps = sum(c for c, _ in self._costs)
@@ -176,6 +243,9 @@ class OnlineMarket:
         s = self.ledger.settle(rid, generated, failed=failed)
         if not failed:
             self._costs.append((s.cap, s.charged))
+        tenant = self._tenant_of.pop(rid, None)
+        if tenant is not None:
+            self._stats(tenant).generated_tokens += int(s.charged)
         return s
 
     def arrival_rate(self, now: float) -> float:
@@ -201,7 +271,8 @@ class OnlineMarket:
         return float(np.mean(self._outcomes)) if self._outcomes else 0.0
 
     def window(self) -> np.ndarray:
-        return np.asarray(self._window, dtype=float)
+        """The recent thresholds the price is cleared against."""
+        return np.asarray([w[0] for w in self._window], dtype=float)
 
     def request(
         self,
@@ -209,6 +280,8 @@ class OnlineMarket:
         threshold_tokens: float,
         *,
         log_sigma: float = 0.0,
+        runaway: float = 0.0,
+        tenant: str = DEFAULT_TENANT,
         client_cap_tokens: int | None = None,
         now: float | None = None,
         owner: str | None = None,
@@ -217,14 +290,21 @@ class OnlineMarket:
     ) -> Decision:
         """Price one arriving request, reserve its cap or abandon it.
 
-        ``client_cap_tokens`` is the most the client accepts (its ``max_tokens``
-        within the context); the reserved cap never exceeds it. ``owner`` is
-        whoever will settle the reservation (its lease, see the ledger);
-        ``arrival_key`` and ``retry`` recognise a retried request (module docstring).
+        ``log_sigma`` and ``runaway`` describe the request's length
+        distribution (module docstring), ``tenant`` whose request it is (its
+        weight and counters). ``client_cap_tokens`` is the most the client
+        accepts (its ``max_tokens`` within the context); the reserved cap never
+        exceeds it. ``owner`` is whoever will settle the reservation (its
+        lease, see the ledger); ``arrival_key`` and ``retry`` recognise a
+        retried request (module docstring).
         """
         now = self.ledger.now() if now is None else now
         if not (math.isfinite(threshold_tokens) and threshold_tokens >= 0):
             raise InvalidInputError("threshold_tokens", threshold_tokens, "must be finite and >= 0")
+        if not (math.isfinite(log_sigma) and log_sigma >= 0):
+            raise InvalidInputError("log_sigma", log_sigma, "must be finite and >= 0")
+        if not (math.isfinite(runaway) and 0 <= runaway < 1):
+            raise InvalidInputError("runaway", runaway, "must be in [0, 1)")
         if client_cap_tokens is not None and client_cap_tokens < 1:
             raise InvalidInputError("client_cap_tokens", client_cap_tokens, "must be >= 1")
         new = self._is_new_arrival(arrival_key, retry, now)
@@ -232,18 +312,24 @@ class OnlineMarket:
             self.ledger.arrive()
             self._times.append(now)
         b = self.budget_per_query(now)
-        tau = np.append(self.window(), threshold_tokens)
-        alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
-                                     log_sigma=log_sigma)
+        entry = (float(threshold_tokens), float(log_sigma), float(runaway), self.tenant_weight(tenant))
+        demand = np.array(list(self._window) + [entry], dtype=float).reshape(-1, 4)
+        tau = demand[:, 0]
+        if self.policy.per_query_sigma:  # prices each request's own distribution and weight
+            alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
+                                         log_sigma=demand[:, 1], runaway=demand[:, 2], weights=demand[:, 3])
+        else:
+            alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
+                                         log_sigma=log_sigma)
         if self.window_size > 0 and new:
-            self._window.append(float(threshold_tokens))
+            self._window.append(entry)
         price = float(alloc.shadow_price) if math.isfinite(alloc.shadow_price) else 0.0
         self.last_price = price
         market_cap = int(alloc.caps[-1])
         cap = market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens))
         quote = dict(
             market_cap_tokens=market_cap, shadow_price=price, threshold_tokens=float(threshold_tokens),
-            budget_per_query_tokens=b, window_size=int(tau.size), new_arrival=new,
+            budget_per_query_tokens=b, window_size=int(tau.size), new_arrival=new, tenant=tenant,
         )
         if market_cap <= 0:
             return self._abandon(DecisionReason.INSOLVENT, now, threshold_tokens, quote)
@@ -258,14 +344,20 @@ class OnlineMarket:
             else:
                 return self._abandon(DecisionReason.POOL_EMPTY, now, need, quote)
         self.ledger.reserve(rid, cap, now, owner=owner)
+        stats = self._stats(tenant)
+        stats.allocated_tokens += int(cap)
+        self._tenant_of[rid] = tenant
+        while len(self._tenant_of) > TENANT_MEMORY:
+            self._tenant_of.popitem(last=False)
         if new:
             self._outcomes.append(False)
+            stats.admitted += 1
         return Decision(reason=reason, cap_tokens=cap, **quote)
 
     def snapshot(self) -> dict:
         """Pricing memory (recent thresholds and outcomes) for an allocator restart."""
-        return {"window": list(self._window), "outcomes": [bool(x) for x in self._outcomes],
-                "last_price": self.last_price}
+        return {"window": [list(w) for w in self._window], "outcomes": [bool(x) for x in self._outcomes],
+                "last_price": self.last_price, "tenants": {t: s.as_dict() for t, s in self.tenants.items()}}
 
     def seed(self, thresholds) -> None:
         """Prime the pricing window with thresholds of representative past demand.
@@ -278,16 +370,22 @@ class OnlineMarket:
         values = [float(x) for x in thresholds]
         if any(not (math.isfinite(v) and v >= 0) for v in values):
             raise InvalidInputError("pricing window seed", values[:5], "thresholds must be finite and >= 0")
-        self._window.extend(values)
+        self._window.extend((v, 0.0, 0.0, 1.0) for v in values)
 
     def restore(self, snap: dict) -> None:
-        self._window.extend(float(x) for x in snap.get("window", []))
+        for x in snap.get("window", []):  # a threshold (older snapshots) or (threshold, spread, runaway, weight)
+            self._window.append((float(x), 0.0, 0.0, 1.0) if isinstance(x, (int, float)) else tuple(float(v) for v in x))
+        for t, d in snap.get("tenants", {}).items():
+            st = self._stats(t)
+            st.admitted, st.abandoned = int(d.get("admitted", 0)), int(d.get("abandoned", 0))
+            st.allocated_tokens, st.generated_tokens = int(d.get("allocated_tokens", 0)), int(d.get("generated_tokens", 0))
         self._outcomes.extend(bool(x) for x in snap.get("outcomes", []))
         self.last_price = float(snap.get("last_price", 0.0))
 
     def _abandon(self, reason: DecisionReason, now: float, need: float, quote: dict) -> Decision:
         if quote["new_arrival"]:
             self._outcomes.append(True)
+            self._stats(quote["tenant"]).abandoned += 1
         if reason is DecisionReason.INSOLVENT:
             # The price moves only as the demand it is cleared against turns over.
             rate = self.arrival_rate(now)

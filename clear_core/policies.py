@@ -124,6 +124,8 @@ class Policy:
     per_query_sigma: bool = False
     #: The policy weights queries' value (tenant weights); others refuse unequal weights.
     uses_weights: bool = False
+    #: The budget it clears is one of expected generated tokens (not of caps).
+    prices_generated_tokens: bool = False
 
     def allocate(
         self,
@@ -379,6 +381,7 @@ class ClearCost(Policy):
     spec_params = dict(_FILL)
     per_query_sigma = True
     uses_weights = True
+    prices_generated_tokens = True
 
     def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, runaway=0.0):
         sig = np.maximum(log_sigma, SIGMA_MIN)

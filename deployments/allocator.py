@@ -34,7 +34,7 @@ import time
 
 from clear_core.errors import ClearError, UnknownReservationError
 from clear_core.ledger import Settlement, TokenLedger
-from clear_core.online_market import Decision, OnlineMarket
+from clear_core.online_market import DEFAULT_TENANT, Decision, OnlineMarket
 from clear_core.policies import parse_policy
 from clear_core.predictions import read_predictions
 from deployments.config import AllocatorConfig
@@ -78,6 +78,7 @@ class Allocator:
             min_rate_span_s=self.config.min_rate_span_s,
             pace=self.config.pace_budget,
             outcome_window=self.config.abandonment_window_requests,
+            tenant_weights=dict(self.config.tenant_weights),
         )
         if self.restored:
             self.market.restore(snap["market"])
@@ -100,21 +101,24 @@ class Allocator:
 
     def reserve_sync(
         self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None,
-        owner: str | None = None, arrival_key: str | None = None, retry: bool = False,
+        owner: str | None = None, arrival_key: str | None = None, retry: bool = False, runaway: float = 0.0,
+        tenant: str = DEFAULT_TENANT,
     ) -> Decision:
         t0 = time.perf_counter()
         with self._lock:
-            before = self.ledger.state()
+            before, tenants = self.ledger.state(), self.market.tenant_snapshot()
             d = self.market.request(
-                rid, float(threshold_tokens), log_sigma=float(log_sigma), client_cap_tokens=client_cap_tokens,
-                owner=owner, arrival_key=arrival_key, retry=bool(retry),
+                rid, float(threshold_tokens), log_sigma=float(log_sigma), runaway=float(runaway), tenant=str(tenant),
+                client_cap_tokens=client_cap_tokens, owner=owner, arrival_key=arrival_key, retry=bool(retry),
             )
             self._check()
             self._persist()
             state = self.ledger.state()
+            tenants_after = self.market.tenant_snapshot()
         if self.metrics:
             self.metrics.clearing.observe(time.perf_counter() - t0, tags=self.metrics.tags)
             self.metrics.count_change(before, state)
+            self.metrics.count_tenants(tenants, tenants_after)
             self._publish(state)
         return d
 
@@ -126,7 +130,7 @@ class Allocator:
         with ``None`` and the books do not change.
         """
         with self._lock:
-            before = self.ledger.state()
+            before, tenants = self.ledger.state(), self.market.tenant_snapshot()
             try:
                 s = self.market.settle(rid, int(generated), failed=bool(failed))
             except UnknownReservationError:
@@ -135,8 +139,10 @@ class Allocator:
             self._check()
             self._persist()
             state = self.ledger.state()
+            tenants_after = self.market.tenant_snapshot()
         if self.metrics:
             self.metrics.count_change(before, state)
+            self.metrics.count_tenants(tenants, tenants_after)
             self._publish(state)
         return s
 
@@ -198,6 +204,7 @@ class Allocator:
                 "books_reconcile": st.reconciles,
                 "restored_after_restart": self.restored,
                 "budget_name": self.config.budget_name,
+                "tenants": self.market.tenant_snapshot(),
             }
 
     def _persist(self) -> None:
@@ -230,10 +237,12 @@ class Allocator:
 
     async def reserve(
         self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None,
-        owner: str | None = None, arrival_key: str | None = None, retry: bool = False,
+        owner: str | None = None, arrival_key: str | None = None, retry: bool = False, runaway: float = 0.0,
+        tenant: str = DEFAULT_TENANT,
     ) -> Decision:
         self._ensure_sweeper()
-        return self.reserve_sync(rid, threshold_tokens, log_sigma, client_cap_tokens, owner, arrival_key, retry)
+        return self.reserve_sync(rid, threshold_tokens, log_sigma, client_cap_tokens, owner, arrival_key, retry,
+                                 runaway, tenant)
 
     async def settle(self, rid: str, generated: int, failed: bool = False) -> Settlement | None:
         self._ensure_sweeper()

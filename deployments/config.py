@@ -160,6 +160,11 @@ class AllocatorConfig(_Strict):
     )
     state_dir: str = Field("~/.cache/clear/budgets", description="state_store file: the directory of the books.")
     budget: BudgetConfig = Field(default_factory=PerQueryBudgetConfig, description="The global token budget.")
+    tenant_weights: dict[str, float] = Field(
+        default_factory=dict, description="Tenant -> weight of its requests in the utility (the paper's alpha_i, "
+        "Eq. 2): at one shadow price a heavier tenant's requests stay solvent longer. Tenants not named weigh 1. "
+        "Only policies that weight queries (clear-cost) accept unequal weights.",
+    )
     deployment: AllocatorDeploymentOptions = Field(
         default_factory=AllocatorDeploymentOptions, description="Serve options (always one replica)."
     )
@@ -172,6 +177,19 @@ class AllocatorConfig(_Strict):
         except InvalidInputError as exc:
             raise ValueError(str(exc)) from None
         return spec
+
+    @model_validator(mode="after")
+    def _weights_and_refunds(self):
+        policy = parse_policy(self.policy)
+        if policy.prices_generated_tokens and not self.budget.refund_unused:
+            raise ValueError(f"policy {self.policy} prices generated tokens: its budget needs refund_unused: true "
+                             "(a budget that charges whole caps is a budget of caps)")
+        bad = {t: w for t, w in self.tenant_weights.items() if not w > 0}
+        if bad:
+            raise ValueError(f"tenant weights must be > 0: {bad}")
+        if not policy.uses_weights and len(set(self.tenant_weights.values()) | {1.0}) > 1:
+            raise ValueError(f"tenant_weights need a policy that weights queries (clear-cost), not {self.policy}")
+        return self
 
 
 class PredictorConfig(_Strict):
@@ -265,6 +283,11 @@ class VLLMEngineConfig(_WorkloadConfig):
 
 class IngressConfig(_Strict):
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys (empty: no authentication).")
+    api_key_tenants: dict[str, str] = Field(
+        default_factory=dict, description="Bearer key -> tenant name. A request's tenant is its key's name (a key "
+        "not named here: 'key-' and 12 hex digits of its SHA-256, never the key); with keys off, the X-Clear-Tenant "
+        "header (letters, digits, '.', '_', '-'; up to 64), else 'default'.",
+    )
     max_request_body_bytes: int = Field(
         1_000_000, ge=1, description="Larger bodies are refused (413), with or without a Content-Length."
     )

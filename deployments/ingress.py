@@ -45,6 +45,7 @@ import contextvars
 import hashlib
 import hmac
 import logging
+import re
 import time
 import uuid
 
@@ -56,6 +57,7 @@ from ray import serve
 from ray.exceptions import RayError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from clear_core.online_market import DEFAULT_TENANT
 from deployments.config import AppConfig
 from deployments.engines import engine_client
 from deployments.engines.base import EngineRequest
@@ -100,6 +102,8 @@ app = FastAPI(title="CLEAR", description="Token-budget allocation with a shadow 
               docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
 #: Settles are retried until acknowledged, with this backoff (s), for at most SETTLE_RETRY_FOR_S.
+#: A tenant name from the X-Clear-Tenant header (it becomes a metric label).
+_TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SETTLE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 SETTLE_RETRY_FOR_S = 900.0
 #: The engine's reason a completion stopped -> who stopped it (the clear object's ``stopped_by``).
@@ -248,6 +252,19 @@ class Ingress:
                                   param="clear_sample_index")
         return req, raw
 
+    def _tenant(self, request: Request) -> str:
+        """Whose request this is: its API key's tenant, else the X-Clear-Tenant header (keys off), else default."""
+        if self._keys:
+            token = request.headers.get("authorization", "").partition(" ")[2].strip()
+            named = self.config.ingress.api_key_tenants.get(token)
+            return named or "key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        name = request.headers.get("x-clear-tenant")
+        if name is None:
+            return DEFAULT_TENANT
+        if not _TENANT_NAME.fullmatch(name):
+            raise BadRequestError("X-Clear-Tenant must be 1-64 letters, digits, '.', '_' or '-'", param="X-Clear-Tenant")
+        return name
+
     def _arrival(self, request: Request, raw: bytes) -> tuple[str, bool]:
         """(arrival key, is a retry): the client's Idempotency-Key, else a fingerprint of its key and body."""
         idem = request.headers.get("idempotency-key")
@@ -312,13 +329,15 @@ class Ingress:
             prompt_tokens, room = self._completion_limit(req)
             client_cap = min(req.max_tokens or room, room)
             arrival_key, retry = self._arrival(request, raw)
+            tenant = self._tenant(request)
             t0 = time.perf_counter()
             pred = await self._predict(req.prompt)
             t1 = time.perf_counter()
             self._ensure_lease()
             try:
                 decision: Decision = await self.allocator.reserve.remote(
-                    rid, pred.threshold_tokens, pred.log_sigma, int(client_cap), self.owner, arrival_key, retry
+                    rid, pred.threshold_tokens, pred.log_sigma, int(client_cap), self.owner, arrival_key, retry,
+                    float(getattr(pred, "runaway", 0.0)), tenant,
                 )
                 t2 = time.perf_counter()
             except ClearError:

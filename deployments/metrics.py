@@ -45,6 +45,8 @@ RESERVATIONS_EXPIRED = "clear_reservations_expired"  # reservations never settle
 TOKENS_EXPIRED = "clear_tokens_expired"  # caps of the expired reservations (charged in full)
 TOKENS_RECOVERED = "clear_tokens_recovered"  # caps of a dead ingress's reservations, back to the pool (part of refunded)
 REQUESTS = "clear_requests"  # requests by outcome and error_type (ingress)
+TENANT_REQUESTS = "clear_tenant_requests"  # new arrivals by tenant and outcome (admitted | abandoned), allocator
+TENANT_TOKENS = "clear_tenant_tokens"  # tokens by tenant and kind (allocated | generated), allocator
 PREDICTOR_FALLBACKS = "clear_predictor_fallbacks"  # requests capped from the fallback predictor
 # -- histograms --------------------------------------------------------------
 CLEARING_LATENCY = "clear_clearing_latency_s"  # one market clearing + reservation, seconds
@@ -55,6 +57,7 @@ LATENCY_BOUNDARIES_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
 
 _GAUGES = (SHADOW_PRICE, ABANDONMENT_RATE, BUDGET_AVAILABLE, BUDGET_RESERVED, BUDGET_SPENT, BUDGET_GRANTED, IN_FLIGHT)
 _COUNTERS = (TOKENS_ALLOCATED, TOKENS_GENERATED, TOKENS_REFUNDED, RESERVATIONS_EXPIRED, TOKENS_EXPIRED, TOKENS_RECOVERED,
+             TENANT_REQUESTS, TENANT_TOKENS,
              REQUESTS, PREDICTOR_FALLBACKS)
 _HISTOGRAMS = (CLEARING_LATENCY, PREDICTION_LATENCY)
 
@@ -107,6 +110,9 @@ class AllocatorMetrics:
         self.expired_tokens = counter(TOKENS_EXPIRED, "Caps of expired reservations, charged in full", keys)
         self.recovered_tokens = counter(TOKENS_RECOVERED, "Caps of a dead ingress's reservations, given back", keys)
         self.clearing = histogram(CLEARING_LATENCY, "Market clearing and reservation time, seconds", keys)
+        self.tenant_requests = counter(TENANT_REQUESTS, "New arrivals by tenant and outcome", ("policy", "tenant", "outcome"))
+        self.tenant_tokens = counter(TENANT_TOKENS, "Tokens by tenant: caps allocated, tokens generated",
+                                     ("policy", "tenant", "kind"))
         # counter -> the LedgerState total it follows
         self._books = ((self.allocated, "allocated_total"), (self.generated, "generated_total"),
                        (self.refunded, "refunded_total"), (self.expired, "expired_total"),
@@ -124,6 +130,18 @@ class AllocatorMetrics:
         for c, attr in self._books:
             if getattr(state, attr) > 0:
                 c.inc(float(getattr(state, attr)), tags=self.tags)
+
+    def count_tenants(self, before: dict, after: dict) -> None:
+        """Advance the per-tenant counters by what changed between two TenantStats snapshots."""
+        for tenant, now in after.items():
+            was = before.get(tenant, {})
+            for field, metric, label in (("admitted", self.tenant_requests, ("outcome", "admitted")),
+                                         ("abandoned", self.tenant_requests, ("outcome", "abandoned")),
+                                         ("allocated_tokens", self.tenant_tokens, ("kind", "allocated")),
+                                         ("generated_tokens", self.tenant_tokens, ("kind", "generated"))):
+                delta = now[field] - was.get(field, 0)
+                if delta > 0:
+                    metric.inc(float(delta), tags={**self.tags, "tenant": tenant, label[0]: label[1]})
 
     def observe_state(self, state, price: float, abandonment_rate: float) -> None:
         t = self.tags

@@ -59,10 +59,12 @@ class FakeAllocator:
         self.failed: list[bool] = []
         self.renewed: list[str] = []
         self.arrivals: list[tuple[str, bool]] = []
+        self.tenants: list[str] = []
 
-        def reserve(rid, threshold, log_sigma, client_cap, owner, arrival_key, retry):
+        def reserve(rid, threshold, log_sigma, client_cap, owner, arrival_key, retry, runaway, tenant):
             self.reserved.append(rid)
             self.arrivals.append((arrival_key, retry))
+            self.tenants.append(tenant)
             reason = DecisionReason.ADMITTED if admit else DecisionReason.INSOLVENT
             return _Call(Decision(reason=reason, cap_tokens=min(cap, client_cap) if admit else 0,
                                   market_cap_tokens=cap, shadow_price=0.01, threshold_tokens=threshold,
@@ -247,3 +249,46 @@ def test_abandoned_and_malformed_requests_never_settle_nor_reach_the_engine():
     assert abandoned.headers["retry-after"] == "2"
     assert bad.status_code == 400
     assert len(alloc.reserved) == 1 and alloc.settled == [] and engine.requests == []
+
+
+def _with_headers(req: Request, **headers) -> Request:
+    req.scope["headers"] = req.scope["headers"] + [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+    return req
+
+
+def test_the_tenant_comes_from_the_header_or_the_api_key():
+    async def run(args, **headers):
+        alloc, engine = FakeAllocator(cap=60), FakeEngine(chunks=1)
+        ing = Ingress(AppConfig.model_validate(args), FakePredictor(), alloc, engine, metrics=False)
+        resp = await ing._complete(_with_headers(make_request(chat(max_tokens=50)), **headers), "chat")
+        await settle_tasks(ing)
+        return alloc, resp
+
+    alloc, _ = asyncio.run(run(app_args(), x_clear_tenant="team-a.prod"))
+    assert alloc.tenants == ["team-a.prod"]
+    alloc, _ = asyncio.run(run(app_args()))
+    assert alloc.tenants == ["default"]
+    alloc, resp = asyncio.run(run(app_args(), x_clear_tenant="bad tenant!"))
+    assert alloc.tenants == [] and resp.status_code == 400
+    assert json.loads(resp.body)["error"]["param"] == "X-Clear-Tenant"
+    keyed = app_args()
+    keyed["ingress"] = {"api_keys": ["k1", "k2"], "api_key_tenants": {"k1": "gold"}}
+    alloc, _ = asyncio.run(run(keyed, authorization="Bearer k1", x_clear_tenant="spoofed"))
+    assert alloc.tenants == ["gold"]  # with keys on, the key decides, not the header
+    alloc, _ = asyncio.run(run(keyed, authorization="Bearer k2"))
+    assert alloc.tenants[0].startswith("key-") and "k2" not in alloc.tenants[0] and len(alloc.tenants[0]) == 16
+
+
+def test_config_refuses_weights_or_cap_budgets_the_policy_cannot_price():
+    from pydantic import ValidationError
+
+    base = app_args()
+    cost = {**base, "allocator": {**base.get("allocator", {}), "policy": "clear-cost"}}
+    with pytest.raises(ValidationError, match="refund_unused"):
+        AppConfig.model_validate(cost)  # per_query charges whole caps by default
+    ok = {**cost, "allocator": {**cost["allocator"], "budget": {"mode": "per_query", "refund_unused": True},
+                                "tenant_weights": {"gold": 4.0}}}
+    AppConfig.model_validate(ok)
+    weighted_clear = {**base, "allocator": {**base.get("allocator", {}), "tenant_weights": {"gold": 4.0}}}
+    with pytest.raises(ValidationError, match="weights"):
+        AppConfig.model_validate(weighted_clear)
