@@ -119,7 +119,11 @@ BudgetConfig = Annotated[PerQueryBudgetConfig | RateBudgetConfig, Field(discrimi
 
 
 class AllocatorConfig(_Strict):
-    policy: str = Field("clear", description="Allocation policy spec (clear_core.policies.parse_policy), e.g. clear, uniform.")
+    policy: str = Field(
+        "auto", description="Allocation policy spec (clear_core.policies.parse_policy), e.g. clear-cost, clear, uniform. "
+        "auto: clear-cost (prices expected generated tokens) when the budget refunds unused caps (rate mode, or "
+        "per_query with refund_unused), else clear (the paper's cap semantics).",
+    )
     pricing_window_requests: int = Field(
         online_market.DEFAULT_WINDOW_SIZE, ge=0,
         description="Recent predicted thresholds each request is priced against (0: price alone).",
@@ -172,6 +176,8 @@ class AllocatorConfig(_Strict):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, spec: str) -> str:
+        if spec == "auto":
+            return spec
         try:
             parse_policy(spec)
         except InvalidInputError as exc:
@@ -180,8 +186,10 @@ class AllocatorConfig(_Strict):
 
     @model_validator(mode="after")
     def _weights_and_refunds(self):
+        if self.policy == "auto":  # resolved once, here: every layer sees the policy that runs
+            object.__setattr__(self, "policy", "clear-cost" if self.budget.to_budget().refund_unused else "clear")
         policy = parse_policy(self.policy)
-        if policy.prices_generated_tokens and not self.budget.refund_unused:
+        if policy.prices_generated_tokens and not self.budget.to_budget().refund_unused:
             raise ValueError(f"policy {self.policy} prices generated tokens: its budget needs refund_unused: true "
                              "(a budget that charges whole caps is a budget of caps)")
         bad = {t: w for t, w in self.tenant_weights.items() if not w > 0}
