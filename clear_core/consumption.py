@@ -97,7 +97,7 @@ MAX_RUNAWAY = 0.95
 ETA_MIN = 1e-4
 ETA_GRID_STEP = 0.05
 #: Price search on ln(lam): stopping width and iteration cap.
-LOG_PRICE_TOLERANCE = 1e-10
+LOG_PRICE_TOLERANCE = 1e-7
 LOG_PRICE_ITERATIONS = 200
 
 
@@ -310,12 +310,12 @@ def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _group(tau: np.ndarray, sigma: np.ndarray, eta: np.ndarray, weight: np.ndarray) -> _Types:
-    table = sigma_grid_index(sigma) * _ETA_LEVELS + np.minimum(eta_grid_index(eta), _ETA_LEVELS - 1)
+    table_ids, tcode = _codes(sigma_grid_index(sigma) * _ETA_LEVELS + np.minimum(eta_grid_index(eta), _ETA_LEVELS - 1))
     ltau = np.rint(np.log(tau) / LOG_TAU_STEP).astype(np.int64)
     wvals, wcode = _codes(weight)
-    lmin, tmin = int(table.min()), int(ltau.min())
-    nl, nt = int(table.max()) - lmin + 1, int(ltau.max()) - tmin + 1
-    key = ((wcode.astype(np.int64) * nl + (table - lmin)) * nt) + (ltau - tmin)
+    tmin = int(ltau.min())
+    nl, nt = int(table_ids.size), int(ltau.max()) - tmin + 1
+    key = ((wcode.astype(np.int64) * nl + tcode) * nt) + (ltau - tmin)
     space = int(wvals.size) * nl * nt
     if space <= 4 * key.size + 65536:  # a dense histogram: O(N), no sort
         count_all = np.bincount(key, minlength=space)
@@ -327,7 +327,7 @@ def _group(tau: np.ndarray, sigma: np.ndarray, eta: np.ndarray, weight: np.ndarr
         keys, inverse, count = np.unique(key, return_inverse=True, return_counts=True)
     t_idx = keys % nt
     rest = keys // nt
-    tb = rest % nl + lmin
+    tb = table_ids[rest % nl]
     wc = rest // nl
     return _Types(
         inverse=inverse,
