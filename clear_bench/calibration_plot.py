@@ -5,8 +5,9 @@ distribution ``clear-cost`` prices (median, spread and runaway share, out of
 fold) and the raw prediction with one global spread (what ``clear`` prices).
 
 * left, quantile coverage: for every query of the bench's streams, the cap its
-  model says finishes it with probability q, against the share of queries
-  that really finished within it (:func:`clear_core.calibration.quantile_coverage`);
+  model says finishes it with probability q (a runaway share caps that at
+  ``1 - rho``), the predicted share against the share of queries that really
+  finished within it (:func:`clear_core.calibration.quantile_coverage`);
   a calibrated model is on the diagonal for every q;
 * right, the caps ``clear-cost`` really gave: predicted probability of
   finishing against the observed share, binned (a reliability diagram; the
@@ -75,14 +76,14 @@ def coverage_study(problems, predictions, out: Path, *, streams: Sequence[str], 
                       marker=STYLE[m]["marker"], color=STYLE[m]["color"], label=f"{label}: ECE {ece:.3f}", zorder=3)
         result[m] = {"quantile_coverage": pairs, "quantile_error": q_err, "cap_ece": ece,
                      "cap_bins": [r.__dict__ for r in rows]}
-    left.set_xlabel("nominal probability q of the q-quantile cap")
+    left.set_xlabel("predicted share finished within the q-quantile caps (q = 0.1 .. 0.9)")
     left.set_ylabel("observed share finished within the cap")
     left.set_title("Every query at its q-quantile cap", fontsize=10)
     right.set_xlabel(f"predicted probability of finishing within {POLICY}'s cap")
     right.set_ylabel("observed share finished within the cap")
     right.set_title(f"The caps {POLICY} gave (marker area: caps per bin)", fontsize=10)
     for ax in (left, right):
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="lower right", fontsize=8, markerscale=0.6)
     fig.suptitle(f"Calibration of the length distribution: {predictions.spec}, streams {', '.join(streams)}",
                  fontsize=10)
     fig.savefig(out / "calibration.png", dpi=110)

@@ -197,11 +197,12 @@ COVERAGE_LEVELS = tuple(round(0.1 * k, 1) for k in range(1, 10))
 
 def quantile_coverage(tokens, thresholds, sigmas, runaway=0.0, *, levels=COVERAGE_LEVELS,
                       censor_tokens: float | None = None) -> list[tuple[float, float]]:
-    """(nominal q, observed share with ``tokens <= cap_q``) for the q-quantile cap of every query.
+    """(predicted, observed share with ``tokens <= cap_q``) for the q-quantile cap of every query.
 
     The cap that finishes a query with probability q under its distribution
-    is ``tau exp(sigma Phi^-1(q / (1 - rho)))`` (infinite when ``q >= 1 - rho``:
-    no cap reaches q). A calibrated model finishes a share q of queries within
+    is ``tau exp(sigma Phi^-1(q / (1 - rho)))``; when ``q >= 1 - rho`` no cap
+    reaches q, the cap is unbounded and the query's predicted share is
+    ``1 - rho``: the predicted value is the mean of ``min(q, 1 - rho)``. A calibrated model finishes a share q of queries within
     their q-caps, for every q; a query at or above ``censor_tokens`` (the
     recording's cap) never finished.
     """
@@ -217,7 +218,9 @@ def quantile_coverage(tokens, thresholds, sigmas, runaway=0.0, *, levels=COVERAG
         with np.errstate(invalid="ignore", divide="ignore"):
             cap = np.where(frac < 1.0, tau * np.exp(sig * ndtri(np.minimum(frac, 1.0 - 1e-15))), np.inf)
         finished = tokens < (np.inf if censor_tokens is None else censor_tokens)
-        out.append((float(q), float(np.mean((tokens <= cap) & finished))))
+        # A query that runs away with probability rho finishes within any cap with at most 1 - rho.
+        nominal = np.minimum(q, 1.0 - rho)
+        out.append((float(nominal.mean()), float(np.mean((tokens <= cap) & finished))))
     return out
 
 
