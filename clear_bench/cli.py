@@ -17,7 +17,8 @@ from clear_core.traces import POOL_GENERATION_CAP_TOKENS, STREAM_FAMILIES, load_
 
 DEFAULT_BUDGETS = "256,512,1024,2048,4096"
 DEFAULT_POLICIES = ",".join(
-    ["uniform", "uniform-generated", "proportional", "tale-ep", "heuristic", "auction", "clear", "clear-cost", "clear-paper",
+    ["uniform", "uniform-generated", "proportional", "tale-ep", "heuristic", "auction", "clear", "clear-cost", "clear-cost-emp",
+     "clear-paper",
      "clear-optimal",
      "clear-triangular", "clear-quadratic", "oracle"]
 )

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from clear_core.calibration import DEFAULT_BINS, DEFAULT_FOLDS, Calibration, fit_calibration, fold_of
+from clear_core.empirical_market import EmpiricalLengths
 from clear_core.errors import InvalidInputError
 from clear_core.predictions import read_predictions
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Stream, log_noise, pool_queries, query_weights
@@ -58,20 +59,20 @@ class Predictions:
     sigma: float  # log-space error of the raw thresholds (0 for oracle)
     table: dict[str, float] | None = None  # problem id -> raw threshold (file only)
     calibration: str = "none"  # CALIBRATIONS
-    calibration_set: tuple | None = None  # (raw predictions, observed lengths, problem ids, problems) of the pool
+    calibration_set: tuple | None = None  # (raw predictions, observed lengths, problem ids, problems, correct)
     folds: int = DEFAULT_FOLDS
     _fitted: dict = field(default_factory=dict, compare=False, repr=False)  # stream name -> fold calibrations
 
     def fold_calibrations(self, stream: Stream) -> tuple[Calibration, ...]:
         """For each fold, the calibration fitted on the other folds, weighted to the stream's composition."""
         if stream.name not in self._fitted:
-            pred, obs, groups, problems = self.calibration_set
+            pred, obs, groups, problems, ok = self.calibration_set
             weights = query_weights(problems, stream.name)
             fold = np.array([fold_of(g, self.folds) for g in groups])
             bins = DEFAULT_BINS if self.calibration == "binned" else 1
             self._fitted[stream.name] = tuple(
                 fit_calibration(pred[fold != f], obs[fold != f], bins=bins, weights=weights[fold != f],
-                                censor_tokens=POOL_GENERATION_CAP_TOKENS)
+                                censor_tokens=POOL_GENERATION_CAP_TOKENS, correct=ok[fold != f])
                 for f in range(self.folds)
             )
         return self._fitted[stream.name]
@@ -108,6 +109,21 @@ class Predictions:
     def thresholds(self, stream: Stream) -> np.ndarray:
         """The raw predicted thresholds of every query (what the paper's policies take at face value)."""
         return self.raw_thresholds(stream)
+
+    def empirical(self, stream: Stream) -> EmpiricalLengths | None:
+        """Each query's empirical length histogram (its fold's calibration bin), None when not calibrated."""
+        if self.calibration_set is None:
+            return None
+        raw = self.raw_thresholds(stream)
+        cals = self.fold_calibrations(stream)
+        offsets = np.cumsum([0] + [len(c.histograms) for c in cals])
+        which = np.empty(raw.size, dtype=np.int64)
+        folds = np.array([fold_of(pid, self.folds) for pid in stream.problem_ids])
+        for f, cal in enumerate(cals):
+            m = folds == f
+            if m.any():
+                which[m] = offsets[f] + cal.bin_of(raw[m])
+        return EmpiricalLengths(tuple(h for c in cals for h in c.histograms), which)
 
     def distribution(self, stream: Stream) -> tuple[np.ndarray, np.ndarray | float, np.ndarray | float]:
         """Each query's length distribution for the policies that price one: (median, spread, runaway share).
@@ -171,7 +187,8 @@ def _file_pairs(problems, thresholds: dict[str, float], spec: str):
         raise InvalidInputError("predictions", spec, f"no prediction for {len(missing)} problems of the pool, e.g. {missing[0]!r}")
     pairs = pool_queries(problems)
     return (np.array([thresholds[p.id] for p, _ in pairs], dtype=float),
-            np.array([p.samples[j].tokens for p, j in pairs], dtype=float), [p.id for p, _ in pairs], problems)
+            np.array([p.samples[j].tokens for p, j in pairs], dtype=float), [p.id for p, _ in pairs], problems,
+            np.array([p.samples[j].correct for p, j in pairs], dtype=bool))
 
 
 def _noise_pairs(problems, sigma: float):
@@ -180,4 +197,5 @@ def _noise_pairs(problems, sigma: float):
         raise InvalidInputError("calibration", f"oracle-noise:{sigma}", "needs the trace pool's problems")
     pairs = pool_queries(problems)
     tokens = np.array([p.samples[j].tokens for p, j in pairs], dtype=float)
-    return log_noise(tokens, sigma, CALIBRATION_NOISE_SEED), tokens, [p.id for p, _ in pairs], problems
+    ok = np.array([p.samples[j].correct for p, j in pairs], dtype=bool)
+    return log_noise(tokens, sigma, CALIBRATION_NOISE_SEED), tokens, [p.id for p, _ in pairs], problems, ok

@@ -79,7 +79,7 @@ def markdown_report(rows: Sequence[dict], *, title: str, main: str = "clear", ba
                     f"{ratio} | {'' if share is None else f'{100 * share:.0f}%'} |"
                 )
         lines.append("")
-    for priced in ("clear-cost", main):  # each market policy against the three uniform baselines on cost
+    for priced in ("clear-cost", "clear-cost-emp", main):  # each market policy against the three uniform baselines on cost
         if priced in policies and base in policies:
             lines += _cost_baselines(rows, streams, budgets, priced, base)
     # What the budget buys: solved per 1k allocated and per 1k generated tokens.

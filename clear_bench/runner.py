@@ -66,6 +66,7 @@ def run_grid(
                 stream = make_stream(problems, stream_name, n_queries, seed)
                 thresholds = predictions.thresholds(stream)
                 priced = predictions.distribution(stream)  # (median, spread, runaway) per query
+                lengths = predictions.empirical(stream)  # each query's empirical histogram
                 truth = Truth(tokens=stream.tokens, correct=stream.correct)
                 limit = context_limit_tokens
                 trials, spend = None, None
@@ -75,14 +76,17 @@ def run_grid(
                 stream = trials.stream
                 thresholds = k * predictions.thresholds(stream)  # per trajectory, times k per query
                 # Calibration is per trajectory; a query of k trajectories keeps the raw spread.
-                priced = (thresholds, predictions.sigma, 0.0)
+                priced, lengths = (thresholds, predictions.sigma, 0.0), None
                 need, solvable = minimal_budget(trials.tokens, trials.correct, spend, context_limit_tokens)
                 truth = Truth(tokens=need, correct=solvable)
                 limit = None if context_limit_tokens is None else k * context_limit_tokens
             for bpq in budgets:
                 budget = int(bpq) * len(stream)
                 for spec, policy in policy_objs.items():
-                    if policy.per_query_sigma:  # prices each query's calibrated length distribution
+                    if policy.uses_lengths:  # prices each query's empirical length distribution
+                        alloc = policy.allocate(thresholds, budget, context_limit_tokens=limit, truth=truth,
+                                                lengths=lengths)
+                    elif policy.per_query_sigma:  # prices each query's calibrated length distribution
                         alloc = policy.allocate(priced[0], budget, context_limit_tokens=limit, truth=truth,
                                                 log_sigma=priced[1], runaway=priced[2])
                     else:

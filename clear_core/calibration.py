@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import ndtr
 
+from clear_core.empirical_market import LengthHistogram
 from clear_core.errors import InvalidInputError
 
 #: Default number of bins of predicted log length, and the fewest residuals a bin may have.
@@ -55,6 +56,7 @@ class Calibration:
     log_sigma: tuple[float, ...]  # spread of ln d - ln tau_hat per bin (>= MIN_LOG_SIGMA), finishing queries
     n: tuple[int, ...]  # residuals per bin
     runaway: tuple[float, ...] = ()  # share of the bin that never finished within the recording's cap
+    histograms: tuple = ()  # per bin, the empirical LengthHistogram of ln(d / tau_hat) (fitted with correctness)
 
     def apply(self, thresholds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Calibrated medians, spreads and runaway probabilities for predicted thresholds (tokens)."""
@@ -69,18 +71,28 @@ class Calibration:
         runaway = np.asarray(self.runaway)[b] if self.runaway else np.zeros_like(x)
         return np.exp(x + bias), sigma, runaway
 
+    def bin_of(self, thresholds) -> np.ndarray:
+        """The nearest bin of each predicted threshold."""
+        x = np.log(np.maximum(np.asarray(thresholds, dtype=float), 1.0))
+        c = np.asarray(self.centres)
+        return np.searchsorted(0.5 * (c[1:] + c[:-1]), x)
+
     def as_dict(self) -> dict:
-        return {k: list(v) for k, v in asdict(self).items()}
+        d = {k: list(getattr(self, k)) for k in ("centres", "log_bias", "log_sigma", "n", "runaway")}
+        d["histograms"] = [h.as_dict() for h in self.histograms]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
         try:
-            cal = cls(*(tuple(d[k]) for k in ("centres", "log_bias", "log_sigma", "n")), tuple(d.get("runaway", ())))
+            cal = cls(*(tuple(d[k]) for k in ("centres", "log_bias", "log_sigma", "n")), tuple(d.get("runaway", ())),
+                      tuple(LengthHistogram.from_dict(h) for h in d.get("histograms", ())))
         except (KeyError, TypeError) as exc:
             raise InvalidInputError("calibration", str(d)[:80], f"expected centres, log_bias, log_sigma, n: {exc}") from None
         sizes = {len(cal.centres), len(cal.log_bias), len(cal.log_sigma), len(cal.n)}
-        if cal.runaway:
-            sizes.add(len(cal.runaway))
+        for extra in (cal.runaway, cal.histograms):
+            if extra:
+                sizes.add(len(extra))
         if len(sizes) != 1 or not cal.centres or any(s < MIN_LOG_SIGMA for s in cal.log_sigma):
             raise InvalidInputError("calibration", str(d)[:80], "needs equal, non-empty lists and spreads >= 0.05")
         if any(b <= a for a, b in zip(cal.centres, cal.centres[1:])):
@@ -89,7 +101,7 @@ class Calibration:
 
 
 def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tokens: float | None = None,
-                    weights=None) -> Calibration:
+                    weights=None, correct=None) -> Calibration:
     """Fit bias, spread and runaway share per quantile bin of ``ln predicted``.
 
     ``predicted`` and ``observed`` are token counts, one pair per query (a
@@ -103,6 +115,8 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
     its queries cost. Bins with fewer than :data:`MIN_PER_BIN` residuals are
     merged into a neighbour. ``weights`` (one per pair, >= 0) make the fit
     that of a population with another composition (bins hold equal weight).
+    With ``correct`` (one flag per pair) each bin also gets the empirical
+    histogram of its residuals (:class:`clear_core.empirical_market.LengthHistogram`).
     """
     p = np.log(np.maximum(np.asarray(predicted, dtype=float), 1.0))
     obs = np.asarray(observed, dtype=float)
@@ -117,7 +131,8 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
     if w.shape != p.shape or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
         raise InvalidInputError("weights", "calibration weights", "need one finite weight >= 0 per pair, not all 0")
     keep = w > 0
-    p, d, obs, w = p[keep], d[keep], obs[keep], w[keep]
+    ok = np.ones(p.size, dtype=bool) if correct is None else np.asarray(correct, dtype=bool)
+    p, d, obs, w, ok = p[keep], d[keep], obs[keep], w[keep], ok[keep]
     ran = np.zeros(p.size, dtype=bool) if censor_tokens is None else obs >= censor_tokens
     order = np.argsort(p, kind="stable")
     k = max(1, min(bins, p.size // MIN_PER_BIN))
@@ -126,7 +141,7 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
     cuts = np.searchsorted(cum, np.arange(1, k) / k, side="left")
     groups = [g for g in np.split(order, cuts) if g.size]
     resid = d - p
-    rows: list[tuple[float, float, float, int, float]] = []
+    rows: list[tuple] = []
     merged = None
     for g in groups:
         if rows and (float(np.average(p[g], weights=w[g])) <= rows[-1][0] or g.size < MIN_PER_BIN):
@@ -140,9 +155,11 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
         # The spread whose log-normal mean matches the arithmetic mean of the residuals.
         excess = float(np.log(np.average(np.exp(r - mu), weights=rw)))
         sigma = max(sd, math.sqrt(2.0 * max(excess, 0.0)), MIN_LOG_SIGMA)
-        rows.append((float(np.average(p[g], weights=w[g])), mu, sigma, int(g.size), float(np.average(ran[g], weights=w[g]))))
-    centres, bias, sigma, n, runaway = (tuple(col) for col in zip(*rows))
-    return Calibration(centres, bias, sigma, n, runaway)
+        hist = LengthHistogram.fit(resid[g], ok[g], ran[g], w[g]) if correct is not None else None
+        rows.append((float(np.average(p[g], weights=w[g])), mu, sigma, int(g.size), float(np.average(ran[g], weights=w[g])),
+                     hist))
+    centres, bias, sigma, n, runaway, hists = (tuple(col) for col in zip(*rows))
+    return Calibration(centres, bias, sigma, n, runaway, hists if correct is not None else ())
 
 
 def fold_of(group: str, folds: int) -> int:

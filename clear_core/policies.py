@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clear_core.consumption import SIGMA_MIN, clear_consumption_market
+from clear_core.empirical_market import clear_empirical_market
 from clear_core.errors import InvalidInputError, UnknownPolicyError
 from clear_core.market import (
     DEFAULT_MIN_SLACK_TOKENS,
@@ -126,6 +127,8 @@ class Policy:
     uses_weights: bool = False
     #: The budget it clears is one of expected generated tokens (not of caps).
     prices_generated_tokens: bool = False
+    #: It prices each query's empirical length distribution (``lengths``).
+    uses_lengths: bool = False
 
     def allocate(
         self,
@@ -137,6 +140,7 @@ class Policy:
         log_sigma=0.0,
         weights=None,
         runaway=0.0,
+        lengths=None,
     ) -> Allocation:
         """Integer caps for predicted ``thresholds`` under ``budget`` tokens.
 
@@ -146,7 +150,9 @@ class Policy:
         spread take the median); ``weights`` are the queries' value weights
         (tenant weights, Eq. 2's alpha_i), which only weight-aware policies
         (``uses_weights``) accept when they differ; ``runaway`` is each query's
-        probability of never finishing (priced by ``clear-cost`` only).
+        probability of never finishing (priced by ``clear-cost`` only);
+        ``lengths`` each query's empirical length distribution
+        (:class:`clear_core.empirical_market.EmpiricalLengths`, ``clear-cost-emp`` only).
         """
         tau = validate_thresholds(thresholds)
         b = validate_budget(budget)
@@ -168,6 +174,10 @@ class Policy:
             return _as_alloc(np.zeros(0, dtype=np.int64))
         if sig.ndim == 0 or not self.per_query_sigma:
             sig = float(np.median(sig)) if sig.ndim else float(sig)
+        if self.uses_lengths:
+            if lengths is None:
+                raise InvalidInputError("lengths", None, f"{self.name} needs each query's empirical length distribution")
+            return self._allocate(tau, b, t_max, truth, sig, weights, lengths)
         if self.uses_weights:
             rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
             return self._allocate(tau, b, t_max, truth, sig, weights, rho)
@@ -393,6 +403,28 @@ class ClearCost(Policy):
                           iterations=res.iterations, converged=res.converged)
 
 
+@dataclass
+class ClearCostEmpirical(Policy):
+    """``clear-cost`` with empirical length distributions (:mod:`clear_core.empirical_market`).
+
+    The value is the chance of a correct answer within the cap, the cost the
+    expected generated tokens, both from the histogram of the query's
+    calibration bin; the thresholds are the raw predictions.
+    """
+
+    name: str = "clear-cost-emp"
+    per_query_sigma = True
+    uses_weights = True
+    prices_generated_tokens = True
+    uses_lengths = True
+
+    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, lengths=None):
+        res = clear_empirical_market(tau, budget, lengths=lengths, weights=weights,
+                                     context_limit_tokens=None if math.isinf(t_max) else t_max)
+        return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active,
+                          iterations=res.iterations, converged=res.converged)
+
+
 def _preset(cls, **fixed):
     """A named policy: ``cls`` with some fields fixed; spec parameters may not override them."""
 
@@ -416,6 +448,7 @@ POLICIES = {
     "oracle": Oracle,
     "clear": _preset(ClearLognormal, name="clear"),
     "clear-cost": _preset(ClearCost, name="clear-cost"),
+    "clear-cost-emp": ClearCostEmpirical,
     "clear-paper": _preset(ClearSurge, name="clear-paper"),
     "clear-optimal": _preset(ClearSurge, name="clear-optimal", method="optimal"),
     "clear-triangular": _preset(ClearSurge, name="clear-triangular", utility="triangular"),

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clear_core.consumption import LOG_TAU_STEP, SIGMA_MIN, expected_generated, sigma_grid_index, sigma_of_index
+from clear_core.empirical_market import EmpiricalLengths, LengthHistogram, expected_generated_empirical
 from clear_core.errors import InvalidInputError, UnknownPolicyError
 from clear_core.policies import POLICIES, Truth, get_policy, parse_policy, parse_policy_list
 
@@ -32,12 +33,19 @@ def test_every_policy_respects_the_budget(tau, bpq, sigma, context_limit_tokens,
     tokens = np.array(data.draw(st.lists(st.integers(0, 9000), min_size=n, max_size=n)))
     correct = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
     budget = bpq * n
+    # One empirical histogram for every query (clear-cost-emp): the recorded lengths relative to the thresholds.
+    ratio = np.log(np.maximum(tokens, 1) / np.maximum(np.asarray(tau), 1.0))
+    lengths = EmpiricalLengths((LengthHistogram.fit(ratio, correct, tokens >= 9000),), np.zeros(n, dtype=int))
     for name in POLICIES:
-        a = get_policy(name).allocate(tau, budget, context_limit_tokens=context_limit_tokens, truth=Truth(tokens, correct), log_sigma=sigma)
+        a = get_policy(name).allocate(tau, budget, context_limit_tokens=context_limit_tokens, truth=Truth(tokens, correct),
+                                      log_sigma=sigma, lengths=lengths)
         assert a.caps.dtype.kind == "i", name
         assert (a.caps >= 0).all(), name
         if name == "uniform-generated":  # a budget of generated tokens, not of caps
             assert np.minimum(a.caps, tokens).sum() <= budget, name
+        elif name == "clear-cost-emp":  # expected generated tokens under the histogram, for rounded thresholds
+            rounded = np.exp(np.rint(np.log(np.maximum(tau, 1.0)) / LOG_TAU_STEP) * LOG_TAU_STEP)
+            assert expected_generated_empirical(a.caps, rounded, lengths).sum() <= budget * (1 + 1e-9) + 1e-6, name
         elif name == "clear-cost":  # a budget of expected generated tokens, exact for the rounded instance
             spread = sigma_of_index(int(sigma_grid_index(np.array([max(sigma, SIGMA_MIN)]))[0]))
             rounded = np.exp(np.rint(np.log(np.maximum(tau, 1.0)) / LOG_TAU_STEP) * LOG_TAU_STEP)

@@ -1,0 +1,301 @@
+"""The market on expected generated tokens with *empirical* length distributions (``clear-cost-emp``).
+
+:mod:`clear_core.consumption` prices each query's length as a log-normal
+(plus a runaway share). Real lengths are not log-normal: a query predicted
+long often either answers briefly or runs long (and then is often wrong), so
+its distribution is bimodal, and a log-normal market abandons queries whose
+short answers a small cap would still catch. Here each query's length
+relative to its prediction, ``r = ln(D / tau_hat)``, follows the *histogram*
+of the calibration bin its prediction falls in (:class:`LengthHistogram`,
+fitted out of fold by :func:`clear_core.calibration.fit_calibration`), which
+also records whether each finished sample was correct. A cap
+``c = tau_hat exp(u_g)`` on the grid :data:`LOG_RATIO_GRID` is worth
+
+    w V_g,  V_g = P(finished within the cap and correct)
+
+(``w`` the tenant weight) and costs ``tau_hat C_g`` expected generated tokens,
+``C_g = sum_{k <= g} m_k exp(u_k) + exp(u_g) P(not finished by u_g)`` (a
+sample in cell ``k`` is costed at its cell's upper edge, runaways at the cap).
+
+Solver (exact for the grid)
+---------------------------
+At price ``lam`` a query picks the cap maximising ``w V - lam tau_hat C``,
+i.e. the vertex of the upper concave hull of its bin's points ``(C_g, V_g)``
+where the hull's slope crosses ``p = lam tau_hat / w`` (cap 0, the origin, if
+the first slope is already below ``p``: rational abandonment). The context
+limit allows only the grid points up to ``m = max{g : tau_hat e^{u_g} <= t_max}``,
+so the relevant hull is that of a *prefix*; the monotone-chain construction
+gives every prefix hull at once as a tree of predecessor pointers (the stack
+below a point never changes while it is on it), and binary lifting on that
+tree finds the vertex for ``(m, p)`` in ``O(log G)``. Demand is then
+``O(T log G)`` per price probe for ``T`` types (rounded thresholds, bin,
+weight), non-increasing in the price; the price is the boundary of
+``demand > B`` (:func:`clear_core.consumption._boundary`). Demand jumps when
+queries move to a cheaper vertex; the budget left at the boundary upgrades as
+many of the marginal queries as it covers (all upgrades there have the same
+value per token, the price).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from clear_core.consumption import LOG_TAU_STEP, ConsumptionResult, _boundary, _codes
+from clear_core.errors import InvalidInputError
+from clear_core.market import validate_budget, validate_context_limit, validate_thresholds
+
+#: Upper edges of the cells of ln(length / prediction): caps are tau_hat * exp(u_g).
+LOG_RATIO_GRID = np.round(np.arange(-4.0, 9.0 + 1e-9, 1.0 / 32.0), 10)
+#: Kernel width (in ln length) that smooths a bin's histogram: a few hundred samples leave gaps,
+#: and a gap in the value curve would read as "a longer cap never helps".
+SMOOTHING_LOG = 0.2
+_LEVELS = int(math.ceil(math.log2(LOG_RATIO_GRID.size + 2)))
+
+
+@dataclass(frozen=True)
+class LengthHistogram:
+    """One calibration bin's distribution of ln(length / prediction); the masses sum to 1."""
+
+    correct: tuple[float, ...]  # mass of finished, correct answers per cell of LOG_RATIO_GRID
+    wrong: tuple[float, ...]  # mass of finished, wrong answers per cell
+    runaway: float  # mass that never finished (or finished past the grid)
+
+    def __post_init__(self):
+        c, w = np.asarray(self.correct), np.asarray(self.wrong)
+        if c.shape != LOG_RATIO_GRID.shape or w.shape != LOG_RATIO_GRID.shape:
+            raise InvalidInputError("histogram", c.shape, f"needs {LOG_RATIO_GRID.size} cells")
+        total = c.sum() + w.sum() + self.runaway
+        if (c < 0).any() or (w < 0).any() or self.runaway < 0 or abs(total - 1.0) > 1e-6:
+            raise InvalidInputError("histogram", total, "masses must be >= 0 and sum to 1")
+
+    @classmethod
+    def fit(cls, log_ratio, correct, runaway, weights=None) -> LengthHistogram:
+        """From samples: ``log_ratio`` = ln(length / prediction), ``correct`` and ``runaway`` flags."""
+        r = np.asarray(log_ratio, dtype=float)
+        w = np.ones(r.size) if weights is None else np.asarray(weights, dtype=float)
+        ran = np.asarray(runaway, dtype=bool) | (r > LOG_RATIO_GRID[-1])
+        ok = np.asarray(correct, dtype=bool) & ~ran
+        cell = np.minimum(np.searchsorted(LOG_RATIO_GRID, r, side="left"), LOG_RATIO_GRID.size - 1)
+        total = w.sum()
+        good = _smooth(np.bincount(cell[ok], weights=w[ok], minlength=LOG_RATIO_GRID.size)) / total
+        bad = _smooth(np.bincount(cell[~ok & ~ran], weights=w[~ok & ~ran], minlength=LOG_RATIO_GRID.size)) / total
+        runaway = max(0.0, float(w[ran].sum() / total))
+        scale = (1.0 - runaway) / max(good.sum() + bad.sum(), 1e-300)  # exact sum 1 after smoothing
+        return cls(tuple((good * scale).tolist()), tuple((bad * scale).tolist()), runaway)
+
+    def as_dict(self) -> dict:
+        return {"correct": list(self.correct), "wrong": list(self.wrong), "runaway": self.runaway}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LengthHistogram:
+        return cls(tuple(d["correct"]), tuple(d["wrong"]), float(d["runaway"]))
+
+
+def _smooth(mass: np.ndarray) -> np.ndarray:
+    """Gaussian kernel smoothing of cell masses (mass kept: what falls off the grid's ends is put back)."""
+    step = LOG_RATIO_GRID[1] - LOG_RATIO_GRID[0]
+    half = int(math.ceil(3 * SMOOTHING_LOG / step))
+    k = np.exp(-0.5 * (np.arange(-half, half + 1) * step / SMOOTHING_LOG) ** 2)
+    out = np.convolve(mass, k / k.sum(), mode="same")
+    return out * (mass.sum() / out.sum()) if out.sum() > 0 else out
+
+
+@dataclass(frozen=True)
+class EmpiricalLengths:
+    """Each query's length distribution: one of ``histograms``, by index."""
+
+    histograms: tuple[LengthHistogram, ...]
+    which: np.ndarray  # query -> index into histograms
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """Every prefix's upper concave hull of one histogram's (cost, value) points, as a predecessor tree."""
+
+    cost: np.ndarray  # C_g per unit of prediction; index 0 is the origin (cap 0)
+    value: np.ndarray  # V_g
+    done: np.ndarray  # mass finished within the cell's upper edge (0 at the origin)
+    spent: np.ndarray  # sum of mass * exp(upper edge) of those cells
+    slope_in: np.ndarray  # slope of the hull edge ending at g (+inf at the origin)
+    up: np.ndarray  # [level, g]: the 2^level-th predecessor of g on its prefix hull
+
+
+@lru_cache(maxsize=4096)
+def _chain(h: LengthHistogram) -> _Chain:
+    good, bad = np.asarray(h.correct), np.asarray(h.wrong)
+    mass = good + bad
+    done = np.cumsum(mass)
+    cost = np.cumsum(mass * np.exp(LOG_RATIO_GRID)) + np.exp(LOG_RATIO_GRID) * np.maximum(1.0 - done, 0.0)
+    cost = np.concatenate([[0.0], cost + 1e-12 * np.arange(1, cost.size + 1)])  # strictly increasing
+    value = np.concatenate([[0.0], np.cumsum(good)])
+    n = cost.size
+    pred = np.zeros(n, dtype=np.int64)
+    slope = np.full(n, np.inf)
+    stack = [0]
+    for g in range(1, n):  # monotone chain: the upper hull of the points up to g is the stack
+        while len(stack) >= 2:
+            a, b = stack[-2], stack[-1]
+            # b is not above the segment a -> g: drop it
+            if (value[b] - value[a]) * (cost[g] - cost[a]) <= (value[g] - value[a]) * (cost[b] - cost[a]):
+                stack.pop()
+            else:
+                break
+        pred[g] = stack[-1]
+        slope[g] = (value[g] - value[pred[g]]) / (cost[g] - cost[pred[g]])
+        stack.append(g)
+    up = np.empty((_LEVELS, n), dtype=np.int64)
+    up[0] = pred
+    for j in range(1, _LEVELS):
+        up[j] = up[j - 1][up[j - 1]]
+    done_all = np.concatenate([[0.0], done])
+    spent = np.concatenate([[0.0], np.cumsum(mass * np.exp(LOG_RATIO_GRID))])
+    return _Chain(cost, value, done_all, spent, slope, up)
+
+
+class _Demand:
+    """Types' vertices and expected costs at a price (module docstring)."""
+
+    def __init__(self, chains: Sequence[_Chain], hist_of_type, tau, weight, count, t_max: float):
+        sizes = np.array([c.cost.size for c in chains])
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.cost = np.concatenate([c.cost for c in chains])
+        self.done = np.concatenate([c.done for c in chains])
+        self.spent = np.concatenate([c.spent for c in chains])
+        self.slope = np.concatenate([c.slope_in for c in chains])
+        self.up = np.concatenate([c.up + off for c, off in zip(chains, offsets)], axis=1)
+        self.log_cap = np.tile(np.concatenate([[-np.inf], LOG_RATIO_GRID]), len(chains))
+        self.tau, self.count = tau, count
+        self.scale = tau / weight  # p = lam * scale
+        # The last grid point whose cap fits the context limit (0: none fits, cap 0).
+        m = np.searchsorted(LOG_RATIO_GRID, np.log(min(t_max, 2.0**24) / tau), side="right")
+        self.top = offsets[hist_of_type] + m
+
+    def vertex(self, log_price: float) -> np.ndarray:
+        """Each type's hull vertex (a flat index) at ln lam = log_price."""
+        p = math.exp(log_price) * self.scale
+        v = self.top.copy()
+        bad = self.slope[v] <= p  # the edge into v is not worth its price: move towards the origin
+        for j in range(_LEVELS - 1, -1, -1):
+            w = self.up[j][v]
+            move = bad & (self.slope[w] <= p)
+            v = np.where(move, w, v)
+        return np.where(bad, self.up[0][v], v)
+
+    def caps(self, vertex: np.ndarray) -> np.ndarray:
+        """Integer caps of the types at these vertices (0 at the origin)."""
+        log_cap = self.log_cap[vertex]
+        finite = np.isfinite(log_cap)
+        return np.where(finite, np.floor(self.tau * np.exp(np.where(finite, log_cap, 0.0)) + 1e-9), 0.0).astype(np.int64)
+
+    def cost_at_limit(self, t_max: float) -> np.ndarray:
+        """Expected cost per query of each type with the context limit itself as its cap."""
+        limit = min(t_max, 2.0**24)
+        return self.tau * self.spent[self.top] + limit * (1.0 - self.done[self.top])
+
+    def total(self, log_price: float) -> float:
+        return float(np.dot(self.count * self.tau, self.cost[self.vertex(log_price)]))
+
+    def bracket(self) -> tuple[float, float]:
+        """ln lam where every type takes its top vertex, and where every type abandons."""
+        finite = self.slope[np.isfinite(self.slope)]
+        hi_p = max(float(finite.max()), 1e-12) if finite.size else 1.0
+        lo_p = float(finite[finite > 0].min()) if (finite > 0).any() else 1e-12
+        lo = math.log(lo_p) - math.log(float(self.scale.max())) - 1.0
+        hi = math.log(hi_p) - math.log(float(self.scale.min())) + 1.0
+        return lo, hi
+
+
+def expected_generated_empirical(caps, thresholds, lengths: EmpiricalLengths) -> np.ndarray:
+    """E[min(D, cap)] per query under its histogram (finished samples costed at their cell's upper edge)."""
+    caps = np.asarray(caps, dtype=float)
+    tau = np.maximum(np.asarray(thresholds, dtype=float), 1.0)
+    out = np.zeros(caps.size)
+    for i, (c, t, k) in enumerate(zip(caps, tau, np.asarray(lengths.which))):
+        if c <= 0:
+            continue
+        h = lengths.histograms[int(k)]
+        mass = np.asarray(h.correct) + np.asarray(h.wrong)
+        lengths_k = t * np.exp(LOG_RATIO_GRID)
+        done = lengths_k <= c
+        out[i] = float((mass[done] * lengths_k[done]).sum() + c * (1.0 - mass[done].sum()))
+    return out
+
+
+def clear_empirical_market(
+    thresholds,
+    budget,
+    *,
+    lengths: EmpiricalLengths,
+    weights=None,
+    context_limit_tokens: float | None = None,
+) -> ConsumptionResult:
+    """Clear a budget of expected generated tokens with each query's empirical length distribution.
+
+    ``thresholds`` are the predictions the histograms are relative to (raw,
+    not calibrated: the histogram carries the bias); ``lengths`` gives each
+    query's histogram; ``weights`` are tenant weights (``None``: 1).
+    """
+    tau = np.maximum(validate_thresholds(thresholds), 1.0)
+    b = validate_budget(budget)
+    t_max = validate_context_limit(context_limit_tokens)
+    which = np.asarray(lengths.which, dtype=np.int64)
+    if which.shape != tau.shape or (tau.size and (which.min() < 0 or which.max() >= len(lengths.histograms))):
+        raise InvalidInputError("lengths.which", which.shape, f"needs one histogram index per query {tau.shape}")
+    w = np.ones_like(tau) if weights is None else np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)
+    if (~np.isfinite(w) | (w <= 0)).any():
+        raise InvalidInputError("weights", weights, "must be finite and > 0")
+    if tau.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return ConsumptionResult(empty, 0.0, empty.astype(bool), 0.0, b, 0, True, 0)
+    # Types: equal (histogram, rounded threshold, weight).
+    ltau = np.rint(np.log(tau) / LOG_TAU_STEP).astype(np.int64)
+    wvals, wcode = _codes(np.asarray(w, dtype=float))
+    key = np.stack([which, ltau, wcode])
+    keys, inverse, count = np.unique(key, axis=1, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    used, hist_code = np.unique(keys[0], return_inverse=True)
+    chains = [_chain(lengths.histograms[int(i)]) for i in used]
+    t_tau = np.exp(keys[1] * LOG_TAU_STEP)
+    demand = _Demand(chains, hist_code, t_tau, wvals[keys[2]], count.astype(float), t_max)
+    lo, hi = demand.bracket()
+    probes, converged = 0, True
+    f_lo = demand.total(lo) - b
+    at_limit = demand.cost_at_limit(t_max)
+    if float(np.dot(count, at_limit)) <= b:  # abundant: every query gets the context limit
+        caps = np.full(tau.size, int(min(t_max, 2.0**24)), dtype=np.int64)
+        return ConsumptionResult(caps=caps, shadow_price=0.0, active=caps > 0,
+                                 expected_generated_tokens=float(np.dot(count, at_limit)), budget=b, iterations=0,
+                                 converged=True, n_types=int(count.size))
+    if f_lo <= 0:  # every cap worth anything fits at a vanishing price
+        log_price, price = lo, 0.0
+        vertex = demand.vertex(lo)
+        upgrade = None
+    else:
+        log_price, probes, converged = _boundary(lambda l: demand.total(l) - b, lo, hi, f_lo, demand.total(hi) - b)
+        price = math.exp(log_price)
+        vertex = demand.vertex(log_price)
+        upgrade = demand.vertex(log_price - 2 * 1e-7)  # the vertices just below the clearing price
+    type_caps = demand.caps(vertex)
+    caps = type_caps[inverse]
+    expected = float(np.dot(count * t_tau, demand.cost[vertex]))
+    if upgrade is not None:
+        # The budget the last jump left: upgrade as many marginal queries as it covers, in order.
+        spare = b - expected
+        changed = np.flatnonzero(upgrade != vertex)
+        for t in changed:
+            each = t_tau[t] * (demand.cost[upgrade[t]] - demand.cost[vertex[t]])
+            k = int(min(count[t], spare // each)) if each > 0 else 0
+            if k < 1:
+                continue
+            caps[np.flatnonzero(inverse == t)[:k]] = demand.caps(upgrade)[t]
+            spare -= k * each
+            expected += k * each
+    active = caps > 0
+    return ConsumptionResult(caps=caps, shadow_price=float(price), active=active, expected_generated_tokens=expected,
+                             budget=b, iterations=probes, converged=bool(converged), n_types=int(count.size))
+
