@@ -181,11 +181,12 @@ POLICY_STYLE = {
     "uniform": {"color": "tab:blue", "marker": "o", "linestyle": "-"},
     "clear-paper": {"color": "tab:orange", "marker": "s", "linestyle": "--"},
     "clear": {"color": "tab:green", "marker": "^", "linestyle": "-"},
+    "clear-cost": {"color": "tab:red", "marker": "D", "linestyle": "-."},
 }
 ORACLE = "oracle"
 
 
-def phase_transition_figure(rows: Sequence[dict], policies=("uniform", "clear-paper", "clear")) -> Figure:
+def phase_transition_figure(rows: Sequence[dict], policies=("uniform", "clear-paper", "clear", "clear-cost")) -> Figure:
     """Accuracy and abandonment rate vs budget per stream, under the oracle's accuracy (Fig. 5)."""
     acc = aggregate(rows, "accuracy")
     ab = aggregate(rows, "abandonment_rate")
@@ -228,7 +229,7 @@ def phase_transition_figure(rows: Sequence[dict], policies=("uniform", "clear-pa
     return fig
 
 
-def phase_transition(rows: Sequence[dict], out: Path, policies=("uniform", "clear-paper", "clear")) -> Path:
+def phase_transition(rows: Sequence[dict], out: Path, policies=("uniform", "clear-paper", "clear", "clear-cost")) -> Path:
     return _save(phase_transition_figure(rows, policies), out / "phase_transition.png")
 
 
