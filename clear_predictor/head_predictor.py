@@ -25,9 +25,15 @@ class HeadPredictor:
     """A :class:`~clear_predictor.head.RidgeHead` on its frozen encoder; load once per process."""
 
     def __init__(self, head: RidgeHead | str | Path | None = None, device: str | None = None,
-                 batch_size: int = DEFAULT_EVAL_BATCH_SIZE):
+                 batch_size: int = DEFAULT_EVAL_BATCH_SIZE, encoder: FrozenEncoder | None = None):
+        """``head``: a head, a head file, or None for the shipped one. ``encoder``: an already
+        loaded frozen encoder to share (it must cut prompts at the head's ``max_length``)."""
         self.head = head if isinstance(head, RidgeHead) else load_head(head)
-        self.encoder = FrozenEncoder(max_length=self.head.max_length, device=device, batch_size=batch_size)
+        if encoder is None:
+            encoder = FrozenEncoder(max_length=self.head.max_length, device=device, batch_size=batch_size)
+        elif encoder.max_length != self.head.max_length:
+            raise InvalidInputError("encoder", encoder.max_length, f"the head was fitted at max_length {self.head.max_length}")
+        self.encoder = encoder
         if self.encoder.hidden_size != self.head.hidden_size:
             raise InvalidInputError("head", self.head.encoder.get("model"),
                                     f"has {self.head.hidden_size} weights, the encoder {self.encoder.hidden_size} features")
