@@ -143,7 +143,8 @@ def run(a) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    head = ("# Load test on the embedded default (serve_config.yaml: CPU, replay engine, prompt-length predictor), "
+    backend = default_args()["predictor"]["backend"]
+    head = (f"# Load test on the embedded default (serve_config.yaml: CPU, replay engine, {backend} predictor), "
             f"replaying `{Path(a.traces).name}`\n\n")
     (a.out / "summary.md").write_text(head + "\n\n".join(report) + "\n")
     (a.out / "summary.json").write_text(json.dumps(all_summaries, indent=1))

@@ -1,11 +1,16 @@
 """Inference speed of the threshold predictor: prompts per second by batch size.
 
     python benchmarks/predictor_speed.py --model artifacts/predictor-minilm
+    python benchmarks/predictor_speed.py --shipped-head   # the minilm-ridge serving backend
     python benchmarks/predictor_speed.py            # untrained head on the default backbone
 
 Prompts are real problem statements of the main pool (cycled to fill the
 batches), so lengths follow the serving distribution. Each batch size runs on
-CPU, and on CUDA when available; tokenisation is included in the time.
+CPU, and on CUDA when available; tokenisation is included in the time. With
+``--shipped-head`` each batch is one call of the serving backend
+(``deployments.predictor_backends.MiniLMRidgePredictor``: encoder, shipped
+head, calibration, ``Prediction`` objects) on prompts in arrival order, as the
+Predictor deployment's ``@serve.batch`` hands them over.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from clear_core.cli_args import HelpFormatter, add_list_argument, positive_int, run_command  # noqa: E402
+from clear_core.cli_args import HelpFormatter, UsageError, add_list_argument, positive_int, run_command  # noqa: E402
 
 DEFAULT_POOL = ROOT.parent / "shared" / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
 
@@ -50,14 +55,28 @@ def _predictor(model_dir: str | None, device: str, max_length: int):
     return ThresholdPredictor(model, tok, meta, device=device)
 
 
-def run(model_dir, batch_sizes, devices, pool, n_prompts, repeats, max_length, threads) -> list[dict]:
+class _ServingBackend:
+    """The minilm-ridge backend behind ``predict(prompts)``: one backend call per ``batch_size`` prompts."""
+
+    def __init__(self, device: str):
+        from deployments.predictor_backends import MiniLMRidgePredictor
+
+        self.backend = MiniLMRidgePredictor(device=device)
+        self.batch_size = 1
+
+    def predict(self, prompts):
+        return [p for i in range(0, len(prompts), self.batch_size)
+                for p in self.backend.predict(prompts[i:i + self.batch_size])]
+
+
+def run(model_dir, batch_sizes, devices, pool, n_prompts, repeats, max_length, threads, shipped_head=False) -> list[dict]:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     rows = []
     for device in devices:
-        pred = _predictor(model_dir, device, max_length)
+        pred = _ServingBackend(device) if shipped_head else _predictor(model_dir, device, max_length)
         for bs in batch_sizes:
             n = max(bs, n_prompts)
             prompts = _prompts(pool, n, seed=0)  # the same prompts for every batch size
@@ -82,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python benchmarks/predictor_speed.py", description=__doc__,
                                  formatter_class=HelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint dir (default: untrained head on the default backbone)")
+    ap.add_argument("--shipped-head", action="store_true",
+                    help="time the minilm-ridge serving backend (the head shipped in clear_predictor) instead")
     add_list_argument(ap, "--batch-sizes", kind=positive_int, what="positive integers", metavar="N",
                       default="1,8,32,128", help="prompts per forward pass")
     add_list_argument(ap, "--device", metavar="DEVICE", repeatable=True,
@@ -106,8 +127,12 @@ def _run(args) -> int:
     import torch
 
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    rows = run(args.model, args.batch_sizes, devices, Path(args.traces), args.prompts, args.repeats, args.max_length, args.threads)
-    print(f"model: {args.model or 'default backbone, untrained head'}; torch threads: {torch.get_num_threads()}")
+    if args.shipped_head and args.model:
+        raise UsageError("give --model or --shipped-head, not both")
+    rows = run(args.model, args.batch_sizes, devices, Path(args.traces), args.prompts, args.repeats, args.max_length,
+               args.threads, args.shipped_head)
+    what = "minilm-ridge serving backend (shipped head)" if args.shipped_head else (args.model or "default backbone, untrained head")
+    print(f"model: {what}; torch threads: {torch.get_num_threads()}")
     print("| device | batch | prompts | prompts/s | ms/batch |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:

@@ -12,5 +12,9 @@ Submodules import torch / transformers / scikit-learn lazily where they can, so
 - :mod:`clear_predictor.inference` :class:`ThresholdPredictor` for serving
 - :mod:`clear_predictor.crossval`  grouped K-fold out-of-fold predictions
 - :mod:`clear_predictor.metrics`   Spearman, Kendall, RMSE of log length
-- :mod:`clear_predictor.cli`       ``predictor train|predict|crossval|evaluate``
+- :mod:`clear_predictor.features`  frozen mean-pooled encoder features
+- :mod:`clear_predictor.head`      the shipped ridge head's file format (``heads/minilm_ridge.json``)
+- :mod:`clear_predictor.head_fit`  fitting it out of fold, with its calibration
+- :mod:`clear_predictor.head_predictor` serving it: prompts -> calibrated median, spread, runaway share
+- :mod:`clear_predictor.cli`       ``predictor train|predict|crossval|evaluate|head``
 """

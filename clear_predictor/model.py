@@ -104,6 +104,16 @@ class TrainingMetadata:
         return cls(**{k: v for k, v in obj.items() if k in known})
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the hidden states over the non-padding tokens: (B, T, H) -> (B, H).
+
+    The one pooling of the project: the fine-tuned regressor and the frozen
+    features of the shipped ridge head (:mod:`clear_predictor.features`) must agree on it.
+    """
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class LengthRegressor(nn.Module):
     """encoder -> mean pooling over the attention mask -> Linear(hidden, 1) -> log-tokens."""
 
@@ -128,9 +138,7 @@ class LengthRegressor(nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.encoder(**kwargs).last_hidden_state  # (B, T, H)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(pooled).squeeze(-1)
+        return self.head(mean_pool(hidden, attention_mask)).squeeze(-1)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """Predicted log length (log-tokens), shape (B,)."""
@@ -149,8 +157,8 @@ def load_tokenizer(path: str, max_length: int = DEFAULT_MAX_LENGTH):
     return tok
 
 
-def build_regressor(backbone: str | None = None, max_length: int = DEFAULT_MAX_LENGTH):
-    """(LengthRegressor, tokenizer, resolved backbone) initialised from a pretrained encoder."""
+def load_encoder(backbone: str | None = None, max_length: int = DEFAULT_MAX_LENGTH):
+    """(pretrained encoder, left-truncating tokenizer, resolved backbone path), offline."""
     _offline()
     from transformers import AutoModel
 
@@ -160,6 +168,12 @@ def build_regressor(backbone: str | None = None, max_length: int = DEFAULT_MAX_L
         tokenizer = load_tokenizer(path, max_length)
     except (OSError, ValueError) as exc:
         raise InvalidInputError("backbone", path, f"cannot load the encoder offline: {exc}") from exc
+    return encoder, tokenizer, path
+
+
+def build_regressor(backbone: str | None = None, max_length: int = DEFAULT_MAX_LENGTH):
+    """(LengthRegressor, tokenizer, resolved backbone) initialised from a pretrained encoder."""
+    encoder, tokenizer, path = load_encoder(backbone, max_length)
     return from_encoder(encoder, tokenizer, max_length), tokenizer, path
 
 

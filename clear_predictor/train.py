@@ -33,6 +33,7 @@ from clear_core.errors import InvalidInputError
 from clear_predictor.batching import bucketed_batches, collate, pad_token_id, tokenize
 from clear_predictor.config import TrainConfig
 from clear_predictor.data import LengthDataset, query_arrays, safe_log_tokens
+from clear_predictor.features import encode_ids
 from clear_predictor.inference import predict_log_batched
 from clear_predictor.model import (
     LengthRegressor,
@@ -72,20 +73,9 @@ def _optimizer(model: LengthRegressor, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW([g for g in groups if g["params"]])
 
 
-@torch.no_grad()
 def pooled_features(model: LengthRegressor, ids: list[list[int]], pad: int, device, batch_size: int = 64) -> np.ndarray:
-    """Mean-pooled encoder outputs (eval mode), one row per tokenised prompt."""
-    was_training = model.training
-    model.eval()
-    feats = np.zeros((len(ids), model.config.hidden_size), dtype=np.float64)
-    for idx in bucketed_batches([len(r) for r in ids], batch_size):
-        batch = collate([ids[i] for i in idx], pad, device)
-        hidden = model.encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        feats[idx] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).float().cpu().numpy()
-    if was_training:
-        model.train()
-    return feats
+    """Mean-pooled outputs of the model's encoder (eval mode), one row per tokenised prompt."""
+    return encode_ids(model.encoder, ids, pad, device, batch_size)
 
 
 def linear_probe_init(model: LengthRegressor, feats: np.ndarray, z: np.ndarray) -> float:

@@ -201,13 +201,19 @@ class AllocatorConfig(_Strict):
 
 
 class PredictorConfig(_Strict):
-    backend: Literal["heuristic", "lookup", "checkpoint"] = Field(
-        "heuristic",
-        description="heuristic: prompt-length rule (no files); lookup: a predictions table; "
-        "checkpoint: clear_predictor.ThresholdPredictor.",
+    backend: Literal["minilm-ridge", "heuristic", "lookup", "checkpoint"] = Field(
+        "minilm-ridge",
+        description="minilm-ridge: the ridge head shipped in clear_predictor on frozen all-MiniLM-L6-v2 features, "
+        "calibrated per request (needs the predictor extra, no other file); heuristic: prompt-length rule (no "
+        "files, no torch); lookup: a predictions table; checkpoint: clear_predictor.ThresholdPredictor.",
+    )
+    head_path: str | None = Field(
+        None, description="minilm-ridge backend: a head file of `clear-llm predictor head` (None: the shipped one)."
     )
     checkpoint_path: str | None = Field(None, description="checkpoint backend: path of the trained predictor.")
-    device: str | None = Field(None, description="checkpoint backend: torch device (None: cuda if available).")
+    device: str | None = Field(
+        None, description="checkpoint and minilm-ridge backends: torch device (None: cuda if available)."
+    )
     table_path: str | None = Field(
         None, description='lookup backend: JSONL of {"id", "threshold_tokens", "log_sigma"} (optionally "prompt").'
     )

