@@ -62,8 +62,8 @@ from clear_core.cli_args import (  # noqa: E402
     HelpFormatter, add_list_argument, make_dir, positive_float, positive_int, run_command,
 )
 from clear_core.online_market import DEFAULT_WINDOW_SIZE  # noqa: E402
-from clear_core.policies import parse_policy  # noqa: E402
-from clear_core.simulate import score  # noqa: E402
+from clear_core.policies import Truth, parse_policy  # noqa: E402
+from clear_core.simulate import score, uniform_cap_within  # noqa: E402
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, load_pool, make_stream  # noqa: E402
 
 SHARED = REPO_ROOT.parent / "shared"
@@ -116,8 +116,23 @@ def offline_caps(stream: Stream, table_path: Path, pool_path: Path, policy: str,
 
     lookup = LookupPredictor(str(table_path), str(pool_path))
     tau = np.array([lookup.lookup(p)[0] for p in stream.prompts])
-    alloc = parse_policy(policy).allocate(tau, b * len(stream), context_limit_tokens=MAX_COMPLETION_TOKENS, log_sigma=sigma)
+    alloc = parse_policy(policy).allocate(tau, b * len(stream), context_limit_tokens=MAX_COMPLETION_TOKENS, log_sigma=sigma,
+                                          truth=Truth(stream.tokens, stream.correct))
     return alloc.caps
+
+
+def prices_generated(policy: str) -> bool:
+    """The budget of this policy is one of generated tokens: its caps may sum past N * b (unused parts come back)."""
+    return policy == "uniform-generated" or parse_policy(policy).prices_generated_tokens
+
+
+def live_policy(policy: str, b: float, stream: Stream) -> tuple[str, float]:
+    """(policy, tokens per query) the service runs. ``uniform-generated`` needs the stream's true lengths,
+    which a service does not have: it is served as ``uniform`` at the cap that fills ``b`` generated
+    tokens per query on this stream (computed offline), so the two sides give every query the same cap."""
+    if policy == "uniform-generated":
+        return "uniform", float(uniform_cap_within(stream.tokens, b * len(stream), MAX_COMPLETION_TOKENS))
+    return policy, b
 
 
 def engine_args(engine: str, pool_path: Path, model_dir: str | None) -> dict:
@@ -154,7 +169,9 @@ def service_args(pool_path: Path, table_path: Path, policy: str, b: float, n: in
         "allocator": {
             "policy": policy,
             "pricing_window_requests": window,
-            "budget": {"mode": "per_query", "tokens_per_query": b, "window_queries": n},
+            # A policy that prices generated tokens clears a budget of them: unused caps go back to the pool.
+            "budget": {"mode": "per_query", "tokens_per_query": b, "window_queries": n,
+                       "refund_unused": parse_policy(policy).prices_generated_tokens},
         },
         "predictor": {"backend": "lookup", "table_path": str(table_path), "pool_path": str(pool_path)},
         "engine": engine_args(engine, pool_path, model_dir),
@@ -221,7 +238,8 @@ def run_twin(
     caps_off = offline_caps(stream, table_path, pool_path, policy, b, sigma)
     off = score(caps_off, stream.tokens, stream.correct, b * n)
     name = f"twin-{policy.replace(':', '-').replace('=', '').replace(',', '-')}-{int(b)}"
-    url = deploy(service_args(pool_path, table_path, policy, b, n, window, engine, model_dir), name)
+    served, served_b = live_policy(policy, b, stream)
+    url = deploy(service_args(pool_path, table_path, served, served_b, n, window, engine, model_dir), name)
     try:
         if warm_up is not None:
             warm_up(name)
@@ -351,7 +369,8 @@ def run(args) -> int:
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     max_gap = args.max_gap if args.max_gap is not None else (1.0 if args.engine == "vllm" else 2.0)
-    bad = [r for r in results if abs(r.gap_points) > max_gap + 1e-9 or r.live_tokens_allocated > r.budget_tokens or r.live_errors]
+    bad = [r for r in results if abs(r.gap_points) > max_gap + 1e-9 or r.live_errors
+           or (r.live_tokens_allocated > r.budget_tokens and not prices_generated(r.policy))]
     print(json.dumps({"engine": args.engine, "pool": str(args.pool), "stream": args.stream, "n": args.n,
                       "seed": args.seed, "max_gap_points": max_gap, "ok": not bad,
                       "results": [asdict(r) for r in results]}))

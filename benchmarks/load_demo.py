@@ -68,6 +68,9 @@ def default_args() -> dict:
 def app_args(policy: str, budget: int, traces: str, tokenizer: str | None, queries: int) -> dict:
     args = copy.deepcopy(default_args())
     args["allocator"]["policy"] = policy
+    # Fresh books for every run: the embedded default names its budget (clear-default, kept in a file),
+    # and the runs of this demo must not continue each other's (or a previous `serve run`'s) books.
+    args["allocator"].pop("budget_name", None)
     args["allocator"]["budget"].update({"mode": "per_query", "tokens_per_query": budget, "window_queries": queries})
     args["engine"]["trace_path"] = traces
     args["engine"]["tokenizer_path"] = tokenizer
