@@ -65,8 +65,11 @@ def default_args() -> dict:
     return cfg["applications"][0]["args"]
 
 
-def app_args(policy: str, budget: int, traces: str, tokenizer: str | None, queries: int) -> dict:
+def app_args(policy: str, budget: int, traces: str, tokenizer: str | None, queries: int,
+             predictor: str | None = None) -> dict:
     args = copy.deepcopy(default_args())
+    if predictor is not None:  # another backend than the embedded default's (e.g. heuristic: prompt length)
+        args["predictor"] = {"backend": predictor}
     args["allocator"]["policy"] = policy
     # Fresh books for every run: the embedded default names its budget (clear-default, kept in a file),
     # and the runs of this demo must not continue each other's (or a previous `serve run`'s) books.
@@ -91,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the streams")
     p.add_argument("--max-duration-s", type=positive_float, default=600.0, help="per run")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the local Serve proxy (0: a free one)")
+    p.add_argument("--predictor", default=None, choices=["minilm-ridge", "heuristic"],
+                   help="predictor backend (default: the embedded default's, serve_config.yaml)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     return p
 
@@ -122,7 +127,7 @@ def run(a) -> int:
             summaries, runs, statuses = {}, {}, {}
             for policy in a.policies:
                 name = f"{policy}-{stream}"
-                serve.run(build_app(app_args(policy, a.budget, a.traces, a.tokenizer, a.queries)), name=name,
+                serve.run(build_app(app_args(policy, a.budget, a.traces, a.tokenizer, a.queries, a.predictor)), name=name,
                           route_prefix=f"/{name}")
                 cfg = LoadConfig(base_url=f"http://127.0.0.1:{port}/{name}", concurrency=a.concurrency,
                                  max_requests=a.queries, max_duration_s=a.max_duration_s, seed=a.seed)
@@ -146,7 +151,7 @@ def run(a) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    backend = default_args()["predictor"]["backend"]
+    backend = a.predictor or default_args()["predictor"]["backend"]
     head = (f"# Load test on the embedded default (serve_config.yaml: CPU, replay engine, {backend} predictor), "
             f"replaying `{Path(a.traces).name}`\n\n")
     (a.out / "summary.md").write_text(head + "\n\n".join(report) + "\n")
