@@ -72,7 +72,7 @@ from functools import lru_cache
 
 import numpy as np
 from scipy.optimize import brentq
-from scipy.special import log_ndtr, ndtr
+from scipy.special import log_ndtr, ndtr, ndtri
 
 from clear_core.errors import InvalidInputError
 from clear_core.market import validate_budget, validate_context_limit, validate_thresholds
@@ -92,6 +92,10 @@ U_CEILING = 37.0
 LOG_KAPPA_SPAN = 40.0
 LOG_KAPPA_STEP = 1.0 / 256.0
 _U_POINTS_PER_UNIT = 64
+#: A cap covers at most this quantile of a query's finishing length (u <= Phi^-1 of it): the tail past
+#: it is worth almost nothing, but a cap is reserved whole and long sequences keep a batch busy.
+COVERAGE_QUANTILE = 0.999
+MAX_COVERAGE_U = float(ndtri(COVERAGE_QUANTILE))
 #: Runaway probabilities are kept below this; their odds are rounded to a log grid above ETA_MIN.
 MAX_RUNAWAY = 0.95
 ETA_MIN = 1e-4
@@ -364,10 +368,10 @@ class _Demand:
         u_top = np.array([t.coverage[-1] for t in tables])[where]
         limit = min(t_max, CAP_CEILING_TOKENS)
         u_limit = np.log(limit / tau) / sig
-        # Clipped at the coverage ceiling without runaways, the model sees no cost in a longer
-        # cap: such caps become the context limit.
-        self.to_limit = (u_limit > u_top) & (eta == 0.0)
-        self.u_clip = np.minimum(u_limit, u_top)
+        # Caps never cover more than COVERAGE_QUANTILE of the finishing lengths: past it a cap buys
+        # almost nothing in the model, but the ledger reserves it whole and the engine may run it.
+        self.to_limit = np.zeros(tau.size, dtype=bool)
+        self.u_clip = np.minimum(np.minimum(u_limit, u_top), MAX_COVERAGE_U)
         peak = np.array([coverage_peak(t.sigma, t.eta) for t in tables])[where]
         # Clipped when the optimum would lie past u_clip, i.e. x < R(u_clip) on the falling branch;
         # a clip below the peak is always binding.
@@ -536,6 +540,13 @@ def clear_consumption_market(
                                            f_top, demand.total(log_price, solvent) - budget_left)
             probes, converged = probes + more, converged and ok
     real = demand.caps(log_fill, solvent, t_max)
+    if price == 0.0 and math.isfinite(t_max):
+        # Abundant: if every query can have the context limit within the budget, it gets it (the
+        # coverage ceiling saves reservations under scarcity, not when nothing is scarce).
+        full = np.full(types.tau.size, float(t_max))
+        rho_t = types.eta / (1.0 + types.eta)
+        if float(np.dot(types.count, expected_generated(full, types.tau, types.sigma, rho_t))) <= b:
+            real = full
     type_caps = np.floor(real + 1e-9).astype(np.int64)
     caps = type_caps[types.inverse]
     if share:

@@ -48,7 +48,8 @@ def test_coverage_table_solves_the_first_order_condition(sigma, eta):
 
 
 def brute_best_cap(tau, sigma, rho, weight, price, t_max, grid):
-    """The cap in ``grid`` (and 0) maximising weight P(finish) - price E[min(D, cap)]."""
+    """The cap in ``grid`` (and 0) maximising weight P(finish) - price E[min(D, cap)], within the coverage ceiling."""
+    grid = grid[grid <= tau * math.exp(sigma * C.MAX_COVERAGE_U) * (1 + 1e-9)]
     p = (1 - rho) * ndtr(np.log(grid / tau) / sigma)
     cost = C.expected_generated(grid, np.full(grid.size, tau), sigma, rho)
     value = weight * p - price * cost
@@ -113,6 +114,14 @@ def test_weights_break_the_easiest_first_order():
     assert res.caps[0] == 0 and res.caps[1] > 0
     unweighted = C.clear_consumption_market(tau, 1000.0, log_sigma=0.4, context_limit_tokens=8192)
     assert unweighted.caps[0] > 0 and unweighted.caps[1] == 0
+
+
+def test_caps_stop_at_the_coverage_ceiling_under_scarcity():
+    tau = np.full(40, 500.0)
+    res = C.clear_consumption_market(tau, 40 * 400.0, log_sigma=0.5, context_limit_tokens=8192)
+    assert res.shadow_price > 0
+    assert res.caps.max() <= 500.0 * math.exp(0.5 * C.MAX_COVERAGE_U) + 1
+    assert C.MAX_COVERAGE_U == pytest.approx(3.0902, abs=1e-3)  # Phi^-1(0.999)
 
 
 def test_abundant_budget_gives_every_query_the_context_limit():
