@@ -57,7 +57,7 @@ def in_process_rate(policy: str, n: int, window: int) -> float:
     for i in range(n):
         d = m.request(str(i), float(tau[i]), log_sigma=0.5)
         if d.admitted:
-            ledger.settle(str(i), d.cap // 2)
+            ledger.settle(str(i), d.cap_tokens // 2)
     return n / (time.perf_counter() - t0)
 
 

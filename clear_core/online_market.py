@@ -123,6 +123,55 @@ class TenantStats:
                 "allocated_tokens": self.allocated_tokens, "generated_tokens": self.generated_tokens}
 
 
+class DemandWindow:
+    """The last ``size`` arrivals' (threshold, spread, runaway share, weight), in a numpy ring buffer.
+
+    Every request is priced against the whole window, so reading it must be a
+    copy of one array, not a walk over Python objects.
+    """
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self._rows = np.zeros((max(self.size, 1), 4))
+        self._next = 0  # where the next row goes
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self):
+        return iter(tuple(float(v) for v in row) for row in self.rows())
+
+    def append(self, row) -> None:
+        if self.size == 0:
+            return
+        self._rows[self._next] = row
+        self._next = (self._next + 1) % self.size
+        self._count = min(self._count + 1, self.size)
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+    def rows(self) -> np.ndarray:
+        """The window's rows, oldest first (a copy)."""
+        if self._count < self.size:
+            return self._rows[: self._count].copy()
+        return np.concatenate([self._rows[self._next:], self._rows[: self._next]])
+
+    def with_row(self, row) -> np.ndarray:
+        """The window's rows and one more at the end (the arriving request)."""
+        out = np.empty((self._count + 1, 4))
+        if self._count < self.size:
+            out[: self._count] = self._rows[: self._count]
+        else:
+            k = self.size - self._next
+            out[:k] = self._rows[self._next:]
+            out[k: self._count] = self._rows[: self._next]
+        out[-1] = row
+        return out
+
+
 class DecisionReason(str, enum.Enum):
     """Why the market decided what it did; the values are stable (metric labels, error bodies)."""
 
@@ -169,7 +218,7 @@ class OnlineMarket:
     pace: bool = True  # per-query budget: clear with the block's remaining budget per remaining arrival
     outcome_window: int = DEFAULT_OUTCOME_WINDOW
     tenant_weights: dict = field(default_factory=dict)  # tenant -> weight in the utility (others: 1)
-    _window: deque = field(init=False, repr=False)  # (threshold, spread, runaway share, weight) per recent arrival
+    _window: DemandWindow = field(init=False, repr=False)  # (threshold, spread, runaway share, weight) per arrival
     _times: deque = field(init=False, repr=False)
     _outcomes: deque = field(init=False, repr=False)
     _costs: deque = field(init=False, repr=False)
@@ -179,7 +228,7 @@ class OnlineMarket:
     def __post_init__(self):
         if not (isinstance(self.window_size, int) and self.window_size >= 0):
             raise InvalidInputError("window_size", self.window_size, "must be an integer >= 0")
-        self._window = deque(maxlen=self.window_size)
+        self._window = DemandWindow(self.window_size)
         self._times = deque(maxlen=max(self.window_size, 1))
         self._outcomes = deque(maxlen=self.outcome_window)
         self._costs = deque(maxlen=COST_WINDOW)
@@ -272,7 +321,7 @@ class OnlineMarket:
 
     def window(self) -> np.ndarray:
         """The recent thresholds the price is cleared against."""
-        return np.asarray([w[0] for w in self._window], dtype=float)
+        return self._window.rows()[:, 0]
 
     def request(
         self,
@@ -313,7 +362,7 @@ class OnlineMarket:
             self._times.append(now)
         b = self.budget_per_query(now)
         entry = (float(threshold_tokens), float(log_sigma), float(runaway), self.tenant_weight(tenant))
-        demand = np.array(list(self._window) + [entry], dtype=float).reshape(-1, 4)
+        demand = self._window.with_row(entry)
         tau = demand[:, 0]
         if self.policy.per_query_sigma:  # prices each request's own distribution and weight
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
