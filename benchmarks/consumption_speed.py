@@ -21,7 +21,9 @@ timed runs; the first (cold) call of each size is printed as well. Usage:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +33,9 @@ from clear_core.market import clear_market
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS
 from clear_core.uncertainty import clear_market_lognormal
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from clearing_speed import best_time  # noqa: E402  (the same timing rule as the paper-market benchmark)
+
 #: An 8-bin calibration shaped like the main pool's (spread and runaway share grow with the length).
 CALIBRATION = Calibration(
     centres=(4.8, 5.4, 5.7, 6.1, 6.6, 7.3, 8.4, 9.3),
@@ -39,15 +44,6 @@ CALIBRATION = Calibration(
     n=(300,) * 8,
     runaway=(0.0, 0.0, 0.0, 0.0, 0.0, 0.04, 0.31, 0.67),
 )
-
-
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from clear_core.ledger import Settlement, TokenLedger
 from clear_core.online_market import DEFAULT_TENANT, Decision, OnlineMarket
 from clear_core.policies import parse_policy
 from clear_core.predictions import read_predictions
+from deployments.background import cancel_on_stop
 from deployments.config import AllocatorConfig
 from deployments.state_store import state_store_for
 
@@ -256,11 +257,5 @@ class Allocator:
         return self.status_sync()
 
     def __del__(self):
-        """Serve calls this when the replica stops: end the sweep loop, so the replica exits without
-        asyncio reporting a pending task (and its stack) at shutdown."""
-        task = getattr(self, "_sweeper", None)
-        if task is not None and not task.done():
-            try:
-                task.cancel()
-            except RuntimeError:  # garbage-collected after its event loop closed: nothing left to stop
-                pass
+        """Serve calls this when the replica stops: end the sweep loop (deployments.background)."""
+        cancel_on_stop(getattr(self, "_sweeper", None))

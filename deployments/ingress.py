@@ -58,6 +58,7 @@ from ray.exceptions import RayError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clear_core.online_market import DEFAULT_TENANT
+from deployments.background import cancel_on_stop
 from deployments.config import AppConfig
 from deployments.engines import engine_client
 from deployments.engines.base import EngineRequest
@@ -453,14 +454,8 @@ class Ingress:
             await asyncio.sleep(every)
 
     def __del__(self):
-        """Serve calls this when the replica stops: end the lease renewal loop, so the replica exits
-        without asyncio reporting a pending task (and its stack) at shutdown."""
-        task = getattr(self, "_lease_task", None)
-        if task is not None and not task.done():
-            try:
-                task.cancel()
-            except RuntimeError:  # garbage-collected after its event loop closed: nothing left to stop
-                pass
+        """Serve calls this when the replica stops: end the lease renewal loop (deployments.background)."""
+        cancel_on_stop(getattr(self, "_lease_task", None))
 
     # -- answers --------------------------------------------------------------------
 
