@@ -7,6 +7,10 @@ plus our variants::
     uniform, proportional, tale-ep, heuristic, auction,
     clear, clear-paper, clear-optimal, clear-triangular, clear-quadratic, oracle
 
+and, beyond the paper, ``clear-cost`` / ``clear-cost-emp`` (markets on expected
+generated tokens, :mod:`clear_core.consumption`, :mod:`clear_core.empirical_market`)
+and ``uniform-generated`` (a cost baseline that needs the true lengths).
+
 Two market policies with their own parameters:
 
 :class:`ClearLognormal` (``clear``)
