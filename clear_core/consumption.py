@@ -33,8 +33,11 @@ back their chance of finishing. A cap cut at the context limit ``t_max``
 (``u <= u_max = ln(t_max / tau) / sigma``) keeps the surplus check at ``u_max``.
 
 Unlike the cap market, expected consumption stops growing once a cap is far
-in the tail (``M(u) -> exp(sigma^2/2)``, the mean): at a vanishing price a
-solvent query gets the context limit, and caps in the tail cost almost nothing.
+in the tail (``M(u) -> exp(sigma^2/2)``, the mean), so the optimum runs far
+into the tail. A cap is reserved whole, though, and long sequences hold a
+batch: under scarcity a cap covers at most :data:`COVERAGE_QUANTILE` of the
+query's finishing length; when the whole budget is abundant (every query at the
+context limit fits) every query gets the context limit.
 
 Solver (exact on a rounded instance)
 ------------------------------------
@@ -370,7 +373,6 @@ class _Demand:
         u_limit = np.log(limit / tau) / sig
         # Caps never cover more than COVERAGE_QUANTILE of the finishing lengths: past it a cap buys
         # almost nothing in the model, but the ledger reserves it whole and the engine may run it.
-        self.to_limit = np.zeros(tau.size, dtype=bool)
         self.u_clip = np.minimum(np.minimum(u_limit, u_top), MAX_COVERAGE_U)
         peak = np.array([coverage_peak(t.sigma, t.eta) for t in tables])[where]
         # Clipped when the optimum would lie past u_clip, i.e. x < R(u_clip) on the falling branch;
@@ -414,8 +416,7 @@ class _Demand:
         u = self._lookup(self.coverage, np.maximum(x, self.x_clip))
         u = np.where(clipped, self.u_clip, np.minimum(u, self.u_clip))
         limit = min(t_max, CAP_CEILING_TOKENS)
-        caps = np.where(clipped & self.to_limit, limit, self.types.tau * np.exp(self.types.sigma * u))
-        return np.where(solvent, np.minimum(caps, limit), 0.0)
+        return np.where(solvent, np.minimum(self.types.tau * np.exp(self.types.sigma * u), limit), 0.0)
 
     def price_bracket(self) -> tuple[float, float]:
         """ln lam below which every type is clipped, and above which every type is insolvent."""
