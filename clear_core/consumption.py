@@ -275,6 +275,12 @@ class ConsumptionResult:
     iterations: int  # demand probes of the price searches
     converged: bool  # the price search met LOG_PRICE_TOLERANCE
     n_types: int  # distinct (sigma, runaway, threshold, weight) after rounding
+    # The quote that reproduces these caps query by query (caps_at_log_prices): ln of the solvency price
+    # and of the (lower) price the solvent queries' caps are set at; -inf: no price (caps clipped);
+    # full_context: abundant, every query at the context limit.
+    log_price: float = -math.inf
+    log_fill_price: float = -math.inf
+    full_context: bool = False
 
     @property
     def abandonment_rate(self) -> float:
@@ -541,13 +547,14 @@ def clear_consumption_market(
                                            f_top, demand.total(log_price, solvent) - budget_left)
             probes, converged = probes + more, converged and ok
     real = demand.caps(log_fill, solvent, t_max)
+    full_context = False
     if price == 0.0 and math.isfinite(t_max):
         # Abundant: if every query can have the context limit within the budget, it gets it (the
         # coverage ceiling saves reservations under scarcity, not when nothing is scarce).
         full = np.full(types.tau.size, float(t_max))
         rho_t = types.eta / (1.0 + types.eta)
         if float(np.dot(types.count, expected_generated(full, types.tau, types.sigma, rho_t))) <= b:
-            real = full
+            real, full_context = full, True
     type_caps = np.floor(real + 1e-9).astype(np.int64)
     caps = type_caps[types.inverse]
     if share:
@@ -564,4 +571,37 @@ def clear_consumption_market(
     return ConsumptionResult(
         caps=caps, shadow_price=float(price), active=active, expected_generated_tokens=expected, budget=b,
         iterations=probes, converged=bool(converged), n_types=int(types.count.size),
+        log_price=log_price if price > 0 else -math.inf, log_fill_price=log_fill if log_fill > lo else -math.inf,
+        full_context=full_context,
     )
+
+
+def caps_at_log_prices(
+    thresholds, *, log_sigma, runaway=0.0, weights=None, log_price: float, log_fill_price: float,
+    full_context: bool = False, context_limit_tokens: float | None = None,
+) -> np.ndarray:
+    """Each query's cap at a quoted price, one query at a time (no clearing).
+
+    ``log_price`` decides solvency and ``log_fill_price`` (<= it) sets the
+    solvent queries' caps, as in :func:`clear_consumption_market`, whose
+    result carries both: a query of the cleared batch gets here exactly the
+    cap the clearing gave it (apart from the rationing of a tie at the margin),
+    and a new query gets the cap it would have had in that batch. ``-inf``
+    means no price. ``O(1)`` per query once its spread's coverage table is cached.
+    """
+    tau = np.maximum(validate_thresholds(thresholds), 1.0)
+    t_max = validate_context_limit(context_limit_tokens)
+    if tau.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if full_context and math.isfinite(t_max):
+        return np.full(tau.size, int(t_max), dtype=np.int64)
+    sig = np.broadcast_to(np.asarray(log_sigma, dtype=float), tau.shape).astype(float)
+    w = np.ones_like(tau) if weights is None else np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)
+    rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
+    if (~np.isfinite(sig) | (sig <= 0)).any() or (~np.isfinite(w) | (w <= 0)).any() or ((rho < 0) | (rho >= 1)).any():
+        raise InvalidInputError("quoted request", (sig, w, rho), "spreads and weights must be > 0, runaway in [0, 1)")
+    types = _group(tau, sig, runaway_odds(rho), np.asarray(w, dtype=float))
+    demand = _Demand(types, t_max)
+    solvent = log_price < demand.l_solvent
+    real = demand.caps(min(log_fill_price, log_price), solvent, t_max)
+    return np.floor(real + 1e-9).astype(np.int64)[types.inverse]

@@ -32,6 +32,19 @@ Faults never charge for tokens nobody received:
   settles it, expires after the budget's ``reservation_ttl_s`` and is charged
   in full (the backstop: a reservation can never leak for ever).
 
+Budget leases (decisions at the ingress, :mod:`clear_core.lease`): an owner
+may also hold *tokens* on lease (:meth:`TokenLedger.grant_lease`): a block of
+the pool it reserves against locally, without asking for each request. The
+invariant then reads ``reserved + leased + spent <= granted`` (``leased`` the
+tokens lent out and not yet reported spent or given back). The owner reports
+cumulative counters (:meth:`TokenLedger.reconcile`: charged, given back,
+reserved inside its lease, and the token totals); the ledger applies the
+change since the last report, so a report may be repeated or lost without
+counting anything twice. When its liveness lease lapses, the owner's token
+lease comes back to the pool (:meth:`TokenLedger.release_lapsed`) and the
+owner is *revoked*: a later report from it is refused. Only what it had
+charged and not reported yet is lost, at most its lease.
+
 Settling is idempotent: a settle of a reservation that is no longer open
 (settled already, recovered, expired, or never made because the reserve
 failed) changes nothing. Every token a cap takes ends in exactly one of
@@ -72,16 +85,19 @@ class LedgerState:
     recovered_tokens_total: int = 0  # their caps (part of refunded_total)
     failed_total: int = 0  # requests settled as failed (charged only what they generated)
     owners: int = 0  # owners (ingress replicas) holding a live lease
+    leased: int = 0  # tokens lent to owners on budget leases, not yet reported charged or given back
+    lease_reserved: int = 0  # caps the owners reported open inside their leases
 
     @property
     def invariant_holds(self) -> bool:
-        return self.reserved + self.spent <= self.granted + 1e-6
+        return self.reserved + self.leased + self.spent <= self.granted + 1e-6
 
     @property
     def reconciles(self) -> bool:
-        """Every allocated token is generated, refunded, expired or still reserved."""
+        """Every allocated token is generated, refunded, expired or still reserved (centrally or in a lease)."""
         return self.allocated_total == (
             self.generated_total + self.refunded_total + self.expired_tokens_total + self.reserved
+            + self.lease_reserved
         )
 
 
@@ -95,6 +111,31 @@ class Settlement:
 
 #: An owner (ingress replica) that has not renewed its lease for this long is presumed dead, s.
 DEFAULT_LEASE_TTL_S = 15.0
+
+
+#: Counters an owner reports about its budget lease, cumulative since the lease was opened.
+LEASE_COUNTERS = ("charged", "returned", "allocated", "generated", "refunded", "failed")
+#: Revoked owners remembered (a report from one of them is refused).
+REVOKED_MEMORY = 4096
+
+
+@dataclass
+class TokenLease:
+    """What one owner holds on lease, and the cumulative counters it last reported."""
+
+    granted: int = 0  # tokens lent to it so far
+    charged: int = 0  # of them, charged for requests that ended (spent)
+    returned: int = 0  # of them, given back to the pool
+    reserved: int = 0  # open caps inside the lease (its last report)
+    allocated: int = 0
+    generated: int = 0
+    refunded: int = 0
+    failed: int = 0
+    arrivals: int = 0  # the owner's arrivals absorbed so far (its next arrival's number)
+
+    @property
+    def outstanding(self) -> int:
+        return self.granted - self.charged - self.returned
 
 
 @dataclass
@@ -129,6 +170,9 @@ class TokenLedger:
         self._expired = 0
         self._last_refill = clock()
         self._granted = float(budget.initial_grant())
+        self._token_leases: dict[str, TokenLease] = {}
+        self._leased = 0  # sum of the leases' outstanding tokens
+        self._revoked: OrderedDict[str, None] = OrderedDict()
 
     # -- budget inflow -------------------------------------------------------
 
@@ -154,7 +198,12 @@ class TokenLedger:
 
     def available(self, now: float | None = None) -> int:
         self._refill(self._clock() if now is None else now)
-        return int(math.floor(self._granted - self._reserved - self._spent + 1e-9))
+        return int(math.floor(self._granted - self._reserved - self._leased - self._spent + 1e-9))
+
+    def pricing_available(self, now: float | None = None) -> int:
+        """The pool plus what the leases hold and have not reserved: what is left to price with."""
+        held = sum(max(lease.outstanding - lease.reserved, 0) for lease in self._token_leases.values())
+        return self.available(now) + held
 
     def reserve(self, rid: str, cap: int, now: float | None = None, owner: str | None = None) -> None:
         """Hold ``cap`` tokens for request ``rid`` (made by ``owner``); raise if they are not available."""
@@ -205,11 +254,66 @@ class TokenLedger:
         self._leases[str(owner)] = self._clock() if now is None else now
         return sum(1 for r in self._reservations.values() if r.owner == owner)
 
+    # -- budget leases (decisions at the ingress) -------------------------------------
+
+    def token_leases(self) -> dict[str, TokenLease]:
+        return dict(self._token_leases)
+
+    def token_lease(self, owner: str) -> TokenLease | None:
+        return self._token_leases.get(owner)
+
+    def is_revoked(self, owner: str) -> bool:
+        return owner in self._revoked
+
+    def grant_lease(self, owner: str, tokens: int, now: float | None = None) -> int:
+        """Lend ``owner`` up to ``tokens`` more of the pool; returns how many it got (maybe 0)."""
+        now = self._clock() if now is None else now
+        if owner in self._revoked:
+            raise InvalidInputError("owner", owner, "its lease was revoked (it lapsed); open a new one")
+        if not isinstance(tokens, (int, np.integer)) or tokens < 0:
+            raise InvalidInputError("tokens", tokens, "must be an integer >= 0")
+        self.renew(owner, now)
+        given = min(int(tokens), max(self.available(now), 0))
+        lease = self._token_leases.setdefault(owner, TokenLease())
+        lease.granted += given
+        self._leased += given
+        return given
+
+    def reconcile(self, owner: str, counters: dict, reserved: int, now: float | None = None) -> TokenLease:
+        """Apply an owner's report: cumulative ``counters`` (:data:`LEASE_COUNTERS`) and its open caps.
+
+        Counters only move forward (an older or repeated report changes
+        nothing); charged plus given back never exceed what was lent (a report
+        claiming more is clipped to the lease: the ledger, not the owner, is
+        the authority on what was lent).
+        """
+        now = self._clock() if now is None else now
+        if owner in self._revoked:
+            raise InvalidInputError("owner", owner, "its lease was revoked (it lapsed); open a new one")
+        self.renew(owner, now)
+        lease = self._token_leases.setdefault(owner, TokenLease())
+        new = {k: max(int(counters.get(k, 0)), getattr(lease, k)) for k in LEASE_COUNTERS}
+        room = lease.granted - lease.charged - lease.returned
+        d_charged = min(new["charged"] - lease.charged, room)
+        d_returned = min(new["returned"] - lease.returned, room - d_charged)
+        self._refill(now)  # the bucket level before the tokens move
+        lease.charged += d_charged
+        lease.returned += d_returned
+        self._leased -= d_charged + d_returned
+        self._spent += d_charged
+        for k, total in (("_allocated", "allocated"), ("_generated", "generated"), ("_refunded", "refunded"),
+                         ("_failed", "failed")):
+            setattr(self, k, getattr(self, k) + new[total] - getattr(lease, total))
+            setattr(lease, total, new[total])
+        lease.reserved = max(min(int(reserved), lease.outstanding), 0)
+        return lease
+
     def release_lapsed(self, now: float | None = None) -> list[tuple[str, int]]:
         """Recover the reservations of owners whose lease lapsed: charged nothing, caps back to the pool.
 
         Returns the ``(rid, cap)`` recovered; the lapsed owners are forgotten
-        (an owner that comes back simply renews again).
+        (an owner that comes back simply renews again), except those that held
+        a budget lease: its tokens return to the pool and the owner is revoked.
         """
         now = self._clock() if now is None else now
         lapsed = {o for o, t in self._leases.items() if now - t >= self.lease_ttl_s}
@@ -217,8 +321,17 @@ class TokenLedger:
             return []
         for o in lapsed:
             del self._leases[o]
-        gone = [(rid, r.cap) for rid, r in self._reservations.items() if r.owner in lapsed]
         self._refill(now)
+        for o in sorted(lapsed & self._token_leases.keys()):
+            lease = self._token_leases.pop(o)
+            self._leased -= lease.outstanding
+            # Its open caps were never settled with us: recovered (charged nothing), like a reservation's.
+            self._refunded += lease.reserved
+            self._recovered_tokens += lease.reserved
+            self._revoked[o] = None
+            while len(self._revoked) > REVOKED_MEMORY:
+                self._revoked.popitem(last=False)
+        gone = [(rid, r.cap) for rid, r in self._reservations.items() if r.owner in lapsed]
         for rid, cap in gone:
             del self._reservations[rid]
             self._reserved -= cap
@@ -262,6 +375,8 @@ class TokenLedger:
             recovered_tokens_total=self._recovered_tokens,
             failed_total=self._failed,
             owners=len(self._leases),
+            leased=self._leased,
+            lease_reserved=sum(lease.reserved for lease in self._token_leases.values()),
         )
 
     # -- durability ----------------------------------------------------------
@@ -288,6 +403,8 @@ class TokenLedger:
             "failed": self._failed,
             "lease_ttl_s": self.lease_ttl_s,
             "reservations": [[rid, r.cap, max(0.0, now - r.created), r.owner] for rid, r in self._reservations.items()],
+            "token_leases": {o: vars(lease).copy() for o, lease in self._token_leases.items()},
+            "revoked": list(self._revoked),
         }
 
     @classmethod
@@ -319,6 +436,12 @@ class TokenLedger:
             led._reserved += int(cap)
             if owner is not None:
                 led._leases[owner] = now
+        for o, d in snap.get("token_leases", {}).items():
+            lease = TokenLease(**{k: int(v) for k, v in d.items()})
+            led._token_leases[o] = lease
+            led._leased += lease.outstanding
+            led._leases[o] = now  # a fresh liveness lease: a live owner reports, a dead one lapses
+        led._revoked.update((o, None) for o in snap.get("revoked", []))
         led._last_refill = now
         if not led.state(now).invariant_holds:
             raise InvalidInputError("ledger snapshot", "reserved + spent > granted", "refusing to restore broken books")

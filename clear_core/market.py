@@ -79,6 +79,9 @@ class MarketResult:
     method: str  # the solver: "exact", "bisection", "optimal" or "lognormal"
     budget: float  # the budget B that was cleared, in tokens
     converged: bool  # the solver met its tolerance (closed-form solvers: always)
+    # Log-normal market: the price the active queries' caps were set at after filling (<= shadow_price;
+    # see clear_core.uncertainty.caps_at_prices); nan for the other solvers.
+    fill_price: float = math.nan
 
     @property
     def allocated_tokens(self) -> int:

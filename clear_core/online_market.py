@@ -172,6 +172,50 @@ class DemandWindow:
         return out
 
 
+class ArrivalMemory:
+    """Arrival keys seen recently, to tell a retry from new demand (module docstring, Retries)."""
+
+    def __init__(self):
+        self._keys: OrderedDict[str, float] = OrderedDict()  # arrival key -> clock time of its first arrival
+
+    def is_new(self, key: str | None, retry: bool, now: float) -> bool:
+        """Remember ``key``; a retry of a key seen within ARRIVAL_MEMORY_S is not a new arrival."""
+        keys = self._keys
+        while keys and (len(keys) > ARRIVAL_MEMORY or now - next(iter(keys.values())) > ARRIVAL_MEMORY_S):
+            keys.popitem(last=False)
+        if key is None:
+            return True
+        if retry and key in keys:
+            return False
+        keys[key] = now
+        keys.move_to_end(key)
+        return True
+
+
+def check_request(threshold_tokens: float, log_sigma: float, runaway: float, client_cap_tokens: int | None) -> None:
+    """Refuse a request the market cannot price (InvalidInputError)."""
+    if not (math.isfinite(threshold_tokens) and threshold_tokens >= 0):
+        raise InvalidInputError("threshold_tokens", threshold_tokens, "must be finite and >= 0")
+    if not (math.isfinite(log_sigma) and log_sigma >= 0):
+        raise InvalidInputError("log_sigma", log_sigma, "must be finite and >= 0")
+    if not (math.isfinite(runaway) and 0 <= runaway < 1):
+        raise InvalidInputError("runaway", runaway, "must be in [0, 1)")
+    if client_cap_tokens is not None and client_cap_tokens < 1:
+        raise InvalidInputError("client_cap_tokens", client_cap_tokens, "must be >= 1")
+
+
+def retry_advice(reason: "DecisionReason", turnover_s: float, refill_s: float) -> tuple[float, bool]:
+    """(Retry-After, should retry) of an abandonment: insolvent waits for the demand to turn over
+    and is told not to retry soon; a solvent request refused by an empty pool waits for the refill."""
+    if reason is DecisionReason.INSOLVENT:
+        wait, should = turnover_s, False
+    else:
+        wait = refill_s
+        should = math.isfinite(wait)
+    retry = MAX_RETRY_AFTER_S if not math.isfinite(wait) else min(max(MIN_RETRY_AFTER_S, wait), MAX_RETRY_AFTER_S)
+    return float(retry), should
+
+
 class DecisionReason(str, enum.Enum):
     """Why the market decided what it did; the values are stable (metric labels, error bodies)."""
 
@@ -222,7 +266,7 @@ class OnlineMarket:
     _times: deque = field(init=False, repr=False)
     _outcomes: deque = field(init=False, repr=False)
     _costs: deque = field(init=False, repr=False)
-    _keys: OrderedDict = field(init=False, repr=False)  # arrival key -> clock time of its first arrival
+    _arrivals: ArrivalMemory = field(init=False, repr=False)
     last_price: float = field(init=False, default=0.0)
 
     def __post_init__(self):
@@ -232,7 +276,10 @@ class OnlineMarket:
         self._times = deque(maxlen=max(self.window_size, 1))
         self._outcomes = deque(maxlen=self.outcome_window)
         self._costs = deque(maxlen=COST_WINDOW)
-        self._keys = OrderedDict()
+        self._arrivals = ArrivalMemory()
+        self._owner_tenants: dict = {}  # owner -> its last reported tenant counters (budget leases)
+        self._quotes = 0
+        self.last_quote = None
         self._tenant_of = OrderedDict()  # rid -> tenant, until it settles
         for t, w in self.tenant_weights.items():
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
@@ -259,12 +306,18 @@ class OnlineMarket:
     def budget(self) -> Budget:
         return self.ledger.budget
 
-    def budget_per_query(self, now: float) -> float:
-        """b of the window market (the budget's :meth:`~clear_core.budget.Budget.pricing_budget_per_query`)."""
+    def budget_per_query(self, now: float, ahead: bool = False) -> float:
+        """b of the window market (the budget's :meth:`~clear_core.budget.Budget.pricing_budget_per_query`).
+
+        ``ahead``: for the next arrival, not yet counted (a quote prices requests still to come; the
+        budget block that arrival would open is counted in).
+        """
         n = len(self._times)
         span = max(now - self._times[0], self.min_rate_span_s) if n else self.min_rate_span_s
+        arrivals = self.ledger.arrivals + int(ahead)
+        opens = self.budget.grant_on_arrival(arrivals) if ahead else 0.0
         return self.budget.pricing_budget_per_query(
-            available=self.ledger.available(now), arrivals=self.ledger.arrivals,
+            available=self.ledger.pricing_available(now) + opens, arrivals=arrivals,
             recent_arrivals=n, recent_span_s=span, pace=self.pace, cap_cost_ratio=self.cap_cost_ratio(),
         )
 
@@ -304,18 +357,6 @@ class OnlineMarket:
             return 0.0
         return n / max(now - self._times[0], self.min_rate_span_s)
 
-    def _is_new_arrival(self, key: str | None, retry: bool, now: float) -> bool:
-        """Remember ``key``; a retry of a key seen within ARRIVAL_MEMORY_S is not a new arrival."""
-        while self._keys and (len(self._keys) > ARRIVAL_MEMORY or now - next(iter(self._keys.values())) > ARRIVAL_MEMORY_S):
-            self._keys.popitem(last=False)
-        if key is None:
-            return True
-        if retry and key in self._keys:
-            return False
-        self._keys[key] = now
-        self._keys.move_to_end(key)
-        return True
-
     def abandonment_rate(self) -> float:
         return float(np.mean(self._outcomes)) if self._outcomes else 0.0
 
@@ -348,15 +389,8 @@ class OnlineMarket:
         retried request (module docstring).
         """
         now = self.ledger.now() if now is None else now
-        if not (math.isfinite(threshold_tokens) and threshold_tokens >= 0):
-            raise InvalidInputError("threshold_tokens", threshold_tokens, "must be finite and >= 0")
-        if not (math.isfinite(log_sigma) and log_sigma >= 0):
-            raise InvalidInputError("log_sigma", log_sigma, "must be finite and >= 0")
-        if not (math.isfinite(runaway) and 0 <= runaway < 1):
-            raise InvalidInputError("runaway", runaway, "must be in [0, 1)")
-        if client_cap_tokens is not None and client_cap_tokens < 1:
-            raise InvalidInputError("client_cap_tokens", client_cap_tokens, "must be >= 1")
-        new = self._is_new_arrival(arrival_key, retry, now)
+        check_request(threshold_tokens, log_sigma, runaway, client_cap_tokens)
+        new = self._arrivals.is_new(arrival_key, retry, now)
         if new:
             self.ledger.arrive()
             self._times.append(now)
@@ -406,7 +440,8 @@ class OnlineMarket:
     def snapshot(self) -> dict:
         """Pricing memory (recent thresholds and outcomes) for an allocator restart."""
         return {"window": [list(w) for w in self._window], "outcomes": [bool(x) for x in self._outcomes],
-                "last_price": self.last_price, "tenants": {t: s.as_dict() for t, s in self.tenants.items()}}
+                "last_price": self.last_price, "tenants": {t: s.as_dict() for t, s in self.tenants.items()},
+                "owner_tenants": {o: {t: dict(v) for t, v in d.items()} for o, d in self._owner_tenants.items()}}
 
     def seed(self, thresholds) -> None:
         """Prime the pricing window with thresholds of representative past demand.
@@ -429,19 +464,71 @@ class OnlineMarket:
             st.admitted, st.abandoned = int(d.get("admitted", 0)), int(d.get("abandoned", 0))
             st.allocated_tokens, st.generated_tokens = int(d.get("allocated_tokens", 0)), int(d.get("generated_tokens", 0))
         self._outcomes.extend(bool(x) for x in snap.get("outcomes", []))
+        self._owner_tenants = {o: {t: dict(v) for t, v in d.items()} for o, d in snap.get("owner_tenants", {}).items()}
         self.last_price = float(snap.get("last_price", 0.0))
 
     def _abandon(self, reason: DecisionReason, now: float, need: float, quote: dict) -> Decision:
         if quote["new_arrival"]:
             self._outcomes.append(True)
             self._stats(quote["tenant"]).abandoned += 1
-        if reason is DecisionReason.INSOLVENT:
-            # The price moves only as the demand it is cleared against turns over.
-            rate = self.arrival_rate(now)
-            turnover = len(self._window) / rate if rate > 0 else math.inf
-            wait, should_retry = turnover, False
-        else:
-            wait = self.ledger.seconds_until(need, now)  # inf: no refill will cover it (per-query blocks)
-            should_retry = math.isfinite(wait)
-        retry = MAX_RETRY_AFTER_S if not math.isfinite(wait) else min(max(MIN_RETRY_AFTER_S, wait), MAX_RETRY_AFTER_S)
-        return Decision(reason=reason, cap_tokens=0, retry_after_s=float(retry), should_retry=should_retry, **quote)
+        # Insolvent: the price moves only as the demand it is cleared against turns over. Pool empty:
+        # the refill time (inf: no refill will cover it, per-query blocks).
+        refill = self.ledger.seconds_until(need, now) if reason is DecisionReason.POOL_EMPTY else math.inf
+        retry, should_retry = retry_advice(reason, self.turnover_s(now), refill)
+        return Decision(reason=reason, cap_tokens=0, retry_after_s=retry, should_retry=should_retry, **quote)
+
+    def turnover_s(self, now: float) -> float:
+        """About how long until the demand the price is cleared against has turned over, s."""
+        rate = self.arrival_rate(now)
+        return len(self._window) / rate if rate > 0 else math.inf
+
+    # -- decisions at the ingress (budget leases, clear_core.lease) ---------------------
+
+    def absorb(self, rows, now: float | None = None) -> None:
+        """New arrivals priced elsewhere (an ingress replica's report): each row is
+        ``(threshold, spread, runaway share, weight)``. They credit the budget
+        (per-query blocks), enter the pricing window and the arrival rate."""
+        now = self.ledger.now() if now is None else now
+        for row in rows:
+            tau, sig, rho, w = (float(v) for v in row[:4])
+            check_request(tau, sig, rho, None)
+            if not (math.isfinite(w) and w > 0):
+                raise InvalidInputError("weight", w, "must be finite and > 0")
+            self.ledger.arrive()
+            self._times.append(now)
+            if self.window_size > 0:
+                self._window.append((tau, sig, rho, w))
+
+    def absorb_tenants(self, owner: str, counters: dict) -> None:
+        """An owner's cumulative per-tenant counters; the change since its last report is added
+        (its new admissions and abandonments enter the abandonment rate)."""
+        last = self._owner_tenants.setdefault(owner, {})
+        for tenant, values in list(counters.items())[:MAX_TENANTS]:
+            new = {k: int(values.get(k, 0)) for k in ("admitted", "abandoned", "allocated_tokens", "generated_tokens")}
+            old = last.get(tenant, {})
+            st = self._stats(str(tenant))
+            delta = {k: max(v - old.get(k, 0), 0) for k, v in new.items()}
+            for k, v in delta.items():
+                setattr(st, k, getattr(st, k) + v)
+            self._outcomes.extend([False] * min(delta["admitted"], self.outcome_window))
+            self._outcomes.extend([True] * min(delta["abandoned"], self.outcome_window))
+            last[tenant] = new
+
+    def reporting_owners(self) -> list[str]:
+        return list(self._owner_tenants)
+
+    def forget_owner(self, owner: str) -> None:
+        self._owner_tenants.pop(owner, None)
+
+    def quote(self, now: float | None = None):
+        """Clear the pricing window at the current per-query budget: a :class:`~clear_core.quotes.PriceQuote`."""
+        from clear_core.quotes import quote_window
+
+        now = self.ledger.now() if now is None else now
+        self._quotes += 1
+        q = quote_window(self.policy, self._window.rows(), self.budget_per_query(now, ahead=True),
+                         self.context_limit_tokens,
+                         version=self._quotes, issued_at=now, turnover_s=self.turnover_s(now))
+        self.last_price = q.shadow_price
+        self.last_quote = q
+        return q

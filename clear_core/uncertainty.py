@@ -118,6 +118,7 @@ def clear_market_lognormal(
     lo, hi = LOG_PRICE_BRACKET
     caps = _caps_at(math.exp(lo), tau, sigma, t_max, kappa0)
     iterations, converged, price = 0, True, 0.0
+    fill_price = math.exp(lo)
     if caps.sum() > b:
         search = bisect_monotone(
             lambda log_lam: _caps_at(math.exp(log_lam), tau, sigma, t_max, kappa0).sum() > b,
@@ -128,9 +129,10 @@ def clear_market_lognormal(
         )
         price, iterations, converged = math.exp(search.hi), search.iterations, search.converged
         caps = _caps_at(price, tau, sigma, t_max, kappa0)
+        fill_price = price
     active = caps > 0
     if fill_unused and active.any() and b - caps.sum() >= 1.0:  # a jump left whole tokens over
-        caps = _fill_active(caps, active, tau, sigma, t_max, budget=b, price=price)
+        caps, fill_price = _fill_active(caps, active, tau, sigma, t_max, budget=b, price=price)
     slack = float((caps[active] - tau[active]).mean()) if active.any() else 0.0
     return MarketResult(
         caps=integer_caps(caps, b),
@@ -143,7 +145,33 @@ def clear_market_lognormal(
         method="lognormal",
         budget=b,
         converged=converged,
+        fill_price=float(fill_price),
     )
+
+
+def caps_at_prices(thresholds, *, log_sigma: float, price: float, fill_price: float,
+                   context_limit_tokens: float | None = None) -> np.ndarray:
+    """Each query's cap at a quoted price, one query at a time (no clearing).
+
+    Solvency is decided at ``price`` (> 0) and a solvent query's cap is its
+    optimum at ``fill_price`` (<= ``price``), the two prices of a
+    :func:`clear_market_lognormal` result (``shadow_price``, ``fill_price``;
+    an abundant clearing quotes the bottom of the price bracket for both). A
+    query of that batch gets its cap again (up to the integer rounding), a
+    new one the cap it would have had in it.
+    """
+    tau = np.maximum(validate_thresholds(thresholds), MIN_THRESHOLD_TOKENS)
+    t_max = validate_context_limit(context_limit_tokens)
+    if not (math.isfinite(log_sigma) and log_sigma > 0):
+        raise InvalidInputError("log_sigma", log_sigma, "must be finite and > 0")
+    floor = math.exp(LOG_PRICE_BRACKET[0])
+    price, fill_price = max(price, floor), max(min(fill_price, price), floor)
+    sigma = float(log_sigma)
+    caps = _caps_at(price, tau, sigma, t_max, solvency_kappa(sigma))
+    kappa = fill_price * sigma * tau
+    filled = np.minimum(tau * np.exp(sigma * optimal_coverage(kappa, sigma)), t_max)
+    caps = np.where(caps > 0, np.maximum(caps, filled), 0.0)
+    return np.floor(caps + 1e-9).astype(np.int64)
 
 
 def _fill_active(caps, active, tau, sigma, t_max, *, budget, price):
@@ -159,6 +187,7 @@ def _fill_active(caps, active, tau, sigma, t_max, *, budget, price):
         return np.minimum(t_act * np.exp(sigma * optimal_coverage(kappa, sigma)), t_max)
 
     lo = LOG_PRICE_BRACKET[0]
+    fill_log = lo
     if demand(lo).sum() <= budget:
         best = demand(lo)
     else:
@@ -169,7 +198,7 @@ def _fill_active(caps, active, tau, sigma, t_max, *, budget, price):
             tolerance=LOG_PRICE_TOLERANCE,
             max_iterations=LOG_PRICE_ITERATIONS,
         )
-        best = demand(search.hi)
+        best, fill_log = demand(search.hi), search.hi
     out = caps.copy()
     out[active] = np.maximum(best, caps[active])
-    return out
+    return out, math.exp(fill_log)

@@ -15,9 +15,22 @@ than the budget's TTL (the backstop). Settles are idempotent: the ingress
 retries a settle until it is acknowledged, and a settle of a reservation that
 is no longer open is acknowledged without changing the books.
 
-Durability: with a state store (:mod:`deployments.state_store`) every
-command that changes the books writes a snapshot before it answers, and a
-replica that Serve restarts after a crash restores it: the budget granted and
+Decisions at the ingress (``allocator.decisions: ingress``): the ingress
+replicas price requests from a quote and reserve against budget leases
+(:mod:`clear_core.lease`, :mod:`deployments.lease_client`); the allocator only
+answers their reports (:meth:`Allocator.report`): it reconciles the leases,
+absorbs the arrivals into the pricing window, lends more, and answers the new
+quote. A lease whose owner stops reporting lapses and returns to the pool.
+
+Durability: with a state store (:mod:`deployments.state_store`) the books are
+written as snapshots by a background task, off the event loop (the JSON and
+the store's I/O run in a thread). Commands that could let a restart overspend
+wait for the snapshot that contains them before they are answered: a
+reservation (central) and a lease grant (ingress). Concurrent ones share one
+write (group commit). Settles, reports and expiries only move tokens from
+reserved or leased to spent or back to the pool, so a snapshot that misses
+them is conservative; they are written within ``snapshot_interval_s``. A
+replica that Serve restarts after a crash restores the last snapshot: the budget granted and
 spent so far, the open reservations with their owners, and the token counters
 survive (the counters continue from the books, they do not restart at 0), so
 the invariant holds across an allocator restart. With ``budget_name`` set, the
@@ -29,10 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 
 from clear_core.errors import ClearError, UnknownReservationError
+from clear_core.lease import LeaseReply, LeaseReport, answer_report
 from clear_core.ledger import Settlement, TokenLedger
 from clear_core.online_market import DEFAULT_TENANT, Decision, OnlineMarket
 from clear_core.policies import parse_policy
@@ -42,6 +57,10 @@ from deployments.config import AllocatorConfig
 from deployments.state_store import state_store_for
 
 logger = logging.getLogger("ray.serve")
+
+
+#: A report is answered with a fresh quote at most this often (the last one otherwise), s.
+MIN_REQUOTE_S = 0.01
 
 
 def load_seed_thresholds(path: str, limit: int) -> list[float]:
@@ -89,6 +108,12 @@ class Allocator:
                                                   self.config.pricing_window_requests))
         self._lock = threading.Lock()
         self._sweeper: asyncio.Task | None = None
+        self._flusher: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._version = 0  # changes to the books so far
+        self._written = 0  # the version of the last snapshot written
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+        self._quoted_at = -math.inf
         self.metrics = None
         if metrics:
             from deployments.metrics import AllocatorMetrics
@@ -147,6 +172,27 @@ class Allocator:
             self._publish(state)
         return s
 
+    def report_sync(self, report: LeaseReport) -> tuple[LeaseReply, bool]:
+        """(answer, whether more was lent): :func:`clear_core.lease.answer_report` under the lock."""
+        with self._lock:
+            before, tenants = self.ledger.state(), self.market.tenant_snapshot()
+            now = self.ledger.now()
+            requote = now - self._quoted_at >= MIN_REQUOTE_S
+            lease = self.ledger.token_lease(str(report.owner))
+            granted = lease.granted if lease is not None else 0
+            reply = answer_report(self.market, report, requote=requote, now=now)
+            if requote:
+                self._quoted_at = now
+            self._check()
+            self._persist()
+            state = self.ledger.state()
+            tenants_after = self.market.tenant_snapshot()
+        if self.metrics:
+            self.metrics.count_change(before, state)
+            self.metrics.count_tenants(tenants, tenants_after)
+            self._publish(state)
+        return reply, (not reply.revoked) and reply.granted_total > granted
+
     def renew_sync(self, owner: str) -> int:
         """Renew an ingress replica's lease (not persisted: a restart gives every owner a fresh lease)."""
         with self._lock:
@@ -158,8 +204,13 @@ class Allocator:
             before = self.ledger.state()
             recovered = self.ledger.release_lapsed()
             gone = self.ledger.expire()
+            leased_to = set(self.ledger.token_leases())
+            for owner in self.market.reporting_owners():
+                if owner not in leased_to and self.ledger.is_revoked(owner):
+                    self.market.forget_owner(owner)
+            changed = before.leased != self.ledger.state().leased
             self._check()
-            if gone or recovered:
+            if gone or recovered or changed:
                 self._persist()
             state = self.ledger.state()
         if recovered:
@@ -167,6 +218,9 @@ class Allocator:
                            len(recovered), sum(c for _, c in recovered))
         if gone:
             logger.warning("expired %d reservations never settled (charged in full)", len(gone))
+        if changed:
+            logger.warning("took back %d tokens leased to ingress replicas whose lease lapsed",
+                           before.leased - state.leased)
         if self.metrics:
             self.metrics.count_change(before, state)
             self._publish(state)
@@ -187,6 +241,12 @@ class Allocator:
                 "granted_tokens": st.granted,
                 "in_flight_reservations": st.in_flight,
                 "shadow_price": self.market.last_price,
+                "decisions": self.config.decisions,
+                "leased_tokens": st.leased,
+                "lease_reserved_tokens": st.lease_reserved,
+                "quote_version": self.market.last_quote.version if self.market.last_quote else None,
+                "snapshots_written_version": self._written,
+                "books_version": self._version,
                 "abandonment_rate": self.market.abandonment_rate(),
                 "abandonment_window_requests": self.config.abandonment_window_requests,
                 "pricing_window_filled": len(self.market.window()),
@@ -209,9 +269,57 @@ class Allocator:
             }
 
     def _persist(self) -> None:
-        """Write-through snapshot (called under the lock, before the caller gets its answer)."""
+        """The books changed (under the lock): the next snapshot will hold it (module docstring)."""
+        self._version += 1
+
+    def _snapshot(self) -> dict:
+        return {"ledger": self.ledger.snapshot(), "market": self.market.snapshot()}
+
+    def flush(self) -> None:
+        """Write the books now, synchronously (the async entry points wait for the background writer)."""
         if self.store is not None:
-            self.store.save({"ledger": self.ledger.snapshot(), "market": self.market.snapshot()})
+            with self._lock:
+                snap, version = self._snapshot(), self._version
+            self.store.save(snap)
+            self._written = max(self._written, version)
+
+    async def _durable(self) -> None:
+        """Wait until a snapshot holding every change made so far is written (group commit)."""
+        if self.store is None or self._written >= self._version:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._version, fut))
+        self._ensure_background()
+        self._wake.set()
+        await fut
+
+    async def _flush_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.snapshot_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if self._written < self._version:
+                with self._lock:
+                    snap, version = self._snapshot(), self._version
+                try:
+                    await asyncio.to_thread(self.store.save, snap)
+                    self._written = max(self._written, version)
+                except Exception as exc:
+                    logger.exception("writing the books failed")
+                    for _, fut in self._waiters:
+                        if not fut.done():
+                            fut.set_exception(ClearError(f"the books could not be written: {type(exc).__name__}"))
+                    self._waiters = []
+                    continue
+            done = [(v, f) for v, f in self._waiters if v <= self._written]
+            self._waiters = [(v, f) for v, f in self._waiters if v > self._written]
+            for _, fut in done:
+                if not fut.done():
+                    fut.set_result(None)
+            if self._waiters:
+                self._wake.set()
 
     def _check(self) -> None:
         st = self.ledger.state()
@@ -224,9 +332,13 @@ class Allocator:
 
     # -- Serve entry points (async: applied one at a time on the replica's loop) --
 
-    def _ensure_sweeper(self) -> None:
+    def _ensure_background(self) -> None:
+        loop = asyncio.get_running_loop()
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            self._sweeper = loop.create_task(self._sweep())
+        if self.store is not None and self._flusher is None:
+            self._wake = asyncio.Event()
+            self._flusher = loop.create_task(self._flush_loop())
 
     async def _sweep(self) -> None:
         while True:
@@ -241,16 +353,27 @@ class Allocator:
         owner: str | None = None, arrival_key: str | None = None, retry: bool = False, runaway: float = 0.0,
         tenant: str = DEFAULT_TENANT,
     ) -> Decision:
-        self._ensure_sweeper()
-        return self.reserve_sync(rid, threshold_tokens, log_sigma, client_cap_tokens, owner, arrival_key, retry,
-                                 runaway, tenant)
+        self._ensure_background()
+        d = self.reserve_sync(rid, threshold_tokens, log_sigma, client_cap_tokens, owner, arrival_key, retry,
+                              runaway, tenant)
+        if d.admitted:  # a reservation a restart must not forget
+            await self._durable()
+        return d
+
+    async def report(self, report: LeaseReport) -> LeaseReply:
+        """An ingress replica's report (decisions at the ingress): answered with the new quote and lease."""
+        self._ensure_background()
+        reply, lent = self.report_sync(report)
+        if lent:  # a grant a restart must not forget
+            await self._durable()
+        return reply
 
     async def settle(self, rid: str, generated: int, failed: bool = False) -> Settlement | None:
-        self._ensure_sweeper()
+        self._ensure_background()
         return self.settle_sync(rid, generated, failed)
 
     async def renew(self, owner: str) -> int:
-        self._ensure_sweeper()
+        self._ensure_background()
         return self.renew_sync(owner)
 
     async def status(self) -> dict:

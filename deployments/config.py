@@ -15,6 +15,7 @@ from clear_core import online_market
 from clear_core.errors import InvalidInputError
 from clear_core.ledger import DEFAULT_LEASE_TTL_S
 from clear_core.policies import parse_policy
+from clear_core.quotes import QUOTABLE_POLICIES
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS
 
 #: @serve.batch of the predictor: most prompts per batch and longest wait to fill one.
@@ -150,6 +151,29 @@ class AllocatorConfig(_Strict):
         description="An ingress replica that has not renewed its lease for this long is presumed dead: its "
         "reservations are recovered (charged nothing), s.",
     )
+    decisions: Literal["central", "ingress"] = Field(
+        "central",
+        description="central: every request asks the allocator for its cap (one round trip each, the reference). "
+        "ingress: each ingress replica prices requests from the allocator's last price quote and reserves against "
+        "a budget lease, with no call per request; the allocator moves the price and reconciles the leases from "
+        "the replicas' reports (clear_core.lease). Policies: clear, clear-cost, uniform.",
+    )
+    report_interval_s: float = Field(
+        0.05, gt=0, le=5.0,
+        description="decisions ingress: how often each ingress replica reports to the allocator and gets the new "
+        "price (the price staleness is about this plus a round trip), s.",
+    )
+    lease_block_tokens: int = Field(
+        16384, ge=1,
+        description="decisions ingress: the most budget an ingress replica holds available on lease; the allocator "
+        "lowers it as the pool drains (a quarter of what is left, shared among the replicas).",
+    )
+    snapshot_interval_s: float = Field(
+        0.5, gt=0,
+        description="How often the books are written to the state store when nothing waits on them, s. A reservation "
+        "(central) or a lease grant (ingress) waits for its snapshot before it is answered (group commit, off the "
+        "event loop); settles and reports only make the books tighter and wait for the next write.",
+    )
     durable_state: bool = Field(
         True, description="Keep the books in a state store so an allocator restart keeps the budget."
     )
@@ -197,6 +221,9 @@ class AllocatorConfig(_Strict):
             raise ValueError(f"tenant weights must be > 0: {bad}")
         if not policy.uses_weights and len(set(self.tenant_weights.values()) | {1.0}) > 1:
             raise ValueError(f"tenant_weights need a policy that weights queries (clear-cost), not {self.policy}")
+        if self.decisions == "ingress" and policy.name not in QUOTABLE_POLICIES:
+            raise ValueError(f"decisions: ingress prices from a quote, which {self.policy} has not (use one of "
+                             f"{', '.join(QUOTABLE_POLICIES)}, or decisions: central)")
         return self
 
 

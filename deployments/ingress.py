@@ -172,6 +172,12 @@ class Ingress:
         # This replica's lease at the allocator: its reservations are recovered if it dies.
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self._lease_task: asyncio.Task | None = None
+        # decisions: ingress: this replica prices from a quote and reserves against a budget lease.
+        self.leases = None
+        if config.allocator.decisions == "ingress":
+            from deployments.lease_client import LeaseClient
+
+            self.leases = LeaseClient(config, allocator, config.allocator.budget.to_budget().refund_unused)
         self.metrics = None
         if metrics:
             from deployments.metrics import IngressMetrics
@@ -213,7 +219,10 @@ class Ingress:
     @app.get("/v1/clear/status")
     async def status(self, request: Request):
         self._auth(request)
-        return await self.allocator.status.remote()
+        status = await self.allocator.status.remote()
+        if self.leases is not None:  # this replica's lease and the age of the prices it decides with
+            status["ingress"] = self.leases.status()
+        return status
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -334,23 +343,13 @@ class Ingress:
             t0 = time.perf_counter()
             pred = await self._predict(req.prompt)
             t1 = time.perf_counter()
-            self._ensure_lease()
-            try:
-                decision: Decision = await self.allocator.reserve.remote(
-                    rid, pred.threshold_tokens, pred.log_sigma, int(client_cap), self.owner, arrival_key, retry,
-                    float(getattr(pred, "runaway", 0.0)), tenant,
-                )
+            if self.leases is not None:
+                decision = await self.leases.decide(rid, pred, int(client_cap), arrival_key, retry, tenant)
                 t2 = time.perf_counter()
-            except ClearError:
-                raise
-            except Exception as exc:
-                # The reservation may exist (the allocator died after writing it): release it.
-                self._settle(rid, 0, failed=True)
-                logger.warning("reserve of %s failed: %s", rid, type(exc).__name__)
-                raise AllocatorUnavailableError("the allocator is unavailable (restarting); nothing was charged, "
-                                                "retry shortly") from None
-            if not decision.admitted:
-                raise abandonment_error(decision)
+                if not decision.admitted:
+                    raise abandonment_error(decision)
+            else:
+                decision, t2 = await self._reserve(rid, pred, client_cap, arrival_key, retry, tenant)
         except ClearError as exc:
             self._count(outcome_of(exc), exc.error_type)
             return _error_response(exc)
@@ -377,6 +376,26 @@ class Ingress:
             return StreamingResponse(self._sse(req, rid, ereq, prompt_tokens, clear, cut),
                                      media_type="text/event-stream")
         return await self._whole(req, rid, ereq, prompt_tokens, clear, cut)
+
+    async def _reserve(self, rid, pred, client_cap, arrival_key, retry, tenant) -> tuple[Decision, float]:
+        """Central decisions: the allocator prices and reserves (one round trip); raises an abandonment."""
+        self._ensure_lease()
+        try:
+            decision: Decision = await self.allocator.reserve.remote(
+                rid, pred.threshold_tokens, pred.log_sigma, int(client_cap), self.owner, arrival_key, retry,
+                float(getattr(pred, "runaway", 0.0)), tenant,
+            )
+        except ClearError:
+            raise
+        except Exception as exc:
+            # The reservation may exist (the allocator died after writing it): release it.
+            self._settle(rid, 0, failed=True)
+            logger.warning("reserve of %s failed: %s", rid, type(exc).__name__)
+            raise AllocatorUnavailableError("the allocator is unavailable (restarting); nothing was charged, "
+                                            "retry shortly") from None
+        if not decision.admitted:
+            raise abandonment_error(decision)
+        return decision, time.perf_counter()
 
     async def _engine_stream(self, ereq: EngineRequest, tally: dict):
         """Engine chunks; ``tally`` keeps the tokens received, the finish reason and info."""
@@ -414,8 +433,14 @@ class Ingress:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _settle(self, rid: str, tokens: int, failed: bool = False) -> asyncio.Task:
-        """Settle ``rid`` in the background, retried until the allocator acknowledges it (idempotent there)."""
+    def _settle(self, rid: str, tokens: int, failed: bool = False) -> asyncio.Task | None:
+        """Settle ``rid`` in the background, retried until the allocator acknowledges it (idempotent there).
+
+        Decisions at the ingress settle in this replica's lease at once (None: nothing to wait for).
+        """
+        if self.leases is not None:
+            self.leases.settle(rid, tokens, failed)
+            return None
 
         async def run():
             deadline = time.monotonic() + SETTLE_RETRY_FOR_S
@@ -435,7 +460,7 @@ class Ingress:
         """Settle, and wait up to ``ingress.settle_ack_wait_s`` for the allocator's acknowledgement
         before the answer ends, so a replica that dies right after answering cannot lose the settle."""
         task = self._settle(rid, tokens)
-        if self.config.ingress.settle_ack_wait_s > 0:
+        if task is not None and self.config.ingress.settle_ack_wait_s > 0:
             await asyncio.wait({task}, timeout=self.config.ingress.settle_ack_wait_s)
 
     def _ensure_lease(self) -> None:
@@ -456,6 +481,8 @@ class Ingress:
     def __del__(self):
         """Serve calls this when the replica stops: end the lease renewal loop (deployments.background)."""
         cancel_on_stop(getattr(self, "_lease_task", None))
+        if getattr(self, "leases", None) is not None:
+            self.leases.stop()
 
     # -- answers --------------------------------------------------------------------
 

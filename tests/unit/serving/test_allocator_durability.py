@@ -26,6 +26,7 @@ def test_a_restarted_allocator_keeps_its_books_and_pricing_window():
             admitted.append((f"q{i}", d.cap_tokens))
     for rid, cap in admitted[:10]:
         a.settle_sync(rid, cap // 2)
+    a.flush()  # the background writer's snapshot (the async entry points wait for it before answering)
     before = a.status_sync()
     b = _allocator(store)  # Serve restarted the replica: same key, same spec
     after = b.status_sync()
@@ -46,6 +47,7 @@ def test_a_new_budget_spec_starts_fresh_books():
     store = MemoryStateStore()
     a = _allocator(store)
     a.reserve_sync("q0", 300.0)
+    a.flush()
     b = _allocator(store, tokens_per_query=999)
     assert b.status_sync()["restored_after_restart"] is False and b.status_sync()["arrivals"] == 0
 

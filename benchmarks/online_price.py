@@ -1,0 +1,185 @@
+"""Decisions from a price quote and budget leases vs the central window market, offline.
+
+The central mode prices every arriving request by clearing the window of
+recent demand with it (``OnlineMarket.request``). The lease mode
+(:mod:`clear_core.lease`) prices each request at an ingress replica from the
+last quote it received (``caps_at_quote``, no clearing) and reserves against
+the replica's budget lease; each replica reports every ``--sync-every`` of its
+arrivals (the staleness, in arrivals) and at once when a cap does not fit its
+lease, and the allocator re-clears the window on every report.
+
+Both replay the same streams of the pool in the same order (oracle-noise
+predictions, ``sigma`` 0.5), one request at a time, each settled at once with
+the tokens it generates, ``min(recorded length, cap)``; a query is solved iff
+its cap covers its recorded length and the answer is correct. The per-query
+budget has one block for the stream (``N * b``). Printed per (policy, budget):
+accuracy of both, the gap in points, allocated and generated tokens against
+``N * b``, and the largest ``reserved + leased + spent - granted`` seen after
+any command (the invariant: never above 0). The last line is one JSON object.
+
+    python benchmarks/online_price.py                          # 3 seeds x 4 streams x 4 budgets
+    python benchmarks/online_price.py --replicas 4 --sync-every 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from clear_core.budget import PerQueryBudget  # noqa: E402
+from clear_core.cli_args import HelpFormatter, add_list_argument, positive_int, run_command  # noqa: E402
+from clear_core.lease import IngressMarket, answer_report  # noqa: E402
+from clear_core.ledger import TokenLedger  # noqa: E402
+from clear_core.online_market import DEFAULT_WINDOW_SIZE, OnlineMarket  # noqa: E402
+from clear_core.policies import parse_policy  # noqa: E402
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS, load_pool, log_noise, make_stream, pool_streams  # noqa: E402
+
+DEFAULT_POOL = REPO_ROOT.parent / "shared" / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
+#: The serving pairs: clear on a cap budget (the paper's), clear-cost on a refunding one.
+MODES = {"clear": False, "clear-cost": True}
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def central_run(policy, tau, sigma, tokens, correct, b, refund, window):
+    clock = Clock()
+    ledger = TokenLedger(PerQueryBudget(tokens_per_query=b, window_queries=len(tau), refund_unused=refund), clock)
+    market = OnlineMarket(policy, ledger, window_size=window, context_limit_tokens=POOL_GENERATION_CAP_TOKENS)
+    caps = np.zeros(len(tau), dtype=np.int64)
+    worst = -np.inf
+    t0 = time.perf_counter()
+    for i in range(len(tau)):
+        clock.t = float(i)
+        d = market.request(str(i), float(tau[i]), log_sigma=sigma)
+        if d.admitted:
+            caps[i] = d.cap_tokens
+            market.settle(str(i), int(min(tokens[i], d.cap_tokens)))
+        st = ledger.state()
+        worst = max(worst, st.reserved + st.leased + st.spent - st.granted)
+    return caps, worst, time.perf_counter() - t0, ledger.state()
+
+
+def lease_run(policy, tau, sigma, tokens, correct, b, refund, window, replicas, sync_every, block):
+    clock = Clock()
+    ledger = TokenLedger(PerQueryBudget(tokens_per_query=b, window_queries=len(tau), refund_unused=refund), clock)
+    market = OnlineMarket(policy, ledger, window_size=window, context_limit_tokens=POOL_GENERATION_CAP_TOKENS)
+    ingress = [IngressMarket(policy, f"r{k}", refund, POOL_GENERATION_CAP_TOKENS, lease_block_tokens=block)
+               for k in range(replicas)]
+    for m in ingress:
+        m.apply(answer_report(market, m.report()))
+    caps = np.zeros(len(tau), dtype=np.int64)
+    since = [0] * replicas
+    worst, syncs = -np.inf, 0
+    t0 = time.perf_counter()
+    for i in range(len(tau)):
+        clock.t = float(i)
+        k = i % replicas
+        m = ingress[k]
+        ask = m.price(float(tau[i]), log_sigma=sigma, now=clock.t)
+        refill = 0.0
+        short = m.shortfall(ask)
+        if short:  # the cap does not fit the lease: report now and ask for more
+            reply = answer_report(market, m.report(extra_tokens=short))
+            m.apply(reply)
+            refill, syncs = reply.refill_s, syncs + 1
+        d = m.admit(ask, str(i), refill_s=refill)
+        if d.admitted:
+            caps[i] = d.cap_tokens
+            m.settle(str(i), int(min(tokens[i], d.cap_tokens)))
+        since[k] += 1
+        if since[k] >= sync_every:
+            m.apply(answer_report(market, m.report()))
+            since[k], syncs = 0, syncs + 1
+        st = ledger.state()
+        worst = max(worst, st.reserved + st.leased + st.spent - st.granted)
+    for m in ingress:  # the last reports: every token accounted for
+        m.apply(answer_report(market, m.report()))
+    return caps, worst, time.perf_counter() - t0, ledger.state(), syncs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--traces", default=str(DEFAULT_POOL), help="oracle pool (JSONL)")
+    p.add_argument("--n", type=positive_int, default=500, help="queries per stream")
+    add_list_argument(p, "--budgets", kind=float, what="tokens per query", default="256,512,1024,2048",
+                      help="budgets per query")
+    add_list_argument(p, "--seeds", kind=int, what="seeds", default="0,1,2", help="stream and noise seeds")
+    add_list_argument(p, "--policies", what="policies", default="clear,clear-cost",
+                      help="clear (on a cap budget) and/or clear-cost (on a refunding budget)")
+    p.add_argument("--sigma", type=float, default=0.5, help="oracle-noise spread of the predictions")
+    p.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW_SIZE, help="pricing window")
+    p.add_argument("--replicas", type=positive_int, default=2, help="ingress replicas (round robin)")
+    p.add_argument("--sync-every", type=positive_int, default=4, help="arrivals per replica between reports")
+    p.add_argument("--lease-block", type=positive_int, default=16384, help="lease each replica tries to hold, tokens")
+    return p
+
+
+def run(args) -> int:
+    problems = load_pool(args.traces)
+    rows = []
+    for pol in args.policies:
+        if pol not in MODES:
+            raise SystemExit(f"error: --policies takes {sorted(MODES)}, not {pol!r}")
+        policy, refund = parse_policy(pol), MODES[pol]
+        for b in args.budgets:
+            acc_c, acc_l, worst, alloc, gen, t_c, t_l, syncs = [], [], -np.inf, [0, 0], [0, 0], 0.0, 0.0, 0
+            for seed in args.seeds:
+                for name in pool_streams(problems):
+                    s = make_stream(problems, name, args.n, seed)
+                    tau = log_noise(s.tokens.astype(float), args.sigma, seed)
+                    c_caps, c_worst, c_t, c_st = central_run(policy, tau, args.sigma, s.tokens, s.correct, b, refund,
+                                                             args.window)
+                    l_caps, l_worst, l_t, l_st, n_sync = lease_run(policy, tau, args.sigma, s.tokens, s.correct, b,
+                                                                   refund, args.window, args.replicas,
+                                                                   args.sync_every, args.lease_block)
+                    acc_c.append(float(np.mean((c_caps >= s.tokens) & s.correct)))
+                    acc_l.append(float(np.mean((l_caps >= s.tokens) & s.correct)))
+                    worst = max(worst, c_worst, l_worst)
+                    alloc[0] += c_st.allocated_total
+                    alloc[1] += l_st.allocated_total
+                    gen[0] += c_st.generated_total
+                    gen[1] += l_st.generated_total
+                    t_c, t_l, syncs = t_c + c_t, t_l + l_t, syncs + n_sync
+            runs = len(acc_c)
+            nb = b * args.n * runs
+            row = dict(policy=pol, refund_unused=refund, budget_per_query=b, runs=runs,
+                       central_accuracy=float(np.mean(acc_c)), lease_accuracy=float(np.mean(acc_l)),
+                       gap_points=100 * float(np.mean(acc_l) - np.mean(acc_c)),
+                       worst_cell_gap_points=100 * float(np.min(np.subtract(acc_l, acc_c))),
+                       central_allocated_per_budget=alloc[0] / nb, lease_allocated_per_budget=alloc[1] / nb,
+                       central_generated_per_budget=gen[0] / nb, lease_generated_per_budget=gen[1] / nb,
+                       max_overshoot_tokens=float(worst), reports=syncs,
+                       central_decisions_per_s=runs * args.n / t_c, lease_decisions_per_s=runs * args.n / t_l)
+            rows.append(row)
+            print(f"{pol:10s} b={b:6.0f}  accuracy central {row['central_accuracy']:.3f}  lease "
+                  f"{row['lease_accuracy']:.3f}  gap {row['gap_points']:+.2f} pts (worst cell "
+                  f"{row['worst_cell_gap_points']:+.2f})  allocated/Nb {row['central_allocated_per_budget']:.3f} / "
+                  f"{row['lease_allocated_per_budget']:.3f}  generated/Nb {row['central_generated_per_budget']:.3f} / "
+                  f"{row['lease_generated_per_budget']:.3f}  max overshoot {row['max_overshoot_tokens']:.0f}  "
+                  f"decisions/s {row['central_decisions_per_s']:.0f} / {row['lease_decisions_per_s']:.0f}", flush=True)
+    print(json.dumps({"replicas": args.replicas, "sync_every": args.sync_every, "lease_block": args.lease_block,
+                      "window": args.window, "n": args.n, "rows": rows}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("online_price.py", lambda: run(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Price quotes: the shadow price as state, so that a decision needs no clearing.
+
+The window market (:class:`clear_core.online_market.OnlineMarket`) clears the
+recent demand for every arriving request. That clearing has one output that
+matters to everyone else: the shadow price. Given it, each request's cap is
+its own best response, a function of its threshold, spread, runaway share
+and weight only: the market's *decentralisation*. A :class:`PriceQuote`
+carries what a request needs to compute its cap without seeing anybody else:
+
+* ``log_price``: ln of the shadow price, at which solvency is decided (a
+  request whose surplus at this price is not positive is abandoned);
+* ``log_fill_price``: ln of the (lower) price at which the solvent requests'
+  caps are set. The clearing shares the budget that the last abandonment jump
+  leaves unspent by lowering the price the solvent requests see, and the quote
+  keeps that second price so a request of the cleared window gets back
+  exactly the cap the clearing gave it;
+* ``full_context``: the budget is abundant, every request gets the context limit.
+
+:func:`quote_window` clears a window of demand rows and returns its quote;
+:func:`caps_at_quote` answers any requests from a quote in ``O(1)`` each (a
+table lookup for ``clear-cost``, a closed form for ``clear``). When traffic is
+stationary a new request is a draw from the same demand as the window, so its
+quoted cap is the cap the window market would have given it (the window
+market adds the request itself to the window, which moves the price by one
+part in the window size). The quote goes stale as demand and budget move; how
+often it is refreshed is the caller's choice (the lease mode refreshes it on
+every report from an ingress replica, :mod:`clear_core.lease`).
+
+Quotable policies: ``clear-cost`` (consumption market), ``clear`` (log-normal
+cap market; a zero spread is priced with :data:`MIN_QUOTE_SIGMA`) and
+``uniform`` (no price: every request gets the per-query budget).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from clear_core.consumption import SIGMA_MIN, caps_at_log_prices, clear_consumption_market
+from clear_core.errors import InvalidInputError
+from clear_core.policies import ClearCost, ClearLognormal, Policy, Uniform
+from clear_core.uncertainty import caps_at_prices, clear_market_lognormal
+
+#: ``clear`` quotes need a positive spread; a predictor that reports none is priced with this one.
+MIN_QUOTE_SIGMA = SIGMA_MIN
+QUOTABLE_POLICIES = ("clear", "clear-cost", "uniform")
+
+
+@dataclass(frozen=True)
+class PriceQuote:
+    """One clearing's prices, enough for any request to compute its own cap (module docstring)."""
+
+    policy: str  # the policy's name (a quote is only read by the same policy)
+    log_price: float  # ln shadow price (solvency); -inf: no price
+    log_fill_price: float  # ln price the solvent requests' caps are set at (<= log_price); -inf: none
+    full_context: bool  # abundant: every request gets the context limit
+    budget_per_query_tokens: float  # b the window was cleared with (uniform's cap)
+    window_size: int  # demand rows the quote was cleared over
+    version: int = 0  # increases with every new quote of one allocator
+    issued_at: float = 0.0  # the issuer's clock when it was cleared, s
+    turnover_s: float = math.inf  # about how long until the window's demand has turned over, s
+
+    @property
+    def shadow_price(self) -> float:
+        return math.exp(self.log_price) if self.log_price > -math.inf else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PriceQuote:
+        return cls(**d)
+
+
+def _check_quotable(policy: Policy) -> None:
+    if not isinstance(policy, (ClearCost, ClearLognormal, Uniform)):
+        raise InvalidInputError("policy", policy.name, f"decisions from a price quote support {QUOTABLE_POLICIES}")
+
+
+def quote_window(policy: Policy, rows: np.ndarray, budget_per_query: float, context_limit_tokens: float | None,
+                 **meta) -> PriceQuote:
+    """Clear the demand ``rows`` (threshold, spread, runaway share, weight per row) at ``b`` per row.
+
+    ``meta`` fills the quote's bookkeeping fields (version, issued_at, turnover_s).
+    """
+    _check_quotable(policy)
+    rows = np.asarray(rows, dtype=float).reshape(-1, 4)
+    b = float(budget_per_query)
+    base = dict(policy=policy.name, budget_per_query_tokens=b, window_size=int(rows.shape[0]), **meta)
+    if isinstance(policy, Uniform) or rows.shape[0] == 0:
+        # An empty window has no price: each request is then priced alone against b (caps_at_quote).
+        return PriceQuote(log_price=-math.inf, log_fill_price=-math.inf, full_context=False, **base)
+    tau, sig, rho, w = rows.T
+    if isinstance(policy, ClearCost):
+        res = clear_consumption_market(tau, b * tau.size, log_sigma=np.maximum(sig, SIGMA_MIN), runaway=rho,
+                                       weights=w, context_limit_tokens=context_limit_tokens,
+                                       fill_unused=policy.fill_unused)
+        return PriceQuote(log_price=res.log_price, log_fill_price=res.log_fill_price,
+                          full_context=res.full_context, **base)
+    sigma = max(float(np.median(sig)), MIN_QUOTE_SIGMA)
+    res = clear_market_lognormal(tau, b * tau.size, log_sigma=sigma, context_limit_tokens=context_limit_tokens,
+                                 fill_unused=policy.fill_unused)
+    log = (lambda p: math.log(p) if p > 0 else -math.inf)
+    return PriceQuote(log_price=log(res.shadow_price), log_fill_price=log(res.fill_price), full_context=False, **base)
+
+
+def caps_at_quote(policy: Policy, quote: PriceQuote, thresholds, *, log_sigma=0.0, runaway=0.0, weights=None,
+                  context_limit_tokens: float | None = None) -> np.ndarray:
+    """Integer caps of requests at ``quote`` (0: insolvent at its shadow price)."""
+    _check_quotable(policy)
+    if quote.policy != policy.name:
+        raise InvalidInputError("quote", quote.policy, f"was cleared by another policy than {policy.name}")
+    tau = np.asarray(thresholds, dtype=float).reshape(-1)
+    limit = math.inf if context_limit_tokens is None else float(context_limit_tokens)
+    if isinstance(policy, Uniform):
+        return np.full(tau.size, int(min(math.floor(quote.budget_per_query_tokens), limit)), dtype=np.int64)
+    sig = np.broadcast_to(np.asarray(log_sigma, dtype=float), tau.shape)
+    if quote.window_size == 0:  # no demand seen yet: each request is a market of one with budget b
+        rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
+        w = np.ones(tau.shape) if weights is None else np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)
+        return np.array([policy.allocate([t], quote.budget_per_query_tokens, context_limit_tokens=context_limit_tokens,
+                                         log_sigma=max(float(s), MIN_QUOTE_SIGMA), runaway=[r], weights=[v]).caps[0]
+                         for t, s, r, v in zip(tau, sig, rho, w)], dtype=np.int64)
+    if isinstance(policy, ClearCost):
+        return caps_at_log_prices(tau, log_sigma=np.maximum(sig, SIGMA_MIN), runaway=runaway, weights=weights,
+                                  log_price=quote.log_price, log_fill_price=quote.log_fill_price,
+                                  full_context=quote.full_context, context_limit_tokens=context_limit_tokens)
+    out = np.zeros(tau.size, dtype=np.int64)
+    for s in np.unique(sig):  # one closed form per spread (serving: one request at a time)
+        at = sig == s
+        out[at] = caps_at_prices(tau[at], log_sigma=max(float(s), MIN_QUOTE_SIGMA), price=quote.shadow_price,
+                                 fill_price=math.exp(quote.log_fill_price) if quote.log_fill_price > -math.inf else 0.0,
+                                 context_limit_tokens=context_limit_tokens)
+    return out

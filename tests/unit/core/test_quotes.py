@@ -1,0 +1,89 @@
+"""Price quotes: a request's cap from the clearing's prices alone (clear_core.quotes)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from clear_core.consumption import SIGMA_MIN, _group, runaway_odds
+from clear_core.errors import InvalidInputError
+from clear_core.policies import parse_policy
+from clear_core.quotes import PriceQuote, caps_at_quote, quote_window
+
+T_MAX = 32768
+
+
+def _window(rng, n, per_query):
+    tau = np.exp(rng.normal(6.5, 1.2, n))
+    if per_query:
+        return np.c_[tau, rng.choice([0.3, 0.5, 0.9], n), rng.choice([0.0, 0.02, 0.1], n), rng.choice([1.0, 2.0], n)]
+    return np.c_[tau, np.full(n, 0.5), np.zeros(n), np.ones(n)]
+
+
+@pytest.mark.parametrize("name", ["clear-cost", "clear"])
+def test_a_cleared_window_gets_its_own_caps_back_from_its_quote(name):
+    """Every request of the cleared window is re-priced from the quote alone and gets the cap the clearing
+    gave it (to the token's rounding), except the queries of the marginal tie the clearing rationed."""
+    policy = parse_policy(name)
+    rng = np.random.default_rng(7)
+    for _ in range(120):
+        n = int(rng.integers(1, 250))
+        rows = _window(rng, n, name == "clear-cost")
+        b = float(rng.choice([64, 256, 512, 2048, 8000]))
+        t_max = float(rng.choice([4096, T_MAX]))
+        tau, sig, rho, w = rows.T
+        kw = dict(log_sigma=sig, runaway=rho, weights=w) if name == "clear-cost" else dict(log_sigma=0.5)
+        cleared = policy.allocate(tau, b * n, context_limit_tokens=t_max, **kw).caps
+        quote = quote_window(policy, rows, b, t_max)
+        quoted = caps_at_quote(policy, quote, tau, log_sigma=sig, runaway=rho, weights=w, context_limit_tokens=t_max)
+        off = np.flatnonzero(np.abs(quoted - cleared) > 1)
+        if off.size:  # only a rationed tie: one rounded type, cleared in, quoted out
+            types = _group(np.maximum(tau, 1.0), np.maximum(sig, SIGMA_MIN), runaway_odds(rho), w).inverse
+            assert name == "clear-cost" and np.unique(types[off]).size == 1
+            assert (quoted[off] == 0).all() and (cleared[off] > 0).all()
+
+
+@pytest.mark.parametrize("name", ["clear-cost", "clear"])
+def test_a_higher_quoted_price_never_raises_a_cap(name):
+    policy = parse_policy(name)
+    rng = np.random.default_rng(3)
+    tau = np.exp(rng.normal(6.5, 1.2, 200))
+    base = dict(policy=name, full_context=False, budget_per_query_tokens=512.0, window_size=100)
+    prev = None
+    for log_price in np.linspace(-14, -4, 21):
+        q = PriceQuote(log_price=log_price, log_fill_price=log_price, **base)
+        caps = caps_at_quote(policy, q, tau, log_sigma=0.6, context_limit_tokens=T_MAX)
+        if prev is not None:
+            assert (caps <= prev).all()
+        prev = caps
+    assert prev.sum() < caps_at_quote(policy, PriceQuote(log_price=-14, log_fill_price=-14, **base), tau,
+                                      log_sigma=0.6, context_limit_tokens=T_MAX).sum()
+
+
+def test_an_empty_window_prices_each_request_alone_against_b():
+    policy = parse_policy("clear-cost")
+    q = quote_window(policy, np.zeros((0, 4)), 300.0, T_MAX)
+    assert q.window_size == 0 and q.shadow_price == 0.0
+    for tau in (50.0, 400.0, 3000.0):
+        alone = policy.allocate([tau], 300.0, context_limit_tokens=T_MAX, log_sigma=0.5).caps[0]
+        assert caps_at_quote(policy, q, [tau], log_sigma=0.5, context_limit_tokens=T_MAX)[0] == alone
+
+
+def test_uniform_quotes_the_per_query_budget_within_the_context():
+    policy = parse_policy("uniform")
+    q = quote_window(policy, _window(np.random.default_rng(0), 10, False), 700.7, 512)
+    assert list(caps_at_quote(policy, q, [1.0, 5000.0], context_limit_tokens=512)) == [512, 512]
+    q = quote_window(policy, _window(np.random.default_rng(0), 10, False), 300.9, 4096)
+    assert list(caps_at_quote(policy, q, [1.0, 5000.0], context_limit_tokens=4096)) == [300, 300]
+
+
+def test_a_quote_is_read_by_its_own_policy_only_and_unquotable_policies_are_refused():
+    q = quote_window(parse_policy("clear"), _window(np.random.default_rng(0), 10, False), 512.0, T_MAX)
+    with pytest.raises(InvalidInputError):
+        caps_at_quote(parse_policy("clear-cost"), q, [100.0], log_sigma=0.5)
+    with pytest.raises(InvalidInputError):
+        quote_window(parse_policy("clear-paper"), np.ones((3, 4)), 512.0, T_MAX)
+    assert PriceQuote.from_dict(q.to_dict()) == q
+    assert math.isclose(q.shadow_price, math.exp(q.log_price)) or q.shadow_price == 0.0

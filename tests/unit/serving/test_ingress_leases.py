@@ -1,0 +1,146 @@
+"""Decisions at the ingress (allocator.decisions: ingress), no Ray: the ingress prices from a quote and
+reserves against its lease, with a real Allocator behind a fake handle that has no reserve or settle at all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from deployments.allocator import Allocator
+from deployments.config import AppConfig
+from deployments.ingress import Ingress
+from deployments.state_store import MemoryStateStore
+from tests.factories import _merge, app_args
+from tests.unit.serving.test_serving_ingress import (
+    CHUNK_TOKENS,
+    FakeEngine,
+    FakePredictor,
+    _Method,
+    chat,
+    make_request,
+)
+
+LEASE_ARGS = {"allocator": {"policy": "clear-cost", "decisions": "ingress", "lease_block_tokens": 2000,
+                            "budget": {"mode": "per_query", "tokens_per_query": 512, "window_queries": 100,
+                                       "refund_unused": True}}}
+
+
+class AllocatorHandle:
+    """Only what an ingress deciding locally calls: report (and status)."""
+
+    def __init__(self, allocator: Allocator, up: bool = True):
+        self.allocator, self.up, self.reports = allocator, up, 0
+
+        def report(rep):
+            self.reports += 1
+            if not self.up:
+                raise ConnectionError("allocator down")
+            return self.allocator.report(rep)
+
+        self.report = _Method(report)
+        self.status = _Method(lambda: self.allocator.status())
+
+
+def _setup(store=None, engine=None, **overrides):
+    args = app_args(**LEASE_ARGS)
+    _merge(args, overrides)
+    cfg = AppConfig.model_validate(args)
+    alloc = Allocator(cfg.allocator, cfg.max_completion_tokens, metrics=False, store=store)
+    handle = AllocatorHandle(alloc)
+    return cfg, alloc, handle, Ingress(cfg, FakePredictor(), handle, engine or FakeEngine(chunks=4), metrics=False)
+
+
+def test_requests_are_decided_and_settled_locally_and_reach_the_books_with_the_next_report():
+    async def run():
+        cfg, alloc, handle, ing = _setup()
+        answers = [await ing._complete(make_request(chat(max_tokens=50)), "chat") for _ in range(5)]
+        reports_after_requests = handle.reports
+        await ing.leases.sync()
+        return alloc, handle, ing, answers, reports_after_requests
+
+    alloc, handle, ing, answers, reports = asyncio.run(run())
+    # The first request waits for a quote, then for a lease (its arrival opens the budget block); the
+    # other four needed no call to the allocator.
+    assert reports == 2
+    for a in answers:
+        assert a["clear"]["decision"] == "admitted" and a["clear"]["allocated_tokens"] == 50
+        assert a["usage"]["completion_tokens"] == 4 * CHUNK_TOKENS
+    st = alloc.status_sync()
+    assert st["arrivals"] == 5 and st["generated_tokens_total"] == 5 * 4 * CHUNK_TOKENS
+    assert st["spent_tokens"] == 5 * 4 * CHUNK_TOKENS  # a refunding budget charges what was generated
+    assert st["allocated_tokens_total"] == 5 * 50 and st["invariant_holds"] and st["books_reconcile"]
+    assert st["leased_tokens"] == ing.leases.market.lease.held > 0
+    assert st["tenants"]["default"]["admitted"] == 5
+
+
+def test_an_engine_failure_and_a_disconnect_are_charged_what_was_received():
+    async def run():
+        cfg, alloc, handle, ing = _setup(engine=FakeEngine(chunks=4, fail_after=2))
+        failed = await ing._complete(make_request(chat()), "chat")  # a whole answer that failed: nothing received
+        streamed = await ing._complete(make_request(chat(stream=True)), "chat")
+        async for _ in streamed.body_iterator:  # a stream that failed after 2 chunks
+            pass
+        await ing.leases.sync()
+        return alloc, failed
+
+    alloc, failed = asyncio.run(run())
+    assert failed.status_code == 502
+    st = alloc.status_sync()
+    assert st["spent_tokens"] == 2 * CHUNK_TOKENS and st["failed_requests_total"] == 2
+    assert st["reserved_tokens"] == 0 and st["lease_reserved_tokens"] == 0 and st["books_reconcile"]
+
+
+def test_without_an_allocator_a_replica_with_no_quote_answers_503_and_one_with_a_lease_goes_on():
+    async def run():
+        cfg, alloc, handle, ing = _setup()
+        handle.up = False
+        first = await ing._complete(make_request(chat()), "chat")
+        handle.up = True
+        ok = await ing._complete(make_request(chat()), "chat")
+        handle.up = False  # the allocator restarts: decisions go on from the lease and the last quote
+        during = [await ing._complete(make_request(chat(max_tokens=40)), "chat") for _ in range(3)]
+        handle.up = True
+        await ing.leases.sync()
+        return alloc, first, ok, during
+
+    alloc, first, ok, during = asyncio.run(run())
+    assert first.status_code == 503 and json.loads(first.body)["error"]["type"] == "allocator_unavailable"
+    assert ok["clear"]["decision"] == "admitted"
+    assert all(d["clear"]["decision"] == "admitted" for d in during)
+    assert alloc.status_sync()["arrivals"] == 4  # the refused one never reached the market
+
+
+def test_a_lapsed_lease_is_taken_back_and_the_replica_opens_a_new_one():
+    async def run():
+        cfg, alloc, handle, ing = _setup(allocator={"lease_ttl_s": 0.05})
+        await ing._complete(make_request(chat()), "chat")
+        await ing.leases.sync()
+        old = ing.leases.owner
+        await asyncio.sleep(0.1)
+        alloc.expire_sync()  # the sweep: the lease lapsed, its tokens are back in the pool
+        mid = alloc.status_sync()
+        again = await ing._complete(make_request(chat()), "chat")  # revoked: a new lease, a new owner
+        return alloc, ing, old, mid, again
+
+    alloc, ing, old, mid, again = asyncio.run(run())
+    assert mid["leased_tokens"] == 0 and mid["invariant_holds"]
+    assert ing.leases.owner != old and again["clear"]["decision"] == "admitted"
+    assert alloc.ledger.is_revoked(old)
+
+
+def test_a_lease_grant_is_written_before_it_is_answered_so_a_restart_never_lends_it_twice():
+    async def run():
+        store = MemoryStateStore()
+        cfg, alloc, handle, ing = _setup(store=store, allocator={"snapshot_interval_s": 60.0})
+        await ing._complete(make_request(chat()), "chat")
+        return cfg, store, ing
+
+    cfg, store, ing = asyncio.run(run())
+    lent = ing.leases.market.lease.granted
+    restarted = Allocator(cfg.allocator, cfg.max_completion_tokens, metrics=False, store=store)
+    st = restarted.status_sync()
+    assert lent > 0 and st["restored_after_restart"]
+    # The grant survived, though no other snapshot was due for a minute; the request's settle (12 tokens
+    # charged) was not reported yet, so the restored books still count them as leased: tighter, never looser.
+    assert st["leased_tokens"] == lent and st["spent_tokens"] == 0
+    assert st["available_tokens"] == st["granted_tokens"] - lent
