@@ -96,6 +96,7 @@ class TwinResult:
     solved_per_engine_s: float = 0.0
     latency_p50_s: float = 0.0
     latency_p99_s: float = 0.0
+    decisions: str = "central"  # allocator.decisions: central, or at the ingress from quotes and leases
 
 
 def write_predictions(problems: list[Problem], sigma: float, seed: int, path: Path) -> dict[str, float]:
@@ -162,20 +163,22 @@ def engine_args(engine: str, pool_path: Path, model_dir: str | None) -> dict:
 
 
 def service_args(pool_path: Path, table_path: Path, policy: str, b: float, n: int, window: int,
-                 engine: str = "replay", model_dir: str | None = None) -> dict:
+                 engine: str = "replay", model_dir: str | None = None, decisions: str = "central",
+                 ingress_replicas: int = 1) -> dict:
     return {
         "model_name": MODEL_NAMES[engine],
         "max_completion_tokens": MAX_COMPLETION_TOKENS,
         "allocator": {
             "policy": policy,
             "pricing_window_requests": window,
+            "decisions": decisions,
             # A policy that prices generated tokens clears a budget of them: unused caps go back to the pool.
             "budget": {"mode": "per_query", "tokens_per_query": b, "window_queries": n,
                        "refund_unused": parse_policy(policy).prices_generated_tokens},
         },
         "predictor": {"backend": "lookup", "table_path": str(table_path), "pool_path": str(pool_path)},
         "engine": engine_args(engine, pool_path, model_dir),
-        "ingress": {"deployment": {"num_replicas": 1, "max_ongoing_requests": 512}},
+        "ingress": {"deployment": {"num_replicas": ingress_replicas, "max_ongoing_requests": 512}},
     }
 
 
@@ -229,6 +232,8 @@ def run_twin(
     engine: str = "replay",
     model_dir: str | None = None,
     warm_up=None,
+    decisions: str = "central",
+    ingress_replicas: int = 1,
 ) -> TwinResult:
     """One (policy, budget) twin run. ``deploy(args, name) -> base url`` and ``delete(name)`` run the service."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="clear-twin-"))
@@ -237,9 +242,10 @@ def run_twin(
     n = len(stream)
     caps_off = offline_caps(stream, table_path, pool_path, policy, b, sigma)
     off = score(caps_off, stream.tokens, stream.correct, b * n)
-    name = f"twin-{policy.replace(':', '-').replace('=', '').replace(',', '-')}-{int(b)}"
+    name = f"twin-{policy.replace(':', '-').replace('=', '').replace(',', '-')}-{int(b)}-{decisions}"
     served, served_b = live_policy(policy, b, stream)
-    url = deploy(service_args(pool_path, table_path, served, served_b, n, window, engine, model_dir), name)
+    url = deploy(service_args(pool_path, table_path, served, served_b, n, window, engine, model_dir, decisions,
+                              ingress_replicas), name)
     try:
         if warm_up is not None:
             warm_up(name)
@@ -275,6 +281,7 @@ def run_twin(
         solved_per_engine_s=float(solved.sum()) / (wall * replicas),
         latency_p50_s=float(np.percentile(latencies, 50)) if latencies.size else 0.0,
         latency_p99_s=float(np.percentile(latencies, 99)) if latencies.size else 0.0,
+        decisions=decisions,
     )
 
 
@@ -304,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_list_argument(ap, "--policies", kind=policy_list, metavar="SPEC", default="clear,uniform", help="policy specs")
     add_list_argument(ap, "--budgets", kind=positive_float, what="positive token counts", metavar="TOKENS",
                       default="512,2048", help="tokens per query")
+    add_list_argument(ap, "--decisions", kind=str, metavar="MODE", default="central",
+                      help="allocator.decisions: central (the allocator prices each request) and/or ingress "
+                      "(quotes and budget leases at the ingress)")
+    ap.add_argument("--ingress-replicas", type=positive_int, default=1, help="ingress replicas of the service")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     return ap
 
@@ -311,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a bad value: argparse's one-line error, exit 2
+    bad = [d for d in args.decisions if d not in ("central", "ingress")]
+    if bad:
+        parser.error(f"argument --decisions: unknown {bad}; choose from central, ingress")
     return run_command(parser.prog, lambda: run(args))
 
 
@@ -340,29 +354,31 @@ def run(args) -> int:
     try:
         for policy in args.policies:
             for b in args.budgets:
-                r = run_twin(deploy, serve.delete, args.pool, stream, problems, policy, b, args.clients, args.sigma,
-                             args.seed, args.window, engine=args.engine, model_dir=model_dir, warm_up=warm_up)
-                results.append(r)
-                print(
-                    f"{r.policy:>8} b={r.budget_per_query:>6.0f}  offline {100 * r.offline_accuracy:5.1f}%  "
-                    f"live {100 * r.live_accuracy:5.1f}%  gap {r.gap_points:+5.1f} pts  "
-                    f"allocated live {r.live_tokens_allocated} / offline {r.offline_tokens_allocated} / budget {r.budget_tokens:.0f}  "
-                    f"abandoned {r.live_abandoned}  errors {r.live_errors}  {r.live_requests_per_s:.0f} req/s  "
-                    f"generated {r.live_tokens_generated}  solved/engine-s {r.solved_per_engine_s:.2f}",
-                    flush=True,
-                )
+                for decisions in args.decisions:
+                    r = run_twin(deploy, serve.delete, args.pool, stream, problems, policy, b, args.clients, args.sigma,
+                                 args.seed, args.window, engine=args.engine, model_dir=model_dir, warm_up=warm_up,
+                                 decisions=decisions, ingress_replicas=args.ingress_replicas)
+                    results.append(r)
+                    print(
+                        f"{r.policy:>8} b={r.budget_per_query:>6.0f} {r.decisions:>7}  offline {100 * r.offline_accuracy:5.1f}%  "
+                        f"live {100 * r.live_accuracy:5.1f}%  gap {r.gap_points:+5.1f} pts  "
+                        f"allocated live {r.live_tokens_allocated} / offline {r.offline_tokens_allocated} / budget {r.budget_tokens:.0f}  "
+                        f"abandoned {r.live_abandoned}  errors {r.live_errors}  {r.live_requests_per_s:.0f} req/s  "
+                        f"generated {r.live_tokens_generated}  solved/engine-s {r.solved_per_engine_s:.2f}",
+                        flush=True,
+                    )
     finally:
         serve.shutdown()
         ray.shutdown()
     print()
     print(f"engine {args.engine}, pool {args.pool.name}, stream {args.stream} n={args.n} seed={args.seed}, "
           f"{args.clients} clients, oracle-noise sigma={args.sigma}, window={args.window}")
-    print("| policy | budget/query | offline acc % | live acc % | gap (pts) | live allocated | N*b | generated "
+    print("| policy | decisions | budget/query | offline acc % | live acc % | gap (pts) | live allocated | N*b | generated "
           "| engine s | solved / engine-s | latency p50 / p99 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r.policy} | {r.budget_per_query:.0f} | {100 * r.offline_accuracy:.1f} | {100 * r.live_accuracy:.1f} | "
+            f"| {r.policy} | {r.decisions} | {r.budget_per_query:.0f} | {100 * r.offline_accuracy:.1f} | {100 * r.live_accuracy:.1f} | "
             f"{r.gap_points:+.1f} | {r.live_tokens_allocated} | {r.budget_tokens:.0f} | {r.live_tokens_generated} | "
             f"{r.engine_seconds:.1f} | {r.solved_per_engine_s:.2f} | {r.latency_p50_s:.2f} / {r.latency_p99_s:.2f} s |"
         )

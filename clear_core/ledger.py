@@ -87,6 +87,7 @@ class LedgerState:
     owners: int = 0  # owners (ingress replicas) holding a live lease
     leased: int = 0  # tokens lent to owners on budget leases, not yet reported charged or given back
     lease_reserved: int = 0  # caps the owners reported open inside their leases
+    reclaimed_lease_tokens_total: int = 0  # leased tokens taken back from owners whose lease lapsed
 
     @property
     def invariant_holds(self) -> bool:
@@ -173,6 +174,7 @@ class TokenLedger:
         self._token_leases: dict[str, TokenLease] = {}
         self._leased = 0  # sum of the leases' outstanding tokens
         self._revoked: OrderedDict[str, None] = OrderedDict()
+        self._reclaimed = 0
 
     # -- budget inflow -------------------------------------------------------
 
@@ -325,6 +327,7 @@ class TokenLedger:
         for o in sorted(lapsed & self._token_leases.keys()):
             lease = self._token_leases.pop(o)
             self._leased -= lease.outstanding
+            self._reclaimed += lease.outstanding
             # Its open caps were never settled with us: recovered (charged nothing), like a reservation's.
             self._refunded += lease.reserved
             self._recovered_tokens += lease.reserved
@@ -377,6 +380,7 @@ class TokenLedger:
             owners=len(self._leases),
             leased=self._leased,
             lease_reserved=sum(lease.reserved for lease in self._token_leases.values()),
+            reclaimed_lease_tokens_total=self._reclaimed,
         )
 
     # -- durability ----------------------------------------------------------
@@ -405,6 +409,7 @@ class TokenLedger:
             "reservations": [[rid, r.cap, max(0.0, now - r.created), r.owner] for rid, r in self._reservations.items()],
             "token_leases": {o: vars(lease).copy() for o, lease in self._token_leases.items()},
             "revoked": list(self._revoked),
+            "reclaimed": self._reclaimed,
         }
 
     @classmethod
@@ -442,6 +447,7 @@ class TokenLedger:
             led._leased += lease.outstanding
             led._leases[o] = now  # a fresh liveness lease: a live owner reports, a dead one lapses
         led._revoked.update((o, None) for o in snap.get("revoked", []))
+        led._reclaimed = int(snap.get("reclaimed", 0))
         led._last_refill = now
         if not led.state(now).invariant_holds:
             raise InvalidInputError("ledger snapshot", "reserved + spent > granted", "refusing to restore broken books")

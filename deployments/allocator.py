@@ -244,6 +244,7 @@ class Allocator:
                 "decisions": self.config.decisions,
                 "leased_tokens": st.leased,
                 "lease_reserved_tokens": st.lease_reserved,
+                "reclaimed_lease_tokens_total": st.reclaimed_lease_tokens_total,
                 "quote_version": self.market.last_quote.version if self.market.last_quote else None,
                 "snapshots_written_version": self._written,
                 "books_version": self._version,
@@ -296,30 +297,40 @@ class Allocator:
     async def _flush_loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.config.snapshot_interval_s)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            if self._written < self._version:
-                with self._lock:
-                    snap, version = self._snapshot(), self._version
-                try:
-                    await asyncio.to_thread(self.store.save, snap)
-                    self._written = max(self._written, version)
-                except Exception as exc:
-                    logger.exception("writing the books failed")
-                    for _, fut in self._waiters:
-                        if not fut.done():
-                            fut.set_exception(ClearError(f"the books could not be written: {type(exc).__name__}"))
-                    self._waiters = []
-                    continue
-            done = [(v, f) for v, f in self._waiters if v <= self._written]
-            self._waiters = [(v, f) for v, f in self._waiters if v > self._written]
-            for _, fut in done:
-                if not fut.done():
-                    fut.set_result(None)
-            if self._waiters:
-                self._wake.set()
+                await self._flush_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the writer die: the next round retries
+                logger.exception("the snapshot writer failed")
+                await asyncio.sleep(self.config.snapshot_interval_s)
+
+    async def _flush_once(self) -> None:
+        """Wait for a waiter or the interval, write the books if they changed, wake whoever waited for them."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.config.snapshot_interval_s)
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
+        if self._written < self._version:
+            with self._lock:
+                snap, version = self._snapshot(), self._version
+            try:
+                await asyncio.to_thread(self.store.save, snap)
+                self._written = max(self._written, version)
+            except Exception as exc:
+                logger.exception("writing the books failed")
+                for _, fut in self._waiters:
+                    if not fut.done():
+                        fut.set_exception(ClearError(f"the books could not be written: {type(exc).__name__}"))
+                self._waiters = []
+                return
+        done = [(v, f) for v, f in self._waiters if v <= self._written]
+        self._waiters = [(v, f) for v, f in self._waiters if v > self._written]
+        for _, fut in done:
+            if not fut.done():
+                fut.set_result(None)
+        if self._waiters:
+            self._wake.set()
 
     def _check(self) -> None:
         st = self.ledger.state()

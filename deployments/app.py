@@ -53,8 +53,10 @@ def build_engine(cfg: AppConfig):
 
 def build_app(args: dict | None = None):
     cfg = AppConfig.model_validate(args or {})
-    predictor = serve.deployment(Predictor, **cfg.predictor.deployment.serve_options("Predictor"),
-                                 logging_config=INNER_LOGGING).bind(cfg.predictor)
+    predictor = None  # predictor.placement ingress: the ingress runs the backend itself
+    if cfg.predictor.placement == "deployment":
+        predictor = serve.deployment(Predictor, **cfg.predictor.deployment.serve_options("Predictor"),
+                                     logging_config=INNER_LOGGING).bind(cfg.predictor)
     # The allocator holds the global budget: exactly one replica, never autoscaled.
     allocator = serve.deployment(Allocator, **cfg.allocator.deployment.serve_options("Allocator"),
                                  logging_config=INNER_LOGGING).bind(

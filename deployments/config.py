@@ -253,6 +253,12 @@ class PredictorConfig(_Strict):
         DEFAULT_PREDICTOR_BATCH_WAIT_S, ge=0, description="@serve.batch: longest wait to fill a batch, s."
     )
     timeout_s: float = Field(2.0, gt=0, description="Ingress waits this long for a prediction, then uses the fallback.")
+    placement: Literal["deployment", "ingress"] = Field(
+        "deployment",
+        description="deployment: a Predictor deployment of its own, batching prompts across requests (one Serve "
+        "round trip per request); ingress: the backend runs inside each ingress replica, unbatched, with no round "
+        "trip (for cheap backends: heuristic, lookup; a model backend then costs the ingress its compute).",
+    )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
     @model_validator(mode="after")

@@ -161,6 +161,11 @@ class Ingress:
     def __init__(self, config: AppConfig, predictor, allocator, engine, metrics: bool = True):
         self.config = config
         self.predictor = predictor
+        self._local_predictor = None
+        if config.predictor.placement == "ingress":  # the backend in this replica: no round trip
+            from deployments.predictor import Predictor
+
+            self._local_predictor = Predictor(config.predictor)
         self.allocator = allocator
         tok = getattr(self.config.engine, "tokenizer_path", None)
         self.codec = TokenCodec(tok)
@@ -304,6 +309,12 @@ class Ingress:
 
     async def _predict(self, prompt: str) -> Prediction:
         t0 = time.perf_counter()
+        if self._local_predictor is not None:
+            try:
+                return (await self._local_predictor.predict_many([prompt]))[0]  # falls back and counts by itself
+            finally:
+                if self.metrics:
+                    self.metrics.prediction.observe(time.perf_counter() - t0)
         try:
             resp = self.predictor.predict.remote(prompt)
             try:

@@ -28,14 +28,22 @@ def send(url, n, start):
     return codes
 
 
-def test_allocator_restart_keeps_the_budget(cluster):
+@pytest.mark.parametrize("decisions", ["central", "ingress"])
+def test_allocator_restart_keeps_the_budget(cluster, decisions):
     import ray
 
-    url = cluster.deploy(ARGS, APP)
+    args = app_args(**{**ARGS, "allocator": {**ARGS["allocator"], "decisions": decisions}})
+    url = cluster.deploy(args, APP)
     try:
         codes = send(url, 30, 0)
         assert set(codes) <= {200, 429} and 200 in codes
+        if decisions == "ingress":  # the settles reach the books with the next report ...
+            time.sleep(0.5)
         before = status(url)
+        deadline = time.time() + 30
+        while status(url)["snapshots_written_version"] < before["books_version"]:  # ... and then a snapshot
+            assert time.time() < deadline, "the books were not written within 30 s"
+            time.sleep(0.2)
         assert before["arrivals"] == 30 and before["spent_tokens"] > 0
         victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#Allocator" in a["name"]]
         assert len(victims) == 1
@@ -54,10 +62,13 @@ def test_allocator_restart_keeps_the_budget(cluster):
         for key in ("granted_tokens", "spent_tokens", "arrivals", "allocated_tokens_total"):
             assert after[key] == before[key], key
         codes = send(url, 20, 30)
+        if decisions == "ingress":
+            time.sleep(1.0)
         final = status(url)
         assert final["arrivals"] == 50  # the block keeps counting: no second grant of budget
         assert final["granted_tokens"] == before["granted_tokens"] == 1000 * 300
-        assert final["reserved_tokens"] == 0 and final["invariant_holds"]
+        assert final["reserved_tokens"] == 0 and final["lease_reserved_tokens"] == 0 and final["invariant_holds"]
+        assert final["spent_tokens"] + final["leased_tokens"] <= final["granted_tokens"]
     finally:
         cluster.delete(APP)
 
