@@ -48,6 +48,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from fastapi import Request  # noqa: E402  (module level: the trivial ingress's annotation resolves here)
+
 from clear_bench.cli import policy_list  # noqa: E402
 from clear_core.budget import PerQueryBudget  # noqa: E402
 from clear_core.cli_args import HelpFormatter, add_list_argument, positive_int, run_command  # noqa: E402
@@ -129,7 +131,7 @@ def trivial_app():
     """FastAPI ingress -> the same replay engine deployment, nothing else (the ceiling CLEAR is compared with)."""
     import uuid
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from ray import serve
 
     from deployments.config import ReplayEngineConfig
@@ -274,17 +276,15 @@ def _run(args) -> int:
             print("| graph | e2e p50 | e2e p99 | added p50 over trivial | CLEAR predict+decide p50 / p99 / "
                   "of which predict p50 | requests/s | rate / trivial |")
             print("|---|---|---|---|---|---|---|")
-            deployed = []
-            for graph in args.graphs:
+            central_rate = None
+            for graph in args.graphs:  # one CLEAR graph at a time beside the trivial one (2 CPUs hold no more)
                 name = f"overhead-{graph}-{policy.replace(':', '_').replace(',', '_').replace('=', '')}"
                 serve.run(build_app(app_args(policy, graph, args.predictor)), name=name, route_prefix=f"/{name}")
-                deployed.append((graph, name))
-                asyncio.run(http_run(f"http://127.0.0.1:{port}/{name}", 40, 4))  # warm up
-            # Side by side: the trivial graph's row is measured again between the CLEAR graphs' rows.
-            for graph, name in deployed:
+                url = f"http://127.0.0.1:{port}/{name}"
+                asyncio.run(http_run(url, 40, 4))  # warm up
+                # Side by side: the trivial graph's rows are measured again right before each CLEAR graph's.
                 base_e2e, _, _, _ = asyncio.run(http_run(base_url, args.requests, c_lat))
                 _, _, _, base_rate = asyncio.run(http_run(base_url, args.requests, c_rate))
-                url = f"http://127.0.0.1:{port}/{name}"
                 e2e, added, pred, _ = asyncio.run(http_run(url, args.requests, c_lat))
                 _, _, _, rate = asyncio.run(http_run(url, args.requests, c_rate))
                 print(_row("trivial (ingress -> engine)", base_e2e, [], [], base_rate, pct(base_e2e, 50), base_rate))
@@ -295,12 +295,13 @@ def _run(args) -> int:
                     print(f"|   price staleness ({graph}): age of the quote a decision acted on p50 "
                           f"{1e3 * age['p50']:.1f} ms, p99 {1e3 * age['p99']:.1f} ms, max {1e3 * age['max']:.1f} ms "
                           f"over {age['n']} decisions; reports {st['ingress']['reports']} |")
-            allocator = serve.get_deployment_handle("Allocator", app_name=deployed[0][1])
-            rate = asyncio.run(serve_decision_rate(allocator, args.decisions, 64))
-            print(f"\nThe central allocator through Serve ({policy}): {rate:.0f} decisions/s (reserve + settle, "
-                  "64 concurrent callers)")
-            for _, name in deployed:
+                else:
+                    allocator = serve.get_deployment_handle("Allocator", app_name=name)
+                    central_rate = asyncio.run(serve_decision_rate(allocator, args.decisions, 64))
                 serve.delete(name)
+            if central_rate is not None:
+                print(f"\nThe central allocator through Serve ({policy}): {central_rate:.0f} decisions/s (reserve + "
+                      "settle, 64 concurrent callers)")
     finally:
         serve.shutdown()
         ray.shutdown()

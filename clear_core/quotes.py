@@ -46,6 +46,8 @@ from clear_core.uncertainty import caps_at_prices, clear_market_lognormal
 #: ``clear`` quotes need a positive spread; a predictor that reports none is priced with this one.
 MIN_QUOTE_SIGMA = SIGMA_MIN
 QUOTABLE_POLICIES = ("clear", "clear-cost", "uniform")
+#: A window thinner than this travels with its quote, and each request is cleared with it (see caps_at_quote).
+THIN_WINDOW_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class PriceQuote:
     version: int = 0  # increases with every new quote of one allocator
     issued_at: float = 0.0  # the issuer's clock when it was cleared, s
     turnover_s: float = math.inf  # about how long until the window's demand has turned over, s
+    thin_rows: tuple = ()  # the window itself when it is thinner than THIN_WINDOW_ROWS
 
     @property
     def shadow_price(self) -> float:
@@ -71,6 +74,8 @@ class PriceQuote:
 
     @classmethod
     def from_dict(cls, d: dict) -> PriceQuote:
+        d = dict(d)
+        d["thin_rows"] = tuple(tuple(r) for r in d.get("thin_rows", ()))
         return cls(**d)
 
 
@@ -88,7 +93,8 @@ def quote_window(policy: Policy, rows: np.ndarray, budget_per_query: float, cont
     _check_quotable(policy)
     rows = np.asarray(rows, dtype=float).reshape(-1, 4)
     b = float(budget_per_query)
-    base = dict(policy=policy.name, budget_per_query_tokens=b, window_size=int(rows.shape[0]), **meta)
+    thin = tuple(tuple(float(v) for v in r) for r in rows) if rows.shape[0] < THIN_WINDOW_ROWS else ()
+    base = dict(policy=policy.name, budget_per_query_tokens=b, window_size=int(rows.shape[0]), thin_rows=thin, **meta)
     if isinstance(policy, Uniform) or rows.shape[0] == 0:
         # An empty window has no price: each request is then priced alone against b (caps_at_quote).
         return PriceQuote(log_price=-math.inf, log_fill_price=-math.inf, full_context=False, **base)
@@ -117,11 +123,12 @@ def caps_at_quote(policy: Policy, quote: PriceQuote, thresholds, *, log_sigma=0.
     if isinstance(policy, Uniform):
         return np.full(tau.size, int(min(math.floor(quote.budget_per_query_tokens), limit)), dtype=np.int64)
     sig = np.broadcast_to(np.asarray(log_sigma, dtype=float), tau.shape)
-    if quote.window_size == 0:  # no demand seen yet: each request is a market of one with budget b
+    if quote.window_size < THIN_WINDOW_ROWS:
+        # A thin window (a cold start): one request moves its price, so each request is cleared with the
+        # window, as the central market does (its O(window) cost is small while the window is thin).
         rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
         w = np.ones(tau.shape) if weights is None else np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)
-        return np.array([policy.allocate([t], quote.budget_per_query_tokens, context_limit_tokens=context_limit_tokens,
-                                         log_sigma=max(float(s), MIN_QUOTE_SIGMA), runaway=[r], weights=[v]).caps[0]
+        return np.array([_cleared_with_window(policy, quote, (t, s, r, v), context_limit_tokens)
                          for t, s, r, v in zip(tau, sig, rho, w)], dtype=np.int64)
     if isinstance(policy, ClearCost):
         return caps_at_log_prices(tau, log_sigma=np.maximum(sig, SIGMA_MIN), runaway=runaway, weights=weights,
@@ -134,3 +141,17 @@ def caps_at_quote(policy: Policy, quote: PriceQuote, thresholds, *, log_sigma=0.
                                  fill_price=math.exp(quote.log_fill_price) if quote.log_fill_price > -math.inf else 0.0,
                                  context_limit_tokens=context_limit_tokens)
     return out
+
+
+def _cleared_with_window(policy: Policy, quote: PriceQuote, row: tuple, context_limit_tokens) -> int:
+    """The cap of ``row`` in a clearing of the quote's thin window plus ``row`` (the central market's rule)."""
+    rows = np.asarray(quote.thin_rows + (tuple(float(v) for v in row),), dtype=float).reshape(-1, 4)
+    tau, sig, rho, w = rows.T
+    budget = quote.budget_per_query_tokens * tau.size
+    if policy.per_query_sigma:
+        alloc = policy.allocate(tau, budget, context_limit_tokens=context_limit_tokens, log_sigma=sig, runaway=rho,
+                                weights=w)
+    else:  # a single-spread policy clears with the arriving request's spread, as OnlineMarket does
+        alloc = policy.allocate(tau, budget, context_limit_tokens=context_limit_tokens,
+                                log_sigma=max(float(row[1]), MIN_QUOTE_SIGMA))
+    return int(alloc.caps[-1])

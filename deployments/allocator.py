@@ -173,7 +173,11 @@ class Allocator:
         return s
 
     def report_sync(self, report: LeaseReport) -> tuple[LeaseReply, bool]:
-        """(answer, whether more was lent): :func:`clear_core.lease.answer_report` under the lock."""
+        """(answer, whether more was lent): :func:`clear_core.lease.answer_report` under the lock.
+
+        A fresh quote is one clearing (``ray_clear_clearing_latency_s``, as a central decision is).
+        """
+        t0 = time.perf_counter()
         with self._lock:
             before, tenants = self.ledger.state(), self.market.tenant_snapshot()
             now = self.ledger.now()
@@ -188,6 +192,8 @@ class Allocator:
             state = self.ledger.state()
             tenants_after = self.market.tenant_snapshot()
         if self.metrics:
+            if requote:
+                self.metrics.clearing.observe(time.perf_counter() - t0, tags=self.metrics.tags)
             self.metrics.count_change(before, state)
             self.metrics.count_tenants(tenants, tenants_after)
             self._publish(state)

@@ -224,6 +224,8 @@ class Ingress:
     @app.get("/v1/clear/status")
     async def status(self, request: Request):
         self._auth(request)
+        if self.leases is not None:  # report first: the books then hold every decision of this replica
+            await self.leases.sync()
         status = await self.allocator.status.remote()
         if self.leases is not None:  # this replica's lease and the age of the prices it decides with
             status["ingress"] = self.leases.status()

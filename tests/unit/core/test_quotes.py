@@ -10,7 +10,7 @@ import pytest
 from clear_core.consumption import SIGMA_MIN, _group, runaway_odds
 from clear_core.errors import InvalidInputError
 from clear_core.policies import parse_policy
-from clear_core.quotes import PriceQuote, caps_at_quote, quote_window
+from clear_core.quotes import THIN_WINDOW_ROWS, PriceQuote, caps_at_quote, quote_window
 
 T_MAX = 32768
 
@@ -29,7 +29,7 @@ def test_a_cleared_window_gets_its_own_caps_back_from_its_quote(name):
     policy = parse_policy(name)
     rng = np.random.default_rng(7)
     for _ in range(120):
-        n = int(rng.integers(1, 250))
+        n = int(rng.integers(THIN_WINDOW_ROWS, 250))
         rows = _window(rng, n, name == "clear-cost")
         b = float(rng.choice([64, 256, 512, 2048, 8000]))
         t_max = float(rng.choice([4096, T_MAX]))
@@ -62,20 +62,35 @@ def test_a_higher_quoted_price_never_raises_a_cap(name):
                                       log_sigma=0.6, context_limit_tokens=T_MAX).sum()
 
 
-def test_an_empty_window_prices_each_request_alone_against_b():
-    policy = parse_policy("clear-cost")
-    q = quote_window(policy, np.zeros((0, 4)), 300.0, T_MAX)
-    assert q.window_size == 0 and q.shadow_price == 0.0
-    for tau in (50.0, 400.0, 3000.0):
-        alone = policy.allocate([tau], 300.0, context_limit_tokens=T_MAX, log_sigma=0.5).caps[0]
-        assert caps_at_quote(policy, q, [tau], log_sigma=0.5, context_limit_tokens=T_MAX)[0] == alone
+@pytest.mark.parametrize("name", ["clear-cost", "clear"])
+def test_a_thin_window_prices_a_request_as_the_central_market_does(name):
+    """Below THIN_WINDOW_ROWS the quote carries the window, and a request's cap is the one the central
+    window market gives it (clearing the window plus the request), an empty window included."""
+    from clear_core.budget import PerQueryBudget
+    from clear_core.ledger import TokenLedger
+    from clear_core.online_market import OnlineMarket
+
+    policy = parse_policy(name)
+    rng = np.random.default_rng(5)
+    for k in (0, 1, 5, THIN_WINDOW_ROWS - 1):
+        rows = _window(rng, k, name == "clear-cost")
+        for tau in (50.0, 400.0, 3000.0):
+            market = OnlineMarket(policy, TokenLedger(PerQueryBudget(tokens_per_query=300.0, window_queries=10_000)),
+                                  window_size=256, context_limit_tokens=T_MAX, pace=False)
+            market._window.extend(tuple(r) for r in rows)
+            central = market.request("x", tau, log_sigma=0.5, runaway=0.02 if name == "clear-cost" else 0.0)
+            quote = quote_window(policy, rows, 300.0, T_MAX)
+            assert len(quote.thin_rows) == k
+            quoted = caps_at_quote(policy, quote, [tau], log_sigma=0.5, runaway=0.02 if name == "clear-cost" else 0.0,
+                                   context_limit_tokens=T_MAX)[0]
+            assert quoted == central.market_cap_tokens, (k, tau)
 
 
 def test_uniform_quotes_the_per_query_budget_within_the_context():
     policy = parse_policy("uniform")
-    q = quote_window(policy, _window(np.random.default_rng(0), 10, False), 700.7, 512)
+    q = quote_window(policy, _window(np.random.default_rng(0), 40, False), 700.7, 512)
     assert list(caps_at_quote(policy, q, [1.0, 5000.0], context_limit_tokens=512)) == [512, 512]
-    q = quote_window(policy, _window(np.random.default_rng(0), 10, False), 300.9, 4096)
+    q = quote_window(policy, _window(np.random.default_rng(0), 40, False), 300.9, 4096)
     assert list(caps_at_quote(policy, q, [1.0, 5000.0], context_limit_tokens=4096)) == [300, 300]
 
 
