@@ -259,9 +259,9 @@ class IngressMarket:
 
     def want_tokens(self, extra: int = 0) -> int:
         """More lease to ask for: top the available part up to the target; for a cap that does not fit,
-        what it lacks plus a block (the allocator lends what it can; the excess goes back at a later report)."""
+        what it lacks plus the target (the allocator lends what it can)."""
         if extra:
-            return int(extra) + self.lease_block_tokens
+            return int(extra) + self.lease_target_tokens
         return max(self.lease_target_tokens - self.lease.available, 0)
 
     def report(self, extra_tokens: int = 0) -> LeaseReport:

@@ -1,7 +1,7 @@
 """Where a running Ray cluster exports its metrics, asked of that cluster (never guessed from /tmp/ray).
 
-    python monitoring/ray_targets.py --address 127.0.0.1:6379
-    python monitoring/ray_targets.py --address 127.0.0.1:6379 --file-sd monitoring/prometheus/ray_targets.json
+    python monitoring/ray_targets.py --address auto
+    python monitoring/ray_targets.py --address auto --file-sd monitoring/prometheus/ray_targets.json
 
 ``/tmp/ray/session_latest`` and ``/tmp/ray/prom_metrics_service_discovery.json`` belong to
 whichever cluster started last on the host: with several clusters on one host they name

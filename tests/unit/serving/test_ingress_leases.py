@@ -59,9 +59,10 @@ def test_requests_are_decided_and_settled_locally_and_reach_the_books_with_the_n
         return alloc, handle, ing, answers, reports_after_requests
 
     alloc, handle, ing, answers, reports = asyncio.run(run())
-    # The first request waits for a quote, then for a lease (its arrival opens the budget block); the
-    # other four needed no call to the allocator.
-    assert reports == 2
+    # The first request waits for a quote, then for its cap (its arrival opens the budget block, and the
+    # answer sets the lease's target); the second for the lease's first block; the other three needed no
+    # call to the allocator.
+    assert reports == 3
     for a in answers:
         assert a["clear"]["decision"] == "admitted" and a["clear"]["allocated_tokens"] == 50
         assert a["usage"]["completion_tokens"] == 4 * CHUNK_TOKENS
