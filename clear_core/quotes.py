@@ -64,6 +64,7 @@ class PriceQuote:
     issued_at: float = 0.0  # the issuer's clock when it was cleared, s
     turnover_s: float = math.inf  # about how long until the window's demand has turned over, s
     thin_rows: tuple = ()  # the window itself when it is thinner than THIN_WINDOW_ROWS
+    log_sigma: float = 0.0  # single-spread policies (clear): the spread the window was cleared with
 
     @property
     def shadow_price(self) -> float:
@@ -109,7 +110,8 @@ def quote_window(policy: Policy, rows: np.ndarray, budget_per_query: float, cont
     res = clear_market_lognormal(tau, b * tau.size, log_sigma=sigma, context_limit_tokens=context_limit_tokens,
                                  fill_unused=policy.fill_unused)
     log = (lambda p: math.log(p) if p > 0 else -math.inf)
-    return PriceQuote(log_price=log(res.shadow_price), log_fill_price=log(res.fill_price), full_context=False, **base)
+    return PriceQuote(log_price=log(res.shadow_price), log_fill_price=log(res.fill_price), full_context=False,
+                      log_sigma=sigma, **base)
 
 
 def caps_at_quote(policy: Policy, quote: PriceQuote, thresholds, *, log_sigma=0.0, runaway=0.0, weights=None,
@@ -134,13 +136,11 @@ def caps_at_quote(policy: Policy, quote: PriceQuote, thresholds, *, log_sigma=0.
         return caps_at_log_prices(tau, log_sigma=np.maximum(sig, SIGMA_MIN), runaway=runaway, weights=weights,
                                   log_price=quote.log_price, log_fill_price=quote.log_fill_price,
                                   full_context=quote.full_context, context_limit_tokens=context_limit_tokens)
-    out = np.zeros(tau.size, dtype=np.int64)
-    for s in np.unique(sig):  # one closed form per spread (serving: one request at a time)
-        at = sig == s
-        out[at] = caps_at_prices(tau[at], log_sigma=max(float(s), MIN_QUOTE_SIGMA), price=quote.shadow_price,
-                                 fill_price=math.exp(quote.log_fill_price) if quote.log_fill_price > -math.inf else 0.0,
-                                 context_limit_tokens=context_limit_tokens)
-    return out
+    # clear prices one spread (the policy takes the median of the spreads): every request's best response
+    # uses the spread its price was cleared with, so that price and caps describe the same market.
+    return caps_at_prices(tau, log_sigma=max(quote.log_sigma, MIN_QUOTE_SIGMA), price=quote.shadow_price,
+                          fill_price=math.exp(quote.log_fill_price) if quote.log_fill_price > -math.inf else 0.0,
+                          context_limit_tokens=context_limit_tokens)
 
 
 def _cleared_with_window(policy: Policy, quote: PriceQuote, row: tuple, context_limit_tokens) -> int:
