@@ -287,6 +287,16 @@ def _series(samples: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return t, v
 
 
+def _pool_view(sample: dict) -> dict:
+    """A status sample with the caps in flight counted wherever they are reserved (centrally or in leases)."""
+    out = dict(sample)
+    if isinstance(sample.get("reserved_tokens"), (int, float)):
+        out["reserved_all_tokens"] = sample["reserved_tokens"] + (sample.get("lease_reserved_tokens") or 0)
+    if isinstance(sample.get("leased_tokens"), (int, float)):
+        out["leased_idle_tokens"] = sample["leased_tokens"] - (sample.get("lease_reserved_tokens") or 0)
+    return out
+
+
 def _no_status(ax, label: str) -> None:
     ax.text(0.5, 0.5, f"no /v1/clear/status samples for {label}", transform=ax.transAxes, ha="center", va="center",
             fontsize=8, color="0.4", gid="no-status")
@@ -340,13 +350,20 @@ def allocator_figure(runs: Mapping[str, Sequence[RequestRecord]], statuses: Mapp
         if not ab.any():
             ax.text(0.5, 0.6, "no 429s in this run", transform=ax.transAxes, ha="center", va="center", fontsize=8,
                     color="0.4")
-        # 3. the pool now: what a new cap may take, and what in-flight caps hold
+        # 3. the pool now: what a new cap may take, and what in-flight caps hold (with decisions at the
+        # ingress, caps are reserved inside the replicas' budget leases, and the pool lends the leases)
         ax = axes[2, j]
         if samples:
-            for key, name, style in (("available_tokens", "available", dict(color="tab:green", linestyle="-")),
-                                     ("reserved_tokens", "reserved (in-flight caps)",
-                                      dict(color="tab:purple", linestyle="--"))):
-                t, v = _series(samples, key)
+            pool = [_pool_view(s) for s in samples]
+            leases = any(s.get("leased_idle_tokens") for s in pool)
+            for key, name, style in (("available_tokens", "available (the pool)", dict(color="tab:green", linestyle="-")),
+                                     ("reserved_all_tokens", "reserved (in-flight caps)",
+                                      dict(color="tab:purple", linestyle="--")),
+                                     ("leased_idle_tokens", "leased to ingress replicas, not reserved",
+                                      dict(color="tab:orange", linestyle=":"))):
+                if key == "leased_idle_tokens" and not leases:
+                    continue
+                t, v = _series(pool, key)
                 ax.plot(t, v, marker=".", markersize=3, linewidth=1.2, label=name, gid=f"pool:{label}:{key}", **style)
         else:
             _no_status(ax, label)

@@ -172,9 +172,11 @@ def test_allocator_figure_draws_the_recorded_prices_pool_and_books(recorded):
         (line,) = by_gid(fig, f"price:{label}:status")
         np.testing.assert_array_equal(line.get_xdata(), [s["t_s"] for s in statuses[label]])
         np.testing.assert_array_equal(line.get_ydata(), [s["shadow_price"] for s in statuses[label]])
-        for key in ("available_tokens", "reserved_tokens"):
-            (line,) = by_gid(fig, f"pool:{label}:{key}")
-            np.testing.assert_array_equal(line.get_ydata(), [s[key] for s in statuses[label]])
+        (line,) = by_gid(fig, f"pool:{label}:available_tokens")
+        np.testing.assert_array_equal(line.get_ydata(), [s["available_tokens"] for s in statuses[label]])
+        (line,) = by_gid(fig, f"pool:{label}:reserved_all_tokens")
+        np.testing.assert_array_equal(line.get_ydata(), [s["reserved_tokens"] for s in statuses[label]])
+        assert not fig.findobj(lambda a: a.get_gid() == f"pool:{label}:leased_idle_tokens")  # no leases: not drawn
         for key in ("granted_tokens", "spent_tokens", "allocated_tokens_total", "generated_tokens_total"):
             (line,) = by_gid(fig, f"books:{label}:{key}")
             np.testing.assert_array_equal(line.get_ydata(), [s[key] for s in statuses[label]])
@@ -284,3 +286,19 @@ def test_a_long_synthetic_run_renders_from_its_files(tmp_path):
     assert_text_inside(fig)
     assert_titles_apart(fig)
     assert "429" in fig.axes[0].get_title()
+
+
+def test_with_leases_the_pool_panel_counts_caps_reserved_in_leases_and_draws_the_leases():
+    statuses = {"clear": [
+        {"t_s": 0.0, "shadow_price": 0.0, "abandonment_rate": 0.0, "available_tokens": 100, "reserved_tokens": 0,
+         "lease_reserved_tokens": 0, "leased_tokens": 0, "spent_tokens": 0, "granted_tokens": 100,
+         "allocated_tokens_total": 0, "generated_tokens_total": 0},
+        {"t_s": 1.0, "shadow_price": 0.001, "abandonment_rate": 0.1, "available_tokens": 40, "reserved_tokens": 0,
+         "lease_reserved_tokens": 25, "leased_tokens": 50, "spent_tokens": 10, "granted_tokens": 100,
+         "allocated_tokens_total": 35, "generated_tokens_total": 10},
+    ]}
+    fig = report.allocator_figure({"clear": []}, statuses)
+    (line,) = by_gid(fig, "pool:clear:reserved_all_tokens")
+    np.testing.assert_array_equal(line.get_ydata(), [0, 25])
+    (line,) = by_gid(fig, "pool:clear:leased_idle_tokens")
+    np.testing.assert_array_equal(line.get_ydata(), [0, 25])
