@@ -122,6 +122,12 @@ class Allocator:
             if self.restored:  # the counters continue from the restored books
                 self.metrics.count_books(self.ledger.state())
             self._publish()
+        try:  # Serve builds the replica on its event loop: sweep and write from the start
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            self._ensure_background()
 
     # -- commands --------------------------------------------------------------
 
@@ -387,15 +393,25 @@ class Allocator:
 
     async def settle(self, rid: str, generated: int, failed: bool = False) -> Settlement | None:
         self._ensure_background()
-        return self.settle_sync(rid, generated, failed)
+        settled = self.settle_sync(rid, generated, failed)
+        if settled is not None:  # acknowledged only once written: a restart must not reopen it (the ingress
+            await self._durable()  # stops retrying at the acknowledgement and renews its lease, so it would stay)
+        return settled
 
     async def renew(self, owner: str) -> int:
         self._ensure_background()
         return self.renew_sync(owner)
 
     async def status(self) -> dict:
+        self._ensure_background()
         return self.status_sync()
 
+    async def check_health(self) -> None:
+        """Serve's periodic health check: also starts the sweep and the writer of a replica restarted after
+        the last request (its restored reservations must lapse though no command arrives)."""
+        self._ensure_background()
+
     def __del__(self):
-        """Serve calls this when the replica stops: end the sweep loop (deployments.background)."""
+        """Serve calls this when the replica stops: end the sweep and writer loops (deployments.background)."""
         cancel_on_stop(getattr(self, "_sweeper", None))
+        cancel_on_stop(getattr(self, "_flusher", None))

@@ -131,9 +131,15 @@ class LeaseClient:
             return reply
 
     async def _resync(self, extra_tokens: int) -> LeaseReply:
+        """The first report of a reopened lease (the caller needs its answer)."""
         report = self.market.report(extra_tokens=extra_tokens)
-        reply = await asyncio.wait_for(_call(self.allocator.report.remote(report)), SYNC_TIMEOUT_S)
-        self.market.apply(reply)
+        try:
+            reply = await asyncio.wait_for(_call(self.allocator.report.remote(report)), SYNC_TIMEOUT_S)
+            self.market.apply(reply)
+        except Exception:
+            self.failed_reports += 1
+            raise AllocatorUnavailableError("the allocator is unavailable (restarting); nothing was charged, "
+                                            "retry shortly") from None
         self.last_reply, self.last_reply_at = reply, time.monotonic()
         return reply
 

@@ -79,3 +79,47 @@ def test_bad_seed_file(tmp_path):
     path.write_text('{"id": "x"}\n')
     with pytest.raises(InvalidInputError, match="seed.jsonl:1"):
         Allocator(AllocatorConfig(pricing_window_seed_path=str(path)), metrics=False)
+
+
+def test_a_settle_is_written_before_it_is_acknowledged_so_a_restart_never_reopens_it():
+    """The ingress stops retrying a settle once acknowledged and keeps renewing its lease: a settle that a
+    restart forgot would hold its tokens for good. The acknowledgement waits for the snapshot."""
+    import asyncio
+
+    store = MemoryStateStore()
+    cfg = AllocatorConfig(policy="clear", snapshot_interval_s=60.0,
+                          budget={"mode": "per_query", "tokens_per_query": 400, "window_queries": 50})
+
+    async def run():
+        a = Allocator(cfg, max_completion_tokens=8192, metrics=False, store=store)
+        d = await a.reserve("q0", 300.0, log_sigma=0.5, owner="ingress-1")
+        assert d.admitted
+        settled = await a.settle("q0", 120)
+        return d, settled
+
+    d, settled = asyncio.run(run())
+    assert settled is not None
+    st = Allocator(cfg, max_completion_tokens=8192, metrics=False, store=store).status_sync()
+    assert st["restored_after_restart"] and st["in_flight_reservations"] == 0 and st["reserved_tokens"] == 0
+    assert st["generated_tokens_total"] == 120 and st["refunded_tokens_total"] == d.cap_tokens - 120
+
+
+def test_a_replica_restarted_after_the_last_request_still_recovers_lapsed_reservations():
+    """No command reaches a replica restarted after the last request; its sweep runs all the same."""
+    import asyncio
+
+    store = MemoryStateStore()
+    cfg = AllocatorConfig(policy="clear", lease_ttl_s=0.2, sweep_interval_s=0.05,
+                          budget={"mode": "per_query", "tokens_per_query": 400, "window_queries": 50})
+    a = Allocator(cfg, max_completion_tokens=8192, metrics=False, store=store)
+    assert a.reserve_sync("q0", 300.0, log_sigma=0.5, owner="ingress-gone").admitted
+    a.flush()
+
+    async def restarted():
+        b = Allocator(cfg, max_completion_tokens=8192, metrics=False, store=store)  # built on the loop, as Serve does
+        await asyncio.sleep(1.0)  # no command at all: only time passes
+        return b.status_sync()
+
+    st = asyncio.run(restarted())
+    assert st["restored_after_restart"] and st["in_flight_reservations"] == 0 and st["reserved_tokens"] == 0
+    assert st["recovered_reservations_total"] == 1 and st["expired_tokens_total"] == 0
