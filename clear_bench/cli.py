@@ -9,8 +9,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clear_core.cli_args import (
-    HelpFormatter, UsageError, add_list_argument, make_dir, parses_a_list, positive_int, split_items,
+    HelpFormatter, UsageError, add_list_argument, make_dir, non_negative_float, non_negative_int, parses_a_list,
+    positive_int, split_items,
 )
+from clear_core.calibration import DEFAULT_SHRINK
 from clear_core.errors import InvalidInputError
 from clear_core.policies import POLICIES, parse_policy_list
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, STREAM_FAMILIES, load_pool, pool_streams
@@ -51,9 +53,16 @@ def add_subcommands(subparsers) -> None:
     add_list_argument(p, "--streams", metavar="STREAM", what="stream names",
                       help="streams of the pool's family (default: all of them): "
                       + "; ".join(f"{f.name}: {','.join(f.streams)}" for f in STREAM_FAMILIES.values()))
-    p.add_argument("--protocol", default="single", choices=["single", "best-of-k", "sequential"],
+    p.add_argument("--protocol", default="single", choices=["single", "best-of-k", "sequential", "online"],
                    help="single: one sample per query; best-of-k: k trajectories in parallel, each capped at "
-                   "budget/k; sequential: k trajectories one after another, each capped by what is left")
+                   "budget/k; sequential: k trajectories one after another, each capped by what is left; online: "
+                   "one sample per query, each priced on arrival by the allocator's online market and settled "
+                   "with what it generated (clear_bench.online)")
+    p.add_argument("--in-flight", type=non_negative_int, default=0,
+                   help="--protocol online: a query settles this many arrivals after its own")
+    p.add_argument("--shrink", type=non_negative_float, default=DEFAULT_SHRINK,
+                   help="strength (pseudo-samples) of the prior each calibration bin's length histogram is shrunk "
+                   "towards: every calibration length, as if predicted at the bin's centre (clear-cost-emp)")
     p.add_argument("--k", type=positive_int, default=5, help="trajectories per query with --protocol best-of-k | "
                    "sequential; --budgets are then totals per query")
     add_list_argument(p, "--budgets", kind=positive_int, what="positive token counts", metavar="TOKENS",
@@ -79,9 +88,9 @@ def run_bench(args) -> int:
 
     if args.policies is None:  # uniform-generated is a single-sample baseline
         args.policies = [p for p in policy_list(DEFAULT_POLICIES)
-                         if args.protocol == "single" or p != "uniform-generated"]
-    if args.protocol != "single" and "uniform-generated" in args.policies:
-        raise UsageError("uniform-generated needs one length per query: use it with --protocol single")
+                         if args.protocol in ("single", "online") or p != "uniform-generated"]
+    if args.protocol not in ("single", "online") and "uniform-generated" in args.policies:
+        raise UsageError("uniform-generated needs one length per query: use it with --protocol single or online")
     problems = load_pool(args.traces)
     known = pool_streams(problems)
     args.streams = args.streams or known
@@ -91,18 +100,19 @@ def run_bench(args) -> int:
     calibration = args.calibration
     if calibration is None:
         calibration = "none" if args.predictions == "oracle" else "binned"
-    predictions = parse_predictions(args.predictions, args.log_sigma, calibration=calibration, problems=problems)
+    predictions = parse_predictions(args.predictions, args.log_sigma, calibration=calibration, problems=problems,
+                                    shrink=args.shrink)
     make_dir(args.out)
 
     dump = (args.out / "allocations.jsonl").open("w") if args.dump_allocations else None
 
-    trials = args.protocol != "single"
+    trials = args.protocol not in ("single", "online")
 
     def on_allocation(cell, stream, caps):
         if dump is None:
             return
         # best-of-k: the cap is the query's total; its trajectories are the problem's first k samples
-        where = {"protocol": args.protocol, "k": args.k} if trials else {"protocol": "single"}
+        where = {"protocol": args.protocol, "k": args.k} if trials else {"protocol": args.protocol}
         for pid, j, cap in zip(stream.problem_ids, stream.sample_index.tolist(), caps.tolist()):
             row = {"stream": cell.stream, "seed": cell.seed, "budget_per_query": cell.budget_per_query,
                    "policy": cell.policy, "problem_id": pid, **where, "cap": cap}
@@ -116,15 +126,18 @@ def run_bench(args) -> int:
         rows = run_grid(problems, predictions, streams=args.streams, budgets=args.budgets, policies=args.policies,
                         seeds=args.seeds, n_queries=args.queries, context_limit_tokens=args.context_limit_tokens,
                         on_allocation=on_allocation, progress=bar.update, protocol=args.protocol,
+                        in_flight=args.in_flight,
                         k=args.k if trials else 1)
     if dump is not None:
         dump.close()
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     title = f"CLEAR bench on {Path(args.traces).name}" + (f", {args.protocol} with k = {args.k}" if trials else "")
+    if args.protocol == "online":
+        title += f", online (each query priced on arrival, {args.in_flight} in flight)"
     report = markdown_report(rows, title=title)
     (args.out / "results.md").write_text(report)
     print(report)
-    if trials and not args.no_figures:
+    if args.protocol != "single" and not args.no_figures:
         from clear_bench import plots
 
         plots.phase_transition(rows, args.out)  # the sensitivity studies are single-sample experiments

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clear_core.calibration import DEFAULT_BINS, DEFAULT_FOLDS, Calibration, fit_calibration, fold_of
+from clear_core.calibration import DEFAULT_BINS, DEFAULT_FOLDS, DEFAULT_SHRINK, Calibration, fit_calibration, fold_of
 from clear_core.empirical_market import EmpiricalLengths
 from clear_core.errors import InvalidInputError
 from clear_core.predictions import read_predictions
@@ -61,6 +61,7 @@ class Predictions:
     calibration: str = "none"  # CALIBRATIONS
     calibration_set: tuple | None = None  # (raw predictions, observed lengths, problem ids, problems, correct)
     folds: int = DEFAULT_FOLDS
+    shrink: float = DEFAULT_SHRINK  # prior strength of the bins' length histograms (fit_calibration)
     _fitted: dict = field(default_factory=dict, compare=False, repr=False)  # stream name -> fold calibrations
 
     def fold_calibrations(self, stream: Stream) -> tuple[Calibration, ...]:
@@ -72,7 +73,7 @@ class Predictions:
             bins = DEFAULT_BINS if self.calibration == "binned" else 1
             self._fitted[stream.name] = tuple(
                 fit_calibration(pred[fold != f], obs[fold != f], bins=bins, weights=weights[fold != f],
-                                censor_tokens=POOL_GENERATION_CAP_TOKENS, correct=ok[fold != f])
+                                censor_tokens=POOL_GENERATION_CAP_TOKENS, correct=ok[fold != f], shrink=self.shrink)
                 for f in range(self.folds)
             )
         return self._fitted[stream.name]
@@ -137,12 +138,13 @@ class Predictions:
 
 
 def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration: str = "none",
-                      problems=None, folds: int = DEFAULT_FOLDS) -> Predictions:
+                      problems=None, folds: int = DEFAULT_FOLDS, shrink: float = DEFAULT_SHRINK) -> Predictions:
     """Parse ``oracle``, ``oracle-noise:SIGMA`` or a path to a predictions JSONL.
 
     ``calibration`` ``binned`` / ``global`` calibrates out of fold against the
     samples of ``problems`` (module docstring); ``log_sigma`` overrides the
-    single spread of ``none``.
+    single spread of ``none``; ``shrink`` is the prior strength of the
+    calibration bins' length histograms (:func:`clear_core.calibration.fit_calibration`).
     """
     if calibration not in CALIBRATIONS:
         raise InvalidInputError("calibration", calibration, f"expected one of {CALIBRATIONS}")
@@ -171,7 +173,7 @@ def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration:
         if calibration == "none":
             return base
         pairs = _file_pairs(problems, table.thresholds, spec)
-    return Predictions(spec, base.kind, base.sigma, base.table, calibration, pairs, folds)
+    return Predictions(spec, base.kind, base.sigma, base.table, calibration, pairs, folds, shrink)
 
 
 def _file_pairs(problems, thresholds: dict[str, float], spec: str):

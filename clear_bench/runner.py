@@ -9,13 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from clear_core.best_of_k import PROTOCOLS, make_trial_stream, minimal_budget, run_trials
-from clear_core.policies import Truth, parse_policy
+from clear_core.policies import Allocation, Truth, parse_policy
 from clear_core.simulate import score, score_outcome, solved_mask, uniform_cap_within
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, make_stream
+from clear_bench.online import HINDSIGHT, StreamInputs, serve_online
 from clear_bench.predictions import Predictions
 
 #: --protocol values: one sample per query (the math experiments), or best-of-k (parallel or sequential).
-BENCH_PROTOCOLS = ("single", "best-of-k", "sequential")
+BENCH_PROTOCOLS = ("single", "best-of-k", "sequential", "online")
 
 
 
@@ -41,6 +42,7 @@ def run_grid(
     progress: Callable[[int], None] | None = None,
     protocol: str = "single",
     k: int = 1,
+    in_flight: int = 0,
 ) -> list[dict]:
     """Score every cell of the grid; one result row per (stream, budget, policy, seed).
 
@@ -53,16 +55,21 @@ def run_grid(
     is the total over its trajectories), the oracle the least budget that
     solves it, and the trajectories spend it in parallel (``C // k`` each) or
     in sequence.
+
+    ``protocol`` ``online`` (:mod:`clear_bench.online`): the same streams, each
+    query priced on arrival by the online market and settled with what it
+    generated (``in_flight`` arrivals later), as the allocator serves them.
     """
     if protocol not in BENCH_PROTOCOLS:
         raise ValueError(f"protocol {protocol!r}: expected one of {BENCH_PROTOCOLS}")
-    if protocol != "single" and "uniform-generated" in policies:
+    single = protocol in ("single", "online")  # one sample per query
+    if not single and "uniform-generated" in policies:
         raise ValueError("uniform-generated is a single-sample baseline (it needs one length per query)")
     policy_objs = {spec: parse_policy(spec) for spec in policies}
     rows: list[dict] = []
     for stream_name in streams:
         for seed in seeds:
-            if protocol == "single":
+            if single:
                 stream = make_stream(problems, stream_name, n_queries, seed)
                 thresholds = predictions.thresholds(stream)
                 priced = predictions.distribution(stream)  # (median, spread, runaway) per query
@@ -83,7 +90,11 @@ def run_grid(
             for bpq in budgets:
                 budget = int(bpq) * len(stream)
                 for spec, policy in policy_objs.items():
-                    if policy.uses_lengths:  # prices each query's empirical length distribution
+                    if protocol == "online" and policy.name not in HINDSIGHT:
+                        caps = serve_online(policy, _inputs(predictions, stream, priced, lengths), stream.tokens,
+                                            int(bpq), context_limit_tokens=limit, in_flight=in_flight)
+                        alloc = Allocation(caps=caps, shadow_price=math.nan, active=caps > 0)
+                    elif policy.uses_lengths:  # prices each query's empirical length distribution
                         alloc = policy.allocate(thresholds, budget, context_limit_tokens=limit, truth=truth,
                                                 lengths=lengths)
                     elif policy.per_query_sigma:  # prices each query's calibrated length distribution
@@ -107,7 +118,8 @@ def run_grid(
                     rows.append(
                         {
                             "stream": stream_name,
-                            "protocol": protocol if trials is None else f"{protocol}:{k}",
+                            "protocol": (protocol if trials is None else f"{protocol}:{k}")
+                            + (f":in_flight={in_flight}" if protocol == "online" and in_flight else ""),
                             "budget_per_query": int(bpq),
                             "policy": spec,
                             "seed": int(seed),
@@ -138,3 +150,14 @@ def run_grid(
                         progress(1)
     return rows
 
+
+
+def _inputs(predictions: Predictions, stream: Stream, priced, lengths) -> StreamInputs:
+    """What the online allocator is told about each query of ``stream``."""
+    n = len(stream)
+    return StreamInputs(
+        raw=predictions.thresholds(stream), sigma=float(predictions.sigma), median=np.asarray(priced[0], dtype=float),
+        spread=np.broadcast_to(np.asarray(priced[1], dtype=float), (n,)),
+        runaway=np.broadcast_to(np.asarray(priced[2], dtype=float), (n,)),
+        histograms=() if lengths is None else tuple(lengths.histograms),
+        bins=None if lengths is None else np.asarray(lengths.which))

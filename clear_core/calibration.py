@@ -43,6 +43,8 @@ DEFAULT_BINS = 8
 MIN_PER_BIN = 20
 #: Spreads are floored at this (a bin whose residuals are all equal would claim certainty).
 MIN_LOG_SIGMA = 0.05
+#: Default strength (in pseudo-samples) of the prior each bin's histogram is shrunk towards.
+DEFAULT_SHRINK = 0.0
 #: Folds of the out-of-fold calibration.
 DEFAULT_FOLDS = 5
 
@@ -101,7 +103,7 @@ class Calibration:
 
 
 def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tokens: float | None = None,
-                    weights=None, correct=None) -> Calibration:
+                    weights=None, correct=None, shrink: float = DEFAULT_SHRINK) -> Calibration:
     """Fit bias, spread and runaway share per quantile bin of ``ln predicted``.
 
     ``predicted`` and ``observed`` are token counts, one pair per query (a
@@ -117,6 +119,14 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
     that of a population with another composition (bins hold equal weight).
     With ``correct`` (one flag per pair) each bin also gets the empirical
     histogram of its residuals (:class:`clear_core.empirical_market.LengthHistogram`).
+
+    ``shrink`` (pseudo-samples, >= 0) shrinks each bin's histogram towards
+    the histogram of *every* pair's length, placed at the bin's centre: the
+    posterior predictive of a Dirichlet prior whose base measure says "the
+    prediction tells nothing", with weight ``shrink / (n_eff + shrink)``
+    (``n_eff`` the bin's effective sample size under ``weights``). A bin of a
+    few dozen hard problems then keeps the chance of a short answer that the
+    whole population shows, instead of trusting its own few samples.
     """
     p = np.log(np.maximum(np.asarray(predicted, dtype=float), 1.0))
     obs = np.asarray(observed, dtype=float)
@@ -127,6 +137,8 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
         raise InvalidInputError("calibration", p.size, f"needs at least {2 * MIN_PER_BIN} residuals")
     if bins < 1:
         raise InvalidInputError("bins", bins, "must be >= 1")
+    if not (math.isfinite(shrink) and shrink >= 0):
+        raise InvalidInputError("shrink", shrink, "must be finite and >= 0")
     w = np.ones(p.size) if weights is None else np.asarray(weights, dtype=float)
     if w.shape != p.shape or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
         raise InvalidInputError("weights", "calibration weights", "need one finite weight >= 0 per pair, not all 0")
@@ -155,8 +167,15 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
         # The spread whose log-normal mean matches the arithmetic mean of the residuals.
         excess = float(np.log(np.average(np.exp(r - mu), weights=rw)))
         sigma = max(sd, math.sqrt(2.0 * max(excess, 0.0)), MIN_LOG_SIGMA)
-        hist = LengthHistogram.fit(resid[g], ok[g], ran[g], w[g]) if correct is not None else None
-        rows.append((float(np.average(p[g], weights=w[g])), mu, sigma, int(g.size), float(np.average(ran[g], weights=w[g])),
+        centre = float(np.average(p[g], weights=w[g]))
+        hist = None
+        if correct is not None:
+            hist = LengthHistogram.fit(resid[g], ok[g], ran[g], w[g])
+            if shrink > 0:
+                n_eff = float(w[g].sum() ** 2 / np.square(w[g]).sum())
+                prior = LengthHistogram.fit(d - centre, ok, ran, w)  # every length, as if predicted at the centre
+                hist = hist.mixed(prior, shrink / (n_eff + shrink))
+        rows.append((centre, mu, sigma, int(g.size), float(np.average(ran[g], weights=w[g])),
                      hist))
     centres, bias, sigma, n, runaway, hists = (tuple(col) for col in zip(*rows))
     return Calibration(centres, bias, sigma, n, runaway, hists if correct is not None else ())

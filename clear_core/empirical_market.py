@@ -88,6 +88,17 @@ class LengthHistogram:
         scale = (1.0 - runaway) / max(good.sum() + bad.sum(), 1e-300)  # exact sum 1 after smoothing
         return cls(tuple((good * scale).tolist()), tuple((bad * scale).tolist()), runaway)
 
+    def mixed(self, other: LengthHistogram, share: float) -> LengthHistogram:
+        """The mixture ``(1 - share) * self + share * other`` (both on the same grid)."""
+        if not 0.0 <= share <= 1.0:
+            raise InvalidInputError("share", share, "must be in [0, 1]")
+        a = 1.0 - share
+        return LengthHistogram(
+            tuple((a * np.asarray(self.correct) + share * np.asarray(other.correct)).tolist()),
+            tuple((a * np.asarray(self.wrong) + share * np.asarray(other.wrong)).tolist()),
+            a * self.runaway + share * other.runaway,
+        )
+
     def as_dict(self) -> dict:
         return {"correct": list(self.correct), "wrong": list(self.wrong), "runaway": self.runaway}
 

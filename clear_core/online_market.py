@@ -29,6 +29,10 @@ length *distribution* (``clear-cost``, :mod:`clear_core.consumption`), its
 calibrated spread and runaway share, and its tenant's weight (the paper's
 alpha_i of Eq. 2: a tenant worth more buys tokens first at the same price).
 The window keeps all four, so the clearing sees the recent demand as it was.
+``clear-cost-emp`` (:mod:`clear_core.empirical_market`) prices each request's
+*empirical* length histogram instead: the market holds the calibration's
+histograms (``lengths``), each request names its bin (``length_bin``) and the
+window keeps it as a fifth column.
 ``clear-cost`` clears a budget of *expected generated tokens*, so the window
 market uses the budget's per-query ``b`` as it is; the paper's cap policies
 clear caps, and in a refunding budget ``b`` is scaled by the measured
@@ -130,9 +134,10 @@ class DemandWindow:
     copy of one array, not a walk over Python objects.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, width: int = 4):
         self.size = int(size)
-        self._rows = np.zeros((max(self.size, 1), 4))
+        self.width = int(width)
+        self._rows = np.zeros((max(self.size, 1), self.width))
         self._next = 0  # where the next row goes
         self._count = 0
 
@@ -161,7 +166,7 @@ class DemandWindow:
 
     def with_row(self, row) -> np.ndarray:
         """The window's rows and one more at the end (the arriving request)."""
-        out = np.empty((self._count + 1, 4))
+        out = np.empty((self._count + 1, self.width))
         if self._count < self.size:
             out[: self._count] = self._rows[: self._count]
         else:
@@ -262,6 +267,7 @@ class OnlineMarket:
     pace: bool = True  # per-query budget: clear with the block's remaining budget per remaining arrival
     outcome_window: int = DEFAULT_OUTCOME_WINDOW
     tenant_weights: dict = field(default_factory=dict)  # tenant -> weight in the utility (others: 1)
+    lengths: tuple = ()  # clear-cost-emp: the calibration's LengthHistograms that requests' length_bin index
     _window: DemandWindow = field(init=False, repr=False)  # (threshold, spread, runaway share, weight) per arrival
     _times: deque = field(init=False, repr=False)
     _outcomes: deque = field(init=False, repr=False)
@@ -272,7 +278,10 @@ class OnlineMarket:
     def __post_init__(self):
         if not (isinstance(self.window_size, int) and self.window_size >= 0):
             raise InvalidInputError("window_size", self.window_size, "must be an integer >= 0")
-        self._window = DemandWindow(self.window_size)
+        if self.policy.uses_lengths and not self.lengths:
+            raise InvalidInputError("lengths", "()", f"{self.policy.name} needs the calibration's length histograms")
+        self._width = 5 if self.policy.uses_lengths else 4  # + the length bin
+        self._window = DemandWindow(self.window_size, self._width)
         self._times = deque(maxlen=max(self.window_size, 1))
         self._outcomes = deque(maxlen=self.outcome_window)
         self._costs = deque(maxlen=COST_WINDOW)
@@ -377,6 +386,7 @@ class OnlineMarket:
         owner: str | None = None,
         arrival_key: str | None = None,
         retry: bool = False,
+        length_bin: int | None = None,
     ) -> Decision:
         """Price one arriving request, reserve its cap or abandon it.
 
@@ -386,19 +396,32 @@ class OnlineMarket:
         accepts (its ``max_tokens`` within the context); the reserved cap never
         exceeds it. ``owner`` is whoever will settle the reservation (its
         lease, see the ledger); ``arrival_key`` and ``retry`` recognise a
-        retried request (module docstring).
+        retried request (module docstring). ``length_bin`` indexes ``lengths``
+        (``clear-cost-emp`` only; ``threshold_tokens`` is then the raw prediction
+        the histogram is relative to).
         """
         now = self.ledger.now() if now is None else now
         check_request(threshold_tokens, log_sigma, runaway, client_cap_tokens)
+        if self.policy.uses_lengths and not (isinstance(length_bin, (int, np.integer))
+                                             and 0 <= length_bin < len(self.lengths)):
+            raise InvalidInputError("length_bin", length_bin, f"needs an index into {len(self.lengths)} histograms")
         new = self._arrivals.is_new(arrival_key, retry, now)
         if new:
             self.ledger.arrive()
             self._times.append(now)
         b = self.budget_per_query(now)
         entry = (float(threshold_tokens), float(log_sigma), float(runaway), self.tenant_weight(tenant))
+        if self.policy.uses_lengths:
+            entry += (float(length_bin),)
         demand = self._window.with_row(entry)
         tau = demand[:, 0]
-        if self.policy.per_query_sigma:  # prices each request's own distribution and weight
+        if self.policy.uses_lengths:
+            from clear_core.empirical_market import EmpiricalLengths
+
+            which = demand[:, 4].astype(np.int64)
+            alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
+                                         weights=demand[:, 3], lengths=EmpiricalLengths(tuple(self.lengths), which))
+        elif self.policy.per_query_sigma:  # prices each request's own distribution and weight
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
                                          log_sigma=demand[:, 1], runaway=demand[:, 2], weights=demand[:, 3])
         else:
@@ -451,14 +474,19 @@ class OnlineMarket:
         recent traffic sample) prices them against realistic demand from the
         first request on. Arrivals then push the seed out of the window.
         """
+        if self.policy.uses_lengths:
+            raise InvalidInputError("pricing window seed", "thresholds", f"{self.policy.name} needs each row's length bin")
         values = [float(x) for x in thresholds]
         if any(not (math.isfinite(v) and v >= 0) for v in values):
             raise InvalidInputError("pricing window seed", values[:5], "thresholds must be finite and >= 0")
         self._window.extend((v, 0.0, 0.0, 1.0) for v in values)
 
     def restore(self, snap: dict) -> None:
-        for x in snap.get("window", []):  # a threshold (older snapshots) or (threshold, spread, runaway, weight)
-            self._window.append((float(x), 0.0, 0.0, 1.0) if isinstance(x, (int, float)) else tuple(float(v) for v in x))
+        for x in snap.get("window", []):  # a threshold (older snapshots) or (threshold, spread, runaway, weight[, bin])
+            row = (float(x), 0.0, 0.0, 1.0) if isinstance(x, (int, float)) else tuple(float(v) for v in x)
+            if len(row) != self._width:  # another policy's window: its rows do not fit this market
+                continue
+            self._window.append(row)
         for t, d in snap.get("tenants", {}).items():
             st = self._stats(t)
             st.admitted, st.abandoned = int(d.get("admitted", 0)), int(d.get("abandoned", 0))
@@ -489,6 +517,8 @@ class OnlineMarket:
         ``(threshold, spread, runaway share, weight)``. They credit the budget
         (per-query blocks), enter the pricing window and the arrival rate."""
         now = self.ledger.now() if now is None else now
+        if self.policy.uses_lengths:
+            raise InvalidInputError("decisions", "ingress", f"{self.policy.name} is priced centrally only")
         for row in rows:
             tau, sig, rho, w = (float(v) for v in row[:4])
             check_request(tau, sig, rho, None)
@@ -524,6 +554,8 @@ class OnlineMarket:
         """Clear the pricing window at the current per-query budget: a :class:`~clear_core.quotes.PriceQuote`."""
         from clear_core.quotes import quote_window
 
+        if self.policy.uses_lengths:
+            raise InvalidInputError("decisions", "ingress", f"{self.policy.name} is priced centrally only")
         now = self.ledger.now() if now is None else now
         self._quotes += 1
         q = quote_window(self.policy, self._window.rows(), self.budget_per_query(now, ahead=True),

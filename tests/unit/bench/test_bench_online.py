@@ -1,0 +1,80 @@
+"""`clear-llm bench --protocol online`: every query priced on arrival by the allocator's online market and
+settled with what it generated. Checked against the batch protocol, the ledger's bound and the dump."""
+
+import json
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from clear_bench.online import StreamInputs, serve_online
+from clear_core.policies import parse_policy
+from clear_core.simulate import solved_mask
+from clear_core.traces import load_pool, make_stream
+from clear_llm.cli import main
+from tests.conftest import MAIN_POOL
+
+POLICIES = "uniform,uniform-generated,clear-cost,clear-cost-emp"
+
+
+@pytest.fixture(scope="module")
+def online_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("online")
+    argv = ["bench", "--traces", str(MAIN_POOL), "--predictions", "oracle-noise:0.5", "--streams", "mostly-hard",
+            "--budgets", "256,1024", "--policies", POLICIES, "--seeds", "0", "--queries", "200",
+            "--no-figures", "--dump-allocations", "--shrink", "30"]
+    assert main(argv + ["--protocol", "online", "--in-flight", "8", "--out", str(out / "online")]) == 0
+    assert main(argv + ["--out", str(out / "single")]) == 0
+    return out
+
+
+def _rows(path):
+    return {(r["policy"], r["budget_per_query"]): r for r in json.loads((path / "results.json").read_text())}
+
+
+def test_refunding_policies_never_generate_more_than_the_budget_and_uniform_is_the_batch(online_out):
+    online, single = _rows(online_out / "online"), _rows(online_out / "single")
+    for (policy, b), r in online.items():
+        assert r["protocol"] == "online:in_flight=8"
+        if policy in ("clear-cost", "clear-cost-emp"):
+            # The ledger never lets reserved + spent pass the block: what was generated is within b N.
+            assert r["tokens_consumed"] <= b * r["n_queries"]
+        if policy in ("uniform", "uniform-generated"):  # a uniform cap is the same on arrival as in batch
+            assert r["accuracy"] == single[(policy, b)]["accuracy"]
+            assert r["tokens_allocated"] == single[(policy, b)]["tokens_allocated"]
+
+
+def test_dumped_caps_rescore_to_the_reported_accuracy(online_out):
+    problems = {p.id: p for p in load_pool(MAIN_POOL)}
+    solved = defaultdict(list)
+    for line in (online_out / "online" / "allocations.jsonl").read_text().splitlines():
+        a = json.loads(line)
+        assert a["protocol"] == "online"
+        s = problems[a["problem_id"]].samples[a["sample_index"]]
+        solved[(a["policy"], a["budget_per_query"])].append(a["cap"] >= s.tokens and s.correct and not s.truncated)
+    for key, r in _rows(online_out / "online").items():
+        assert np.mean(solved[key]) == pytest.approx(r["accuracy"])
+
+
+def test_a_stream_that_runs_long_raises_the_price_for_the_rest_of_it():
+    """Same predictions, true lengths twice as long: pacing on what was really generated leaves less for
+    the later queries, so they get smaller caps (a batch clearing of expected tokens could not see it)."""
+    problems = load_pool(MAIN_POOL)
+    stream = make_stream(problems, "balanced", 300, 0)
+    tau = stream.tokens.astype(float)
+    n = tau.size
+    inputs = StreamInputs(raw=tau, sigma=0.5, median=tau, spread=np.full(n, 0.5), runaway=np.zeros(n))
+    policy = parse_policy("clear-cost")
+    as_predicted = serve_online(policy, inputs, stream.tokens, 512, context_limit_tokens=8192)
+    longer = serve_online(policy, inputs, 2 * stream.tokens, 512, context_limit_tokens=8192)
+    half = n // 2
+    assert longer[half:].sum() < 0.8 * as_predicted[half:].sum()
+    for caps, tokens in ((as_predicted, stream.tokens), (longer, 2 * stream.tokens)):
+        assert np.minimum(caps, tokens).sum() <= 512 * n
+    assert solved_mask(as_predicted, stream.tokens, stream.correct).mean() > 0.3
+
+
+def test_online_needs_one_sample_per_query(tmp_path, capsys):
+    rc = main(["bench", "--traces", str(MAIN_POOL), "--protocol", "best-of-k", "--policies", "uniform-generated",
+               "--out", str(tmp_path)])
+    assert rc == 2 and "single or online" in capsys.readouterr().err
