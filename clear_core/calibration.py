@@ -181,6 +181,33 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
     return Calibration(centres, bias, sigma, n, runaway, hists if correct is not None else ())
 
 
+def histogram_log_likelihood(cal: Calibration, predicted, observed, *, censor_tokens: float | None = None,
+                             weights=None) -> float:
+    """Mean log-likelihood of observed lengths under ``cal``'s bin histograms (per pair, weighted).
+
+    A finished length scores the mass of its grid cell in the histogram of
+    its prediction's bin; one at or above ``censor_tokens`` the bin's runaway
+    share. Out of fold (``cal`` fitted without these pairs) it measures how
+    well the histograms predict new queries: :func:`fit_calibration`'s
+    ``shrink`` is chosen by it (``benchmarks/histogram_prior.py``).
+    """
+    from clear_core.empirical_market import LOG_RATIO_GRID
+
+    if not cal.histograms:
+        raise InvalidInputError("calibration", "no histograms", "fit it with correct= to score lengths")
+    pred = np.asarray(predicted, dtype=float)
+    obs = np.asarray(observed, dtype=float)
+    w = np.ones(pred.size) if weights is None else np.asarray(weights, dtype=float)
+    r = np.log(np.maximum(obs, 1.0)) - np.log(np.maximum(pred, 1.0))
+    ran = (obs >= censor_tokens) if censor_tokens is not None else np.zeros(obs.size, dtype=bool)
+    cell = np.minimum(np.searchsorted(LOG_RATIO_GRID, r, side="left"), LOG_RATIO_GRID.size - 1)
+    b = cal.bin_of(pred)
+    finished = np.array([np.asarray(h.correct) + np.asarray(h.wrong) for h in cal.histograms])
+    runaway = np.array([h.runaway for h in cal.histograms])
+    p = np.where(ran | (r > LOG_RATIO_GRID[-1]), runaway[b], finished[b, cell])
+    return float(np.average(np.log(np.maximum(p, 1e-12)), weights=w))
+
+
 def fold_of(group: str, folds: int) -> int:
     """A stable fold for a group id (CRC32, so it is the same in every process)."""
     return zlib.crc32(group.encode("utf-8")) % folds

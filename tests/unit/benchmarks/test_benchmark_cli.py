@@ -111,3 +111,16 @@ def test_make_load_demo_passes_its_port(port):
     argv = ["make", "-n", "load-demo"] + ([f"PORT={port}"] if port else [])
     out = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
     assert f"benchmarks/load_demo.py" in out and f"--port {port or 8000} " in out
+
+
+def test_histogram_prior_prints_a_held_out_likelihood_per_stream_and_strength(capsys):
+    mod = _script("histogram_prior")
+    assert mod.main(["--traces", str(MAIN_POOL), "--strengths", "0,30,1e6"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "k=" not in line]
+    assert [r[1].strip() for r in rows] == ["balanced", "mostly-easy", "mostly-hard", "u-shaped"]
+    for r in rows:
+        ll = [float(v) for v in r[2:5]]
+        assert all(-20 < v < 0 for v in ll)  # mean log of cell masses (each < 1)
+        # A prior a million samples strong ignores the prediction: it cannot fit held-out lengths better
+        # than the bins do (the noisy oracle's predictions say a lot).
+        assert ll[2] < max(ll[0], ll[1])

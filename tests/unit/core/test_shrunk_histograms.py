@@ -110,3 +110,24 @@ def test_online_market_prices_empirical_histograms_like_the_batch_clearing():
         market.quote()
     with pytest.raises(InvalidInputError, match="histograms"):
         OnlineMarket(parse_policy("clear-cost-emp"), ledger)
+
+
+def test_held_out_log_likelihood_scores_each_length_by_its_cell_or_the_runaway_share():
+    from clear_core.calibration import histogram_log_likelihood
+    from clear_core.empirical_market import LOG_RATIO_GRID
+
+    pred, obs, correct = population(6)
+    cal = fit_calibration(pred, obs, bins=4, censor_tokens=8192.0, correct=correct)
+    rng = np.random.default_rng(7)
+    p_new = np.exp(rng.uniform(4, 8, 50))
+    o_new = np.where(rng.random(50) < 0.1, 8192.0, p_new * np.exp(rng.normal(0, 0.5, 50)))
+    expect = []
+    for p, o in zip(p_new, o_new):
+        h = cal.histograms[int(cal.bin_of([p])[0])]
+        if o >= 8192.0:
+            expect.append(np.log(h.runaway))
+        else:  # the first grid edge at or above ln(o / p)
+            g = int(np.argmax(LOG_RATIO_GRID >= np.log(o) - np.log(p)))
+            expect.append(np.log(h.correct[g] + h.wrong[g]))
+    got = histogram_log_likelihood(cal, p_new, o_new, censor_tokens=8192.0)
+    assert got == pytest.approx(np.mean(expect), rel=1e-9)
