@@ -141,10 +141,34 @@ def run_bench(args) -> int:
         from clear_bench import plots
 
         plots.phase_transition(rows, args.out)  # the sensitivity studies are single-sample experiments
+        if args.protocol == "online":
+            _online_figure(args, problems, predictions)
     elif not args.no_figures:
         _figures(args, problems, predictions, rows)
     print(f"wrote {args.out}/results.json, results.md" + ("" if args.no_figures else " and figures"))
     return 0
+
+
+def _online_figure(args, problems, predictions) -> None:
+    """online_pacing.png: the first stream, the middle budget, the first policy that refunds (else the first)."""
+    from clear_bench.online import HINDSIGHT
+    from clear_bench.online_plot import online_pacing
+    from clear_bench.runner import _inputs
+    from clear_core.policies import parse_policy
+    from clear_core.traces import make_stream
+
+    specs = [p for p in args.policies if parse_policy(p).name not in HINDSIGHT]
+    if not specs:
+        return
+    spec = next((p for p in specs if parse_policy(p).prices_generated_tokens), specs[0])
+    stream_name = "balanced" if "balanced" in args.streams else args.streams[0]
+    budget = sorted(args.budgets)[len(args.budgets) // 2]
+    stream = make_stream(problems, stream_name, args.queries, args.seeds[0])
+    inputs = _inputs(predictions, stream, predictions.distribution(stream), predictions.empirical(stream))
+    online_pacing(parse_policy(spec), inputs, stream.tokens, int(budget), args.out,
+                  context_limit_tokens=args.context_limit_tokens, in_flight=args.in_flight,
+                  title=f"{spec} served online: {stream_name}, {budget} tokens per query, seed {args.seeds[0]}, "
+                  f"{predictions.spec}")
 
 
 def _figures(args, problems, predictions, rows) -> None:

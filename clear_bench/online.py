@@ -63,8 +63,13 @@ class _Tick:
 
 def serve_online(policy: Policy, inputs: StreamInputs, tokens: np.ndarray, budget_per_query: int, *,
                  context_limit_tokens: float | None, in_flight: int = 0,
-                 window_size: int = DEFAULT_WINDOW_SIZE) -> np.ndarray:
-    """Each query's cap as the online market answered it (0: abandoned); module docstring."""
+                 window_size: int = DEFAULT_WINDOW_SIZE, trace: list | None = None) -> np.ndarray:
+    """Each query's cap as the online market answered it (0: abandoned); module docstring.
+
+    ``trace``: when given, one dict per arrival is appended to it, after its
+    decision: the per-query budget it was priced with, its cap and reason, and
+    the ledger's reserved and spent tokens.
+    """
     n = len(tokens)
     clock = _Tick()
     refund = bool(policy.prices_generated_tokens)
@@ -90,6 +95,10 @@ def serve_online(policy: Policy, inputs: StreamInputs, tokens: np.ndarray, budge
         while len(running) > in_flight:
             j = running.popleft()
             market.settle(str(j), int(min(tokens[j], caps[j])))
+        if trace is not None:
+            st = ledger.state()
+            trace.append({"budget_per_query": float(d.budget_per_query_tokens), "cap": int(caps[i]),
+                          "reason": d.reason.value, "reserved": int(st.reserved), "spent": int(st.spent)})
     while running:
         j = running.popleft()
         market.settle(str(j), int(min(tokens[j], caps[j])))

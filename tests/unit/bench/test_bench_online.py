@@ -78,3 +78,35 @@ def test_online_needs_one_sample_per_query(tmp_path, capsys):
     rc = main(["bench", "--traces", str(MAIN_POOL), "--protocol", "best-of-k", "--policies", "uniform-generated",
                "--out", str(tmp_path)])
     assert rc == 2 and "single or online" in capsys.readouterr().err
+
+
+def test_online_pacing_figure_draws_what_the_ledger_spent_with_and_without_requests_in_flight(tmp_path):
+    """The spent line is the ledger's own count (never above b N, ending at what the stream generated),
+    for 0 and 32 requests in flight; the text stays inside the figure."""
+    import matplotlib.pyplot as plt
+
+    from clear_bench.online_plot import online_pacing_figure
+    from tests.unit.figure_checks import assert_text_inside, by_gid
+
+    problems = load_pool(MAIN_POOL)
+    stream = make_stream(problems, "balanced", 200, 1)
+    tau = stream.tokens.astype(float)
+    n = tau.size
+    inputs = StreamInputs(raw=tau, sigma=0.5, median=tau, spread=np.full(n, 0.5), runaway=np.zeros(n))
+    policy = parse_policy("clear-cost")
+    traces, caps = {}, {}
+    for k in (0, 32):
+        tr: list = []
+        caps[k] = serve_online(policy, inputs, stream.tokens, 512, context_limit_tokens=8192, in_flight=k, trace=tr)
+        traces[f"{k} in flight"] = tr
+    fig = online_pacing_figure(traces, 512, n, "clear-cost served online")
+    for k in (0, 32):
+        (line,) = by_gid(fig, f"spent:{k} in flight")
+        y = np.asarray(line.get_ydata()) * 1e3
+        assert y.max() <= 512 * n and np.all(np.diff(y) >= 0)
+        generated = np.minimum(caps[k], stream.tokens)
+        # Spent after the last arrival: everything but the last k admitted requests, still in flight then.
+        open_then = np.flatnonzero(caps[k] > 0)[len(np.flatnonzero(caps[k] > 0)) - k:]
+        assert y[-1] == pytest.approx(generated.sum() - generated[open_then].sum(), abs=1)
+    assert_text_inside(fig)
+    plt.close(fig)
