@@ -213,6 +213,9 @@ class AllocatorConfig(_Strict):
         if self.policy == "auto":  # resolved once, here: every layer sees the policy that runs
             object.__setattr__(self, "policy", "clear-cost" if self.budget.to_budget().refund_unused else "clear")
         policy = parse_policy(self.policy)
+        if policy.uses_lengths:
+            raise ValueError(f"policy {self.policy} prices calibration histograms, which the serving predictors do not "
+                             "ship yet: it runs in the bench (clear-llm bench, --protocol online); serve clear-cost")
         if policy.prices_generated_tokens and not self.budget.to_budget().refund_unused:
             raise ValueError(f"policy {self.policy} prices generated tokens: its budget needs refund_unused: true "
                              "(a budget that charges whole caps is a budget of caps)")

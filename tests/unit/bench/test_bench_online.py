@@ -28,6 +28,12 @@ def online_out(tmp_path_factory):
     return out
 
 
+def _told_the_truth(stream) -> StreamInputs:
+    """Each query predicted at its recorded length, with a spread of 0.5 and no runaways."""
+    tau = stream.tokens.astype(float)
+    return StreamInputs(raw=tau, sigma=0.5, median=tau, spread=np.full(tau.size, 0.5), runaway=np.zeros(tau.size))
+
+
 def _rows(path):
     return {(r["policy"], r["budget_per_query"]): r for r in json.loads((path / "results.json").read_text())}
 
@@ -61,9 +67,8 @@ def test_a_stream_that_runs_long_raises_the_price_for_the_rest_of_it():
     the later queries, so they get smaller caps (a batch clearing of expected tokens could not see it)."""
     problems = load_pool(MAIN_POOL)
     stream = make_stream(problems, "balanced", 300, 0)
-    tau = stream.tokens.astype(float)
-    n = tau.size
-    inputs = StreamInputs(raw=tau, sigma=0.5, median=tau, spread=np.full(n, 0.5), runaway=np.zeros(n))
+    n = len(stream)
+    inputs = _told_the_truth(stream)
     policy = parse_policy("clear-cost")
     as_predicted = serve_online(policy, inputs, stream.tokens, 512, context_limit_tokens=8192)
     longer = serve_online(policy, inputs, 2 * stream.tokens, 512, context_limit_tokens=8192)
@@ -90,9 +95,8 @@ def test_online_pacing_figure_draws_what_the_ledger_spent_with_and_without_reque
 
     problems = load_pool(MAIN_POOL)
     stream = make_stream(problems, "balanced", 200, 1)
-    tau = stream.tokens.astype(float)
-    n = tau.size
-    inputs = StreamInputs(raw=tau, sigma=0.5, median=tau, spread=np.full(n, 0.5), runaway=np.zeros(n))
+    n = len(stream)
+    inputs = _told_the_truth(stream)
     policy = parse_policy("clear-cost")
     traces, caps = {}, {}
     for k in (0, 32):

@@ -54,6 +54,8 @@ def test_gpu_yaml_validates():
         {"predictor": {"backend": "lookup"}},  # no table
         {"engine": {"kind": "tpu"}},
         {"allocator": {"budget": {"tokens_per_query": -1}}},
+        # bench-only: the serving predictors ship no calibration histograms to price
+        {"allocator": {"policy": "clear-cost-emp", "budget": {"refund_unused": True}}},
     ],
 )
 def test_bad_configs_fail_at_deploy_time(bad):
