@@ -35,7 +35,7 @@ from clear_core.cli_args import HelpFormatter, add_list_argument, run_command  #
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, load_pool, pool_streams, query_weights  # noqa: E402
 
 DEFAULT_POOL = REPO_ROOT.parent / "shared" / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
-STRENGTHS = (0.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+STRENGTHS = (0.0, 5.0, 10.0, 20.0, 30.0, 100.0, 300.0, 1000.0)
 
 
 def heldout(pairs, weights, k: float, folds: int = DEFAULT_FOLDS) -> float:
