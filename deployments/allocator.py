@@ -26,10 +26,13 @@ Durability: with a state store (:mod:`deployments.state_store`) the books are
 written as snapshots by a background task, off the event loop (the JSON and
 the store's I/O run in a thread). Commands that could let a restart overspend
 wait for the snapshot that contains them before they are answered: a
-reservation (central) and a lease grant (ingress). Concurrent ones share one
-write (group commit). Settles, reports and expiries only move tokens from
-reserved or leased to spent or back to the pool, so a snapshot that misses
-them is conservative; they are written within ``snapshot_interval_s``. A
+reservation (central) and a lease grant (ingress). So does a settle: it only
+makes the books tighter, but the ingress stops retrying it once acknowledged
+and keeps renewing its lease, so a restart that reopened it would hold its
+cap for good. Concurrent ones share one write (group commit). Reports and
+expiries are conservative to miss (a report is cumulative and comes again; an
+expiry is redone by the next sweep); they are written within
+``snapshot_interval_s``. A
 replica that Serve restarts after a crash restores the last snapshot: the budget granted and
 spent so far, the open reservations with their owners, and the token counters
 survive (the counters continue from the books, they do not restart at 0), so

@@ -171,8 +171,8 @@ class AllocatorConfig(_Strict):
     snapshot_interval_s: float = Field(
         0.5, gt=0,
         description="How often the books are written to the state store when nothing waits on them, s. A reservation "
-        "(central) or a lease grant (ingress) waits for its snapshot before it is answered (group commit, off the "
-        "event loop); settles and reports only make the books tighter and wait for the next write.",
+        "or a settle (central) or a lease grant (ingress) waits for its snapshot before it is answered (group "
+        "commit, off the event loop); reports are cumulative and wait for the next write.",
     )
     durable_state: bool = Field(
         True, description="Keep the books in a state store so an allocator restart keeps the budget."
