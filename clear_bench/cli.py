@@ -151,9 +151,8 @@ def run_bench(args) -> int:
 
 def _online_figure(args, problems, predictions) -> None:
     """online_pacing.png: the first stream, the middle budget, the first policy that refunds (else the first)."""
-    from clear_bench.online import HINDSIGHT
+    from clear_bench.online import HINDSIGHT, stream_inputs
     from clear_bench.online_plot import online_pacing
-    from clear_bench.runner import _inputs
     from clear_core.policies import parse_policy
     from clear_core.traces import make_stream
 
@@ -164,7 +163,7 @@ def _online_figure(args, problems, predictions) -> None:
     stream_name = "balanced" if "balanced" in args.streams else args.streams[0]
     budget = sorted(args.budgets)[len(args.budgets) // 2]
     stream = make_stream(problems, stream_name, args.queries, args.seeds[0])
-    inputs = _inputs(predictions, stream, predictions.distribution(stream), predictions.empirical(stream))
+    inputs = stream_inputs(predictions, stream)
     online_pacing(parse_policy(spec), inputs, stream.tokens, int(budget), args.out,
                   context_limit_tokens=args.context_limit_tokens, in_flight=args.in_flight,
                   title=f"{spec} served online: {stream_name}, {budget} tokens per query, seed {args.seeds[0]}, "

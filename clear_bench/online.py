@@ -51,6 +51,20 @@ class StreamInputs:
     bins: np.ndarray | None = None
 
 
+def stream_inputs(predictions, stream) -> StreamInputs:
+    """What the online allocator is told about each query of ``stream`` under ``predictions``
+    (a :class:`clear_bench.predictions.Predictions`)."""
+    n = len(stream)
+    median, spread, runaway = predictions.distribution(stream)
+    lengths = predictions.empirical(stream)
+    return StreamInputs(
+        raw=predictions.thresholds(stream), sigma=float(predictions.sigma), median=np.asarray(median, dtype=float),
+        spread=np.broadcast_to(np.asarray(spread, dtype=float), (n,)),
+        runaway=np.broadcast_to(np.asarray(runaway, dtype=float), (n,)),
+        histograms=() if lengths is None else tuple(lengths.histograms),
+        bins=None if lengths is None else np.asarray(lengths.which))
+
+
 class _Tick:
     """The ledger's clock: one tick per arrival."""
 

@@ -12,7 +12,7 @@ from clear_core.best_of_k import PROTOCOLS, make_trial_stream, minimal_budget, r
 from clear_core.policies import Allocation, Truth, parse_policy
 from clear_core.simulate import score, score_outcome, solved_mask, uniform_cap_within
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, make_stream
-from clear_bench.online import HINDSIGHT, StreamInputs, serve_online
+from clear_bench.online import HINDSIGHT, serve_online, stream_inputs
 from clear_bench.predictions import Predictions
 
 #: --protocol values: one sample per query (the math experiments), or best-of-k (parallel or sequential).
@@ -76,6 +76,7 @@ def run_grid(
                 lengths = predictions.empirical(stream)  # each query's empirical histogram
                 truth = Truth(tokens=stream.tokens, correct=stream.correct)
                 limit = context_limit_tokens
+                told = stream_inputs(predictions, stream) if protocol == "online" else None
                 trials, spend = None, None
             else:
                 spend = PROTOCOLS[0] if protocol == "best-of-k" else PROTOCOLS[1]
@@ -91,8 +92,8 @@ def run_grid(
                 budget = int(bpq) * len(stream)
                 for spec, policy in policy_objs.items():
                     if protocol == "online" and policy.name not in HINDSIGHT:
-                        caps = serve_online(policy, _inputs(predictions, stream, priced, lengths), stream.tokens,
-                                            int(bpq), context_limit_tokens=limit, in_flight=in_flight)
+                        caps = serve_online(policy, told, stream.tokens, int(bpq), context_limit_tokens=limit,
+                                            in_flight=in_flight)
                         alloc = Allocation(caps=caps, shadow_price=math.nan, active=caps > 0)
                     elif policy.uses_lengths:  # prices each query's empirical length distribution
                         alloc = policy.allocate(thresholds, budget, context_limit_tokens=limit, truth=truth,
@@ -150,14 +151,3 @@ def run_grid(
                         progress(1)
     return rows
 
-
-
-def _inputs(predictions: Predictions, stream: Stream, priced, lengths) -> StreamInputs:
-    """What the online allocator is told about each query of ``stream``."""
-    n = len(stream)
-    return StreamInputs(
-        raw=predictions.thresholds(stream), sigma=float(predictions.sigma), median=np.asarray(priced[0], dtype=float),
-        spread=np.broadcast_to(np.asarray(priced[1], dtype=float), (n,)),
-        runaway=np.broadcast_to(np.asarray(priced[2], dtype=float), (n,)),
-        histograms=() if lengths is None else tuple(lengths.histograms),
-        bins=None if lengths is None else np.asarray(lengths.which))
