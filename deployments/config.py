@@ -345,9 +345,11 @@ class IngressConfig(_Strict):
     slow_body_after_s: float = Field(
         0.5, gt=0, description="A body not arrived after this makes its request a slow reader, s."
     )
-    max_slow_body_reads: int = Field(
-        32, ge=1, description="Slow readers one replica waits for at once; one more is refused at once (408), so "
-        "stalled connections cannot take the slots of other clients.",
+    max_slow_body_reads: int | None = Field(
+        None, ge=1, description="Slow readers one replica waits for at once; one more is refused at once (408), so "
+        "stalled connections cannot take the slots of other clients (None: half the replica's "
+        "max_ongoing_requests, so a burst whose bodies the busy proxy hands over late is not refused while "
+        "slots are free).",
     )
     settle_ack_wait_s: float = Field(
         2.0, ge=0, description="A completion's end ([DONE], or the whole body) waits up to this long for its settle "
@@ -355,6 +357,13 @@ class IngressConfig(_Strict):
         "such a settle is then lost and its reservation recovered at no charge), s.",
     )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+
+    @property
+    def slow_reader_limit(self) -> int:
+        """Late bodies one replica waits for at once (``max_slow_body_reads``, else half its slots)."""
+        if self.max_slow_body_reads is not None:
+            return self.max_slow_body_reads
+        return max(1, self.deployment.max_ongoing_requests // 2)
 
 
 class AppConfig(_Strict):

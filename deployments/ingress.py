@@ -173,7 +173,7 @@ class Ingress:
         self._background: set[asyncio.Task] = set()
         self.workload: Workload | None = self._workload(config.engine)
         self.engine = engine_client(config.engine, engine, config.model_name, self.workload)
-        self.slow_readers = SlowReaderGate(config.ingress.max_slow_body_reads)
+        self.slow_readers = SlowReaderGate(config.ingress.slow_reader_limit)
         # This replica's lease at the allocator: its reservations are recovered if it dies.
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self._lease_task: asyncio.Task | None = None

@@ -27,8 +27,9 @@ def make_ingress(allocator=None, engine=None, **ingress_cfg) -> Ingress:
     return Ingress(cfg, FakePredictor(), allocator or FakeAllocator(), engine or FakeEngine(), metrics=False)
 
 
-def request(raw: bytes | list[bytes], headers: dict | None = None, path="/v1/chat/completions", stall=False) -> Request:
-    """A request whose body arrives as the given chunks (a list: chunked, no Content-Length)."""
+def request(raw: bytes | list[bytes], headers: dict | None = None, path="/v1/chat/completions", stall=False,
+            delay_s: float = 0.0) -> Request:
+    """A request whose body arrives as the given chunks (a list: chunked, no Content-Length), ``delay_s`` late."""
     chunks = list(raw) if isinstance(raw, list) else [raw]
     hdrs = {"content-type": "application/json", **(headers or {})}
     hdrs = {k: v for k, v in hdrs.items() if v is not None}
@@ -39,6 +40,8 @@ def request(raw: bytes | list[bytes], headers: dict | None = None, path="/v1/cha
     async def receive():
         i = sent["n"]
         sent["n"] += 1
+        if i == 0 and delay_s:
+            await asyncio.sleep(delay_s)
         if stall and i >= len(chunks):
             await asyncio.sleep(3600)
         if i < len(chunks):
@@ -116,6 +119,30 @@ def test_stalled_bodies_time_out_and_only_a_few_may_stall_at_once():
     assert sum("already waiting" in m for m in messages) == 7  # refused at once: the gate holds 3
     assert sum("did not arrive within" in m for m in messages) == 3
     assert ing.slow_readers.active == 0 and alloc.reserved == [alloc.reserved[0]]
+
+
+def test_a_burst_of_late_bodies_is_served_while_slots_are_free():
+    """Under load the proxy hands bodies over late; with no explicit limit the gate holds half the replica's
+    slots (256 -> 128), so a burst of 100 late but complete bodies is served, not refused as stalled."""
+
+    async def run():
+        alloc = FakeAllocator()
+        ing = make_ingress(alloc, slow_body_after_s=0.02, deployment={"max_ongoing_requests": 256})
+        late = [ing._complete(request(body(), delay_s=0.2), "chat") for _ in range(100)]
+        results = await asyncio.gather(*late)
+        await settle_tasks(ing)
+        return ing, results
+
+    ing, results = asyncio.run(run())
+    assert ing.slow_readers.limit == 128
+    assert [isinstance(r, dict) for r in results] == [True] * 100, [getattr(r, "status_code", 200) for r in results]
+    assert ing.slow_readers.active == 0
+
+
+def test_the_slow_reader_gate_is_half_the_slots_unless_set():
+    assert make_ingress(deployment={"max_ongoing_requests": 7}).slow_readers.limit == 3
+    assert make_ingress(deployment={"max_ongoing_requests": 1}).slow_readers.limit == 1
+    assert make_ingress(max_slow_body_reads=5, deployment={"max_ongoing_requests": 256}).slow_readers.limit == 5
 
 
 def test_a_retry_is_marked_with_the_first_attempts_arrival_key():
