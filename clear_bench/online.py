@@ -16,7 +16,9 @@ prediction (and, for the policies that price one, its calibrated
 distribution or calibration bin), against one budget block of ``b N``
 (refunding for the policies that price generated tokens, the paper's cap
 semantics for the others). A query generates ``min(recorded length, cap)``
-and settles ``in_flight`` arrivals later (0: before the next one arrives).
+and settles ``in_flight`` arrivals later (0: before the next one arrives),
+whatever happens to the arrivals in between: requests end with time, not
+with admissions, so a run of abandonments does not hold the caps in flight.
 Its cap is what the market answered: the bench scores it like any other.
 The baselines that need the true lengths (``oracle``, ``uniform-generated``)
 are hindsight and stay batch.
@@ -106,7 +108,7 @@ def serve_online(policy: Policy, inputs: StreamInputs, tokens: np.ndarray, budge
         if d.admitted:
             caps[i] = d.cap_tokens
             running.append(i)
-        while len(running) > in_flight:
+        while running and running[0] <= i - in_flight:  # query j ends at arrival j + in_flight, served or not
             j = running.popleft()
             market.settle(str(j), int(min(tokens[j], caps[j])))
         if trace is not None:

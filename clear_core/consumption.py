@@ -281,6 +281,8 @@ class ConsumptionResult:
     log_price: float = -math.inf
     log_fill_price: float = -math.inf
     full_context: bool = False
+    # The price of a token held in a reservation (clear-cost-emp with a cap budget; 0: the caps fit).
+    reservation_price: float = 0.0
 
     @property
     def abandonment_rate(self) -> float:

@@ -34,10 +34,30 @@ weight), non-increasing in the price; the price is the boundary of
 queries move to a cheaper vertex; the budget left at the boundary upgrades as
 many of the marginal queries as it covers (all upgrades there have the same
 value per token, the price).
+
+A second budget: the caps themselves (reservations)
+----------------------------------------------------
+A served request holds its whole cap in the ledger until it settles. With
+``K`` requests in flight the pool must hold about ``K`` caps at once, so a
+server also has a budget on the *sum of caps* (``cap_budget``; see
+:class:`clear_core.online_market.OnlineMarket`). The problem with both
+budgets, ``sum E[min(D, c)] <= B`` and ``sum c <= R``, has two prices,
+``lam`` on expected tokens and ``mu`` on reserved ones. Writing
+``mu = nu theta`` and ``lam = nu (1 - theta)``, each query maximises
+``w V - nu tau ((1 - theta) C_g + theta exp(u_g))``: the one-budget market
+above on the combined cost, cleared against ``(1 - theta) B + theta R``
+(the Lagrangian of both constraints with the same multipliers). When only
+the expected-token budget binds, ``theta = 0`` (the market above); when
+the caps do not fit, ``theta`` is the smallest value of the grid
+:data:`RESERVATION_SHARES` (steps of 1/32) whose caps fit ``R``, found by
+bisection (the sum of caps falls as ``theta`` grows; ``theta = 1`` clears
+the caps alone and always fits). At that ``theta`` the combined budget
+binds, so the expected tokens stay within ``B`` up to the grid step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +75,8 @@ LOG_RATIO_GRID = np.round(np.arange(-4.0, 9.0 + 1e-9, 1.0 / 32.0), 10)
 #: and a gap in the value curve would read as "a longer cap never helps".
 SMOOTHING_LOG = 0.2
 _LEVELS = int(math.ceil(math.log2(LOG_RATIO_GRID.size + 2)))
+#: The reservation prices' share theta = mu / (lam + mu) is searched on this grid (module docstring).
+RESERVATION_SHARES = np.round(np.arange(0.0, 1.0 + 1e-9, 1.0 / 32.0), 10)
 
 
 @dataclass(frozen=True)
@@ -136,12 +158,14 @@ class _Chain:
     up: np.ndarray  # [level, g]: the 2^level-th predecessor of g on its prefix hull
 
 
-@lru_cache(maxsize=4096)
-def _chain(h: LengthHistogram) -> _Chain:
+@lru_cache(maxsize=8192)
+def _chain(h: LengthHistogram, theta: float = 0.0) -> _Chain:
+    """The hulls of ``h`` with cost ``(1 - theta) C_g + theta exp(u_g)`` (theta: the reservation share)."""
     good, bad = np.asarray(h.correct), np.asarray(h.wrong)
     mass = good + bad
     done = np.cumsum(mass)
     cost = np.cumsum(mass * np.exp(LOG_RATIO_GRID)) + np.exp(LOG_RATIO_GRID) * np.maximum(1.0 - done, 0.0)
+    cost = (1.0 - theta) * cost + theta * np.exp(LOG_RATIO_GRID)
     cost = np.concatenate([[0.0], cost + 1e-12 * np.arange(1, cost.size + 1)])  # strictly increasing
     value = np.concatenate([[0.0], np.cumsum(good)])
     n = cost.size
@@ -171,7 +195,8 @@ def _chain(h: LengthHistogram) -> _Chain:
 class _Demand:
     """Types' vertices and expected costs at a price (module docstring)."""
 
-    def __init__(self, chains: Sequence[_Chain], hist_of_type, tau, weight, count, t_max: float):
+    def __init__(self, chains: Sequence[_Chain], hist_of_type, tau, weight, count, t_max: float, theta: float = 0.0):
+        self.theta = theta
         sizes = np.array([c.cost.size for c in chains])
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.cost = np.concatenate([c.cost for c in chains])
@@ -204,9 +229,10 @@ class _Demand:
         return np.where(finite, np.floor(self.tau * np.exp(np.where(finite, log_cap, 0.0)) + 1e-9), 0.0).astype(np.int64)
 
     def cost_at_limit(self, t_max: float) -> np.ndarray:
-        """Expected cost per query of each type with the context limit itself as its cap."""
+        """Cost per query of each type with the context limit itself as its cap."""
         limit = min(t_max, 2.0**24)
-        return self.tau * self.spent[self.top] + limit * (1.0 - self.done[self.top])
+        expected = self.tau * self.spent[self.top] + limit * (1.0 - self.done[self.top])
+        return (1.0 - self.theta) * expected + self.theta * limit
 
     def total(self, log_price: float) -> float:
         return float(np.dot(self.count * self.tau, self.cost[self.vertex(log_price)]))
@@ -244,12 +270,17 @@ def clear_empirical_market(
     lengths: EmpiricalLengths,
     weights=None,
     context_limit_tokens: float | None = None,
+    cap_budget: float | None = None,
 ) -> ConsumptionResult:
     """Clear a budget of expected generated tokens with each query's empirical length distribution.
 
     ``thresholds`` are the predictions the histograms are relative to (raw,
     not calibrated: the histogram carries the bias); ``lengths`` gives each
-    query's histogram; ``weights`` are tenant weights (``None``: 1).
+    query's histogram; ``weights`` are tenant weights (``None``: 1);
+    ``cap_budget``, when given, also bounds the sum of the caps (the tokens
+    reserved while they are in flight; module docstring). The result's
+    ``shadow_price`` is the price of an expected generated token and
+    ``reservation_price`` that of a reserved one (0 when the caps fit).
     """
     tau = np.maximum(validate_thresholds(thresholds), 1.0)
     b = validate_budget(budget)
@@ -260,6 +291,8 @@ def clear_empirical_market(
     w = np.ones_like(tau) if weights is None else np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)
     if (~np.isfinite(w) | (w <= 0)).any():
         raise InvalidInputError("weights", weights, "must be finite and > 0")
+    if cap_budget is not None:
+        cap_budget = validate_budget(cap_budget)
     if tau.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         return ConsumptionResult(empty, 0.0, empty.astype(bool), 0.0, b, 0, True, 0)
@@ -268,20 +301,59 @@ def clear_empirical_market(
     wvals, wcode = _codes(np.asarray(w, dtype=float))
     key = np.stack([which, ltau, wcode])
     keys, inverse, count = np.unique(key, axis=1, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
+    types = _Types(keys, inverse.reshape(-1), count.astype(float), wvals[keys[2]])
+    res = _clear(types, lengths, b, t_max, 0.0)
+    if cap_budget is None or res.caps.sum() <= cap_budget:
+        return res
+    # The caps do not fit their budget: the smallest reservation share on the grid whose caps do.
+    lo, hi = 0, RESERVATION_SHARES.size - 1
+    best = _clear(types, lengths, cap_budget, t_max, 1.0)
+    iterations = res.iterations + best.iterations
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        theta = float(RESERVATION_SHARES[mid])
+        trial = _clear(types, lengths, (1.0 - theta) * b + theta * cap_budget, t_max, theta)
+        iterations += trial.iterations
+        if trial.caps.sum() <= cap_budget:
+            hi, best = mid, trial
+        else:
+            lo = mid
+    return dataclasses.replace(best, budget=b, iterations=iterations)
+
+
+@dataclass(frozen=True)
+class _Types:
+    """Queries grouped by (histogram, rounded threshold, weight)."""
+
+    keys: np.ndarray  # [3, types]: histogram index, ln threshold / LOG_TAU_STEP, weight code
+    inverse: np.ndarray  # query -> type
+    count: np.ndarray  # queries per type
+    weight: np.ndarray  # per type
+
+
+def _clear(types: _Types, lengths: EmpiricalLengths, b: float, t_max: float, theta: float) -> ConsumptionResult:
+    """The one-budget market on the cost ``(1 - theta) C + theta cap`` (module docstring)."""
+    keys, inverse, count = types.keys, types.inverse, types.count
     used, hist_code = np.unique(keys[0], return_inverse=True)
-    chains = [_chain(lengths.histograms[int(i)]) for i in used]
+    theta = float(theta)
+    chains = [_chain(lengths.histograms[int(i)], theta) for i in used]
     t_tau = np.exp(keys[1] * LOG_TAU_STEP)
-    demand = _Demand(chains, hist_code, t_tau, wvals[keys[2]], count.astype(float), t_max)
+    demand = _Demand(chains, hist_code, t_tau, types.weight, count, t_max, theta)
+    # Expected generated tokens per unit of threshold at each vertex (the combined cost's theta = 0 part).
+    expected_cost = demand.cost if theta == 0.0 else np.concatenate(
+        [_chain(lengths.histograms[int(i)]).cost for i in used])
     lo, hi = demand.bracket()
     probes, converged = 0, True
     f_lo = demand.total(lo) - b
     at_limit = demand.cost_at_limit(t_max)
+    n = inverse.size
     if float(np.dot(count, at_limit)) <= b:  # abundant: every query gets the context limit
-        caps = np.full(tau.size, int(min(t_max, 2.0**24)), dtype=np.int64)
-        return ConsumptionResult(caps=caps, shadow_price=0.0, active=caps > 0,
-                                 expected_generated_tokens=float(np.dot(count, at_limit)), budget=b, iterations=0,
-                                 converged=True, n_types=int(count.size))
+        caps = np.full(n, int(min(t_max, 2.0**24)), dtype=np.int64)
+        expected = float(np.dot(count, _Demand(
+            [_chain(lengths.histograms[int(i)]) for i in used], hist_code, t_tau, types.weight, count, t_max,
+        ).cost_at_limit(t_max)))
+        return ConsumptionResult(caps=caps, shadow_price=0.0, active=caps > 0, expected_generated_tokens=expected,
+                                 budget=b, iterations=0, converged=True, n_types=int(count.size))
     if f_lo <= 0:  # every cap worth anything fits at a vanishing price
         log_price, price = lo, 0.0
         vertex = demand.vertex(lo)
@@ -293,10 +365,11 @@ def clear_empirical_market(
         upgrade = demand.vertex(log_price - 2 * 1e-7)  # the vertices just below the clearing price
     type_caps = demand.caps(vertex)
     caps = type_caps[inverse]
-    expected = float(np.dot(count * t_tau, demand.cost[vertex]))
+    spent = float(np.dot(count * t_tau, demand.cost[vertex]))
+    expected = float(np.dot(count * t_tau, expected_cost[vertex]))
     if upgrade is not None:
         # The budget the last jump left: upgrade as many marginal queries as it covers, in order.
-        spare = b - expected
+        spare = b - spent
         changed = np.flatnonzero(upgrade != vertex)
         for t in changed:
             each = t_tau[t] * (demand.cost[upgrade[t]] - demand.cost[vertex[t]])
@@ -305,8 +378,9 @@ def clear_empirical_market(
                 continue
             caps[np.flatnonzero(inverse == t)[:k]] = demand.caps(upgrade)[t]
             spare -= k * each
-            expected += k * each
+            expected += k * t_tau[t] * (expected_cost[upgrade[t]] - expected_cost[vertex[t]])
     active = caps > 0
-    return ConsumptionResult(caps=caps, shadow_price=float(price), active=active, expected_generated_tokens=expected,
-                             budget=b, iterations=probes, converged=bool(converged), n_types=int(count.size))
-
+    return ConsumptionResult(caps=caps, shadow_price=float(price) * (1.0 - theta), active=active,
+                             expected_generated_tokens=expected, budget=b, iterations=probes,
+                             converged=bool(converged), n_types=int(count.size),
+                             reservation_price=float(price) * theta)

@@ -196,6 +196,19 @@ class TokenLedger:
         """The ledger's clock (monotonic seconds, or a test's fake clock)."""
         return self._clock()
 
+    def holds(self, rid: str) -> bool:
+        """Whether request ``rid`` holds an open reservation."""
+        return rid in self._reservations
+
+    def unspent(self, now: float | None = None) -> int:
+        """Granted and not spent: the pool plus every token held in reservations and leases."""
+        return self.available(now) + self._reserved + self._leased
+
+    @property
+    def in_flight(self) -> int:
+        """Open reservations."""
+        return len(self._reservations)
+
     # -- commands ------------------------------------------------------------
 
     def available(self, now: float | None = None) -> int:

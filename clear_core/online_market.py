@@ -40,6 +40,24 @@ cap / charge ratio (:meth:`OnlineMarket.cap_cost_ratio`). Either way the
 ledger reserves whole caps: reservation = cap, price = expected cost, so the
 invariant ``reserved + spent <= granted`` is untouched.
 
+Requests in flight
+------------------
+A reserved cap comes back, mostly, as a refund when its request settles, but
+while it is in flight it is out of the pool. Two things follow when unused
+caps are refunded and the policy prices expected generated tokens:
+
+* pacing counts each open reservation at its *expected* cost (what the
+  market expected the cap to generate when it gave it), not at the cap, so
+  a block is not underspent because many caps are out at once;
+* the caps themselves must fit: with ``K`` reservations open, the
+  unspent pool (:meth:`~clear_core.ledger.TokenLedger.unspent`) has to hold
+  about ``K + 1`` caps at a time. A policy that ``prices_reservations``
+  (``clear-cost-emp``) clears the window with a second budget, on the sum of
+  its caps, ``(window + 1) * unspent / (K + 1)``: a second price, on a token
+  held reserved, that shortens the caps of the requests a long cap buys
+  little for, instead of the pool running dry and the next requests being
+  cut or abandoned (:mod:`clear_core.empirical_market`, "A second budget").
+
 Tenants
 -------
 Per-tenant counters (:class:`TenantStats`: admitted, abandoned, tokens
@@ -268,6 +286,7 @@ class OnlineMarket:
     outcome_window: int = DEFAULT_OUTCOME_WINDOW
     tenant_weights: dict = field(default_factory=dict)  # tenant -> weight in the utility (others: 1)
     lengths: tuple = ()  # clear-cost-emp: the calibration's LengthHistograms that requests' length_bin index
+    price_in_flight: bool = True  # pace open caps at their expected cost; price reservations (module docstring)
     _window: DemandWindow = field(init=False, repr=False)  # (threshold, spread, runaway share, weight) per arrival
     _times: deque = field(init=False, repr=False)
     _outcomes: deque = field(init=False, repr=False)
@@ -290,6 +309,7 @@ class OnlineMarket:
         self._quotes = 0
         self.last_quote = None
         self._tenant_of = OrderedDict()  # rid -> tenant, until it settles
+        self._expected_refund: dict[str, float] = {}  # rid -> its cap minus its expected cost, until it settles
         for t, w in self.tenant_weights.items():
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
                 raise InvalidInputError(f"tenant_weights[{t}]", w, "must be finite and > 0")
@@ -326,9 +346,41 @@ class OnlineMarket:
         arrivals = self.ledger.arrivals + int(ahead)
         opens = self.budget.grant_on_arrival(arrivals) if ahead else 0.0
         return self.budget.pricing_budget_per_query(
-            available=self.ledger.pricing_available(now) + opens, arrivals=arrivals,
+            available=self.ledger.pricing_available(now) + opens + self.expected_refunds(), arrivals=arrivals,
             recent_arrivals=n, recent_span_s=span, pace=self.pace, cap_cost_ratio=self.cap_cost_ratio(),
         )
+
+    @property
+    def _paces_in_flight(self) -> bool:
+        return self.price_in_flight and self.policy.prices_generated_tokens and self.budget.refund_unused
+
+    def expected_refunds(self) -> float:
+        """What the open reservations are expected to give back: the sum of cap minus expected cost (0 unless
+        in-flight pacing applies; module docstring, "Requests in flight")."""
+        if not self._expected_refund:
+            return 0.0
+        gone = [rid for rid in self._expected_refund if not self.ledger.holds(rid)]  # expired or recovered
+        for rid in gone:
+            del self._expected_refund[rid]
+        return float(sum(self._expected_refund.values()))
+
+    def cap_budget(self, window: int, now: float) -> float | None:
+        """The sum of caps a window of ``window`` requests may hold: ``window * unspent / (K + 1)`` with K
+        reservations open (None: the policy does not price reservations, or nothing is in flight)."""
+        if not (self.price_in_flight and self.policy.prices_reservations) or self.ledger.in_flight == 0:
+            return None
+        return float(window * max(self.ledger.unspent(now), 0) / (self.ledger.in_flight + 1))
+
+    def _expected_cost(self, cap: int, threshold: float, log_sigma: float, runaway: float,
+                       length_bin: int | None) -> float:
+        if self.policy.uses_lengths:
+            from clear_core.empirical_market import EmpiricalLengths, expected_generated_empirical
+
+            lengths = EmpiricalLengths(tuple(self.lengths), np.array([int(length_bin)]))
+            return float(expected_generated_empirical([cap], [threshold], lengths)[0])
+        from clear_core.consumption import SIGMA_MIN, expected_generated
+
+        return float(expected_generated([cap], [threshold], [max(log_sigma, SIGMA_MIN)], runaway)[0])
 
     def cap_cost_ratio(self) -> float:
         """Tokens of cap per token actually charged, over recent settlements (refunds to the pool).
@@ -352,6 +404,7 @@ class OnlineMarket:
     def settle(self, rid: str, generated: int, *, failed: bool = False) -> Settlement:
         """End a request in the ledger and remember what its cap really cost."""
         s = self.ledger.settle(rid, generated, failed=failed)
+        self._expected_refund.pop(rid, None)
         if not failed:
             self._costs.append((s.cap, s.charged))
         tenant = self._tenant_of.pop(rid, None)
@@ -420,7 +473,8 @@ class OnlineMarket:
 
             which = demand[:, 4].astype(np.int64)
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
-                                         weights=demand[:, 3], lengths=EmpiricalLengths(tuple(self.lengths), which))
+                                         weights=demand[:, 3], lengths=EmpiricalLengths(tuple(self.lengths), which),
+                                         cap_budget=self.cap_budget(tau.size, now))
         elif self.policy.per_query_sigma:  # prices each request's own distribution and weight
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
                                          log_sigma=demand[:, 1], runaway=demand[:, 2], weights=demand[:, 3])
@@ -450,6 +504,9 @@ class OnlineMarket:
             else:
                 return self._abandon(DecisionReason.POOL_EMPTY, now, need, quote)
         self.ledger.reserve(rid, cap, now, owner=owner)
+        if self._paces_in_flight:
+            expected = self._expected_cost(cap, threshold_tokens, log_sigma, runaway, length_bin)
+            self._expected_refund[rid] = max(cap - expected, 0.0)
         stats = self._stats(tenant)
         stats.allocated_tokens += int(cap)
         self._tenant_of[rid] = tenant

@@ -73,6 +73,7 @@ class Allocation:
     beta: float = math.nan  # decay rate used by market policies
     iterations: int = 0  # market policies: the solver's probes or search steps
     converged: bool = True  # market policies: the solver met its tolerance
+    reservation_price: float = 0.0  # price of a token held reserved (prices_reservations policies; 0: caps fit)
 
     @property
     def abandonment_rate(self) -> float:
@@ -133,6 +134,8 @@ class Policy:
     prices_generated_tokens: bool = False
     #: It prices each query's empirical length distribution (``lengths``).
     uses_lengths: bool = False
+    #: It also clears a budget on the sum of the caps (``cap_budget``: what in-flight requests hold reserved).
+    prices_reservations: bool = False
 
     def allocate(
         self,
@@ -145,6 +148,7 @@ class Policy:
         weights=None,
         runaway=0.0,
         lengths=None,
+        cap_budget: float | None = None,
     ) -> Allocation:
         """Integer caps for predicted ``thresholds`` under ``budget`` tokens.
 
@@ -156,7 +160,8 @@ class Policy:
         (``uses_weights``) accept when they differ; ``runaway`` is each query's
         probability of never finishing (priced by ``clear-cost`` only);
         ``lengths`` each query's empirical length distribution
-        (:class:`clear_core.empirical_market.EmpiricalLengths`, ``clear-cost-emp`` only).
+        (:class:`clear_core.empirical_market.EmpiricalLengths`, ``clear-cost-emp`` only);
+        ``cap_budget`` bounds the sum of the caps as well (``prices_reservations`` policies only).
         """
         tau = validate_thresholds(thresholds)
         b = validate_budget(budget)
@@ -174,6 +179,8 @@ class Policy:
             if not self.uses_weights and w.size and (w != w.flat[0]).any():
                 raise InvalidInputError("weights", "unequal", f"{self.name} does not weight queries")
             weights = w if self.uses_weights else None
+        if cap_budget is not None and not self.prices_reservations:
+            raise InvalidInputError("cap_budget", cap_budget, f"{self.name} does not price reservations")
         if tau.size == 0:
             return _as_alloc(np.zeros(0, dtype=np.int64))
         if sig.ndim == 0 or not self.per_query_sigma:
@@ -181,7 +188,7 @@ class Policy:
         if self.uses_lengths:
             if lengths is None:
                 raise InvalidInputError("lengths", None, f"{self.name} needs each query's empirical length distribution")
-            return self._allocate(tau, b, t_max, truth, sig, weights, lengths)
+            return self._allocate(tau, b, t_max, truth, sig, weights, lengths, cap_budget)
         if self.uses_weights:
             rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
             return self._allocate(tau, b, t_max, truth, sig, weights, rho)
@@ -421,12 +428,14 @@ class ClearCostEmpirical(Policy):
     uses_weights = True
     prices_generated_tokens = True
     uses_lengths = True
+    prices_reservations = True
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, lengths=None):
-        res = clear_empirical_market(tau, budget, lengths=lengths, weights=weights,
+    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, lengths=None, cap_budget=None):
+        res = clear_empirical_market(tau, budget, lengths=lengths, weights=weights, cap_budget=cap_budget,
                                      context_limit_tokens=None if math.isinf(t_max) else t_max)
         return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active,
-                          iterations=res.iterations, converged=res.converged)
+                          iterations=res.iterations, converged=res.converged,
+                          reservation_price=res.reservation_price)
 
 
 def _preset(cls, **fixed):

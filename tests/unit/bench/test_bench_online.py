@@ -109,8 +109,9 @@ def test_online_pacing_figure_draws_what_the_ledger_spent_with_and_without_reque
         y = np.asarray(line.get_ydata()) * 1e3
         assert y.max() <= 512 * n and np.all(np.diff(y) >= 0)
         generated = np.minimum(caps[k], stream.tokens)
-        # Spent after the last arrival: everything but the last k admitted requests, still in flight then.
-        open_then = np.flatnonzero(caps[k] > 0)[len(np.flatnonzero(caps[k] > 0)) - k:]
+        # Spent after the last arrival: everything but the requests admitted among the last k arrivals,
+        # still in flight then (a request ends k arrivals after its own, admitted or not in between).
+        open_then = np.flatnonzero((caps[k] > 0) & (np.arange(n) >= n - k))
         assert y[-1] == pytest.approx(generated.sum() - generated[open_then].sum(), abs=1)
     assert_text_inside(fig)
     plt.close(fig)
