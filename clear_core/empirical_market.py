@@ -65,7 +65,12 @@ from functools import lru_cache
 
 import numpy as np
 
-from clear_core.consumption import LOG_TAU_STEP, ConsumptionResult, _boundary, _codes
+from scipy.special import ndtr
+
+from clear_core.consumption import (
+    LOG_TAU_STEP, MAX_RUNAWAY, ConsumptionResult, _boundary, _codes, eta_grid_index, eta_of_index, runaway_odds,
+    sigma_grid_index, sigma_of_index,
+)
 from clear_core.errors import InvalidInputError
 from clear_core.market import validate_budget, validate_context_limit, validate_thresholds
 
@@ -136,6 +141,29 @@ def _smooth(mass: np.ndarray) -> np.ndarray:
     k = np.exp(-0.5 * (np.arange(-half, half + 1) * step / SMOOTHING_LOG) ** 2)
     out = np.convolve(mass, k / k.sum(), mode="same")
     return out * (mass.sum() / out.sum()) if out.sum() > 0 else out
+
+
+@lru_cache(maxsize=4096)
+def lognormal_histogram(sigma: float, runaway: float) -> LengthHistogram:
+    """``clear-cost``'s model of a length on the grid: log-normal around the threshold (its median) with
+    spread ``sigma``, and a runaway share; every finished answer counts as correct, so a cap is worth its
+    chance of finishing. Mass below the grid goes to its first cell, mass past it runs away."""
+    cdf = ndtr(LOG_RATIO_GRID / sigma)
+    finished = (1.0 - runaway) * np.diff(np.concatenate([[0.0], cdf]))
+    return LengthHistogram(tuple(finished.tolist()), (0.0,) * LOG_RATIO_GRID.size, 1.0 - float(finished.sum()))
+
+
+def lognormal_lengths(sigmas, runaway) -> EmpiricalLengths:
+    """Each query's :func:`lognormal_histogram`, spreads and runaway odds rounded to ``clear-cost``'s grids."""
+    sig = np.asarray(sigmas, dtype=float)
+    rho = np.broadcast_to(np.clip(np.asarray(runaway, dtype=float), 0.0, MAX_RUNAWAY), sig.shape)
+    key = np.stack([sigma_grid_index(sig), eta_grid_index(runaway_odds(rho))])
+    keys, which = np.unique(key, axis=1, return_inverse=True)
+    hists = []
+    for j, e in keys.T:
+        eta = eta_of_index(int(e))
+        hists.append(lognormal_histogram(sigma_of_index(int(j)), eta / (1.0 + eta)))
+    return EmpiricalLengths(tuple(hists), which.reshape(-1))
 
 
 @dataclass(frozen=True)

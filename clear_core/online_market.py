@@ -52,7 +52,7 @@ caps are refunded and the policy prices expected generated tokens:
 * the caps themselves must fit: with ``K`` reservations open, the
   unspent pool (:meth:`~clear_core.ledger.TokenLedger.unspent`) has to hold
   about ``K + 1`` caps at a time. A policy that ``prices_reservations``
-  (``clear-cost-emp``) clears the window with a second budget, on the sum of
+  (``clear-cost``, ``clear-cost-emp``) clears the window with a second budget, on the sum of
   its caps, ``(window + 1) * unspent / (K + 1)``: a second price, on a token
   held reserved, that shortens the caps of the requests a long cap buys
   little for, instead of the pool running dry and the next requests being
@@ -267,6 +267,7 @@ class Decision:
     should_retry: bool = False  # abandoned: whether a retry after retry_after_s is worth it
     new_arrival: bool = True  # False: a retry of a recent arrival (no new budget, not re-counted)
     tenant: str = DEFAULT_TENANT  # whose request it was (the tenant's counters)
+    reservation_price: float = 0.0  # price of a token held reserved (0: the open caps fit; module docstring)
 
     @property
     def admitted(self) -> bool:
@@ -293,6 +294,7 @@ class OnlineMarket:
     _costs: deque = field(init=False, repr=False)
     _arrivals: ArrivalMemory = field(init=False, repr=False)
     last_price: float = field(init=False, default=0.0)
+    last_reservation_price: float = field(init=False, default=0.0)  # the second price (module docstring)
 
     def __post_init__(self):
         if not (isinstance(self.window_size, int) and self.window_size >= 0):
@@ -477,7 +479,8 @@ class OnlineMarket:
                                          cap_budget=self.cap_budget(tau.size, now))
         elif self.policy.per_query_sigma:  # prices each request's own distribution and weight
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
-                                         log_sigma=demand[:, 1], runaway=demand[:, 2], weights=demand[:, 3])
+                                         log_sigma=demand[:, 1], runaway=demand[:, 2], weights=demand[:, 3],
+                                         cap_budget=self.cap_budget(tau.size, now))
         else:
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
                                          log_sigma=log_sigma)
@@ -485,10 +488,12 @@ class OnlineMarket:
             self._window.append(entry)
         price = float(alloc.shadow_price) if math.isfinite(alloc.shadow_price) else 0.0
         self.last_price = price
+        self.last_reservation_price = float(alloc.reservation_price)
         market_cap = int(alloc.caps[-1])
         cap = market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens))
         quote = dict(
-            market_cap_tokens=market_cap, shadow_price=price, threshold_tokens=float(threshold_tokens),
+            market_cap_tokens=market_cap, shadow_price=price, reservation_price=self.last_reservation_price,
+            threshold_tokens=float(threshold_tokens),
             budget_per_query_tokens=b, window_size=int(tau.size), new_arrival=new, tenant=tenant,
         )
         if market_cap <= 0:
@@ -619,5 +624,6 @@ class OnlineMarket:
                          self.context_limit_tokens,
                          version=self._quotes, issued_at=now, turnover_s=self.turnover_s(now))
         self.last_price = q.shadow_price
+        self.last_reservation_price = 0.0  # a quote prices expected tokens only (leases bound what a replica holds)
         self.last_quote = q
         return q

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clear_core.consumption import SIGMA_MIN, clear_consumption_market
-from clear_core.empirical_market import clear_empirical_market
+from clear_core.empirical_market import clear_empirical_market, lognormal_lengths
 from clear_core.errors import InvalidInputError, UnknownPolicyError
 from clear_core.market import (
     DEFAULT_MIN_SLACK_TOKENS,
@@ -191,6 +191,8 @@ class Policy:
             return self._allocate(tau, b, t_max, truth, sig, weights, lengths, cap_budget)
         if self.uses_weights:
             rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
+            if self.prices_reservations:
+                return self._allocate(tau, b, t_max, truth, sig, weights, rho, cap_budget)
             return self._allocate(tau, b, t_max, truth, sig, weights, rho)
         return self._allocate(tau, b, t_max, truth, sig)
 
@@ -403,15 +405,21 @@ class ClearCost(Policy):
     per_query_sigma = True
     uses_weights = True
     prices_generated_tokens = True
+    prices_reservations = True
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, runaway=0.0):
+    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, runaway=0.0, cap_budget=None):
         sig = np.maximum(log_sigma, SIGMA_MIN)
-        res = clear_consumption_market(
-            tau, budget, log_sigma=sig, runaway=runaway, weights=weights,
-            context_limit_tokens=None if math.isinf(t_max) else t_max, fill_unused=self.fill_unused,
-        )
+        limit = None if math.isinf(t_max) else t_max
+        res = clear_consumption_market(tau, budget, log_sigma=sig, runaway=runaway, weights=weights,
+                                       context_limit_tokens=limit, fill_unused=self.fill_unused)
+        if cap_budget is not None and res.caps.sum() > cap_budget:
+            # The caps do not fit what may be reserved: the same distributions on the grid of
+            # clear_core.empirical_market, cleared with the second budget (its docstring).
+            res = clear_empirical_market(tau, budget, lengths=lognormal_lengths(np.broadcast_to(sig, tau.shape), runaway),
+                                         weights=weights, context_limit_tokens=limit, cap_budget=cap_budget)
         return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active,
-                          iterations=res.iterations, converged=res.converged)
+                          iterations=res.iterations, converged=res.converged,
+                          reservation_price=res.reservation_price)
 
 
 @dataclass

@@ -256,6 +256,7 @@ class Allocator:
                 "granted_tokens": st.granted,
                 "in_flight_reservations": st.in_flight,
                 "shadow_price": self.market.last_price,
+                "reservation_price": self.market.last_reservation_price,
                 "decisions": self.config.decisions,
                 "leased_tokens": st.leased,
                 "lease_reserved_tokens": st.lease_reserved,
@@ -354,7 +355,8 @@ class Allocator:
 
     def _publish(self, state=None) -> None:
         state = state or self.ledger.state()
-        self.metrics.observe_state(state, self.market.last_price, self.market.abandonment_rate())
+        self.metrics.observe_state(state, self.market.last_price, self.market.abandonment_rate(),
+                                   self.market.last_reservation_price)
 
     # -- Serve entry points (async: applied one at a time on the replica's loop) --
 

@@ -31,6 +31,7 @@ from functools import lru_cache
 
 # -- gauges (allocator) ------------------------------------------------------
 SHADOW_PRICE = "clear_shadow_price"  # clearing price of the latest decision
+RESERVATION_PRICE = "clear_reservation_price"  # price of a token held reserved at the latest decision (0: caps fit)
 ABANDONMENT_RATE = "clear_abandonment_rate"  # share abandoned over the recent decisions
 BUDGET_AVAILABLE = "clear_budget_available_tokens"  # tokens a new cap may take now
 BUDGET_RESERVED = "clear_budget_reserved_tokens"  # tokens held by in-flight requests
@@ -55,7 +56,7 @@ PREDICTION_LATENCY = "clear_prediction_latency_s"  # one predictor call seen by 
 OUTCOMES = ("admitted", "abandoned", "rejected", "error")
 LATENCY_BOUNDARIES_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 
-_GAUGES = (SHADOW_PRICE, ABANDONMENT_RATE, BUDGET_AVAILABLE, BUDGET_RESERVED, BUDGET_SPENT, BUDGET_GRANTED, IN_FLIGHT)
+_GAUGES = (SHADOW_PRICE, RESERVATION_PRICE, ABANDONMENT_RATE, BUDGET_AVAILABLE, BUDGET_RESERVED, BUDGET_SPENT, BUDGET_GRANTED, IN_FLIGHT)
 _COUNTERS = (TOKENS_ALLOCATED, TOKENS_GENERATED, TOKENS_REFUNDED, RESERVATIONS_EXPIRED, TOKENS_EXPIRED, TOKENS_RECOVERED,
              TENANT_REQUESTS, TENANT_TOKENS,
              REQUESTS, PREDICTOR_FALLBACKS)
@@ -97,6 +98,8 @@ class AllocatorMetrics:
         self.tags = {"policy": policy}
         keys = ("policy",)
         self.price = gauge(SHADOW_PRICE, "Shadow price of a token at the latest clearing", keys)
+        self.reservation_price = gauge(RESERVATION_PRICE, "Price of a token held in an open cap at the latest clearing",
+                                       keys)
         self.abandon = gauge(ABANDONMENT_RATE, "Share of recent requests abandoned", keys)
         self.available = gauge(BUDGET_AVAILABLE, "Tokens of budget available to new caps", keys)
         self.reserved = gauge(BUDGET_RESERVED, "Tokens reserved by in-flight requests", keys)
@@ -143,9 +146,10 @@ class AllocatorMetrics:
                 if delta > 0:
                     metric.inc(float(delta), tags={**self.tags, "tenant": tenant, label[0]: label[1]})
 
-    def observe_state(self, state, price: float, abandonment_rate: float) -> None:
+    def observe_state(self, state, price: float, abandonment_rate: float, reservation_price: float = 0.0) -> None:
         t = self.tags
         self.price.set(price, tags=t)
+        self.reservation_price.set(reservation_price, tags=t)
         self.abandon.set(abandonment_rate, tags=t)
         self.available.set(state.available, tags=t)
         self.reserved.set(state.reserved, tags=t)

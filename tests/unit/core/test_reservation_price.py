@@ -154,3 +154,33 @@ def test_pricing_what_is_in_flight_finishes_more_requests_and_spends_more_of_the
     finished_off, spent_off = serve_with_requests_in_flight(b, False)
     assert finished_on > finished_off and spent_on > spent_off
     assert spent_on <= 1.0
+
+
+def test_the_lognormal_on_the_grid_is_clear_costs_chance_of_finishing():
+    from scipy.stats import norm
+
+    from clear_core.empirical_market import lognormal_histogram, lognormal_lengths
+
+    h = lognormal_histogram(0.6, 0.1)
+    assert sum(h.correct) + h.runaway == pytest.approx(1.0) and sum(h.wrong) == 0.0
+    value, _ = curves(h)
+    for g in (100, 128, 160, 200):  # a cap of tau exp(u_g) finishes with probability (1 - rho) Phi(u_g / sigma)
+        assert value[g + 1] == pytest.approx(0.9 * norm.cdf(LOG_RATIO_GRID[g] / 0.6), abs=1e-12)
+    lengths = lognormal_lengths(np.array([0.5, 0.501, 1.2]), np.array([0.1, 0.1, 0.0]))
+    assert len(lengths.histograms) == 2 and lengths.which[0] == lengths.which[1] != lengths.which[2]
+
+
+def test_clear_cost_fits_a_cap_budget_and_ignores_one_its_caps_fit():
+    policy = parse_policy("clear-cost")
+    rng = np.random.default_rng(4)
+    tau = np.exp(rng.uniform(5.0, 7.0, 80))
+    sig = rng.choice([0.4, 0.8], 80)
+    free = policy.allocate(tau, 0.7 * tau.sum(), context_limit_tokens=LIMIT, log_sigma=sig, runaway=0.05)
+    same = policy.allocate(tau, 0.7 * tau.sum(), context_limit_tokens=LIMIT, log_sigma=sig, runaway=0.05,
+                           cap_budget=float(free.caps.sum()))
+    assert np.array_equal(free.caps, same.caps) and same.reservation_price == 0.0
+    tight = policy.allocate(tau, 0.7 * tau.sum(), context_limit_tokens=LIMIT, log_sigma=sig, runaway=0.05,
+                            cap_budget=0.5 * free.caps.sum())
+    assert tight.caps.sum() <= 0.5 * free.caps.sum() and tight.reservation_price > 0
+    with pytest.raises(Exception, match="does not price reservations"):
+        parse_policy("clear").allocate(tau, tau.sum(), cap_budget=1000.0)

@@ -99,6 +99,7 @@ def test_dashboard_covers_the_service(dashboard, ops):
     used = set().union(*(ops.metric_names(e) for _, e in _raw_exprs(dashboard)))
     required = {
         "ray_clear_shadow_price",
+        "ray_clear_reservation_price",
         "ray_clear_requests_total",
         "ray_clear_budget_available_tokens",
         "ray_clear_budget_reserved_tokens",
@@ -131,7 +132,7 @@ def test_promtool_parse_check_rejects_a_broken_expr(ops, promtool, tmp_path):
 def test_panel_queries_substitutes_every_variable(ops, panels_module):
     queries = panels_module.panel_queries(ops.DASHBOARD)
     titles = {t for t, _ in queries}
-    assert {"Shadow price", "Engine load per replica"} <= titles
+    assert {"Shadow price and reservation price", "Engine load per replica"} <= titles
     for title, expr in queries:
         assert "$" not in expr and "[[" not in expr, f"{title}: {expr}"
     engine = [e for t, e in queries if t == "Engine load per replica"][0]
