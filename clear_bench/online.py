@@ -38,6 +38,8 @@ from clear_core.policies import Policy
 
 #: Policies that need the true lengths: scored in batch under every protocol.
 HINDSIGHT = ("oracle", "uniform-generated")
+#: Uniform caps tried for the best uniform cap served through the ledger (geometric from b to the limit).
+SERVED_UNIFORM_CAPS = 24
 
 
 @dataclass(frozen=True)
@@ -121,3 +123,50 @@ def serve_online(policy: Policy, inputs: StreamInputs, tokens: np.ndarray, budge
     st = ledger.state()
     assert st.invariant_holds and st.reserved == 0, st  # the books close: every cap settled
     return caps
+
+
+def serve_uniform(cap: int, tokens: np.ndarray, budget_per_query: int, *, in_flight: int) -> np.ndarray:
+    """One uniform ``cap`` served through the same ledger as the markets (a block of ``b N``, unused caps
+    refunded, each query ending ``in_flight`` arrivals after its own): a cap that does not fit what is
+    left is cut to it, and a query finding the pool empty gets nothing. The caps it got."""
+    n = len(tokens)
+    clock = _Tick()
+    ledger = TokenLedger(PerQueryBudget(tokens_per_query=budget_per_query, window_queries=n, refund_unused=True),
+                         clock)
+    caps = np.zeros(n, dtype=np.int64)
+    running: deque = deque()
+    for i in range(n):
+        clock.t = float(i)
+        ledger.arrive()
+        got = min(int(cap), ledger.available())
+        if got > 0:
+            ledger.reserve(str(i), got)
+            caps[i] = got
+            running.append(i)
+        while running and running[0] <= i - in_flight:
+            j = running.popleft()
+            ledger.settle(str(j), int(min(tokens[j], caps[j])))
+    while running:
+        j = running.popleft()
+        ledger.settle(str(j), int(min(tokens[j], caps[j])))
+    return caps
+
+
+def best_served_uniform(tokens: np.ndarray, correct: np.ndarray, budget_per_query: int, *, in_flight: int,
+                        context_limit_tokens: float | None) -> tuple[int, float]:
+    """(cap, accuracy) of the best uniform cap served by :func:`serve_uniform`, in hindsight: the cap that
+    fills ``b N`` generated tokens and :data:`SERVED_UNIFORM_CAPS` caps from ``b`` to the context limit.
+    With requests in flight this is the fair uniform baseline: it holds its caps in the ledger too."""
+    from clear_core.simulate import solved_mask, uniform_cap_within
+
+    limit = float(context_limit_tokens) if context_limit_tokens is not None else float(max(tokens.max(), 1))
+    fill = uniform_cap_within(tokens, budget_per_query * len(tokens), context_limit_tokens)
+    candidates = {int(fill), *np.unique(np.geomspace(budget_per_query, max(limit, budget_per_query),
+                                                      SERVED_UNIFORM_CAPS).astype(int)).tolist()}
+    best = (0, -1.0)
+    for c in sorted(candidates):
+        acc = float(solved_mask(serve_uniform(c, tokens, budget_per_query, in_flight=in_flight), tokens,
+                                correct).mean())
+        if acc > best[1]:
+            best = (c, acc)
+    return best

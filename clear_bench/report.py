@@ -140,4 +140,32 @@ def _cost_baselines(rows, streams, budgets, main: str, base: str) -> list[str]:
                 f"{100 * (acc[key][0] - best):+.1f} | {ratio} | {spend[key][0]:.3f} |"
             )
     lines.append("")
+    return lines + _served_baseline(rows, streams, budgets, main)
+
+
+def _served_baseline(rows, streams, budgets, main: str) -> list[str]:
+    """With requests in flight: ``main`` against the best uniform cap served through the same ledger."""
+    served = aggregate([r for r in rows if r["policy"] == main and r.get("uniform_served_accuracy") is not None],
+                       "uniform_served_accuracy")
+    if not served:
+        return []
+    acc = aggregate(rows, "accuracy")
+    lines = [f"## `{main}` against uniform caps served with the same requests in flight", ""]
+    lines.append(
+        "The baselines above are hindsight and batch: they never hold a reservation. Here the uniform cap "
+        "(the best of the cap filling b generated tokens per query and caps from b to the context limit, per "
+        "seed in hindsight) is served through the same ledger, holding its caps while they are in flight. "
+        "Accuracy (%), means over seeds."
+    )
+    lines.append("")
+    lines.append(f"| stream | budget | uniform served | {main} | {main} − uniform served |")
+    lines.append("|---|---|---|---|---|")
+    for stream in streams:
+        for b in budgets:
+            key = (stream, b, main)
+            if key not in served:
+                continue
+            lines.append(f"| {stream} | {b} | {100 * served[key][0]:.1f} | {100 * acc[key][0]:.1f} | "
+                         f"{100 * (acc[key][0] - served[key][0]):+.1f} |")
+    lines.append("")
     return lines

@@ -12,7 +12,7 @@ from clear_core.best_of_k import PROTOCOLS, make_trial_stream, minimal_budget, r
 from clear_core.policies import Allocation, Truth, parse_policy
 from clear_core.simulate import score, score_outcome, solved_mask, uniform_cap_within
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, make_stream
-from clear_bench.online import HINDSIGHT, serve_online, stream_inputs
+from clear_bench.online import HINDSIGHT, best_served_uniform, serve_online, stream_inputs
 from clear_bench.predictions import Predictions
 
 #: --protocol values: one sample per query (the math experiments), or best-of-k (parallel or sequential).
@@ -90,6 +90,10 @@ def run_grid(
                 limit = None if context_limit_tokens is None else k * context_limit_tokens
             for bpq in budgets:
                 budget = int(bpq) * len(stream)
+                # With requests in flight the fair uniform baseline holds its caps in the same ledger.
+                served = (best_served_uniform(stream.tokens, stream.correct, int(bpq), in_flight=in_flight,
+                                              context_limit_tokens=limit)
+                          if protocol == "online" and in_flight else None)
                 for spec, policy in policy_objs.items():
                     if protocol == "online" and policy.name not in HINDSIGHT:
                         caps = serve_online(policy, told, stream.tokens, int(bpq), context_limit_tokens=limit,
@@ -139,6 +143,8 @@ def run_grid(
                             "generated_vs_budget": s.tokens_consumed / budget,
                             "uniform_matched_cap": None if matched is None else matched[0],
                             "uniform_matched_accuracy": None if matched is None else matched[1],
+                            "uniform_served_cap": None if served is None else served[0],
+                            "uniform_served_accuracy": None if served is None else served[1],
                             "solved_per_1k_allocated": s.solved_per_1k_allocated,
                             "solved_per_1k_consumed": s.solved_per_1k_consumed,
                             # The longest generation keeps a GPU batch busy (ARCHITECTURE.md).

@@ -115,3 +115,43 @@ def test_online_pacing_figure_draws_what_the_ledger_spent_with_and_without_reque
         assert y[-1] == pytest.approx(generated.sum() - generated[open_then].sum(), abs=1)
     assert_text_inside(fig)
     plt.close(fig)
+
+
+def test_a_uniform_cap_served_with_nothing_in_flight_is_the_batch_and_in_flight_only_cuts_it():
+    """Served through the ledger with each query settled before the next, the budget-filling uniform cap
+    solves exactly what it solves in batch (a cut at the end of the block still covers what was generated);
+    with requests in flight the pool holds their caps, so it can only solve less."""
+    from clear_bench.online import best_served_uniform, serve_uniform
+    from clear_core.simulate import uniform_cap_within
+
+    problems = load_pool(MAIN_POOL)
+    for stream_name, b in (("balanced", 512), ("mostly-easy", 1024)):
+        stream = make_stream(problems, stream_name, 300, 2)
+        n = len(stream)
+        fill = uniform_cap_within(stream.tokens, b * n, 8192)
+        batch = solved_mask(np.full(n, fill), stream.tokens, stream.correct).mean()
+        caps0 = serve_uniform(fill, stream.tokens, b, in_flight=0)
+        assert solved_mask(caps0, stream.tokens, stream.correct).mean() == batch
+        assert np.minimum(caps0, stream.tokens).sum() <= b * n
+        caps32 = serve_uniform(fill, stream.tokens, b, in_flight=32)
+        assert solved_mask(caps32, stream.tokens, stream.correct).mean() <= batch
+        assert (caps32 <= fill).all() and np.minimum(caps32, stream.tokens).sum() <= b * n
+        cap, acc = best_served_uniform(stream.tokens, stream.correct, b, in_flight=32, context_limit_tokens=8192)
+        assert acc >= solved_mask(caps32, stream.tokens, stream.correct).mean()
+        assert acc == solved_mask(serve_uniform(cap, stream.tokens, b, in_flight=32), stream.tokens,
+                                  stream.correct).mean()
+
+
+def test_online_rows_with_requests_in_flight_carry_the_served_uniform_baseline(online_out):
+    online = _rows(online_out / "online")
+    for (policy, b), r in online.items():
+        assert 0.0 <= r["uniform_served_accuracy"] <= 1.0 and r["uniform_served_cap"] >= 1
+    # one baseline per (stream, seed, budget): every policy's row carries the same one
+    by_budget = defaultdict(set)
+    for (policy, b), r in online.items():
+        by_budget[b].add((r["uniform_served_cap"], r["uniform_served_accuracy"]))
+    assert all(len(v) == 1 for v in by_budget.values())
+    md = (online_out / "online" / "results.md").read_text()
+    assert "## `clear-cost` against uniform caps served with the same requests in flight" in md
+    single = _rows(online_out / "single")
+    assert all(r["uniform_served_accuracy"] is None for r in single.values())
