@@ -39,7 +39,8 @@ A second budget: the caps themselves (reservations)
 ----------------------------------------------------
 A served request holds its whole cap in the ledger until it settles. With
 ``K`` requests in flight the pool must hold about ``K`` caps at once, so a
-server also has a budget on the *sum of caps* (``cap_budget``; see
+server also has a budget on the *sum of caps* (``cap_budget``, or the mean
+cap of the admitted queries, ``mean_cap_budget``; see
 :class:`clear_core.online_market.OnlineMarket`). The problem with both
 budgets, ``sum E[min(D, c)] <= B`` and ``sum c <= R``, has two prices,
 ``lam`` on expected tokens and ``mu`` on reserved ones. Writing
@@ -299,6 +300,7 @@ def clear_empirical_market(
     weights=None,
     context_limit_tokens: float | None = None,
     cap_budget: float | None = None,
+    mean_cap_budget: float | None = None,
 ) -> ConsumptionResult:
     """Clear a budget of expected generated tokens with each query's empirical length distribution.
 
@@ -306,7 +308,10 @@ def clear_empirical_market(
     not calibrated: the histogram carries the bias); ``lengths`` gives each
     query's histogram; ``weights`` are tenant weights (``None``: 1);
     ``cap_budget``, when given, also bounds the sum of the caps (the tokens
-    reserved while they are in flight; module docstring). The result's
+    reserved while they are in flight; module docstring); ``mean_cap_budget``
+    bounds their mean over the admitted queries instead (what each open
+    reservation may hold): the sum of caps is then bounded by that mean times
+    the queries admitted without it. The result's
     ``shadow_price`` is the price of an expected generated token and
     ``reservation_price`` that of a reserved one (0 when the caps fit).
     """
@@ -331,6 +336,10 @@ def clear_empirical_market(
     keys, inverse, count = np.unique(key, axis=1, return_inverse=True, return_counts=True)
     types = _Types(keys, inverse.reshape(-1), count.astype(float), wvals[keys[2]])
     res = _clear(types, lengths, b, t_max, 0.0)
+    if mean_cap_budget is not None:
+        admitted = int((res.caps > 0).sum())
+        bound = validate_budget(mean_cap_budget) * admitted
+        cap_budget = bound if cap_budget is None else min(cap_budget, bound)
     if cap_budget is None or res.caps.sum() <= cap_budget:
         return res
     # The caps do not fit their budget: the smallest reservation share on the grid whose caps do.

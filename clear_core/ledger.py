@@ -196,10 +196,6 @@ class TokenLedger:
         """The ledger's clock (monotonic seconds, or a test's fake clock)."""
         return self._clock()
 
-    def holds(self, rid: str) -> bool:
-        """Whether request ``rid`` holds an open reservation."""
-        return rid in self._reservations
-
     def unspent(self, now: float | None = None) -> int:
         """Granted and not spent: the pool plus every token held in reservations and leases."""
         return self.available(now) + self._reserved + self._leased

@@ -43,20 +43,26 @@ invariant ``reserved + spent <= granted`` is untouched.
 Requests in flight
 ------------------
 A reserved cap comes back, mostly, as a refund when its request settles, but
-while it is in flight it is out of the pool. Two things follow when unused
-caps are refunded and the policy prices expected generated tokens:
+while it is in flight it is out of the pool. With ``K`` requests in flight
+the unspent pool (:meth:`~clear_core.ledger.TokenLedger.unspent`) has to
+hold ``K + 1`` caps at a time, and caps that ignore this *float* run the pool
+dry: an abundant price gives caps at the context limit, a few dozen of them
+hold the whole block, and the next requests are cut or abandoned for want of
+reservable tokens rather than because they are insolvent. A policy that
+``prices_reservations`` (``clear-cost``, ``clear-cost-emp``) clears the
+window with a second budget: its admitted caps may average at most
+``unspent / (K + 1)``, ``K`` the most open reservations seen at a recent
+arrival (so a dip in concurrency does not loosen it). That is a second price,
+on a token held reserved, which shortens the caps of the requests a long cap
+buys little for (:mod:`clear_core.empirical_market`, "A second budget").
 
-* pacing counts each open reservation at its *expected* cost (what the
-  market expected the cap to generate when it gave it), not at the cap, so
-  a block is not underspent because many caps are out at once;
-* the caps themselves must fit: with ``K`` reservations open, the
-  unspent pool (:meth:`~clear_core.ledger.TokenLedger.unspent`) has to hold
-  about ``K + 1`` caps at a time. A policy that ``prices_reservations``
-  (``clear-cost``, ``clear-cost-emp``) clears the window with a second budget, on the sum of
-  its caps, ``(window + 1) * unspent / (K + 1)``: a second price, on a token
-  held reserved, that shortens the caps of the requests a long cap buys
-  little for, instead of the pool running dry and the next requests being
-  cut or abandoned (:mod:`clear_core.empirical_market`, "A second budget").
+Pacing still counts the open caps as spent. Counting them at the tokens they
+are expected to generate instead (they mostly come back) spends a little
+more of a block when requests arrive at their own pace, but with
+closed-loop clients it fails: the first burst is priced as if the refunds
+were already back, takes the whole block in a few dozen caps, and every
+request that arrives while they run is abandoned at once, so the clients
+burn through their queries (README, "Requests in flight").
 
 Tenants
 -------
@@ -287,7 +293,7 @@ class OnlineMarket:
     outcome_window: int = DEFAULT_OUTCOME_WINDOW
     tenant_weights: dict = field(default_factory=dict)  # tenant -> weight in the utility (others: 1)
     lengths: tuple = ()  # clear-cost-emp: the calibration's LengthHistograms that requests' length_bin index
-    price_in_flight: bool = True  # pace open caps at their expected cost; price reservations (module docstring)
+    price_in_flight: bool = True  # price the caps held while in flight (prices_reservations policies; module docstring)
     _window: DemandWindow = field(init=False, repr=False)  # (threshold, spread, runaway share, weight) per arrival
     _times: deque = field(init=False, repr=False)
     _outcomes: deque = field(init=False, repr=False)
@@ -311,7 +317,7 @@ class OnlineMarket:
         self._quotes = 0
         self.last_quote = None
         self._tenant_of = OrderedDict()  # rid -> tenant, until it settles
-        self._expected_refund: dict[str, float] = {}  # rid -> its cap minus its expected cost, until it settles
+        self._open_seen: deque = deque(maxlen=max(self.window_size, 1))  # open reservations at recent arrivals
         for t, w in self.tenant_weights.items():
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
                 raise InvalidInputError(f"tenant_weights[{t}]", w, "must be finite and > 0")
@@ -348,41 +354,21 @@ class OnlineMarket:
         arrivals = self.ledger.arrivals + int(ahead)
         opens = self.budget.grant_on_arrival(arrivals) if ahead else 0.0
         return self.budget.pricing_budget_per_query(
-            available=self.ledger.pricing_available(now) + opens + self.expected_refunds(), arrivals=arrivals,
+            available=self.ledger.pricing_available(now) + opens, arrivals=arrivals,
             recent_arrivals=n, recent_span_s=span, pace=self.pace, cap_cost_ratio=self.cap_cost_ratio(),
         )
 
-    @property
-    def _paces_in_flight(self) -> bool:
-        return self.price_in_flight and self.policy.prices_generated_tokens and self.budget.refund_unused
+    def concurrency(self) -> int:
+        """Requests in flight the float is sized for: the most open reservations seen at a recent arrival."""
+        return max([self.ledger.in_flight, *self._open_seen])
 
-    def expected_refunds(self) -> float:
-        """What the open reservations are expected to give back: the sum of cap minus expected cost (0 unless
-        in-flight pacing applies; module docstring, "Requests in flight")."""
-        if not self._expected_refund:
-            return 0.0
-        gone = [rid for rid in self._expected_refund if not self.ledger.holds(rid)]  # expired or recovered
-        for rid in gone:
-            del self._expected_refund[rid]
-        return float(sum(self._expected_refund.values()))
-
-    def cap_budget(self, window: int, now: float) -> float | None:
-        """The sum of caps a window of ``window`` requests may hold: ``window * unspent / (K + 1)`` with K
-        reservations open (None: the policy does not price reservations, or nothing is in flight)."""
-        if not (self.price_in_flight and self.policy.prices_reservations) or self.ledger.in_flight == 0:
+    def mean_cap_budget(self, now: float) -> float | None:
+        """What each admitted cap may hold on average: ``unspent / (K + 1)`` with ``K`` requests in flight
+        (:meth:`concurrency`); None when the policy does not price reservations or nothing is in flight."""
+        k = self.concurrency()
+        if not (self.price_in_flight and self.policy.prices_reservations) or k == 0:
             return None
-        return float(window * max(self.ledger.unspent(now), 0) / (self.ledger.in_flight + 1))
-
-    def _expected_cost(self, cap: int, threshold: float, log_sigma: float, runaway: float,
-                       length_bin: int | None) -> float:
-        if self.policy.uses_lengths:
-            from clear_core.empirical_market import EmpiricalLengths, expected_generated_empirical
-
-            lengths = EmpiricalLengths(tuple(self.lengths), np.array([int(length_bin)]))
-            return float(expected_generated_empirical([cap], [threshold], lengths)[0])
-        from clear_core.consumption import SIGMA_MIN, expected_generated
-
-        return float(expected_generated([cap], [threshold], [max(log_sigma, SIGMA_MIN)], runaway)[0])
+        return float(max(self.ledger.unspent(now), 0) / (k + 1))
 
     def cap_cost_ratio(self) -> float:
         """Tokens of cap per token actually charged, over recent settlements (refunds to the pool).
@@ -406,7 +392,6 @@ class OnlineMarket:
     def settle(self, rid: str, generated: int, *, failed: bool = False) -> Settlement:
         """End a request in the ledger and remember what its cap really cost."""
         s = self.ledger.settle(rid, generated, failed=failed)
-        self._expected_refund.pop(rid, None)
         if not failed:
             self._costs.append((s.cap, s.charged))
         tenant = self._tenant_of.pop(rid, None)
@@ -464,6 +449,7 @@ class OnlineMarket:
         if new:
             self.ledger.arrive()
             self._times.append(now)
+            self._open_seen.append(self.ledger.in_flight)
         b = self.budget_per_query(now)
         entry = (float(threshold_tokens), float(log_sigma), float(runaway), self.tenant_weight(tenant))
         if self.policy.uses_lengths:
@@ -476,11 +462,11 @@ class OnlineMarket:
             which = demand[:, 4].astype(np.int64)
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
                                          weights=demand[:, 3], lengths=EmpiricalLengths(tuple(self.lengths), which),
-                                         cap_budget=self.cap_budget(tau.size, now))
+                                         mean_cap_budget=self.mean_cap_budget(now))
         elif self.policy.per_query_sigma:  # prices each request's own distribution and weight
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
                                          log_sigma=demand[:, 1], runaway=demand[:, 2], weights=demand[:, 3],
-                                         cap_budget=self.cap_budget(tau.size, now))
+                                         mean_cap_budget=self.mean_cap_budget(now))
         else:
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
                                          log_sigma=log_sigma)
@@ -509,9 +495,6 @@ class OnlineMarket:
             else:
                 return self._abandon(DecisionReason.POOL_EMPTY, now, need, quote)
         self.ledger.reserve(rid, cap, now, owner=owner)
-        if self._paces_in_flight:
-            expected = self._expected_cost(cap, threshold_tokens, log_sigma, runaway, length_bin)
-            self._expected_refund[rid] = max(cap - expected, 0.0)
         stats = self._stats(tenant)
         stats.allocated_tokens += int(cap)
         self._tenant_of[rid] = tenant

@@ -134,7 +134,7 @@ class Policy:
     prices_generated_tokens: bool = False
     #: It prices each query's empirical length distribution (``lengths``).
     uses_lengths: bool = False
-    #: It also clears a budget on the sum of the caps (``cap_budget``: what in-flight requests hold reserved).
+    #: It also bounds the mean admitted cap (``mean_cap_budget``: what each in-flight request may hold reserved).
     prices_reservations: bool = False
 
     def allocate(
@@ -148,7 +148,7 @@ class Policy:
         weights=None,
         runaway=0.0,
         lengths=None,
-        cap_budget: float | None = None,
+        mean_cap_budget: float | None = None,
     ) -> Allocation:
         """Integer caps for predicted ``thresholds`` under ``budget`` tokens.
 
@@ -161,7 +161,8 @@ class Policy:
         probability of never finishing (priced by ``clear-cost`` only);
         ``lengths`` each query's empirical length distribution
         (:class:`clear_core.empirical_market.EmpiricalLengths`, ``clear-cost-emp`` only);
-        ``cap_budget`` bounds the sum of the caps as well (``prices_reservations`` policies only).
+        ``mean_cap_budget`` bounds the mean cap of the admitted queries as well (a second price, on a
+        reserved token: :mod:`clear_core.empirical_market`; ``prices_reservations`` policies only).
         """
         tau = validate_thresholds(thresholds)
         b = validate_budget(budget)
@@ -179,8 +180,8 @@ class Policy:
             if not self.uses_weights and w.size and (w != w.flat[0]).any():
                 raise InvalidInputError("weights", "unequal", f"{self.name} does not weight queries")
             weights = w if self.uses_weights else None
-        if cap_budget is not None and not self.prices_reservations:
-            raise InvalidInputError("cap_budget", cap_budget, f"{self.name} does not price reservations")
+        if mean_cap_budget is not None and not self.prices_reservations:
+            raise InvalidInputError("mean_cap_budget", mean_cap_budget, f"{self.name} does not price reservations")
         if tau.size == 0:
             return _as_alloc(np.zeros(0, dtype=np.int64))
         if sig.ndim == 0 or not self.per_query_sigma:
@@ -188,11 +189,11 @@ class Policy:
         if self.uses_lengths:
             if lengths is None:
                 raise InvalidInputError("lengths", None, f"{self.name} needs each query's empirical length distribution")
-            return self._allocate(tau, b, t_max, truth, sig, weights, lengths, cap_budget)
+            return self._allocate(tau, b, t_max, truth, sig, weights, lengths, mean_cap_budget)
         if self.uses_weights:
             rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
             if self.prices_reservations:
-                return self._allocate(tau, b, t_max, truth, sig, weights, rho, cap_budget)
+                return self._allocate(tau, b, t_max, truth, sig, weights, rho, mean_cap_budget)
             return self._allocate(tau, b, t_max, truth, sig, weights, rho)
         return self._allocate(tau, b, t_max, truth, sig)
 
@@ -407,16 +408,16 @@ class ClearCost(Policy):
     prices_generated_tokens = True
     prices_reservations = True
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, runaway=0.0, cap_budget=None):
+    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, runaway=0.0, mean_cap_budget=None):
         sig = np.maximum(log_sigma, SIGMA_MIN)
         limit = None if math.isinf(t_max) else t_max
         res = clear_consumption_market(tau, budget, log_sigma=sig, runaway=runaway, weights=weights,
                                        context_limit_tokens=limit, fill_unused=self.fill_unused)
-        if cap_budget is not None and res.caps.sum() > cap_budget:
+        if mean_cap_budget is not None and res.active.any() and res.caps[res.caps > 0].mean() > mean_cap_budget:
             # The caps do not fit what may be reserved: the same distributions on the grid of
             # clear_core.empirical_market, cleared with the second budget (its docstring).
             res = clear_empirical_market(tau, budget, lengths=lognormal_lengths(np.broadcast_to(sig, tau.shape), runaway),
-                                         weights=weights, context_limit_tokens=limit, cap_budget=cap_budget)
+                                         weights=weights, context_limit_tokens=limit, mean_cap_budget=mean_cap_budget)
         return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active,
                           iterations=res.iterations, converged=res.converged,
                           reservation_price=res.reservation_price)
@@ -438,8 +439,8 @@ class ClearCostEmpirical(Policy):
     uses_lengths = True
     prices_reservations = True
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, lengths=None, cap_budget=None):
-        res = clear_empirical_market(tau, budget, lengths=lengths, weights=weights, cap_budget=cap_budget,
+    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, lengths=None, mean_cap_budget=None):
+        res = clear_empirical_market(tau, budget, lengths=lengths, weights=weights, mean_cap_budget=mean_cap_budget,
                                      context_limit_tokens=None if math.isinf(t_max) else t_max)
         return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active,
                           iterations=res.iterations, converged=res.converged,
