@@ -416,8 +416,9 @@ class ClearCost(Policy):
         if mean_cap_budget is not None and res.active.any() and res.caps[res.caps > 0].mean() > mean_cap_budget:
             # The caps do not fit what may be reserved: the same distributions on the grid of
             # clear_core.empirical_market, cleared with the second budget (its docstring).
-            res = clear_empirical_market(tau, budget, lengths=lognormal_lengths(np.broadcast_to(sig, tau.shape), runaway),
-                                         weights=weights, context_limit_tokens=limit, mean_cap_budget=mean_cap_budget)
+            on_grid = lognormal_lengths(np.broadcast_to(sig, tau.shape), runaway)
+            res = clear_empirical_market(tau, budget, lengths=on_grid, weights=weights, context_limit_tokens=limit,
+                                         mean_cap_budget=mean_cap_budget)
         return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active,
                           iterations=res.iterations, converged=res.converged,
                           reservation_price=res.reservation_price)
