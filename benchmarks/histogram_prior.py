@@ -54,7 +54,8 @@ def heldout(pairs, weights, k: float, folds: int = DEFAULT_FOLDS) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python benchmarks/histogram_prior.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--traces", default=str(DEFAULT_POOL), help="oracle pool JSONL")
     p.add_argument("--predictions", default="oracle-noise:0.5",
                    help="oracle-noise:SIGMA or a predictions JSONL (out of fold)")
@@ -77,7 +78,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command("histogram_prior.py", lambda: run(build_parser().parse_args(argv)))
+    return run_command("python benchmarks/histogram_prior.py", lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -301,6 +301,7 @@ def clear_empirical_market(
     context_limit_tokens: float | None = None,
     cap_budget: float | None = None,
     mean_cap_budget: float | None = None,
+    share_hint: float | None = None,
 ) -> ConsumptionResult:
     """Clear a budget of expected generated tokens with each query's empirical length distribution.
 
@@ -311,7 +312,10 @@ def clear_empirical_market(
     reserved while they are in flight; module docstring); ``mean_cap_budget``
     bounds their mean over the admitted queries instead (what each open
     reservation may hold): the sum of caps is then bounded by that mean times
-    the queries admitted without it. The result's
+    the queries admitted without it; ``share_hint`` is a reservation share to
+    try first (the last clearing's ``theta``): the search then starts at it
+    and its neighbour instead of bisecting the whole grid (the same share
+    wherever the sum of caps falls as ``theta`` grows). The result's
     ``shadow_price`` is the price of an expected generated token and
     ``reservation_price`` that of a reserved one (0 when the caps fit).
     """
@@ -343,18 +347,35 @@ def clear_empirical_market(
     if cap_budget is None or res.caps.sum() <= cap_budget:
         return res
     # The caps do not fit their budget: the smallest reservation share on the grid whose caps do.
-    lo, hi = 0, RESERVATION_SHARES.size - 1
-    best = _clear(types, lengths, cap_budget, t_max, 1.0)
-    iterations = res.iterations + best.iterations
+    top = RESERVATION_SHARES.size - 1
+    cache: dict[int, ConsumptionResult] = {}
+
+    def trial(k: int) -> ConsumptionResult:
+        if k not in cache:
+            theta = float(RESERVATION_SHARES[k])
+            cache[k] = _clear(types, lengths, (1.0 - theta) * b + theta * cap_budget, t_max, theta)
+        return cache[k]
+
+    def fits(k: int) -> bool:
+        return k == top or trial(k).caps.sum() <= cap_budget  # theta = 1 clears the caps alone: always fits
+
+    lo, hi = 0, top  # lo does not fit, hi does
+    if share_hint is not None:  # the last clearing's share: the price moves little between two requests
+        k = int(np.clip(np.searchsorted(RESERVATION_SHARES, share_hint - 1e-9), 1, top))
+        if fits(k):
+            hi = k
+            if k > 1 and not fits(k - 1):
+                lo = k - 1
+        else:
+            lo = k
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        theta = float(RESERVATION_SHARES[mid])
-        trial = _clear(types, lengths, (1.0 - theta) * b + theta * cap_budget, t_max, theta)
-        iterations += trial.iterations
-        if trial.caps.sum() <= cap_budget:
-            hi, best = mid, trial
+        if fits(mid):
+            hi = mid
         else:
             lo = mid
+    best = trial(hi)
+    iterations = res.iterations + sum(r.iterations for r in cache.values())
     return dataclasses.replace(best, budget=b, iterations=iterations)
 
 

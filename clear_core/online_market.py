@@ -318,6 +318,7 @@ class OnlineMarket:
         self.last_quote = None
         self._tenant_of = OrderedDict()  # rid -> tenant, until it settles
         self._open_seen: deque = deque(maxlen=max(self.window_size, 1))  # open reservations at recent arrivals
+        self._last_share: float | None = None  # the last clearing's reservation share theta (a search hint)
         for t, w in self.tenant_weights.items():
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
                 raise InvalidInputError(f"tenant_weights[{t}]", w, "must be finite and > 0")
@@ -462,11 +463,11 @@ class OnlineMarket:
             which = demand[:, 4].astype(np.int64)
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
                                          weights=demand[:, 3], lengths=EmpiricalLengths(tuple(self.lengths), which),
-                                         mean_cap_budget=self.mean_cap_budget(now))
+                                         mean_cap_budget=self.mean_cap_budget(now), share_hint=self._last_share)
         elif self.policy.per_query_sigma:  # prices each request's own distribution and weight
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
                                          log_sigma=demand[:, 1], runaway=demand[:, 2], weights=demand[:, 3],
-                                         mean_cap_budget=self.mean_cap_budget(now))
+                                         mean_cap_budget=self.mean_cap_budget(now), share_hint=self._last_share)
         else:
             alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
                                          log_sigma=log_sigma)
@@ -475,6 +476,8 @@ class OnlineMarket:
         price = float(alloc.shadow_price) if math.isfinite(alloc.shadow_price) else 0.0
         self.last_price = price
         self.last_reservation_price = float(alloc.reservation_price)
+        self._last_share = (alloc.reservation_price / (alloc.reservation_price + alloc.shadow_price)
+                            if alloc.reservation_price > 0 else None)
         market_cap = int(alloc.caps[-1])
         cap = market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens))
         quote = dict(

@@ -149,6 +149,7 @@ class Policy:
         runaway=0.0,
         lengths=None,
         mean_cap_budget: float | None = None,
+        share_hint: float | None = None,
     ) -> Allocation:
         """Integer caps for predicted ``thresholds`` under ``budget`` tokens.
 
@@ -162,7 +163,8 @@ class Policy:
         ``lengths`` each query's empirical length distribution
         (:class:`clear_core.empirical_market.EmpiricalLengths`, ``clear-cost-emp`` only);
         ``mean_cap_budget`` bounds the mean cap of the admitted queries as well (a second price, on a
-        reserved token: :mod:`clear_core.empirical_market`; ``prices_reservations`` policies only).
+        reserved token: :mod:`clear_core.empirical_market`; ``prices_reservations`` policies only), and
+        ``share_hint`` is where its search for the reservation share starts (the last clearing's).
         """
         tau = validate_thresholds(thresholds)
         b = validate_budget(budget)
@@ -189,11 +191,11 @@ class Policy:
         if self.uses_lengths:
             if lengths is None:
                 raise InvalidInputError("lengths", None, f"{self.name} needs each query's empirical length distribution")
-            return self._allocate(tau, b, t_max, truth, sig, weights, lengths, mean_cap_budget)
+            return self._allocate(tau, b, t_max, truth, sig, weights, lengths, mean_cap_budget, share_hint)
         if self.uses_weights:
             rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
             if self.prices_reservations:
-                return self._allocate(tau, b, t_max, truth, sig, weights, rho, mean_cap_budget)
+                return self._allocate(tau, b, t_max, truth, sig, weights, rho, mean_cap_budget, share_hint)
             return self._allocate(tau, b, t_max, truth, sig, weights, rho)
         return self._allocate(tau, b, t_max, truth, sig)
 
@@ -408,7 +410,8 @@ class ClearCost(Policy):
     prices_generated_tokens = True
     prices_reservations = True
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, runaway=0.0, mean_cap_budget=None):
+    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, runaway=0.0, mean_cap_budget=None,
+                  share_hint=None):
         sig = np.maximum(log_sigma, SIGMA_MIN)
         limit = None if math.isinf(t_max) else t_max
         res = clear_consumption_market(tau, budget, log_sigma=sig, runaway=runaway, weights=weights,
@@ -418,7 +421,7 @@ class ClearCost(Policy):
             # clear_core.empirical_market, cleared with the second budget (its docstring).
             on_grid = lognormal_lengths(np.broadcast_to(sig, tau.shape), runaway)
             res = clear_empirical_market(tau, budget, lengths=on_grid, weights=weights, context_limit_tokens=limit,
-                                         mean_cap_budget=mean_cap_budget)
+                                         mean_cap_budget=mean_cap_budget, share_hint=share_hint)
         return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active,
                           iterations=res.iterations, converged=res.converged,
                           reservation_price=res.reservation_price)
@@ -440,8 +443,10 @@ class ClearCostEmpirical(Policy):
     uses_lengths = True
     prices_reservations = True
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, lengths=None, mean_cap_budget=None):
+    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, lengths=None, mean_cap_budget=None,
+                  share_hint=None):
         res = clear_empirical_market(tau, budget, lengths=lengths, weights=weights, mean_cap_budget=mean_cap_budget,
+                                     share_hint=share_hint,
                                      context_limit_tokens=None if math.isinf(t_max) else t_max)
         return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active,
                           iterations=res.iterations, converged=res.converged,

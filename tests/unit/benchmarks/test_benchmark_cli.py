@@ -13,7 +13,8 @@ import pytest
 from tests.cli_support import assert_one_line_error, run_cli
 from tests.conftest import MAIN_POOL, REPO_ROOT
 
-SCRIPTS = ["clearing_speed", "digital_twin", "load_demo", "predictor_speed", "serving_overhead", "vllm_graph_cost"]
+SCRIPTS = ["clearing_speed", "digital_twin", "histogram_prior", "load_demo", "predictor_speed", "reservation_price",
+           "serving_overhead", "vllm_graph_cost"]
 
 
 def _script(name: str):
@@ -76,6 +77,7 @@ def test_every_help_shows_defaults(name):
     ("serving_overhead", ["--concurrency", "0"], "argument --concurrency"),
     ("predictor_speed", ["--batch-sizes", "8,x"], "argument --batch-sizes"),
     ("vllm_graph_cost", ["--rounds", "0"], "argument --rounds"),
+    ("reservation_price", ["--in-flight", "0"], "argument --in-flight"),
 ])
 def test_a_bad_value_is_argparses_one_line_error(name, argv, prefix):
     proc = run_cli(f"benchmarks/{name}.py", *argv, timeout=300)
@@ -124,3 +126,16 @@ def test_histogram_prior_prints_a_held_out_likelihood_per_stream_and_strength(ca
         # A prior a million samples strong ignores the prediction: it cannot fit held-out lengths better
         # than the bins do (the noisy oracle's predictions say a lot).
         assert ll[2] < max(ll[0], ll[1])
+
+
+def test_reservation_price_prints_both_settings_and_the_price_keeps_the_bucket_from_running_dry(capsys):
+    mod = _script("reservation_price")
+    assert mod.main(["--requests", "400", "--warmup", "50"]) == 0
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| clear-cost")]
+    assert [(r[0], r[1]) for r in rows] == [("clear-cost", "off"), ("clear-cost", "on"),
+                                            ("clear-cost-emp", "off"), ("clear-cost-emp", "on")]
+    for off, on in (rows[0:2], rows[2:4]):
+        assert int(off[3]) == 0 and int(on[3]) > 0  # decisions with a reservation price above 0
+        finished = [int(r[4].split(" of ")[0]) for r in (off, on)]
+        assert finished[1] > finished[0] and int(on[5]) < int(off[5])

@@ -175,3 +175,21 @@ def test_a_mean_cap_budget_is_the_sum_budget_of_the_queries_admitted_without_it(
     by_sum = clear_empirical_market(tau, budget, lengths=lengths, weights=w, context_limit_tokens=LIMIT,
                                     cap_budget=mean * (free.caps > 0).sum())
     assert np.array_equal(by_mean.caps, by_sum.caps) and by_mean.reservation_price > 0
+
+
+def test_a_share_hint_finds_the_same_share_as_the_bisection():
+    """The search may start at the last clearing's reservation share; wherever it starts, the caps are
+    those the full bisection finds."""
+    for seed in (31, 32, 33):
+        tau, lengths, w = window(seed, 80)
+        budget = 0.9 * tau.sum()
+        free = clear_empirical_market(tau, budget, lengths=lengths, weights=w, context_limit_tokens=LIMIT)
+        for share in (0.3, 0.6):
+            cap_budget = (1 - share) * free.caps.sum()
+            ref = clear_empirical_market(tau, budget, lengths=lengths, weights=w, context_limit_tokens=LIMIT,
+                                         cap_budget=cap_budget)
+            for hint in (0.0, 1 / 32, 0.25, 0.5, 0.97, 1.0):
+                got = clear_empirical_market(tau, budget, lengths=lengths, weights=w, context_limit_tokens=LIMIT,
+                                             cap_budget=cap_budget, share_hint=hint)
+                assert np.array_equal(got.caps, ref.caps), (seed, share, hint)
+                assert got.reservation_price == ref.reservation_price
