@@ -55,7 +55,7 @@ from clear_core.ledger import Settlement, TokenLedger
 from clear_core.online_market import DEFAULT_TENANT, Decision, OnlineMarket
 from clear_core.policies import parse_policy
 from clear_core.predictions import read_predictions
-from deployments.background import cancel_on_stop
+from deployments.background import cancel_on_stop, stop_if_cancelled
 from deployments.config import AllocatorConfig
 from deployments.state_store import state_store_for
 
@@ -312,6 +312,7 @@ class Allocator:
 
     async def _flush_loop(self) -> None:
         while True:
+            stop_if_cancelled()
             try:
                 await self._flush_once()
             except asyncio.CancelledError:
@@ -370,6 +371,7 @@ class Allocator:
 
     async def _sweep(self) -> None:
         while True:
+            stop_if_cancelled()
             await asyncio.sleep(self.config.sweep_interval_s)
             try:
                 self.expire_sync()

@@ -58,7 +58,7 @@ from ray.exceptions import RayError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clear_core.online_market import DEFAULT_TENANT
-from deployments.background import cancel_on_stop
+from deployments.background import cancel_on_stop, stop_if_cancelled
 from deployments.config import AppConfig
 from deployments.engines import engine_client
 from deployments.engines.base import EngineRequest
@@ -485,6 +485,7 @@ class Ingress:
         """Renew this replica's lease a few times per lease TTL, for as long as the replica lives."""
         every = self.config.allocator.lease_ttl_s / 4
         while True:
+            stop_if_cancelled()
             try:
                 await self.allocator.renew.remote(self.owner)
             except Exception as exc:  # the allocator is restarting: a restored ledger gives a fresh lease

@@ -39,7 +39,7 @@ import numpy as np
 from clear_core.errors import InvalidInputError
 from clear_core.lease import IngressMarket, LeaseReply
 from clear_core.policies import parse_policy
-from deployments.background import cancel_on_stop
+from deployments.background import cancel_on_stop, stop_if_cancelled
 from deployments.errors import AllocatorUnavailableError
 from deployments.messages import Decision, Prediction
 
@@ -157,6 +157,7 @@ class LeaseClient:
 
     async def _report_loop(self) -> None:
         while True:
+            stop_if_cancelled()
             await asyncio.sleep(self.config.report_interval_s)
             try:
                 await self.sync()

@@ -145,3 +145,34 @@ def test_a_lease_grant_is_written_before_it_is_answered_so_a_restart_never_lends
     # charged) was not reported yet, so the restored books still count them as leased: tighter, never looser.
     assert st["leased_tokens"] == lent and st["spent_tokens"] == 0
     assert st["available_tokens"] == st["granted_tokens"] - lent
+
+
+def test_a_background_loop_ends_when_its_cancellation_was_swallowed():
+    """Python 3.11's wait_for can swallow a cancellation that lands as its inner await completes; the
+    replica's loops check the task's pending cancellation each round, so asyncio.run still ends."""
+    import deployments.background as bg
+
+    rounds = {"n": 0}
+
+    async def loop():
+        while True:
+            bg.stop_if_cancelled()
+            rounds["n"] += 1
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                pass  # what the 3.11 wait_for race does: the cancellation is lost
+
+    async def run():
+        task = asyncio.get_running_loop().create_task(loop())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.wait({task}, timeout=2)
+        return task
+
+    event_loop = asyncio.new_event_loop()  # not asyncio.run: without the check its cleanup would wait forever
+    try:
+        task = event_loop.run_until_complete(run())
+        assert task.done() and task.cancelled() and rounds["n"] >= 2
+    finally:
+        event_loop.close()
