@@ -45,7 +45,7 @@ def heldout(pairs, weights, k: float, folds: int = DEFAULT_FOLDS) -> float:
     for f in range(folds):
         train, test = fold != f, (fold == f) & (weights > 0)
         cal = fit_calibration(pred[train], obs[train], weights=weights[train], censor_tokens=POOL_GENERATION_CAP_TOKENS,
-                              correct=ok[train], shrink=k)
+                              correct=ok[train], shrink=k, clusters=np.asarray(groups)[train])
         ll = histogram_log_likelihood(cal, pred[test], obs[test], censor_tokens=POOL_GENERATION_CAP_TOKENS,
                                       weights=weights[test])
         total += ll * weights[test].sum()

@@ -73,7 +73,8 @@ class Predictions:
             bins = DEFAULT_BINS if self.calibration == "binned" else 1
             self._fitted[stream.name] = tuple(
                 fit_calibration(pred[fold != f], obs[fold != f], bins=bins, weights=weights[fold != f],
-                                censor_tokens=POOL_GENERATION_CAP_TOKENS, correct=ok[fold != f], shrink=self.shrink)
+                                censor_tokens=POOL_GENERATION_CAP_TOKENS, correct=ok[fold != f], shrink=self.shrink,
+                                clusters=np.asarray(groups)[fold != f])
                 for f in range(self.folds)
             )
         return self._fitted[stream.name]

@@ -44,7 +44,7 @@ MIN_PER_BIN = 20
 #: Spreads are floored at this (a bin whose residuals are all equal would claim certainty).
 MIN_LOG_SIGMA = 0.05
 #: Default strength (in pseudo-samples) of the prior each bin's histogram is shrunk towards.
-DEFAULT_SHRINK = 0.0
+DEFAULT_SHRINK = 30.0
 #: Folds of the out-of-fold calibration.
 DEFAULT_FOLDS = 5
 
@@ -103,7 +103,7 @@ class Calibration:
 
 
 def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tokens: float | None = None,
-                    weights=None, correct=None, shrink: float = DEFAULT_SHRINK) -> Calibration:
+                    weights=None, correct=None, shrink: float = DEFAULT_SHRINK, clusters=None) -> Calibration:
     """Fit bias, spread and runaway share per quantile bin of ``ln predicted``.
 
     ``predicted`` and ``observed`` are token counts, one pair per query (a
@@ -124,7 +124,10 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
     the histogram of *every* pair's length, placed at the bin's centre: the
     posterior predictive of a Dirichlet prior whose base measure says "the
     prediction tells nothing", with weight ``shrink / (n_eff + shrink)``
-    (``n_eff`` the bin's effective sample size under ``weights``). A bin of a
+    (``n_eff`` the bin's effective sample size under ``weights``; with
+    ``clusters``, one label per pair such as its problem, a cluster's pairs
+    count as one draw: the samples of one problem are not independent
+    evidence about the next problem). A bin of a
     few dozen hard problems then keeps the chance of a short answer that the
     whole population shows, instead of trusting its own few samples.
     """
@@ -144,7 +147,10 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
         raise InvalidInputError("weights", "calibration weights", "need one finite weight >= 0 per pair, not all 0")
     keep = w > 0
     ok = np.ones(p.size, dtype=bool) if correct is None else np.asarray(correct, dtype=bool)
-    p, d, obs, w, ok = p[keep], d[keep], obs[keep], w[keep], ok[keep]
+    cluster = np.arange(p.size) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1]
+    if cluster.shape != p.shape:
+        raise InvalidInputError("clusters", cluster.shape, "need one label per pair")
+    p, d, obs, w, ok, cluster = p[keep], d[keep], obs[keep], w[keep], ok[keep], cluster[keep]
     ran = np.zeros(p.size, dtype=bool) if censor_tokens is None else obs >= censor_tokens
     order = np.argsort(p, kind="stable")
     k = max(1, min(bins, p.size // MIN_PER_BIN))
@@ -172,7 +178,8 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
         if correct is not None:
             hist = LengthHistogram.fit(resid[g], ok[g], ran[g], w[g])
             if shrink > 0:
-                n_eff = float(w[g].sum() ** 2 / np.square(w[g]).sum())
+                per = np.bincount(cluster[g], weights=w[g])  # weight of each cluster in the bin
+                n_eff = float(per.sum() ** 2 / np.square(per).sum())
                 prior = LengthHistogram.fit(d - centre, ok, ran, w)  # every length, as if predicted at the centre
                 hist = hist.mixed(prior, shrink / (n_eff + shrink))
         rows.append((centre, mu, sigma, int(g.size), float(np.average(ran[g], weights=w[g])),

@@ -514,20 +514,26 @@ class OnlineMarket:
                 "last_price": self.last_price, "tenants": {t: s.as_dict() for t, s in self.tenants.items()},
                 "owner_tenants": {o: {t: dict(v) for t, v in d.items()} for o, d in self._owner_tenants.items()}}
 
-    def seed(self, thresholds) -> None:
+    def seed(self, thresholds, bins=None) -> None:
         """Prime the pricing window with thresholds of representative past demand.
 
         At a cold start the window is empty and the first requests would be
         priced against themselves alone; a seed (e.g. the predictions of a
         recent traffic sample) prices them against realistic demand from the
         first request on. Arrivals then push the seed out of the window.
+        ``bins``: each threshold's length bin (policies that price histograms).
         """
-        if self.policy.uses_lengths:
-            raise InvalidInputError("pricing window seed", "thresholds", f"{self.policy.name} needs each row's length bin")
         values = [float(x) for x in thresholds]
         if any(not (math.isfinite(v) and v >= 0) for v in values):
             raise InvalidInputError("pricing window seed", values[:5], "thresholds must be finite and >= 0")
-        self._window.extend((v, 0.0, 0.0, 1.0) for v in values)
+        if not self.policy.uses_lengths:
+            self._window.extend((v, 0.0, 0.0, 1.0) for v in values)
+            return
+        which = [] if bins is None else [int(b) for b in bins]
+        if len(which) != len(values) or any(not 0 <= b < len(self.lengths) for b in which):
+            raise InvalidInputError("pricing window seed", "bins", f"{self.policy.name} needs each row's length bin "
+                                    f"(an index into {len(self.lengths)} histograms)")
+        self._window.extend((v, 0.0, 0.0, 1.0, float(b)) for v, b in zip(values, which))
 
     def restore(self, snap: dict) -> None:
         for x in snap.get("window", []):  # a threshold (older snapshots) or (threshold, spread, runaway, weight[, bin])

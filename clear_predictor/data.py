@@ -40,6 +40,7 @@ class LengthDataset:
     datasets: tuple[str, ...]  # gsm8k, math500, amc23 or aime
     sample_tokens: tuple[np.ndarray, ...]  # every sample's completion length, tokens
     median_tokens: np.ndarray  # median sample length per problem, tokens
+    sample_correct: tuple[np.ndarray, ...] = ()  # whether each sample's answer was correct (when the pool says)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -58,6 +59,7 @@ class LengthDataset:
             datasets=tuple(self.datasets[i] for i in idx),
             sample_tokens=tuple(self.sample_tokens[i] for i in idx),
             median_tokens=self.median_tokens[idx].copy(),
+            sample_correct=tuple(self.sample_correct[i] for i in idx) if self.sample_correct else (),
         )
 
 
@@ -87,6 +89,7 @@ def build_dataset(problems: Sequence[Problem], limit: int | None = None) -> Leng
         datasets=tuple(p.dataset for p in problems),
         sample_tokens=toks,
         median_tokens=np.array([median_tokens(p) for p in problems], dtype=float),
+        sample_correct=tuple(np.array([bool(s.correct) for s in p.samples], dtype=bool) for p in problems),
     )
 
 

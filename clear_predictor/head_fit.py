@@ -23,6 +23,7 @@ import numpy as np
 
 from clear_core.calibration import (
     DEFAULT_BINS,
+    DEFAULT_SHRINK,
     fit_calibration,
     quantile_coverage,
     quantile_coverage_error,
@@ -123,14 +124,18 @@ def fit_head(
         length[te] = b.predict_log([data.texts[i] for i in te])
     metrics["out_of_fold_prompt_length"] = evaluate(data, length)
     metrics["calibration_coverage"] = calibration_coverage(data, oof, bins, censor_tokens)
-    pred, tokens, _ = query_pairs(data, oof.pred_log)
-    cal = fit_calibration(pred, tokens, bins=bins, censor_tokens=censor_tokens)
+    pred, tokens, rows = query_pairs(data, oof.pred_log)
+    # With each sample's correctness the calibration also carries every bin's length histogram
+    # (clear-cost-emp), shrunk towards the population's with each problem counted once.
+    correct = np.concatenate(data.sample_correct) if data.sample_correct else None
+    cal = fit_calibration(pred, tokens, bins=bins, censor_tokens=censor_tokens, correct=correct,
+                          shrink=DEFAULT_SHRINK, clusters=rows)
     coef, intercept, alpha = fit_ridge(features, data.log_targets)
     probe = {"text": PROBE_TEXT, "pred_log": float(np.asarray(probe_features, dtype=float).reshape(-1) @ coef + intercept)}
     document = {
         "format": HEAD_FORMAT,
         "target": TARGET,
-        "calibration": {"bins": int(bins), "censor_tokens": float(censor_tokens),
+        "calibration": {"bins": int(bins), "censor_tokens": float(censor_tokens), "shrink": float(DEFAULT_SHRINK),
                         "fitted_on": "out-of-fold predictions, one (prediction, observed tokens) pair per sample"},
         "training": {"n_problems": len(data), "n_queries": int(sum(len(t) for t in data.sample_tokens)),
                      "folds": int(folds), "seed": int(seed), "fold_grouping": "problem id (predictor crossval)",

@@ -62,5 +62,10 @@ class HeadPredictor:
         """(calibrated median tokens, log-space spread, runaway share) per prompt."""
         return self.head.distribution(self.predict_log(prompts))
 
+    def predict_with_raw(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(calibrated median tokens, log-space spread, runaway share, raw predicted tokens) per prompt."""
+        pred_log = self.predict_log(prompts)
+        return (*self.head.distribution(pred_log), np.exp(pred_log))
+
 
 __all__ = ["HeadPredictor"]

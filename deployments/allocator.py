@@ -49,6 +49,7 @@ import math
 import threading
 import time
 
+from clear_core.calibration import Calibration
 from clear_core.errors import ClearError, UnknownReservationError
 from clear_core.lease import LeaseReply, LeaseReport, answer_report
 from clear_core.ledger import Settlement, TokenLedger
@@ -79,10 +80,20 @@ class Allocator:
         metrics: bool = True,
         state_key: str | None = None,
         store=None,
+        length_calibration: dict | None = None,
     ):
         self.config = config
         self.policy_spec = config.policy
         self.policy = parse_policy(config.policy)
+        # clear-cost-emp: the predictor's calibration, whose bins' length histograms the market prices;
+        # each request's bin is the bin of its raw predicted threshold (a fallback prediction's too).
+        self.calibration = None
+        if self.policy.uses_lengths:
+            if length_calibration is None:
+                raise ValueError(f"policy {config.policy} needs the predictor's length calibration")
+            self.calibration = Calibration.from_dict(length_calibration)
+            if not self.calibration.histograms:
+                raise ValueError(f"policy {config.policy} needs a calibration with length histograms")
         if store is None and state_key is not None:
             store = state_store_for(config, state_key)
         self.store = store
@@ -102,13 +113,14 @@ class Allocator:
             pace=self.config.pace_budget,
             outcome_window=self.config.abandonment_window_requests,
             tenant_weights=dict(self.config.tenant_weights),
+            lengths=self.calibration.histograms if self.calibration is not None else (),
         )
         if self.restored:
             self.market.restore(snap["market"])
             logger.warning("allocator restored its books: %s", self.ledger.state())
         elif self.config.pricing_window_seed_path:
-            self.market.seed(load_seed_thresholds(self.config.pricing_window_seed_path,
-                                                  self.config.pricing_window_requests))
+            seed = load_seed_thresholds(self.config.pricing_window_seed_path, self.config.pricing_window_requests)
+            self.market.seed(seed, bins=None if self.calibration is None else self.calibration.bin_of(seed))
         self._lock = threading.Lock()
         self._sweeper: asyncio.Task | None = None
         self._flusher: asyncio.Task | None = None
@@ -137,14 +149,19 @@ class Allocator:
     def reserve_sync(
         self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None,
         owner: str | None = None, arrival_key: str | None = None, retry: bool = False, runaway: float = 0.0,
-        tenant: str = DEFAULT_TENANT,
+        tenant: str = DEFAULT_TENANT, raw_threshold_tokens: float | None = None,
     ) -> Decision:
         t0 = time.perf_counter()
+        tau, length_bin = float(threshold_tokens), None
+        if self.calibration is not None:  # priced on the histogram of the raw prediction's bin
+            tau = float(threshold_tokens if raw_threshold_tokens is None else raw_threshold_tokens)
+            length_bin = int(self.calibration.bin_of([tau])[0])
         with self._lock:
             before, tenants = self.ledger.state(), self.market.tenant_snapshot()
             d = self.market.request(
-                rid, float(threshold_tokens), log_sigma=float(log_sigma), runaway=float(runaway), tenant=str(tenant),
+                rid, tau, log_sigma=float(log_sigma), runaway=float(runaway), tenant=str(tenant),
                 client_cap_tokens=client_cap_tokens, owner=owner, arrival_key=arrival_key, retry=bool(retry),
+                length_bin=length_bin,
             )
             self._check()
             self._persist()
@@ -381,11 +398,11 @@ class Allocator:
     async def reserve(
         self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None,
         owner: str | None = None, arrival_key: str | None = None, retry: bool = False, runaway: float = 0.0,
-        tenant: str = DEFAULT_TENANT,
+        tenant: str = DEFAULT_TENANT, raw_threshold_tokens: float | None = None,
     ) -> Decision:
         self._ensure_background()
         d = self.reserve_sync(rid, threshold_tokens, log_sigma, client_cap_tokens, owner, arrival_key, retry,
-                              runaway, tenant)
+                              runaway, tenant, raw_threshold_tokens)
         if d.admitted:  # a reservation a restart must not forget
             await self._durable()
         return d

@@ -24,7 +24,8 @@ import uuid
 from ray import serve
 
 from deployments.allocator import Allocator
-from deployments.config import AppConfig, ReplayEngineConfig
+from clear_core.policies import parse_policy
+from deployments.config import AppConfig, ReplayEngineConfig, length_calibration
 from deployments.engines.replay import ReplayEngine
 from deployments.ingress import IngressApp
 from deployments.predictor import Predictor
@@ -65,6 +66,9 @@ def build_app(args: dict | None = None):
         # The budget's name, else a deploy id: a restarted allocator replica (same bound args)
         # finds its books; a named budget survives redeploys too (deployments/state_store.py).
         state_key=state_key(cfg.allocator.budget_name, uuid.uuid4().hex) if cfg.allocator.durable_state else None,
+        # clear-cost-emp prices the length histograms of the predictor's calibration.
+        length_calibration=(length_calibration(cfg.predictor)
+                            if parse_policy(cfg.allocator.policy).uses_lengths else None),
     )
     engine = build_engine(cfg)
     return serve.deployment(IngressApp, **cfg.ingress.deployment.serve_options("Ingress")).bind(

@@ -6,9 +6,10 @@ what it is. Unknown keys are refused so a typo in the YAML fails at deploy time.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from clear_core import budget as core_budget
 from clear_core import online_market
@@ -121,10 +122,13 @@ BudgetConfig = Annotated[PerQueryBudgetConfig | RateBudgetConfig, Field(discrimi
 
 class AllocatorConfig(_Strict):
     policy: str = Field(
-        "auto", description="Allocation policy spec (clear_core.policies.parse_policy), e.g. clear-cost, clear, uniform. "
-        "auto: clear-cost (prices expected generated tokens) when the budget refunds unused caps (rate mode, or "
-        "per_query with refund_unused), else clear (the paper's cap semantics).",
+        "auto", description="Allocation policy spec (clear_core.policies.parse_policy), e.g. clear-cost-emp, "
+        "clear-cost, clear, uniform. auto: when the budget refunds unused caps (rate mode, or per_query with "
+        "refund_unused) a market on expected generated tokens: clear-cost-emp (the length histograms of the "
+        "predictor's calibration) with decisions central and a minilm-ridge head that ships them, else clear-cost; "
+        "without refunds clear (the paper's cap semantics).",
     )
+    _from_auto: bool = PrivateAttr(False)  # policy was "auto" (AppConfig may pick the histogram market)
     pricing_window_requests: int = Field(
         online_market.DEFAULT_WINDOW_SIZE, ge=0,
         description="Recent predicted thresholds each request is priced against (0: price alone).",
@@ -212,10 +216,8 @@ class AllocatorConfig(_Strict):
     def _weights_and_refunds(self):
         if self.policy == "auto":  # resolved once, here: every layer sees the policy that runs
             object.__setattr__(self, "policy", "clear-cost" if self.budget.to_budget().refund_unused else "clear")
+            self._from_auto = True
         policy = parse_policy(self.policy)
-        if policy.uses_lengths:
-            raise ValueError(f"policy {self.policy} prices calibration histograms, which the serving predictors do not "
-                             "ship yet: it runs in the bench (clear-llm bench, --protocol online); serve clear-cost")
         if policy.prices_generated_tokens and not self.budget.to_budget().refund_unused:
             raise ValueError(f"policy {self.policy} prices generated tokens: its budget needs refund_unused: true "
                              "(a budget that charges whole caps is a budget of caps)")
@@ -366,6 +368,29 @@ class IngressConfig(_Strict):
         return max(1, self.deployment.max_ongoing_requests // 2)
 
 
+@lru_cache(maxsize=8)
+def _head_length_calibration(head_path: str | None) -> dict | None:
+    """The length calibration of a minilm-ridge head file (None: the shipped one), as a dict, when it
+    carries length histograms; else None. Reads JSON only (no torch)."""
+    from clear_predictor.head import load_head
+
+    cal = load_head(head_path).calibration
+    return cal.as_dict() if cal.histograms else None
+
+
+def length_calibration(predictor: PredictorConfig, required: bool = False) -> dict | None:
+    """The calibration whose length histograms clear-cost-emp prices: the minilm-ridge head's (None when the
+    predictor has none; with ``required``, a head that cannot be read raises)."""
+    if predictor.backend != "minilm-ridge":
+        return None
+    try:
+        return _head_length_calibration(predictor.head_path)
+    except (InvalidInputError, OSError, ValueError):
+        if required:
+            raise
+        return None  # the predictor replica reports the bad head when it starts
+
+
 class AppConfig(_Strict):
     """Everything build_app needs."""
 
@@ -380,3 +405,19 @@ class AppConfig(_Strict):
         default_factory=ReplayEngineConfig, discriminator="kind", description="LLM engine behind the caps."
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP front end.")
+
+    @model_validator(mode="after")
+    def _length_market(self):
+        """policy auto picks clear-cost-emp where it can run; a config naming it needs a predictor that ships
+        length histograms (the minilm-ridge head), and central decisions."""
+        alloc = self.allocator
+        if alloc._from_auto and alloc.policy == "clear-cost" and alloc.decisions == "central" \
+                and length_calibration(self.predictor) is not None:
+            chosen = alloc.model_copy(update={"policy": "clear-cost-emp"})
+            chosen._from_auto = True
+            object.__setattr__(self, "allocator", chosen)
+        if parse_policy(self.allocator.policy).uses_lengths and length_calibration(self.predictor, True) is None:
+            raise ValueError(f"policy {self.allocator.policy} prices the length histograms of the predictor's "
+                             "calibration: it needs predictor.backend minilm-ridge with a head that ships them "
+                             "(clear-llm predictor head); serve clear-cost otherwise")
+        return self

@@ -396,7 +396,7 @@ class Ingress:
         try:
             decision: Decision = await self.allocator.reserve.remote(
                 rid, pred.threshold_tokens, pred.log_sigma, int(client_cap), self.owner, arrival_key, retry,
-                float(getattr(pred, "runaway", 0.0)), tenant,
+                float(getattr(pred, "runaway", 0.0)), tenant, getattr(pred, "raw_threshold_tokens", None),
             )
         except ClearError:
             raise

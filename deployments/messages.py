@@ -24,6 +24,9 @@ class Prediction:
     # Probability that the request never finishes within the recording's cap (a runaway generation,
     # which spends its whole cap), from a calibrated backend (minilm-ridge); 0.0 from the others.
     runaway: float = 0.0
+    # The backend's prediction before calibration (minilm-ridge; None: ``threshold_tokens`` is it). The
+    # calibration's length histograms (clear-cost-emp) are relative to it, and it names the request's bin.
+    raw_threshold_tokens: float | None = None
 
     def __post_init__(self):
         if not (isinstance(self.threshold_tokens, (int, float)) and math.isfinite(self.threshold_tokens)
@@ -34,6 +37,14 @@ class Prediction:
         # 1 would mean a request that can never finish: no cap buys it anything.
         if not (isinstance(self.runaway, (int, float)) and 0.0 <= self.runaway < 1.0):
             raise ValueError(f"runaway must be in [0, 1), got {self.runaway!r}")
+        raw = self.raw_threshold_tokens
+        if raw is not None and not (isinstance(raw, (int, float)) and math.isfinite(raw) and raw >= 0):
+            raise ValueError(f"raw_threshold_tokens must be finite and >= 0, got {raw!r}")
+
+    @property
+    def priced_threshold_tokens(self) -> float:
+        """The threshold a length-histogram market prices: the raw prediction when the backend gave one."""
+        return float(self.threshold_tokens if self.raw_threshold_tokens is None else self.raw_threshold_tokens)
 
 
 __all__ = ["Decision", "DecisionReason", "Prediction"]

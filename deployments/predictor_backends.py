@@ -166,13 +166,15 @@ class MiniLMRidgePredictor(PredictorBackend):
         return cls(config.head_path, config.device)
 
     def predict(self, prompts, log_sigma=None):
-        median, sigma, runaway = self.model.predict(list(prompts))
-        if median.shape != (len(prompts),) or not np.all(np.isfinite(median)):
+        median, sigma, runaway, raw = self.model.predict_with_raw(list(prompts))
+        if median.shape != (len(prompts),) or not np.all(np.isfinite(median)) or not np.all(np.isfinite(raw)):
             raise ValueError(f"head returned shape {median.shape} or non-finite thresholds")
         tau = np.clip(median, MIN_THRESHOLD_TOKENS, MAX_THRESHOLD_TOKENS)
+        raw = np.clip(raw, MIN_THRESHOLD_TOKENS, MAX_THRESHOLD_TOKENS)
         if log_sigma is not None:  # the config's override replaces the calibrated spread, not the runaway share
             sigma = np.full(len(prompts), float(log_sigma))
-        return [Prediction(float(t), float(s), self.name, runaway=float(r)) for t, s, r in zip(tau, sigma, runaway)]
+        return [Prediction(float(t), float(s), self.name, runaway=float(r), raw_threshold_tokens=float(x))
+                for t, s, r, x in zip(tau, sigma, runaway, raw)]
 
 
 #: Backends by the config's ``predictor.backend`` name.

@@ -42,7 +42,7 @@ def test_shrunk_runaway_share_is_the_posterior_mean_of_the_counts():
     pred, obs, correct = population()
     cap = 8192.0
     k = 50.0
-    plain = fit_calibration(pred, obs, bins=4, censor_tokens=cap, correct=correct)
+    plain = fit_calibration(pred, obs, bins=4, censor_tokens=cap, correct=correct, shrink=0.0)
     shrunk = fit_calibration(pred, obs, bins=4, censor_tokens=cap, correct=correct, shrink=k)
     rho_all = float(np.mean(obs >= cap))
     assert rho_all > 0  # the population has runaways to pull towards
@@ -50,6 +50,27 @@ def test_shrunk_runaway_share_is_the_posterior_mean_of_the_counts():
         assert h.runaway == pytest.approx((n * h0.runaway + k * rho_all) / (n + k), abs=1e-12)
     # The values that do not come from histograms are untouched.
     assert shrunk.centres == plain.centres and shrunk.log_sigma == plain.log_sigma and shrunk.runaway == plain.runaway
+
+
+def test_a_problem_s_samples_count_as_one_draw_of_the_prior_s_weight():
+    """Each of m problems sampled 8 times, one bin: counted by problem the prior's share is k / (m + k), not
+    k / (8 m + k) as it is when every sample counts."""
+    pred, obs, correct = population(6, n=200)
+    reps, k, cap = 8, 20.0, 8192.0
+    p8, o8, c8 = (np.repeat(x, reps) for x in (pred, obs, correct))
+    problem = np.repeat(np.arange(pred.size), reps)
+    plain = fit_calibration(p8, o8, bins=1, censor_tokens=cap, correct=c8, shrink=0.0)
+    centre = plain.centres[0]
+    prior = LengthHistogram.fit(np.log(o8) - centre, c8, o8 >= cap)  # every length, as if predicted at the centre
+    for clusters, draws in ((problem, pred.size), (None, p8.size)):
+        cal = fit_calibration(p8, o8, bins=1, censor_tokens=cap, correct=c8, shrink=k, clusters=clusters)
+        w = k / (draws + k)
+        expect = plain.histograms[0].mixed(prior, w)
+        np.testing.assert_allclose(cal.histograms[0].correct, expect.correct, atol=1e-12)
+        assert cal.histograms[0].runaway == pytest.approx(expect.runaway, abs=1e-12)
+    assert not np.allclose(plain.histograms[0].correct, prior.correct, atol=1e-3)  # the two shares differ in effect
+    with pytest.raises(InvalidInputError):
+        fit_calibration(p8, o8, bins=1, correct=c8, shrink=k, clusters=problem[:-1])
 
 
 def test_a_huge_prior_makes_every_bin_the_population_at_its_centre():
@@ -68,7 +89,7 @@ def test_shrinking_keeps_the_short_answers_of_long_predictions():
     from clear_core.empirical_market import LOG_RATIO_GRID
 
     pred, obs, correct = population(3, n=240)
-    plain = fit_calibration(pred, obs, bins=4, correct=correct)
+    plain = fit_calibration(pred, obs, bins=4, correct=correct, shrink=0.0)
     shrunk = fit_calibration(pred, obs, bins=4, correct=correct, shrink=200.0)
     top = len(plain.centres) - 1
     upto = LOG_RATIO_GRID <= np.log(150.0) - plain.centres[top]  # a 150-token cap, relative to the bin's centre
@@ -131,3 +152,32 @@ def test_held_out_log_likelihood_scores_each_length_by_its_cell_or_the_runaway_s
             expect.append(np.log(h.correct[g] + h.wrong[g]))
     got = histogram_log_likelihood(cal, p_new, o_new, censor_tokens=8192.0)
     assert got == pytest.approx(np.mean(expect), rel=1e-9)
+
+
+def test_a_seeded_window_prices_like_one_filled_by_arrivals():
+    """clear-cost-emp's pricing window seeded with (threshold, bin) rows prices the next request as if those
+    rows had arrived as requests; a seed without bins is refused."""
+    pred, obs, correct = population(7)
+    cal = fit_calibration(pred, obs, bins=4, censor_tokens=8192.0, correct=correct, shrink=30.0)
+    rng = np.random.default_rng(8)
+    taus = np.exp(rng.uniform(4, 8, 40))
+    bins = cal.bin_of(taus)
+
+    def market():
+        ledger = TokenLedger(PerQueryBudget(tokens_per_query=400, window_queries=10_000, refund_unused=True))
+        return OnlineMarket(parse_policy("clear-cost-emp"), ledger, window_size=32, context_limit_tokens=8192,
+                            pace=False, lengths=cal.histograms)
+
+    seeded, arrived = market(), market()
+    seeded.seed(taus, bins=bins)
+    for i, (t, k) in enumerate(zip(taus, bins)):
+        arrived.request(f"a{i}", float(t), length_bin=int(k))
+    for i, t in enumerate(np.exp(rng.uniform(4, 8, 5))):
+        k = int(cal.bin_of([t])[0])
+        a = seeded.request(f"n{i}", float(t), length_bin=k)
+        b = arrived.request(f"n{i}", float(t), length_bin=k)
+        assert a.market_cap_tokens == b.market_cap_tokens and a.shadow_price == pytest.approx(b.shadow_price)
+    with pytest.raises(InvalidInputError):
+        market().seed(taus)
+    with pytest.raises(InvalidInputError):
+        market().seed(taus, bins=np.full(taus.size, len(cal.histograms)))

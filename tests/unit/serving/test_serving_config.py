@@ -54,13 +54,34 @@ def test_gpu_yaml_validates():
         {"predictor": {"backend": "lookup"}},  # no table
         {"engine": {"kind": "tpu"}},
         {"allocator": {"budget": {"tokens_per_query": -1}}},
-        # bench-only: the serving predictors ship no calibration histograms to price
-        {"allocator": {"policy": "clear-cost-emp", "budget": {"refund_unused": True}}},
+        # only the minilm-ridge head ships the calibration histograms clear-cost-emp prices
+        {"allocator": {"policy": "clear-cost-emp", "budget": {"mode": "per_query", "refund_unused": True}},
+         "predictor": {"backend": "heuristic"}},
+        {"allocator": {"policy": "clear-cost-emp", "budget": {"mode": "per_query", "refund_unused": True}},
+         "predictor": {"head_path": "/nonexistent/head.json"}},
     ],
 )
 def test_bad_configs_fail_at_deploy_time(bad):
     with pytest.raises(ValidationError):
         AppConfig.model_validate(bad)
+
+
+RATE = {"mode": "rate", "tokens_per_s": 1000.0, "burst_tokens": 10000.0}
+
+
+@pytest.mark.parametrize(
+    "args, policy",
+    [
+        ({}, "clear"),  # per-query caps without refunds: the paper's cap semantics
+        ({"allocator": {"budget": RATE}}, "clear-cost-emp"),  # the shipped head carries length histograms
+        ({"allocator": {"budget": {"mode": "per_query", "refund_unused": True}}}, "clear-cost-emp"),
+        ({"allocator": {"budget": RATE, "decisions": "ingress"}}, "clear-cost"),  # quotes price log-normals only
+        ({"allocator": {"budget": RATE}, "predictor": {"backend": "heuristic"}}, "clear-cost"),  # no histograms
+        ({"allocator": {"budget": RATE, "policy": "clear-cost"}}, "clear-cost"),  # named: kept
+    ],
+)
+def test_policy_auto_picks_the_market_the_budget_and_predictor_can_run(args, policy):
+    assert AppConfig.model_validate(args).allocator.policy == policy
 
 
 def test_autoscaling_options():

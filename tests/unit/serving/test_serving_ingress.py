@@ -61,7 +61,8 @@ class FakeAllocator:
         self.arrivals: list[tuple[str, bool]] = []
         self.tenants: list[str] = []
 
-        def reserve(rid, threshold, log_sigma, client_cap, owner, arrival_key, retry, runaway, tenant):
+        def reserve(rid, threshold, log_sigma, client_cap, owner, arrival_key, retry, runaway, tenant,
+                    raw_threshold=None):
             self.reserved.append(rid)
             self.arrivals.append((arrival_key, retry))
             self.tenants.append(tenant)

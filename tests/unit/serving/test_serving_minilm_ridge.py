@@ -137,3 +137,82 @@ def test_the_embedded_default_prices_with_the_shipped_head_without_shared(tmp_pa
                          env={**os.environ, "PYTHONPATH": str(REPO), "CLEAR_SHARED": str(tmp_path / "no-shared")})
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "minilm-ridge True"
+
+
+def test_the_backend_hands_on_its_raw_prediction(backend, shipped, raw_encoder):
+    """The calibrated median is priced by clear-cost; the length histograms are relative to the raw one."""
+    for prompt, pred in zip(PROMPTS, backend.predict(PROMPTS)):
+        raw = float(np.clip(raw_log_length(prompt, shipped, raw_encoder), np.log(16), np.log(8192)))
+        assert pred.raw_threshold_tokens == pytest.approx(np.exp(raw), rel=1e-4), prompt[:40]
+
+
+def raw_log_length(prompt: str, shipped: dict, raw_encoder) -> float:
+    """The head's predicted log length before calibration: threshold = exp(log length + bias) of by_hand."""
+    threshold, _, _ = by_hand(prompt, shipped, raw_encoder)
+    cal = shipped["calibration"]
+    # Invert the calibration's bias: solve log t = x + interp(x) for x by bisection (bias is piecewise linear).
+    lo, hi = 0.0, 20.0
+    for _ in range(100):
+        x = 0.5 * (lo + hi)
+        if x + np.interp(x, cal["centres"], cal["log_bias"]) < np.log(threshold):
+            lo = x
+        else:
+            hi = x
+    return 0.5 * (lo + hi)
+
+
+def test_a_refunding_budget_serves_the_histogram_market_on_the_raw_prediction(backend, shipped, raw_encoder):
+    """policy auto with a refunding budget and the shipped head is clear-cost-emp. Through the ingress and a real
+    Allocator, every request's cap is what an OnlineMarket given the raw prediction and its nearest bin (computed
+    here from the file) answers, settled the same way."""
+    from clear_core.budget import PerQueryBudget
+    from clear_core.calibration import Calibration
+    from clear_core.ledger import TokenLedger
+    from clear_core.online_market import OnlineMarket
+    from clear_core.policies import parse_policy
+    from deployments.allocator import Allocator
+    from deployments.config import length_calibration
+    from deployments.ingress import Ingress
+    from tests.factories import app_args
+    from tests.unit.serving.test_serving_ingress import CHUNK_TOKENS, FakeEngine, _Call, _Method, make_request
+
+    budget = {"mode": "per_query", "tokens_per_query": 512, "window_queries": 100, "refund_unused": True}
+    cfg = AppConfig.model_validate(app_args(predictor={"backend": "minilm-ridge", "placement": "deployment"},
+                                            allocator={"policy": "auto", "budget": budget,
+                                                       "pricing_window_requests": 16}))
+    assert cfg.allocator.policy == "clear-cost-emp"
+    alloc = Allocator(cfg.allocator, cfg.max_completion_tokens, metrics=False,
+                      length_calibration=length_calibration(cfg.predictor))
+
+    class Handle:
+        def __init__(self):
+            self.reserve = _Method(lambda *a: alloc.reserve(*a))
+            self.settle = _Method(lambda *a: _Call(alloc.settle_sync(*a)))
+            self.renew = _Method(lambda *a: _Call(None))
+            self.status = _Method(lambda: alloc.status())
+
+    class Predictor:
+        predict = _Method(lambda prompt: _Call(backend.predict([prompt])[0]))
+
+    chunks = 4
+    ing = Ingress(cfg, Predictor(), Handle(), FakeEngine(chunks=chunks), metrics=False)
+    cal = Calibration.from_dict(shipped["calibration"])
+    twin = OnlineMarket(parse_policy("clear-cost-emp"),
+                        TokenLedger(PerQueryBudget(tokens_per_query=512, window_queries=100, refund_unused=True)),
+                        window_size=16, context_limit_tokens=cfg.max_completion_tokens, lengths=cal.histograms)
+    prompts = [p for p in PROMPTS if p] * 3
+    caps, expected = [], []
+    for i, prompt in enumerate(prompts):
+        body = {"model": "clear-replay", "messages": [{"role": "user", "content": prompt}]}
+        answer = asyncio.run(ing._complete(make_request(body), "chat"))
+        caps.append(answer["clear"]["allocated_tokens"])
+        x = raw_log_length(prompt, shipped, raw_encoder)
+        nearest = int(np.argmin(np.abs(np.asarray(cal.centres) - x)))
+        d = twin.request(f"t{i}", float(np.exp(x)), length_bin=nearest)
+        expected.append(d.cap_tokens)
+        twin.settle(f"t{i}", min(d.cap_tokens, chunks * CHUNK_TOKENS))
+    assert caps == pytest.approx(expected, rel=0.002, abs=2)  # the raw prediction goes through a float32 encoder
+    assert len(set(caps)) >= 2  # the prompts are priced apart
+    st = alloc.status_sync()
+    assert st["policy"] == "clear-cost-emp" and st["invariant_holds"] and st["reserved_tokens"] == 0
+    assert st["generated_tokens_total"] == len(prompts) * chunks * CHUNK_TOKENS
