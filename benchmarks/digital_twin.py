@@ -61,6 +61,8 @@ from clear_bench.cli import policy_list  # noqa: E402
 from clear_core.cli_args import (  # noqa: E402
     HelpFormatter, add_list_argument, make_dir, positive_float, positive_int, run_command,
 )
+from clear_core.calibration import Calibration, fit_calibration  # noqa: E402
+from clear_core.empirical_market import EmpiricalLengths  # noqa: E402
 from clear_core.online_market import DEFAULT_WINDOW_SIZE  # noqa: E402
 from clear_core.policies import Truth, parse_policy  # noqa: E402
 from clear_core.simulate import score, uniform_cap_within  # noqa: E402
@@ -112,13 +114,29 @@ def write_predictions(problems: list[Problem], sigma: float, seed: int, path: Pa
     return table
 
 
-def offline_caps(stream: Stream, table_path: Path, pool_path: Path, policy: str, b: float, sigma: float) -> np.ndarray:
+def write_calibration(problems: list[Problem], table: dict[str, float], path: Path) -> Calibration:
+    """The length calibration ``clear-cost-emp`` prices (``predictor.calibration_path``): the table's
+    thresholds against every sample of the pool, with correctness, each problem counted once in the
+    histograms' prior. In sample (the twin's table is one noise draw per problem): both sides price it."""
+    pred = np.array([table[p.id] for p in problems for _ in p.samples], dtype=float)
+    tokens = np.array([s.tokens for p in problems for s in p.samples], dtype=float)
+    correct = np.array([s.correct for p in problems for s in p.samples], dtype=bool)
+    problem = [p.id for p in problems for _ in p.samples]
+    cal = fit_calibration(pred, tokens, censor_tokens=POOL_GENERATION_CAP_TOKENS, correct=correct, clusters=problem)
+    path.write_text(json.dumps(cal.as_dict()), encoding="utf-8")
+    return cal
+
+
+def offline_caps(stream: Stream, table_path: Path, pool_path: Path, policy: str, b: float, sigma: float,
+                 calibration: Calibration | None = None) -> np.ndarray:
     from deployments.predictor_backends import LookupPredictor
 
     lookup = LookupPredictor(str(table_path), str(pool_path))
     tau = np.array([lookup.lookup(p)[0] for p in stream.prompts])
-    alloc = parse_policy(policy).allocate(tau, b * len(stream), context_limit_tokens=MAX_COMPLETION_TOKENS, log_sigma=sigma,
-                                          truth=Truth(stream.tokens, stream.correct))
+    pol = parse_policy(policy)
+    extra = {"lengths": EmpiricalLengths(calibration.histograms, calibration.bin_of(tau))} if pol.uses_lengths else {}
+    alloc = pol.allocate(tau, b * len(stream), context_limit_tokens=MAX_COMPLETION_TOKENS, log_sigma=sigma,
+                         truth=Truth(stream.tokens, stream.correct), **extra)
     return alloc.caps
 
 
@@ -164,7 +182,7 @@ def engine_args(engine: str, pool_path: Path, model_dir: str | None) -> dict:
 
 def service_args(pool_path: Path, table_path: Path, policy: str, b: float, n: int, window: int,
                  engine: str = "replay", model_dir: str | None = None, decisions: str = "central",
-                 ingress_replicas: int = 1) -> dict:
+                 ingress_replicas: int = 1, calibration_path: Path | None = None) -> dict:
     return {
         "model_name": MODEL_NAMES[engine],
         "max_completion_tokens": MAX_COMPLETION_TOKENS,
@@ -176,7 +194,8 @@ def service_args(pool_path: Path, table_path: Path, policy: str, b: float, n: in
             "budget": {"mode": "per_query", "tokens_per_query": b, "window_queries": n,
                        "refund_unused": parse_policy(policy).prices_generated_tokens},
         },
-        "predictor": {"backend": "lookup", "table_path": str(table_path), "pool_path": str(pool_path)},
+        "predictor": {"backend": "lookup", "table_path": str(table_path), "pool_path": str(pool_path),
+                      "calibration_path": None if calibration_path is None else str(calibration_path)},
         "engine": engine_args(engine, pool_path, model_dir),
         "ingress": {"deployment": {"num_replicas": ingress_replicas, "max_ongoing_requests": 512}},
     }
@@ -238,14 +257,18 @@ def run_twin(
     """One (policy, budget) twin run. ``deploy(args, name) -> base url`` and ``delete(name)`` run the service."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="clear-twin-"))
     table_path = workdir / f"predictions-sigma{sigma}-seed{seed}.jsonl"
-    write_predictions(problems, sigma, seed + 1, table_path)
+    table = write_predictions(problems, sigma, seed + 1, table_path)
     n = len(stream)
-    caps_off = offline_caps(stream, table_path, pool_path, policy, b, sigma)
+    cal_path, cal = None, None
+    if parse_policy(policy).uses_lengths:  # clear-cost-emp: the lookup predictor gets a calibration file
+        cal_path = workdir / f"calibration-sigma{sigma}-seed{seed}.json"
+        cal = write_calibration(problems, table, cal_path)
+    caps_off = offline_caps(stream, table_path, pool_path, policy, b, sigma, cal)
     off = score(caps_off, stream.tokens, stream.correct, b * n)
     name = f"twin-{policy.replace(':', '-').replace('=', '').replace(',', '-')}-{int(b)}-{decisions}"
     served, served_b = live_policy(policy, b, stream)
     url = deploy(service_args(pool_path, table_path, served, served_b, n, window, engine, model_dir, decisions,
-                              ingress_replicas), name)
+                              ingress_replicas, cal_path), name)
     try:
         if warm_up is not None:
             warm_up(name)

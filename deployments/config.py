@@ -250,6 +250,11 @@ class PredictorConfig(_Strict):
         None, description='lookup backend: JSONL of {"id", "threshold_tokens", "log_sigma"} (optionally "prompt").'
     )
     pool_path: str | None = Field(None, description="lookup backend: trace pool mapping prompt text -> problem id.")
+    calibration_path: str | None = Field(
+        None, description="A calibration with length histograms (JSON of clear_core.calibration.Calibration.as_dict, "
+        "or a head file, whose calibration is read) that clear-cost-emp prices, for a backend other than "
+        "minilm-ridge or in place of its head's (None: the minilm-ridge head's; other backends have none).",
+    )
     log_sigma: float | None = Field(
         None, ge=0, description="Override the backend's log-space error sigma (None: the backend's own)."
     )
@@ -378,14 +383,32 @@ def _head_length_calibration(head_path: str | None) -> dict | None:
     return cal.as_dict() if cal.histograms else None
 
 
+@lru_cache(maxsize=8)
+def _file_length_calibration(path: str) -> dict | None:
+    """A calibration JSON (or a head file's ``calibration``) as a dict when it has length histograms."""
+    import json
+    from pathlib import Path
+
+    from clear_core.calibration import Calibration
+
+    try:
+        doc = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError("calibration_path", path, f"not a readable JSON file: {exc}") from None
+    cal = Calibration.from_dict(doc.get("calibration", doc) if isinstance(doc, dict) else doc)
+    return cal.as_dict() if cal.histograms else None
+
+
 def length_calibration(predictor: PredictorConfig, required: bool = False) -> dict | None:
-    """The calibration whose length histograms clear-cost-emp prices: the minilm-ridge head's (None when the
-    predictor has none; with ``required``, a head that cannot be read raises)."""
-    if predictor.backend != "minilm-ridge":
+    """The calibration whose length histograms clear-cost-emp prices: ``calibration_path``'s, else the
+    minilm-ridge head's (None when there is none; with ``required``, a file that cannot be read raises)."""
+    if predictor.calibration_path is None and predictor.backend != "minilm-ridge":
         return None
     try:
+        if predictor.calibration_path is not None:
+            return _file_length_calibration(predictor.calibration_path)
         return _head_length_calibration(predictor.head_path)
-    except (InvalidInputError, OSError, ValueError):
+    except (InvalidInputError, OSError, ValueError, AttributeError):
         if required:
             raise
         return None  # the predictor replica reports the bad head when it starts

@@ -200,3 +200,23 @@ def test_the_vllm_cpu_yaml_is_the_tested_cpu_engine():
     assert (cfg.engine.min_replicas, cfg.engine.max_replicas) == (1, 2)
     assert raw["http_options"]["host"] == "127.0.0.1"
     assert build_app(args) is not None
+
+
+def test_a_calibration_file_lets_another_predictor_serve_the_histogram_market(tmp_path):
+    """predictor.calibration_path gives any backend the length histograms: with them policy auto is
+    clear-cost-emp; a calibration without histograms leaves clear-cost, and naming clear-cost-emp is refused."""
+    import json
+
+    from clear_predictor.head import load_head
+
+    cal = load_head(None).calibration
+    with_h, without = tmp_path / "cal.json", tmp_path / "plain.json"
+    with_h.write_text(json.dumps(cal.as_dict()))
+    without.write_text(json.dumps({**cal.as_dict(), "histograms": []}))
+    refund = {"mode": "per_query", "refund_unused": True}
+    pick = {"allocator": {"budget": refund}, "predictor": {"backend": "heuristic", "calibration_path": str(with_h)}}
+    assert AppConfig.model_validate(pick).allocator.policy == "clear-cost-emp"
+    plain = {"allocator": {"budget": refund}, "predictor": {"backend": "heuristic", "calibration_path": str(without)}}
+    assert AppConfig.model_validate(plain).allocator.policy == "clear-cost"
+    with pytest.raises(ValidationError, match="length histograms"):
+        AppConfig.model_validate({**plain, "allocator": {"budget": refund, "policy": "clear-cost-emp"}})
