@@ -7,9 +7,12 @@ with the histogram of every calibration length placed at the bin's centre
 (a Dirichlet prior of ``k`` pseudo-samples, :mod:`clear_core.calibration`).
 This prints, for each stream's weighting of the pool and each ``k``, the mean
 log-likelihood of held-out lengths (5 folds by problem: each fold scored by the
-calibration fitted on the other four), the yardstick the default
-(``clear_core.calibration.DEFAULT_SHRINK``) was chosen by. It never looks at
-accuracy or at a bench result. Usage:
+calibration fitted on the other four; each problem counts once in the prior's
+weight). It never looks at accuracy or at a bench result. It is *not* what the
+default (``clear_core.calibration.DEFAULT_SHRINK`` = 30) was chosen by: the
+likelihood is highest at k = 2 out of fold, while the allocation did best with a
+stronger prior, picked on the bench's streams (README, "Served one request at a
+time"). Usage:
 
     python benchmarks/histogram_prior.py                     # oracle-noise:0.5
     python benchmarks/histogram_prior.py --predictions artifacts/predictions/oof-minilm.jsonl
