@@ -9,7 +9,9 @@ arrivals (the staleness, in arrivals) and at once when a cap does not fit its
 lease, and the allocator re-clears the window on every report.
 
 Both replay the same streams of the pool in the same order (oracle-noise
-predictions, ``sigma`` 0.5), one request at a time, each settled at once with
+predictions, ``sigma`` 0.5; ``clear-cost-emp`` prices each prediction on its
+bin's length histogram, calibrated out of fold as in ``clear-llm bench``),
+one request at a time, each settled at once with
 the tokens it generates, ``min(recorded length, cap)``; a query is solved iff
 its cap covers its recorded length and the answer is correct. The per-query
 budget has one block for the stream (``N * b``). Printed per (policy, budget):
@@ -44,8 +46,8 @@ from clear_core.policies import parse_policy  # noqa: E402
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, load_pool, log_noise, make_stream, pool_streams  # noqa: E402
 
 DEFAULT_POOL = REPO_ROOT.parent / "shared" / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
-#: The serving pairs: clear on a cap budget (the paper's), clear-cost on a refunding one.
-MODES = {"clear": False, "clear-cost": True}
+#: The serving pairs: clear on a cap budget (the paper's), clear-cost(-emp) on a refunding one.
+MODES = {"clear": False, "clear-cost": True, "clear-cost-emp": True}
 
 
 class Clock:
@@ -56,16 +58,21 @@ class Clock:
         return self.t
 
 
-def central_run(policy, tau, sigma, tokens, correct, b, refund, window):
+def _length_args(policy, bins, i) -> dict:
+    return {"length_bin": int(bins[i])} if policy.uses_lengths else {}
+
+
+def central_run(policy, tau, sigma, tokens, correct, b, refund, window, lengths=(), bins=None):
     clock = Clock()
     ledger = TokenLedger(PerQueryBudget(tokens_per_query=b, window_queries=len(tau), refund_unused=refund), clock)
-    market = OnlineMarket(policy, ledger, window_size=window, context_limit_tokens=POOL_GENERATION_CAP_TOKENS)
+    market = OnlineMarket(policy, ledger, window_size=window, context_limit_tokens=POOL_GENERATION_CAP_TOKENS,
+                          lengths=lengths)
     caps = np.zeros(len(tau), dtype=np.int64)
     worst = -np.inf
     t0 = time.perf_counter()
     for i in range(len(tau)):
         clock.t = float(i)
-        d = market.request(str(i), float(tau[i]), log_sigma=sigma)
+        d = market.request(str(i), float(tau[i]), log_sigma=sigma, **_length_args(policy, bins, i))
         if d.admitted:
             caps[i] = d.cap_tokens
             market.settle(str(i), int(min(tokens[i], d.cap_tokens)))
@@ -74,12 +81,14 @@ def central_run(policy, tau, sigma, tokens, correct, b, refund, window):
     return caps, worst, time.perf_counter() - t0, ledger.state()
 
 
-def lease_run(policy, tau, sigma, tokens, correct, b, refund, window, replicas, sync_every, block):
+def lease_run(policy, tau, sigma, tokens, correct, b, refund, window, replicas, sync_every, block, lengths=(),
+              bins=None):
     clock = Clock()
     ledger = TokenLedger(PerQueryBudget(tokens_per_query=b, window_queries=len(tau), refund_unused=refund), clock)
-    market = OnlineMarket(policy, ledger, window_size=window, context_limit_tokens=POOL_GENERATION_CAP_TOKENS)
-    ingress = [IngressMarket(policy, f"r{k}", refund, POOL_GENERATION_CAP_TOKENS, lease_block_tokens=block)
-               for k in range(replicas)]
+    market = OnlineMarket(policy, ledger, window_size=window, context_limit_tokens=POOL_GENERATION_CAP_TOKENS,
+                          lengths=lengths)
+    ingress = [IngressMarket(policy, f"r{k}", refund, POOL_GENERATION_CAP_TOKENS, lease_block_tokens=block,
+                             lengths=lengths) for k in range(replicas)]
     for m in ingress:
         m.apply(answer_report(market, m.report()))
     caps = np.zeros(len(tau), dtype=np.int64)
@@ -90,7 +99,7 @@ def lease_run(policy, tau, sigma, tokens, correct, b, refund, window, replicas, 
         clock.t = float(i)
         k = i % replicas
         m = ingress[k]
-        ask = m.price(float(tau[i]), log_sigma=sigma, now=clock.t)
+        ask = m.price(float(tau[i]), log_sigma=sigma, now=clock.t, **_length_args(policy, bins, i))
         refill = 0.0
         short = m.shortfall(ask)
         if short:  # the cap does not fit the lease: report now and ask for more
@@ -119,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_list_argument(p, "--budgets", kind=float, what="tokens per query", default="256,512,1024,2048",
                       help="budgets per query")
     add_list_argument(p, "--seeds", kind=int, what="seeds", default="0,1,2", help="stream and noise seeds")
-    add_list_argument(p, "--policies", what="policies", default="clear,clear-cost",
-                      help="clear (on a cap budget) and/or clear-cost (on a refunding budget)")
+    add_list_argument(p, "--policies", what="policies", default="clear,clear-cost,clear-cost-emp",
+                      help="clear (on a cap budget), clear-cost and/or clear-cost-emp (on a refunding budget)")
     p.add_argument("--sigma", type=float, default=0.5, help="oracle-noise spread of the predictions")
     p.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW_SIZE, help="pricing window")
     p.add_argument("--replicas", type=positive_int, default=2, help="ingress replicas (round robin)")
@@ -136,17 +145,26 @@ def run(args) -> int:
         if pol not in MODES:
             raise SystemExit(f"error: --policies takes {sorted(MODES)}, not {pol!r}")
         policy, refund = parse_policy(pol), MODES[pol]
+        if policy.uses_lengths:  # the bench's out-of-fold calibration of the noisy oracle, with its histograms
+            from clear_bench.online import stream_inputs
+            from clear_bench.predictions import parse_predictions
+
+            preds = parse_predictions(f"oracle-noise:{args.sigma}", None, calibration="binned", problems=problems)
         for b in args.budgets:
             acc_c, acc_l, worst, alloc, gen, t_c, t_l, syncs = [], [], -np.inf, [0, 0], [0, 0], 0.0, 0.0, 0
             for seed in args.seeds:
                 for name in pool_streams(problems):
                     s = make_stream(problems, name, args.n, seed)
                     tau = log_noise(s.tokens.astype(float), args.sigma, seed)
+                    extra = {}
+                    if policy.uses_lengths:
+                        inp = stream_inputs(preds, s)
+                        tau, extra = inp.raw, {"lengths": inp.histograms, "bins": inp.bins}
                     c_caps, c_worst, c_t, c_st = central_run(policy, tau, args.sigma, s.tokens, s.correct, b, refund,
-                                                             args.window)
+                                                             args.window, **extra)
                     l_caps, l_worst, l_t, l_st, n_sync = lease_run(policy, tau, args.sigma, s.tokens, s.correct, b,
                                                                    refund, args.window, args.replicas,
-                                                                   args.sync_every, args.lease_block)
+                                                                   args.sync_every, args.lease_block, **extra)
                     acc_c.append(float(np.mean((c_caps >= s.tokens) & s.correct)))
                     acc_l.append(float(np.mean((l_caps >= s.tokens) & s.correct)))
                     worst = max(worst, c_worst, l_worst)

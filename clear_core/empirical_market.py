@@ -292,6 +292,17 @@ def expected_generated_empirical(caps, thresholds, lengths: EmpiricalLengths) ->
     return out
 
 
+def _checked_lengths_and_weights(tau: np.ndarray, lengths: EmpiricalLengths, weights) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's histogram index and tenant weight (1 when ``weights`` is None), checked."""
+    which = np.asarray(lengths.which, dtype=np.int64)
+    if which.shape != tau.shape or (tau.size and (which.min() < 0 or which.max() >= len(lengths.histograms))):
+        raise InvalidInputError("lengths.which", which.shape, f"needs one histogram index per query {tau.shape}")
+    w = np.ones_like(tau) if weights is None else np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)
+    if (~np.isfinite(w) | (w <= 0)).any():
+        raise InvalidInputError("weights", weights, "must be finite and > 0")
+    return which, w
+
+
 def clear_empirical_market(
     thresholds,
     budget,
@@ -322,12 +333,7 @@ def clear_empirical_market(
     tau = np.maximum(validate_thresholds(thresholds), 1.0)
     b = validate_budget(budget)
     t_max = validate_context_limit(context_limit_tokens)
-    which = np.asarray(lengths.which, dtype=np.int64)
-    if which.shape != tau.shape or (tau.size and (which.min() < 0 or which.max() >= len(lengths.histograms))):
-        raise InvalidInputError("lengths.which", which.shape, f"needs one histogram index per query {tau.shape}")
-    w = np.ones_like(tau) if weights is None else np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)
-    if (~np.isfinite(w) | (w <= 0)).any():
-        raise InvalidInputError("weights", weights, "must be finite and > 0")
+    which, w = _checked_lengths_and_weights(tau, lengths, weights)
     if cap_budget is not None:
         cap_budget = validate_budget(cap_budget)
     if tau.size == 0:
@@ -379,6 +385,26 @@ def clear_empirical_market(
     return dataclasses.replace(best, budget=b, iterations=iterations)
 
 
+def caps_at_log_price_empirical(thresholds, *, lengths: EmpiricalLengths, log_price: float, full_context: bool,
+                                weights=None, context_limit_tokens: float | None = None) -> np.ndarray:
+    """Each query's best response at the price ``exp(log_price)`` of an expected generated token: its cap on
+    the market's grid, 0 when insolvent (a price quote; :mod:`clear_core.quotes`). ``full_context``: the
+    budget is abundant, every query gets the context limit. A query of the clearing that set the price gets
+    back its cap there, except a marginal query the clearing upgraded with the budget its last jump left."""
+    tau = np.maximum(validate_thresholds(thresholds), 1.0)
+    t_max = validate_context_limit(context_limit_tokens)
+    if full_context:
+        return np.full(tau.size, int(min(t_max, 2.0**24)), dtype=np.int64)
+    which, w = _checked_lengths_and_weights(tau, lengths, weights)
+    if tau.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    used, hist_code = np.unique(which, return_inverse=True)
+    t_tau = np.exp(np.rint(np.log(tau) / LOG_TAU_STEP) * LOG_TAU_STEP)  # the market's rounded thresholds
+    demand = _Demand([_chain(lengths.histograms[int(i)]) for i in used], hist_code.reshape(-1), t_tau, w,
+                     np.ones(tau.size), t_max)
+    return demand.caps(demand.vertex(float(log_price)))
+
+
 @dataclass(frozen=True)
 class _Types:
     """Queries grouped by (histogram, rounded threshold, weight)."""
@@ -411,9 +437,9 @@ def _clear(types: _Types, lengths: EmpiricalLengths, b: float, t_max: float, the
             [_chain(lengths.histograms[int(i)]) for i in used], hist_code, t_tau, types.weight, count, t_max,
         ).cost_at_limit(t_max)))
         return ConsumptionResult(caps=caps, shadow_price=0.0, active=caps > 0, expected_generated_tokens=expected,
-                                 budget=b, iterations=0, converged=True, n_types=int(count.size))
+                                 budget=b, iterations=0, converged=True, n_types=int(count.size), full_context=True)
     if f_lo <= 0:  # every cap worth anything fits at a vanishing price
-        log_price, price = lo, 0.0
+        log_price, price = -math.inf, 0.0
         vertex = demand.vertex(lo)
         upgrade = None
     else:
@@ -441,4 +467,5 @@ def _clear(types: _Types, lengths: EmpiricalLengths, b: float, t_max: float, the
     return ConsumptionResult(caps=caps, shadow_price=float(price) * (1.0 - theta), active=active,
                              expected_generated_tokens=expected, budget=b, iterations=probes,
                              converged=bool(converged), n_types=int(count.size),
-                             reservation_price=float(price) * theta)
+                             reservation_price=float(price) * theta, log_price=float(log_price),
+                             log_fill_price=float(log_price))

@@ -36,6 +36,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from clear_core.errors import BudgetExhaustedError, InvalidInputError
 from clear_core.ledger import Settlement
 from clear_core.online_market import (
@@ -153,7 +155,7 @@ class Ask:
     """A priced request, before its cap is reserved (:meth:`IngressMarket.price`)."""
 
     threshold_tokens: float
-    row: tuple  # (threshold, spread, runaway share, weight)
+    row: tuple  # (threshold, spread, runaway share, weight), and the length bin for clear-cost-emp
     market_cap_tokens: int
     cap_tokens: int  # the market cap within the client's cap
     new_arrival: bool
@@ -171,6 +173,7 @@ class IngressMarket:
     context_limit_tokens: int | None = None
     lease_block_tokens: int = 65536  # the lease the replica tries to hold available
     tenant_weights: dict = field(default_factory=dict)
+    lengths: tuple = ()  # clear-cost-emp: the calibration's length histograms (the allocator's, same order)
     quote: PriceQuote | None = None
     lease: LeaseBook = field(init=False)
 
@@ -187,15 +190,23 @@ class IngressMarket:
 
     def price(self, threshold_tokens: float, *, log_sigma: float = 0.0, runaway: float = 0.0,
               tenant: str = DEFAULT_TENANT, client_cap_tokens: int | None = None, arrival_key: str | None = None,
-              retry: bool = False, now: float = 0.0) -> Ask:
-        """The request's cap at the current quote (nothing reserved yet)."""
+              retry: bool = False, now: float = 0.0, length_bin: int | None = None) -> Ask:
+        """The request's cap at the current quote (nothing reserved yet). ``length_bin`` (clear-cost-emp
+        only) indexes ``lengths``; ``threshold_tokens`` is then the raw prediction the histogram is relative to."""
         if self.quote is None:
             raise InvalidInputError("quote", None, "no price quote yet (the first report was not answered)")
         check_request(threshold_tokens, log_sigma, runaway, client_cap_tokens)
         w = float(self.tenant_weights.get(tenant, 1.0))
         row = (float(threshold_tokens), float(log_sigma), float(runaway), w)
+        bins = None
+        if self.policy.uses_lengths:
+            if not (isinstance(length_bin, (int, np.integer)) and 0 <= length_bin < len(self.lengths)):
+                raise InvalidInputError("length_bin", length_bin, f"needs an index into {len(self.lengths)} histograms")
+            row += (float(length_bin),)
+            bins = [int(length_bin)]
         market_cap = int(caps_at_quote(self.policy, self.quote, [row[0]], log_sigma=[row[1]], runaway=[row[2]],
-                                       weights=[w], context_limit_tokens=self.context_limit_tokens)[0])
+                                       weights=[w], context_limit_tokens=self.context_limit_tokens,
+                                       length_bins=bins, lengths=self.lengths)[0])
         cap = market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens))
         new = self._arrivals.is_new(arrival_key, retry, now)
         if new:  # new demand, whatever its outcome: it credits a per-query budget and enters the window

@@ -568,20 +568,27 @@ class OnlineMarket:
 
     def absorb(self, rows, now: float | None = None) -> None:
         """New arrivals priced elsewhere (an ingress replica's report): each row is
-        ``(threshold, spread, runaway share, weight)``. They credit the budget
-        (per-query blocks), enter the pricing window and the arrival rate."""
+        ``(threshold, spread, runaway share, weight)``, and its length bin for a
+        policy that prices histograms. They credit the budget (per-query
+        blocks), enter the pricing window and the arrival rate."""
         now = self.ledger.now() if now is None else now
-        if self.policy.uses_lengths:
-            raise InvalidInputError("decisions", "ingress", f"{self.policy.name} is priced centrally only")
         for row in rows:
+            if len(row) != self._width:
+                raise InvalidInputError("report row", len(row), f"{self.policy.name} needs {self._width} values")
             tau, sig, rho, w = (float(v) for v in row[:4])
             check_request(tau, sig, rho, None)
             if not (math.isfinite(w) and w > 0):
                 raise InvalidInputError("weight", w, "must be finite and > 0")
+            entry = (tau, sig, rho, w)
+            if self.policy.uses_lengths:
+                k = float(row[4])
+                if not (math.isfinite(k) and k == int(k) and 0 <= k < len(self.lengths)):
+                    raise InvalidInputError("length_bin", k, f"needs an index into {len(self.lengths)} histograms")
+                entry += (k,)
             self.ledger.arrive()
             self._times.append(now)
             if self.window_size > 0:
-                self._window.append((tau, sig, rho, w))
+                self._window.append(entry)
 
     def absorb_tenants(self, owner: str, counters: dict) -> None:
         """An owner's cumulative per-tenant counters; the change since its last report is added
@@ -608,12 +615,10 @@ class OnlineMarket:
         """Clear the pricing window at the current per-query budget: a :class:`~clear_core.quotes.PriceQuote`."""
         from clear_core.quotes import quote_window
 
-        if self.policy.uses_lengths:
-            raise InvalidInputError("decisions", "ingress", f"{self.policy.name} is priced centrally only")
         now = self.ledger.now() if now is None else now
         self._quotes += 1
         q = quote_window(self.policy, self._window.rows(), self.budget_per_query(now, ahead=True),
-                         self.context_limit_tokens,
+                         self.context_limit_tokens, lengths=tuple(self.lengths),
                          version=self._quotes, issued_at=now, turnover_s=self.turnover_s(now))
         self.last_price = q.shadow_price
         self.last_reservation_price = 0.0  # a quote prices expected tokens only (leases bound what a replica holds)

@@ -26,9 +26,11 @@ part in the window size). The quote goes stale as demand and budget move; how
 often it is refreshed is the caller's choice (the lease mode refreshes it on
 every report from an ingress replica, :mod:`clear_core.lease`).
 
-Quotable policies: ``clear-cost`` (consumption market), ``clear`` (log-normal
-cap market; a zero spread is priced with :data:`MIN_QUOTE_SIGMA`) and
-``uniform`` (no price: every request gets the per-query budget).
+Quotable policies: ``clear-cost`` (consumption market), ``clear-cost-emp``
+(the same market on the calibration's length histograms: a row carries its
+bin, and the caller passes the histograms the bins index), ``clear``
+(log-normal cap market; a zero spread is priced with :data:`MIN_QUOTE_SIGMA`)
+and ``uniform`` (no price: every request gets the per-query budget).
 """
 
 from __future__ import annotations
@@ -39,13 +41,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from clear_core.consumption import SIGMA_MIN, caps_at_log_prices, clear_consumption_market
+from clear_core.empirical_market import EmpiricalLengths, caps_at_log_price_empirical, clear_empirical_market
 from clear_core.errors import InvalidInputError
-from clear_core.policies import ClearCost, ClearLognormal, Policy, Uniform
+from clear_core.policies import ClearCost, ClearCostEmpirical, ClearLognormal, Policy, Uniform
 from clear_core.uncertainty import caps_at_prices, clear_market_lognormal
 
 #: ``clear`` quotes need a positive spread; a predictor that reports none is priced with this one.
 MIN_QUOTE_SIGMA = SIGMA_MIN
-QUOTABLE_POLICIES = ("clear", "clear-cost", "uniform")
+QUOTABLE_POLICIES = ("clear", "clear-cost", "clear-cost-emp", "uniform")
 #: A window thinner than this travels with its quote, and each request is cleared with it (see caps_at_quote).
 THIN_WINDOW_ROWS = 32
 
@@ -81,25 +84,48 @@ class PriceQuote:
 
 
 def _check_quotable(policy: Policy) -> None:
-    if not isinstance(policy, (ClearCost, ClearLognormal, Uniform)):
+    if not isinstance(policy, (ClearCost, ClearCostEmpirical, ClearLognormal, Uniform)):
         raise InvalidInputError("policy", policy.name, f"decisions from a price quote support {QUOTABLE_POLICIES}")
 
 
+def _row_width(policy: Policy) -> int:
+    return 5 if policy.uses_lengths else 4  # + the length bin
+
+
+def _lengths(policy: Policy, lengths, bins) -> EmpiricalLengths | None:
+    """The histograms and each row's bin, for the policies that price them (checked)."""
+    if not policy.uses_lengths:
+        return None
+    which = np.asarray(bins, dtype=float).reshape(-1)
+    if not lengths:
+        raise InvalidInputError("lengths", "()", f"{policy.name} needs the calibration's length histograms")
+    if which.size and (not np.all(np.isfinite(which)) or (which != np.rint(which)).any() or which.min() < 0
+                       or which.max() >= len(lengths)):
+        raise InvalidInputError("length_bin", which.tolist()[:4], f"needs an index into {len(lengths)} histograms")
+    return EmpiricalLengths(tuple(lengths), which.astype(np.int64))
+
+
 def quote_window(policy: Policy, rows: np.ndarray, budget_per_query: float, context_limit_tokens: float | None,
-                 **meta) -> PriceQuote:
-    """Clear the demand ``rows`` (threshold, spread, runaway share, weight per row) at ``b`` per row.
+                 *, lengths: tuple = (), **meta) -> PriceQuote:
+    """Clear the demand ``rows`` (threshold, spread, runaway share, weight per row; ``clear-cost-emp``: and
+    the row's length bin, an index into ``lengths``, with the raw prediction as its threshold) at ``b`` per row.
 
     ``meta`` fills the quote's bookkeeping fields (version, issued_at, turnover_s).
     """
     _check_quotable(policy)
-    rows = np.asarray(rows, dtype=float).reshape(-1, 4)
+    rows = np.asarray(rows, dtype=float).reshape(-1, _row_width(policy))
     b = float(budget_per_query)
     thin = tuple(tuple(float(v) for v in r) for r in rows) if rows.shape[0] < THIN_WINDOW_ROWS else ()
     base = dict(policy=policy.name, budget_per_query_tokens=b, window_size=int(rows.shape[0]), thin_rows=thin, **meta)
     if isinstance(policy, Uniform) or rows.shape[0] == 0:
         # An empty window has no price: each request is then priced alone against b (caps_at_quote).
         return PriceQuote(log_price=-math.inf, log_fill_price=-math.inf, full_context=False, **base)
-    tau, sig, rho, w = rows.T
+    tau, sig, rho, w = rows.T[:4]
+    if policy.uses_lengths:
+        res = clear_empirical_market(tau, b * tau.size, lengths=_lengths(policy, lengths, rows[:, 4]), weights=w,
+                                     context_limit_tokens=context_limit_tokens)
+        return PriceQuote(log_price=res.log_price, log_fill_price=res.log_fill_price,
+                          full_context=res.full_context, **base)
     if isinstance(policy, ClearCost):
         res = clear_consumption_market(tau, b * tau.size, log_sigma=np.maximum(sig, SIGMA_MIN), runaway=rho,
                                        weights=w, context_limit_tokens=context_limit_tokens,
@@ -115,8 +141,9 @@ def quote_window(policy: Policy, rows: np.ndarray, budget_per_query: float, cont
 
 
 def caps_at_quote(policy: Policy, quote: PriceQuote, thresholds, *, log_sigma=0.0, runaway=0.0, weights=None,
-                  context_limit_tokens: float | None = None) -> np.ndarray:
-    """Integer caps of requests at ``quote`` (0: insolvent at its shadow price)."""
+                  context_limit_tokens: float | None = None, length_bins=None, lengths: tuple = ()) -> np.ndarray:
+    """Integer caps of requests at ``quote`` (0: insolvent at its shadow price); ``clear-cost-emp``: each
+    request's length bin in ``length_bins``, an index into ``lengths``, and its raw prediction as threshold."""
     _check_quotable(policy)
     if quote.policy != policy.name:
         raise InvalidInputError("quote", quote.policy, f"was cleared by another policy than {policy.name}")
@@ -125,13 +152,22 @@ def caps_at_quote(policy: Policy, quote: PriceQuote, thresholds, *, log_sigma=0.
     if isinstance(policy, Uniform):
         return np.full(tau.size, int(min(math.floor(quote.budget_per_query_tokens), limit)), dtype=np.int64)
     sig = np.broadcast_to(np.asarray(log_sigma, dtype=float), tau.shape)
+    bins = None
+    if policy.uses_lengths:
+        bins = np.broadcast_to(np.asarray([] if length_bins is None else length_bins, dtype=float), tau.shape)
+        _lengths(policy, lengths, bins)
     if quote.window_size < THIN_WINDOW_ROWS:
         # A thin window (a cold start): one request moves its price, so each request is cleared with the
         # window, as the central market does (its O(window) cost is small while the window is thin).
         rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
         w = np.ones(tau.shape) if weights is None else np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)
-        return np.array([_cleared_with_window(policy, quote, (t, s, r, v), context_limit_tokens)
-                         for t, s, r, v in zip(tau, sig, rho, w)], dtype=np.int64)
+        extra = [()] * tau.size if bins is None else [(k,) for k in bins]
+        return np.array([_cleared_with_window(policy, quote, (t, s, r, v, *e), context_limit_tokens, lengths)
+                         for t, s, r, v, e in zip(tau, sig, rho, w, extra)], dtype=np.int64)
+    if policy.uses_lengths:
+        return caps_at_log_price_empirical(tau, lengths=_lengths(policy, lengths, bins), weights=weights,
+                                           log_price=quote.log_price, full_context=quote.full_context,
+                                           context_limit_tokens=context_limit_tokens)
     if isinstance(policy, ClearCost):
         return caps_at_log_prices(tau, log_sigma=np.maximum(sig, SIGMA_MIN), runaway=runaway, weights=weights,
                                   log_price=quote.log_price, log_fill_price=quote.log_fill_price,
@@ -143,12 +179,15 @@ def caps_at_quote(policy: Policy, quote: PriceQuote, thresholds, *, log_sigma=0.
                           context_limit_tokens=context_limit_tokens)
 
 
-def _cleared_with_window(policy: Policy, quote: PriceQuote, row: tuple, context_limit_tokens) -> int:
+def _cleared_with_window(policy: Policy, quote: PriceQuote, row: tuple, context_limit_tokens, lengths=()) -> int:
     """The cap of ``row`` in a clearing of the quote's thin window plus ``row`` (the central market's rule)."""
-    rows = np.asarray(quote.thin_rows + (tuple(float(v) for v in row),), dtype=float).reshape(-1, 4)
-    tau, sig, rho, w = rows.T
+    rows = np.asarray(quote.thin_rows + (tuple(float(v) for v in row),), dtype=float).reshape(-1, _row_width(policy))
+    tau, sig, rho, w = rows.T[:4]
     budget = quote.budget_per_query_tokens * tau.size
-    if policy.per_query_sigma:
+    if policy.uses_lengths:
+        alloc = policy.allocate(tau, budget, context_limit_tokens=context_limit_tokens, weights=w,
+                                lengths=_lengths(policy, lengths, rows[:, 4]))
+    elif policy.per_query_sigma:
         alloc = policy.allocate(tau, budget, context_limit_tokens=context_limit_tokens, log_sigma=sig, runaway=rho,
                                 weights=w)
     else:  # a single-spread policy clears with the arriving request's spread, as OnlineMarket does

@@ -125,7 +125,8 @@ class AllocatorConfig(_Strict):
         "auto", description="Allocation policy spec (clear_core.policies.parse_policy), e.g. clear-cost-emp, "
         "clear-cost, clear, uniform. auto: when the budget refunds unused caps (rate mode, or per_query with "
         "refund_unused) a market on expected generated tokens: clear-cost-emp (the length histograms of the "
-        "predictor's calibration) with decisions central and a minilm-ridge head that ships them, else clear-cost; "
+        "predictor's calibration) with a minilm-ridge head that ships them (or predictor.calibration_path), else "
+        "clear-cost; "
         "without refunds clear (the paper's cap semantics).",
     )
     _from_auto: bool = PrivateAttr(False)  # policy was "auto" (AppConfig may pick the histogram market)
@@ -160,7 +161,7 @@ class AllocatorConfig(_Strict):
         description="central: every request asks the allocator for its cap (one round trip each, the reference). "
         "ingress: each ingress replica prices requests from the allocator's last price quote and reserves against "
         "a budget lease, with no call per request; the allocator moves the price and reconciles the leases from "
-        "the replicas' reports (clear_core.lease). Policies: clear, clear-cost, uniform.",
+        "the replicas' reports (clear_core.lease). Policies: clear, clear-cost, clear-cost-emp, uniform.",
     )
     report_interval_s: float = Field(
         0.05, gt=0, le=5.0,
@@ -432,10 +433,9 @@ class AppConfig(_Strict):
     @model_validator(mode="after")
     def _length_market(self):
         """policy auto picks clear-cost-emp where it can run; a config naming it needs a predictor that ships
-        length histograms (the minilm-ridge head), and central decisions."""
+        length histograms (the minilm-ridge head, or predictor.calibration_path)."""
         alloc = self.allocator
-        if alloc._from_auto and alloc.policy == "clear-cost" and alloc.decisions == "central" \
-                and length_calibration(self.predictor) is not None:
+        if alloc._from_auto and alloc.policy == "clear-cost" and length_calibration(self.predictor) is not None:
             chosen = alloc.model_copy(update={"policy": "clear-cost-emp"})
             chosen._from_auto = True
             object.__setattr__(self, "allocator", chosen)

@@ -36,10 +36,12 @@ from collections import deque
 
 import numpy as np
 
+from clear_core.calibration import Calibration
 from clear_core.errors import InvalidInputError
 from clear_core.lease import IngressMarket, LeaseReply
 from clear_core.policies import parse_policy
 from deployments.background import cancel_on_stop, stop_if_cancelled
+from deployments.config import length_calibration
 from deployments.errors import AllocatorUnavailableError
 from deployments.messages import Decision, Prediction
 
@@ -61,8 +63,14 @@ class LeaseClient:
         self.config = acfg
         self.allocator = allocator
         self._policy = parse_policy(acfg.policy)
+        # clear-cost-emp: the same calibration as the allocator's (build_app's), so that a bin index means
+        # the same histogram on both sides; a request is priced on its raw prediction's bin.
+        self.calibration = None
+        if self._policy.uses_lengths:
+            self.calibration = Calibration.from_dict(length_calibration(config.predictor, True))
         self._market_args = dict(refund_unused=refund_unused, context_limit_tokens=config.max_completion_tokens,
-                                 lease_block_tokens=acfg.lease_block_tokens, tenant_weights=dict(acfg.tenant_weights))
+                                 lease_block_tokens=acfg.lease_block_tokens, tenant_weights=dict(acfg.tenant_weights),
+                                 lengths=self.calibration.histograms if self.calibration is not None else ())
         self.market = IngressMarket(self._policy, new_owner(), **self._market_args)
         self._sync_lock = asyncio.Lock()
         self._loop_task: asyncio.Task | None = None
@@ -85,9 +93,14 @@ class LeaseClient:
         if self.market.quote is None:
             await self.sync(required=True)
         now = time.monotonic()
-        ask = self.market.price(pred.threshold_tokens, log_sigma=pred.log_sigma, runaway=float(pred.runaway),
+        tau, length_bin = float(pred.threshold_tokens), None
+        if self.calibration is not None:  # priced on the histogram of the raw prediction's bin (as centrally)
+            raw = getattr(pred, "raw_threshold_tokens", None)
+            tau = float(tau if raw is None else raw)
+            length_bin = int(self.calibration.bin_of([tau])[0])
+        ask = self.market.price(tau, log_sigma=pred.log_sigma, runaway=float(pred.runaway),
                                 tenant=tenant, client_cap_tokens=int(client_cap), arrival_key=arrival_key,
-                                retry=retry, now=now)
+                                retry=retry, now=now, length_bin=length_bin)
         self.quote_ages.append(now - ask.quote.issued_at)
         refill = math.inf
         short = self.market.shortfall(ask)

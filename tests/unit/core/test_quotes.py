@@ -102,3 +102,115 @@ def test_a_quote_is_read_by_its_own_policy_only_and_unquotable_policies_are_refu
         quote_window(parse_policy("clear-paper"), np.ones((3, 4)), 512.0, T_MAX)
     assert PriceQuote.from_dict(q.to_dict()) == q
     assert math.isclose(q.shadow_price, math.exp(q.log_price)) or q.shadow_price == 0.0
+
+
+# -- clear-cost-emp: the market on the calibration's length histograms ------------------------------------------
+
+
+def _histograms(rng, k=4):
+    from clear_core.empirical_market import LengthHistogram
+
+    out = []
+    for j in range(k):
+        r = rng.normal(0.3 * j - 0.2, 0.4 + 0.25 * j, 400)
+        out.append(LengthHistogram.fit(r, rng.random(400) < 0.85 - 0.15 * j, rng.random(400) < 0.03 * j))
+    return tuple(out)
+
+
+def _emp_window(rng, n, k):
+    tau = np.exp(rng.normal(6.0, 1.2, n))
+    return np.c_[tau, np.zeros(n), np.zeros(n), rng.choice([1.0, 2.0], n), rng.integers(0, k, n)]
+
+
+def test_an_empirical_quote_gives_a_cleared_window_its_own_caps():
+    """Each request of a cleared clear-cost-emp window, re-priced from the quote alone, gets the cap the
+    clearing gave it; a difference may only be a marginal request the clearing upgraded with the budget
+    its last jump left (quoted below the clearing's cap)."""
+    from clear_core.empirical_market import EmpiricalLengths
+
+    policy = parse_policy("clear-cost-emp")
+    rng = np.random.default_rng(11)
+    hists = _histograms(rng)
+    upgraded = 0
+    for _ in range(60):
+        n = int(rng.integers(THIN_WINDOW_ROWS, 250))
+        rows = _emp_window(rng, n, len(hists))
+        b = float(rng.choice([64, 256, 512, 2048, 30000]))
+        tau, w, bins = rows[:, 0], rows[:, 3], rows[:, 4].astype(int)
+        cleared = policy.allocate(tau, b * n, context_limit_tokens=T_MAX, weights=w,
+                                  lengths=EmpiricalLengths(hists, bins)).caps
+        quote = quote_window(policy, rows, b, T_MAX, lengths=hists)
+        quoted = caps_at_quote(policy, quote, tau, weights=w, length_bins=bins, lengths=hists,
+                               context_limit_tokens=T_MAX)
+        off = np.flatnonzero(quoted != cleared)
+        assert (quoted[off] < cleared[off]).all()
+        upgraded += off.size
+    assert upgraded <= 60  # at most a marginal request or so per clearing
+
+
+def test_an_empirical_quote_is_each_request_s_best_response_by_brute_force():
+    """At a quoted price lam, a request's cap maximises w P(correct within the cap) - lam E[min(D, cap)] over
+    the grid of caps tau exp(u) within the context (cap 0 when nothing beats 0), computed here cell by cell
+    from the histogram, without the market's hulls."""
+    from clear_core.consumption import LOG_TAU_STEP
+    from clear_core.empirical_market import LOG_RATIO_GRID
+
+    policy = parse_policy("clear-cost-emp")
+    rng = np.random.default_rng(2)
+    hists = _histograms(rng)
+    base = dict(policy="clear-cost-emp", full_context=False, budget_per_query_tokens=512.0, window_size=100)
+    checked = 0
+    for _ in range(300):
+        tau = math.exp(LOG_TAU_STEP * int(rng.integers(3, 9) / LOG_TAU_STEP))  # on the market's threshold grid
+        k, w = int(rng.integers(0, len(hists))), float(rng.choice([1.0, 2.0]))
+        lam = math.exp(rng.uniform(-12, -4))
+        t_max = float(rng.choice([4096, T_MAX]))
+        h = hists[k]
+        good, mass = np.asarray(h.correct), np.asarray(h.correct) + np.asarray(h.wrong)
+        best_cap, best = 0, 0.0
+        for g, u in enumerate(LOG_RATIO_GRID):
+            cap = tau * math.exp(u)
+            if cap > t_max:
+                break
+            ends = tau * np.exp(LOG_RATIO_GRID[: g + 1])  # a finished sample costs its cell's upper edge
+            cost = float((mass[: g + 1] * ends).sum() + cap * (1.0 - mass[: g + 1].sum()))
+            surplus = w * float(good[: g + 1].sum()) - lam * cost
+            if surplus > best + 1e-12:
+                best_cap, best = int(math.floor(cap + 1e-9)), surplus
+        q = PriceQuote(log_price=math.log(lam), log_fill_price=math.log(lam), **base)
+        got = caps_at_quote(policy, q, [tau], weights=[w], length_bins=[k], lengths=hists, context_limit_tokens=t_max)
+        assert got[0] == best_cap, (tau, k, w, lam, t_max)
+        checked += best_cap > 0
+    assert 50 < checked < 300  # both abandonments and caps were checked
+
+
+def test_a_thin_empirical_window_prices_a_request_as_the_central_market_does():
+    from clear_core.budget import PerQueryBudget
+    from clear_core.ledger import TokenLedger
+    from clear_core.online_market import OnlineMarket
+
+    policy = parse_policy("clear-cost-emp")
+    rng = np.random.default_rng(4)
+    hists = _histograms(rng)
+    for n in (0, 1, 7, THIN_WINDOW_ROWS - 1):
+        rows = _emp_window(rng, n, len(hists))
+        for tau, k in ((50.0, 0), (400.0, 2), (3000.0, 3)):
+            market = OnlineMarket(policy, TokenLedger(PerQueryBudget(tokens_per_query=300.0, window_queries=10_000)),
+                                  window_size=256, context_limit_tokens=T_MAX, pace=False, lengths=hists)
+            market._window.extend(tuple(r) for r in rows)
+            central = market.request("x", tau, length_bin=k)
+            quote = quote_window(policy, rows, 300.0, T_MAX, lengths=hists)
+            assert len(quote.thin_rows) == n
+            quoted = caps_at_quote(policy, quote, [tau], length_bins=[k], lengths=hists, context_limit_tokens=T_MAX)
+            assert quoted[0] == central.market_cap_tokens, (n, tau)
+
+
+def test_an_empirical_quote_refuses_a_request_without_a_valid_bin():
+    policy = parse_policy("clear-cost-emp")
+    hists = _histograms(np.random.default_rng(0))
+    q = quote_window(policy, _emp_window(np.random.default_rng(1), 40, len(hists)), 512.0, T_MAX, lengths=hists)
+    for bins in ([len(hists)], [-1], [0.5]):
+        with pytest.raises(InvalidInputError):
+            caps_at_quote(policy, q, [100.0], length_bins=bins, lengths=hists)
+    with pytest.raises(InvalidInputError):
+        caps_at_quote(policy, q, [100.0], length_bins=[0], lengths=())

@@ -127,8 +127,20 @@ def test_online_market_prices_empirical_histograms_like_the_batch_clearing():
     assert st.invariant_holds and st.reserved == 0
     with pytest.raises(InvalidInputError, match="length_bin"):
         market.request("bad", 300.0)
-    with pytest.raises(InvalidInputError, match="centrally"):
-        market.quote()
+    # A quote (decisions at the ingress) is the clearing of the window alone, at b per row (pacing off).
+    q = market.quote()
+    ref = clear_empirical_market([t for t, _ in rows[-64:]], 400 * 64, context_limit_tokens=8192,
+                                 lengths=EmpiricalLengths(cal.histograms, np.array([b for _, b in rows[-64:]])))
+    assert q.window_size == 64 and q.policy == "clear-cost-emp"
+    assert q.shadow_price == pytest.approx(ref.shadow_price)
+    # An ingress replica's report rows carry their bin; a row without one, or a bin past the list, is refused.
+    for bad in ((300.0, 0.0, 0.0, 1.0), (300.0, 0.0, 0.0, 1.0, float(len(cal.histograms))),
+                (300.0, 0.0, 0.0, 1.0, float("nan"))):
+        with pytest.raises(InvalidInputError):
+            market.absorb([bad])
+    arrivals = ledger.arrivals
+    market.absorb([(300.0, 0.0, 0.0, 1.0, 1.0)])
+    assert ledger.arrivals == arrivals + 1
     with pytest.raises(InvalidInputError, match="histograms"):
         OnlineMarket(parse_policy("clear-cost-emp"), ledger)
 

@@ -75,8 +75,9 @@ RATE = {"mode": "rate", "tokens_per_s": 1000.0, "burst_tokens": 10000.0}
         ({}, "clear"),  # per-query caps without refunds: the paper's cap semantics
         ({"allocator": {"budget": RATE}}, "clear-cost-emp"),  # the shipped head carries length histograms
         ({"allocator": {"budget": {"mode": "per_query", "refund_unused": True}}}, "clear-cost-emp"),
-        ({"allocator": {"budget": RATE, "decisions": "ingress"}}, "clear-cost"),  # quotes price log-normals only
+        ({"allocator": {"budget": RATE, "decisions": "ingress"}}, "clear-cost-emp"),  # quotes price histograms too
         ({"allocator": {"budget": RATE}, "predictor": {"backend": "heuristic"}}, "clear-cost"),  # no histograms
+        ({"allocator": {"budget": RATE, "decisions": "ingress"}, "predictor": {"backend": "heuristic"}}, "clear-cost"),
         ({"allocator": {"budget": RATE, "policy": "clear-cost"}}, "clear-cost"),  # named: kept
     ],
 )

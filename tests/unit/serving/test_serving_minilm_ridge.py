@@ -216,3 +216,83 @@ def test_a_refunding_budget_serves_the_histogram_market_on_the_raw_prediction(ba
     st = alloc.status_sync()
     assert st["policy"] == "clear-cost-emp" and st["invariant_holds"] and st["reserved_tokens"] == 0
     assert st["generated_tokens_total"] == len(prompts) * chunks * CHUNK_TOKENS
+
+
+def _best_response(tau: float, hist, lam: float, t_max: float) -> int:
+    """By brute force over the market's grid of caps tau exp(u): the cap maximising P(correct within it) -
+    lam E[min(D, cap)] (a finished sample costed at its cell's upper edge), 0 when nothing beats 0."""
+    from clear_core.empirical_market import LOG_RATIO_GRID
+
+    good = np.asarray(hist.correct)
+    mass = good + np.asarray(hist.wrong)
+    best_cap, best = 0, 0.0
+    for g, u in enumerate(LOG_RATIO_GRID):
+        cap = tau * np.exp(u)
+        if cap > t_max:
+            break
+        ends = tau * np.exp(LOG_RATIO_GRID[: g + 1])
+        surplus = float(good[: g + 1].sum()) - lam * float((mass[: g + 1] * ends).sum() + cap * (1 - mass[: g + 1].sum()))
+        if surplus > best + 1e-12:
+            best_cap, best = int(np.floor(cap + 1e-9)), surplus
+    return best_cap
+
+
+def test_decisions_at_the_ingress_price_the_histogram_market_from_the_quote(backend, shipped, raw_encoder):
+    """policy auto with decisions ingress is clear-cost-emp too. Each request is priced at the ingress from the
+    allocator's quote: its cap is the best response, by brute force here, of the raw prediction (computed here
+    from the file and the encoder) on its nearest bin's histogram at the quoted price; its row reaches the
+    allocator's window with that bin."""
+    from clear_core.calibration import Calibration
+    from clear_core.consumption import LOG_TAU_STEP
+    from deployments.allocator import Allocator
+    from deployments.config import length_calibration
+    from deployments.ingress import Ingress
+    from tests.factories import app_args
+    from tests.unit.serving.test_ingress_leases import AllocatorHandle
+    from tests.unit.serving.test_serving_ingress import FakeEngine, _Call, _Method, make_request
+
+    budget = {"mode": "per_query", "tokens_per_query": 256, "window_queries": 100, "refund_unused": True}
+    cfg = AppConfig.model_validate(app_args(predictor={"backend": "minilm-ridge", "placement": "deployment"},
+                                            allocator={"policy": "auto", "budget": budget, "decisions": "ingress",
+                                                       "pricing_window_requests": 64, "pace_budget": False}))
+    assert cfg.allocator.policy == "clear-cost-emp"
+    alloc = Allocator(cfg.allocator, cfg.max_completion_tokens, metrics=False,
+                      length_calibration=length_calibration(cfg.predictor))
+    cal = Calibration.from_dict(shipped["calibration"])
+    seed = np.exp(np.random.default_rng(0).normal(6.2, 1.0, 64))  # a full window: the quote is a price
+    alloc.market.seed(seed, bins=cal.bin_of(seed))
+
+    class Predictor:
+        predict = _Method(lambda prompt: _Call(backend.predict([prompt])[0]))
+
+    ing = Ingress(cfg, Predictor(), AllocatorHandle(alloc), FakeEngine(chunks=2), metrics=False)
+    asks = []
+    price = ing.leases.market.price
+
+    def recording(*a, **k):  # the ask each request was priced with (its quote included)
+        asks.append(price(*a, **k))
+        return asks[-1]
+
+    ing.leases.market.price = recording
+    prompts = [p for p in PROMPTS if p] * 2
+    priced = set()
+    for prompt in prompts:
+        body = {"model": "clear-replay", "messages": [{"role": "user", "content": prompt}]}
+        asyncio.run(ing._complete(make_request(body), "chat"))
+        ask = asks[-1]
+        if ing.leases.market is not None and ing.leases.market.price is not recording:
+            ing.leases.market.price = recording  # a reopened lease: keep recording
+        x = raw_log_length(prompt, shipped, raw_encoder)
+        nearest = int(np.argmin(np.abs(np.asarray(cal.centres) - x)))
+        tau = float(np.exp(np.rint(x / LOG_TAU_STEP) * LOG_TAU_STEP))  # the market's rounded threshold
+        assert ask.row[4] == nearest and ask.row[0] == pytest.approx(np.exp(x), rel=1e-3)
+        assert ask.quote.window_size >= 64 and not ask.quote.full_context
+        want = _best_response(tau, cal.histograms[nearest], ask.quote.shadow_price, cfg.max_completion_tokens)
+        assert ask.market_cap_tokens == pytest.approx(want, rel=0.01, abs=2), prompt[:30]
+        priced.add(ask.market_cap_tokens)
+    assert len(priced) >= 2
+    asyncio.run(ing.leases.sync())
+    rows = alloc.market._window.rows()
+    assert rows.shape[1] == 5 and list(rows[-len(prompts):, 4]) == [a.row[4] for a in asks]
+    st = alloc.status_sync()
+    assert st["policy"] == "clear-cost-emp" and st["invariant_holds"] and st["arrivals"] == len(prompts)
