@@ -63,6 +63,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--shrink", type=non_negative_float, default=DEFAULT_SHRINK,
                    help="strength (pseudo-samples) of the prior each calibration bin's length histogram is shrunk "
                    "towards: every calibration length, as if predicted at the bin's centre (clear-cost-emp)")
+    p.add_argument("--cost-shrink", type=non_negative_float, default=None,
+                   help="an experiment: the same prior with this strength for what a cap costs (clear-cost-emp; "
+                   "default: --shrink for both)")
     p.add_argument("--k", type=positive_int, default=5, help="trajectories per query with --protocol best-of-k | "
                    "sequential; --budgets are then totals per query")
     add_list_argument(p, "--budgets", kind=positive_int, what="positive token counts", metavar="TOKENS",
@@ -101,7 +104,7 @@ def run_bench(args) -> int:
     if calibration is None:
         calibration = "none" if args.predictions == "oracle" else "binned"
     predictions = parse_predictions(args.predictions, args.log_sigma, calibration=calibration, problems=problems,
-                                    shrink=args.shrink)
+                                    shrink=args.shrink, cost_shrink=args.cost_shrink)
     make_dir(args.out)
 
     dump = (args.out / "allocations.jsonl").open("w") if args.dump_allocations else None

@@ -62,6 +62,7 @@ class Predictions:
     calibration_set: tuple | None = None  # (raw predictions, observed lengths, problem ids, problems, correct)
     folds: int = DEFAULT_FOLDS
     shrink: float = DEFAULT_SHRINK  # prior strength of the bins' length histograms (fit_calibration)
+    cost_shrink: float | None = None  # prior strength of what a cap costs, when it differs (fit_calibration)
     _fitted: dict = field(default_factory=dict, compare=False, repr=False)  # stream name -> fold calibrations
 
     def fold_calibrations(self, stream: Stream) -> tuple[Calibration, ...]:
@@ -74,6 +75,7 @@ class Predictions:
             self._fitted[stream.name] = tuple(
                 fit_calibration(pred[fold != f], obs[fold != f], bins=bins, weights=weights[fold != f],
                                 censor_tokens=POOL_GENERATION_CAP_TOKENS, correct=ok[fold != f], shrink=self.shrink,
+                                cost_shrink=self.cost_shrink,
                                 clusters=np.asarray(groups)[fold != f])
                 for f in range(self.folds)
             )
@@ -139,13 +141,15 @@ class Predictions:
 
 
 def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration: str = "none",
-                      problems=None, folds: int = DEFAULT_FOLDS, shrink: float = DEFAULT_SHRINK) -> Predictions:
+                      problems=None, folds: int = DEFAULT_FOLDS, shrink: float = DEFAULT_SHRINK,
+                      cost_shrink: float | None = None) -> Predictions:
     """Parse ``oracle``, ``oracle-noise:SIGMA`` or a path to a predictions JSONL.
 
     ``calibration`` ``binned`` / ``global`` calibrates out of fold against the
     samples of ``problems`` (module docstring); ``log_sigma`` overrides the
     single spread of ``none``; ``shrink`` is the prior strength of the
-    calibration bins' length histograms (:func:`clear_core.calibration.fit_calibration`).
+    calibration bins' length histograms and ``cost_shrink`` that of what a cap
+    costs (:func:`clear_core.calibration.fit_calibration`).
     """
     if calibration not in CALIBRATIONS:
         raise InvalidInputError("calibration", calibration, f"expected one of {CALIBRATIONS}")
@@ -174,7 +178,7 @@ def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration:
         if calibration == "none":
             return base
         pairs = _file_pairs(problems, table.thresholds, spec)
-    return Predictions(spec, base.kind, base.sigma, base.table, calibration, pairs, folds, shrink)
+    return Predictions(spec, base.kind, base.sigma, base.table, calibration, pairs, folds, shrink, cost_shrink)
 
 
 def _file_pairs(problems, thresholds: dict[str, float], spec: str):

@@ -110,10 +110,16 @@ def test_a_quote_is_read_by_its_own_policy_only_and_unquotable_policies_are_refu
 def _histograms(rng, k=4):
     from clear_core.empirical_market import LengthHistogram
 
+    import dataclasses
+
     out = []
     for j in range(k):
         r = rng.normal(0.3 * j - 0.2, 0.4 + 0.25 * j, 400)
-        out.append(LengthHistogram.fit(r, rng.random(400) < 0.85 - 0.15 * j, rng.random(400) < 0.03 * j))
+        h = LengthHistogram.fit(r, rng.random(400) < 0.85 - 0.15 * j, rng.random(400) < 0.03 * j)
+        if j % 2:  # costed on other masses than it is valued on (fit_calibration's cost_shrink)
+            c = LengthHistogram.fit(rng.normal(0.5 * j, 0.6, 400), np.ones(400, bool), rng.random(400) < 0.05)
+            h = dataclasses.replace(h, cost=tuple((np.asarray(c.correct) + np.asarray(c.wrong)).tolist()))
+        out.append(h)
     return tuple(out)
 
 
@@ -166,7 +172,8 @@ def test_an_empirical_quote_is_each_request_s_best_response_by_brute_force():
         lam = math.exp(rng.uniform(-12, -4))
         t_max = float(rng.choice([4096, T_MAX]))
         h = hists[k]
-        good, mass = np.asarray(h.correct), np.asarray(h.correct) + np.asarray(h.wrong)
+        good = np.asarray(h.correct)
+        mass = np.asarray(h.cost) if h.cost else good + np.asarray(h.wrong)  # what a cap's cost is computed on
         best_cap, best = 0, 0.0
         for g, u in enumerate(LOG_RATIO_GRID):
             cap = tau * math.exp(u)
