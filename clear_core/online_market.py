@@ -573,7 +573,7 @@ class OnlineMarket:
         blocks), enter the pricing window and the arrival rate."""
         now = self.ledger.now() if now is None else now
         for row in rows:
-            if len(row) != self._width:
+            if len(row) < self._width:  # extra values (another policy's replica) are ignored
                 raise InvalidInputError("report row", len(row), f"{self.policy.name} needs {self._width} values")
             tau, sig, rho, w = (float(v) for v in row[:4])
             check_request(tau, sig, rho, None)
