@@ -311,6 +311,22 @@ def expected_generated_empirical(caps, thresholds, lengths: EmpiricalLengths) ->
     return out
 
 
+def checked_length_bins(bins, n_histograms: int) -> np.ndarray:
+    """Length bins as integer indices into ``n_histograms`` histograms; anything else (a fraction, NaN, out
+    of range, a bool) is refused. Shared by the market, its quotes and the ingress's lease market."""
+    raw = np.asarray(bins, dtype=object).reshape(-1)
+    if any(isinstance(b, (bool, np.bool_)) for b in raw):
+        raise InvalidInputError("length_bin", raw.tolist()[:4], f"needs an index into {n_histograms} histograms")
+    try:
+        which = raw.astype(float)
+    except (TypeError, ValueError):
+        raise InvalidInputError("length_bin", raw.tolist()[:4], "needs integer indices") from None
+    if which.size and (not np.all(np.isfinite(which)) or (which != np.rint(which)).any() or which.min() < 0
+                       or which.max() >= n_histograms):
+        raise InvalidInputError("length_bin", which.tolist()[:4], f"needs an index into {n_histograms} histograms")
+    return which.astype(np.int64)
+
+
 def _checked_lengths_and_weights(tau: np.ndarray, lengths: EmpiricalLengths, weights) -> tuple[np.ndarray, np.ndarray]:
     """Each query's histogram index and tenant weight (1 when ``weights`` is None), checked."""
     which = np.asarray(lengths.which, dtype=np.int64)

@@ -36,8 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from clear_core.empirical_market import checked_length_bins
 from clear_core.errors import BudgetExhaustedError, InvalidInputError
 from clear_core.ledger import Settlement
 from clear_core.online_market import (
@@ -200,10 +199,8 @@ class IngressMarket:
         row = (float(threshold_tokens), float(log_sigma), float(runaway), w)
         bins = None
         if self.policy.uses_lengths:
-            if not (isinstance(length_bin, (int, np.integer)) and 0 <= length_bin < len(self.lengths)):
-                raise InvalidInputError("length_bin", length_bin, f"needs an index into {len(self.lengths)} histograms")
-            row += (float(length_bin),)
-            bins = [int(length_bin)]
+            bins = [int(checked_length_bins([length_bin], len(self.lengths))[0])]
+            row += (float(bins[0]),)
         market_cap = int(caps_at_quote(self.policy, self.quote, [row[0]], log_sigma=[row[1]], runaway=[row[2]],
                                        weights=[w], context_limit_tokens=self.context_limit_tokens,
                                        length_bins=bins, lengths=self.lengths)[0])

@@ -105,6 +105,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from clear_core.budget import Budget
+from clear_core.empirical_market import checked_length_bins
 from clear_core.errors import InvalidInputError
 from clear_core.ledger import Settlement, TokenLedger
 from clear_core.policies import Policy
@@ -443,9 +444,8 @@ class OnlineMarket:
         """
         now = self.ledger.now() if now is None else now
         check_request(threshold_tokens, log_sigma, runaway, client_cap_tokens)
-        if self.policy.uses_lengths and not (isinstance(length_bin, (int, np.integer))
-                                             and 0 <= length_bin < len(self.lengths)):
-            raise InvalidInputError("length_bin", length_bin, f"needs an index into {len(self.lengths)} histograms")
+        if self.policy.uses_lengths:
+            length_bin = int(checked_length_bins([length_bin], len(self.lengths))[0])
         new = self._arrivals.is_new(arrival_key, retry, now)
         if new:
             self.ledger.arrive()
@@ -581,10 +581,7 @@ class OnlineMarket:
                 raise InvalidInputError("weight", w, "must be finite and > 0")
             entry = (tau, sig, rho, w)
             if self.policy.uses_lengths:
-                k = float(row[4])
-                if not (math.isfinite(k) and k == int(k) and 0 <= k < len(self.lengths)):
-                    raise InvalidInputError("length_bin", k, f"needs an index into {len(self.lengths)} histograms")
-                entry += (k,)
+                entry += (float(checked_length_bins([row[4]], len(self.lengths))[0]),)
             self.ledger.arrive()
             self._times.append(now)
             if self.window_size > 0:

@@ -41,7 +41,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from clear_core.consumption import SIGMA_MIN, caps_at_log_prices, clear_consumption_market
-from clear_core.empirical_market import EmpiricalLengths, caps_at_log_price_empirical, clear_empirical_market
+from clear_core.empirical_market import (
+    EmpiricalLengths, caps_at_log_price_empirical, checked_length_bins, clear_empirical_market,
+)
 from clear_core.errors import InvalidInputError
 from clear_core.policies import ClearCost, ClearCostEmpirical, ClearLognormal, Policy, Uniform
 from clear_core.uncertainty import caps_at_prices, clear_market_lognormal
@@ -96,13 +98,9 @@ def _lengths(policy: Policy, lengths, bins) -> EmpiricalLengths | None:
     """The histograms and each row's bin, for the policies that price them (checked)."""
     if not policy.uses_lengths:
         return None
-    which = np.asarray(bins, dtype=float).reshape(-1)
     if not lengths:
         raise InvalidInputError("lengths", "()", f"{policy.name} needs the calibration's length histograms")
-    if which.size and (not np.all(np.isfinite(which)) or (which != np.rint(which)).any() or which.min() < 0
-                       or which.max() >= len(lengths)):
-        raise InvalidInputError("length_bin", which.tolist()[:4], f"needs an index into {len(lengths)} histograms")
-    return EmpiricalLengths(tuple(lengths), which.astype(np.int64))
+    return EmpiricalLengths(tuple(lengths), checked_length_bins(bins, len(lengths)))
 
 
 def quote_window(policy: Policy, rows: np.ndarray, budget_per_query: float, context_limit_tokens: float | None,
