@@ -13,8 +13,8 @@ import pytest
 from tests.cli_support import assert_one_line_error, run_cli
 from tests.conftest import MAIN_POOL, REPO_ROOT
 
-SCRIPTS = ["clearing_speed", "digital_twin", "histogram_prior", "load_demo", "predictor_speed", "reservation_price",
-           "serving_overhead", "vllm_graph_cost"]
+SCRIPTS = ["clearing_speed", "digital_twin", "histogram_prior", "load_demo", "online_cells", "predictor_speed",
+           "reservation_price", "serving_overhead", "vllm_graph_cost"]
 
 
 def _script(name: str):
@@ -78,6 +78,7 @@ def test_every_help_shows_defaults(name):
     ("predictor_speed", ["--batch-sizes", "8,x"], "argument --batch-sizes"),
     ("vllm_graph_cost", ["--rounds", "0"], "argument --rounds"),
     ("reservation_price", ["--in-flight", "0"], "argument --in-flight"),
+    ("online_cells", ["--cells", "u-shaped"], "--cells: 'u-shaped' is not STREAM:BUDGET"),
 ])
 def test_a_bad_value_is_argparses_one_line_error(name, argv, prefix):
     proc = run_cli(f"benchmarks/{name}.py", *argv, timeout=300)
@@ -139,3 +140,30 @@ def test_reservation_price_prints_both_settings_and_the_price_keeps_the_bucket_f
         assert int(off[3]) == 0 and int(on[3]) > 0  # decisions with a reservation price above 0
         finished = [int(r[4].split(" of ")[0]) for r in (off, on)]
         assert finished[1] > finished[0] and int(on[5]) < int(off[5])
+
+
+def test_online_cells_scores_a_cell_as_the_bench_serves_it(capsys):
+    """The script's accuracy is the online bench's for the same cell (run_grid, another code path), and its
+    lost / won counts are the difference to the budget-filling uniform cap (an identity they must satisfy)."""
+    import numpy as np
+
+    from clear_bench.predictions import parse_predictions
+    from clear_bench.runner import run_grid
+    from clear_core.simulate import solved_mask, uniform_cap_within
+    from clear_core.traces import POOL_GENERATION_CAP_TOKENS, load_pool, make_stream
+
+    mod = _script("online_cells")
+    assert mod.main(["--traces", str(MAIN_POOL), "--cells", "u-shaped:512", "--seeds", "3"]) == 0
+    row = next([c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| u-shaped | 512 | 3 "))
+    accuracy, best, lost, won = float(row[3]), float(row[4]), int(row[7].split()[0]), int(row[8])
+    problems = load_pool(MAIN_POOL)
+    predictions = parse_predictions("oracle-noise:0.5", calibration="binned", problems=problems)
+    bench = run_grid(problems, predictions, streams=["u-shaped"], budgets=[512], policies=["clear-cost-emp"],
+                     seeds=[3], protocol="online")
+    assert accuracy == round(100 * bench[0]["accuracy"], 1)
+    stream = make_stream(problems, "u-shaped", mod.N_QUERIES, 3)
+    cap = uniform_cap_within(stream.tokens, 512 * len(stream), POOL_GENERATION_CAP_TOKENS)
+    fill = solved_mask(np.full(len(stream), cap), stream.tokens, stream.correct)
+    assert bench[0]["solved"] - int(fill.sum()) == won - lost
+    assert best >= round(100 * fill.mean(), 1)
