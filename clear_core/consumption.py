@@ -281,8 +281,11 @@ class ConsumptionResult:
     log_price: float = -math.inf
     log_fill_price: float = -math.inf
     full_context: bool = False
-    # The price of a token held in a reservation (clear-cost-emp with a cap budget; 0: the caps fit).
+    # The price of a token held in a reservation (clear-cost-emp with a cap budget; 0: the caps fit), and
+    # the share theta of the clearing's price on the combined cost that is on a reserved token (caps that
+    # fit at a vanishing price still have one, as the cost they were chosen on).
     reservation_price: float = 0.0
+    reservation_share: float = 0.0
 
     @property
     def abandonment_rate(self) -> float:

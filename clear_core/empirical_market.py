@@ -421,13 +421,22 @@ def clear_empirical_market(
 
 
 def caps_at_log_price_empirical(thresholds, *, lengths: EmpiricalLengths, log_price: float, full_context: bool,
-                                weights=None, context_limit_tokens: float | None = None) -> np.ndarray:
+                                weights=None, context_limit_tokens: float | None = None,
+                                reservation_share: float = 0.0) -> np.ndarray:
     """Each query's best response at the price ``exp(log_price)`` of an expected generated token: its cap on
     the market's grid, 0 when insolvent (a price quote; :mod:`clear_core.quotes`). ``full_context``: the
     budget is abundant, every query gets the context limit. A query of the clearing that set the price gets
-    back its cap there, except a marginal query the clearing upgraded with the budget its last jump left."""
+    back its cap there, except a marginal query the clearing upgraded with the budget its last jump left.
+
+    ``reservation_share`` ``theta`` > 0: the clearing had a second budget, on the caps (module docstring),
+    and ``exp(log_price)`` is its price ``nu`` on the combined cost ``(1 - theta) C + theta cap``: the
+    best response to ``lam = nu (1 - theta)`` per expected generated token and ``mu = nu theta`` per
+    reserved one."""
     tau = np.maximum(validate_thresholds(thresholds), 1.0)
     t_max = validate_context_limit(context_limit_tokens)
+    theta = float(reservation_share)
+    if not 0.0 <= theta <= 1.0:
+        raise InvalidInputError("reservation_share", reservation_share, "must be in [0, 1]")
     if full_context:
         return np.full(tau.size, int(min(t_max, 2.0**24)), dtype=np.int64)
     which, w = _checked_lengths_and_weights(tau, lengths, weights)
@@ -435,8 +444,8 @@ def caps_at_log_price_empirical(thresholds, *, lengths: EmpiricalLengths, log_pr
         return np.zeros(0, dtype=np.int64)
     used, hist_code = np.unique(which, return_inverse=True)
     t_tau = np.exp(np.rint(np.log(tau) / LOG_TAU_STEP) * LOG_TAU_STEP)  # the market's rounded thresholds
-    demand = _Demand([_chain(lengths.histograms[int(i)]) for i in used], hist_code.reshape(-1), t_tau, w,
-                     np.ones(tau.size), t_max)
+    demand = _Demand([_chain(lengths.histograms[int(i)], theta) for i in used], hist_code.reshape(-1), t_tau, w,
+                     np.ones(tau.size), t_max, theta)
     return demand.caps(demand.vertex(float(log_price)))
 
 
@@ -503,4 +512,4 @@ def _clear(types: _Types, lengths: EmpiricalLengths, b: float, t_max: float, the
                              expected_generated_tokens=expected, budget=b, iterations=probes,
                              converged=bool(converged), n_types=int(count.size),
                              reservation_price=float(price) * theta, log_price=float(log_price),
-                             log_fill_price=float(log_price))
+                             log_fill_price=float(log_price), reservation_share=theta)

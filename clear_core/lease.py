@@ -68,6 +68,7 @@ class LeaseReport:
     arrivals: list  # (threshold, spread, runaway share, weight) per new arrival, numbered from first_seq
     tenants: dict  # tenant -> cumulative TenantStats counters of this replica
     want_tokens: int = 0  # more lease wanted now
+    in_flight: int = 0  # requests open inside the lease now (the allocator prices the caps they hold)
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,7 @@ class IngressMarket:
         """
         q = ask.quote
         quote = dict(market_cap_tokens=ask.market_cap_tokens, shadow_price=q.shadow_price,
-                     threshold_tokens=ask.threshold_tokens, budget_per_query_tokens=q.budget_per_query_tokens,
+                     reservation_price=q.reservation_price, threshold_tokens=ask.threshold_tokens, budget_per_query_tokens=q.budget_per_query_tokens,
                      window_size=q.window_size, new_arrival=ask.new_arrival, tenant=ask.tenant)
         if ask.market_cap_tokens <= 0:
             return self._abandon(ask, DecisionReason.INSOLVENT, quote, q.turnover_s, math.inf)
@@ -281,6 +282,7 @@ class IngressMarket:
             owner=self.owner, counters=self.lease.counters(), reserved=self.lease.reserved,
             first_seq=self._first_seq, arrivals=list(self._pending),
             tenants={t: s.as_dict() for t, s in self.tenants.items()}, want_tokens=self.want_tokens(extra_tokens),
+            in_flight=self.lease.open_reservations(),
         )
 
     def apply(self, reply: LeaseReply) -> None:
@@ -312,6 +314,7 @@ def answer_report(market, report: LeaseReport, *, requote: bool = True, now: flo
     if ledger.is_revoked(owner):
         return LeaseReply(quote=market.last_quote or market.quote(now), granted_total=0, next_seq=0, revoked=True)
     lease = ledger.reconcile(owner, report.counters, int(report.reserved), now)
+    market.absorb_in_flight(owner, int(report.in_flight))
     skip = max(lease.arrivals - int(report.first_seq), 0)
     fresh = report.arrivals[skip:]
     market.absorb(fresh, now)

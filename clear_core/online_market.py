@@ -319,6 +319,7 @@ class OnlineMarket:
         self.last_quote = None
         self._tenant_of = OrderedDict()  # rid -> tenant, until it settles
         self._open_seen: deque = deque(maxlen=max(self.window_size, 1))  # open reservations at recent arrivals
+        self._lease_in_flight: dict[str, int] = {}  # owner -> open reservations inside its lease (its last report)
         self._last_share: float | None = None  # the last clearing's reservation share theta (a search hint)
         for t, w in self.tenant_weights.items():
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
@@ -361,8 +362,20 @@ class OnlineMarket:
         )
 
     def concurrency(self) -> int:
-        """Requests in flight the float is sized for: the most open reservations seen at a recent arrival."""
-        return max([self.ledger.in_flight, *self._open_seen])
+        """Requests in flight the float is sized for: the most open reservations seen at a recent arrival
+        (the allocator's own and those the ingress replicas last reported inside their leases)."""
+        return max([self.in_flight(), *self._open_seen])
+
+    def in_flight(self) -> int:
+        """Open reservations now: the ledger's and the leases' (as last reported)."""
+        return self.ledger.in_flight + sum(self._lease_in_flight.values())
+
+    def absorb_in_flight(self, owner: str, open_reservations: int) -> None:
+        """An ingress replica's open reservations inside its lease (its report), for :meth:`concurrency`."""
+        n = int(open_reservations)
+        if n < 0:
+            raise InvalidInputError("in_flight", open_reservations, "must be >= 0")
+        self._lease_in_flight[str(owner)] = n
 
     def mean_cap_budget(self, now: float) -> float | None:
         """What each admitted cap may hold on average: ``unspent / (K + 1)`` with ``K`` requests in flight
@@ -450,7 +463,7 @@ class OnlineMarket:
         if new:
             self.ledger.arrive()
             self._times.append(now)
-            self._open_seen.append(self.ledger.in_flight)
+            self._open_seen.append(self.in_flight())
         b = self.budget_per_query(now)
         entry = (float(threshold_tokens), float(log_sigma), float(runaway), self.tenant_weight(tenant))
         if self.policy.uses_lengths:
@@ -584,6 +597,7 @@ class OnlineMarket:
                 entry += (float(checked_length_bins([row[4]], len(self.lengths))[0]),)
             self.ledger.arrive()
             self._times.append(now)
+            self._open_seen.append(self.in_flight())
             if self.window_size > 0:
                 self._window.append(entry)
 
@@ -607,6 +621,7 @@ class OnlineMarket:
 
     def forget_owner(self, owner: str) -> None:
         self._owner_tenants.pop(owner, None)
+        self._lease_in_flight.pop(owner, None)
 
     def quote(self, now: float | None = None):
         """Clear the pricing window at the current per-query budget: a :class:`~clear_core.quotes.PriceQuote`."""
@@ -614,10 +629,13 @@ class OnlineMarket:
 
         now = self.ledger.now() if now is None else now
         self._quotes += 1
+        # clear-cost-emp quotes carry the reservation price too (clear_core.quotes); the others price
+        # expected tokens only.
+        bound = self.mean_cap_budget(now) if self.policy.uses_lengths else None
         q = quote_window(self.policy, self._window.rows(), self.budget_per_query(now, ahead=True),
-                         self.context_limit_tokens, lengths=tuple(self.lengths),
+                         self.context_limit_tokens, lengths=tuple(self.lengths), mean_cap_budget=bound,
                          version=self._quotes, issued_at=now, turnover_s=self.turnover_s(now))
         self.last_price = q.shadow_price
-        self.last_reservation_price = 0.0  # a quote prices expected tokens only (leases bound what a replica holds)
+        self.last_reservation_price = q.reservation_price
         self.last_quote = q
         return q

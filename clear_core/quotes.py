@@ -14,7 +14,15 @@ carries what a request needs to compute its cap without seeing anybody else:
   leaves unspent by lowering the price the solvent requests see, and the quote
   keeps that second price so a request of the cleared window gets back
   exactly the cap the clearing gave it;
-* ``full_context``: the budget is abundant, every request gets the context limit.
+* ``full_context``: the budget is abundant, every request gets the context limit;
+* ``reservation_share`` (``clear-cost-emp``): with requests in flight the
+  clearing had a second budget, on the caps themselves (what each open
+  reservation may hold on average, ``mean_cap_budget``; README, "Requests in
+  flight"), and its two prices travel as one price ``nu = exp(log_price)`` on
+  the combined cost ``(1 - theta) E[min(D, c)] + theta c`` and the share
+  ``theta``: ``nu (1 - theta)`` per expected generated token, ``nu theta``
+  per reserved one (:mod:`clear_core.empirical_market`, "A second budget").
+  0 when the caps fit. The other policies' quotes price expected tokens only.
 
 :func:`quote_window` clears a window of demand rows and returns its quote;
 :func:`caps_at_quote` answers any requests from a quote in ``O(1)`` each (a
@@ -70,10 +78,18 @@ class PriceQuote:
     turnover_s: float = math.inf  # about how long until the window's demand has turned over, s
     thin_rows: tuple = ()  # the window itself when it is thinner than THIN_WINDOW_ROWS
     log_sigma: float = 0.0  # single-spread policies (clear): the spread the window was cleared with
+    reservation_share: float = 0.0  # theta: the share of log_price's price that is on a reserved token
+    mean_cap_budget: float | None = None  # the bound on the mean cap it was cleared with (thin windows reuse it)
 
     @property
     def shadow_price(self) -> float:
-        return math.exp(self.log_price) if self.log_price > -math.inf else 0.0
+        """The price of an expected generated token."""
+        return math.exp(self.log_price) * (1.0 - self.reservation_share) if self.log_price > -math.inf else 0.0
+
+    @property
+    def reservation_price(self) -> float:
+        """The price of a token held reserved (0: the caps fit)."""
+        return math.exp(self.log_price) * self.reservation_share if self.log_price > -math.inf else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,26 +120,30 @@ def _lengths(policy: Policy, lengths, bins) -> EmpiricalLengths | None:
 
 
 def quote_window(policy: Policy, rows: np.ndarray, budget_per_query: float, context_limit_tokens: float | None,
-                 *, lengths: tuple = (), **meta) -> PriceQuote:
+                 *, lengths: tuple = (), mean_cap_budget: float | None = None, **meta) -> PriceQuote:
     """Clear the demand ``rows`` (threshold, spread, runaway share, weight per row; ``clear-cost-emp``: and
     the row's length bin, an index into ``lengths``, with the raw prediction as its threshold) at ``b`` per row.
 
-    ``meta`` fills the quote's bookkeeping fields (version, issued_at, turnover_s).
+    ``mean_cap_budget`` (``clear-cost-emp``; None: no bound): what each admitted cap may hold on average
+    while requests are in flight; when the caps do not fit it, the quote carries the reservation share
+    (module docstring). ``meta`` fills the quote's bookkeeping fields (version, issued_at, turnover_s).
     """
     _check_quotable(policy)
     rows = np.asarray(rows, dtype=float).reshape(-1, _row_width(policy))
     b = float(budget_per_query)
     thin = tuple(tuple(float(v) for v in r) for r in rows) if rows.shape[0] < THIN_WINDOW_ROWS else ()
-    base = dict(policy=policy.name, budget_per_query_tokens=b, window_size=int(rows.shape[0]), thin_rows=thin, **meta)
+    bound = float(mean_cap_budget) if (mean_cap_budget is not None and policy.uses_lengths) else None
+    base = dict(policy=policy.name, budget_per_query_tokens=b, window_size=int(rows.shape[0]), thin_rows=thin,
+                mean_cap_budget=bound, **meta)
     if isinstance(policy, Uniform) or rows.shape[0] == 0:
         # An empty window has no price: each request is then priced alone against b (caps_at_quote).
         return PriceQuote(log_price=-math.inf, log_fill_price=-math.inf, full_context=False, **base)
     tau, sig, rho, w = rows.T[:4]
     if policy.uses_lengths:
         res = clear_empirical_market(tau, b * tau.size, lengths=_lengths(policy, lengths, rows[:, 4]), weights=w,
-                                     context_limit_tokens=context_limit_tokens)
+                                     context_limit_tokens=context_limit_tokens, mean_cap_budget=bound)
         return PriceQuote(log_price=res.log_price, log_fill_price=res.log_fill_price,
-                          full_context=res.full_context, **base)
+                          full_context=res.full_context, reservation_share=res.reservation_share, **base)
     if isinstance(policy, ClearCost):
         res = clear_consumption_market(tau, b * tau.size, log_sigma=np.maximum(sig, SIGMA_MIN), runaway=rho,
                                        weights=w, context_limit_tokens=context_limit_tokens,
@@ -165,7 +185,8 @@ def caps_at_quote(policy: Policy, quote: PriceQuote, thresholds, *, log_sigma=0.
     if policy.uses_lengths:
         return caps_at_log_price_empirical(tau, lengths=_lengths(policy, lengths, bins), weights=weights,
                                            log_price=quote.log_price, full_context=quote.full_context,
-                                           context_limit_tokens=context_limit_tokens)
+                                           context_limit_tokens=context_limit_tokens,
+                                           reservation_share=quote.reservation_share)
     if isinstance(policy, ClearCost):
         return caps_at_log_prices(tau, log_sigma=np.maximum(sig, SIGMA_MIN), runaway=runaway, weights=weights,
                                   log_price=quote.log_price, log_fill_price=quote.log_fill_price,
@@ -184,7 +205,7 @@ def _cleared_with_window(policy: Policy, quote: PriceQuote, row: tuple, context_
     budget = quote.budget_per_query_tokens * tau.size
     if policy.uses_lengths:
         alloc = policy.allocate(tau, budget, context_limit_tokens=context_limit_tokens, weights=w,
-                                lengths=_lengths(policy, lengths, rows[:, 4]))
+                                lengths=_lengths(policy, lengths, rows[:, 4]), mean_cap_budget=quote.mean_cap_budget)
     elif policy.per_query_sigma:
         alloc = policy.allocate(tau, budget, context_limit_tokens=context_limit_tokens, log_sigma=sig, runaway=rho,
                                 weights=w)

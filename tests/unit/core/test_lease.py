@@ -201,3 +201,66 @@ def test_lease_targets_shrink_as_the_pool_drains_and_the_excess_is_given_back():
     b.apply(answer_report(market, b.report(extra_tokens=b.shortfall(refused))))
     assert b.admit(refused, "again").admitted
     assert market.ledger.state().invariant_holds
+
+
+def test_requests_open_inside_a_lease_price_reservations_in_the_quote():
+    """An ingress replica reports how many requests are open inside its lease; the allocator sizes the
+    float for them (unspent / (K + 1) per cap, as for its own reservations) and its clear-cost-emp quote
+    carries the reservation price, so the caps the window's requests get from it fit that bound. A
+    replica that reports none open (an older one) gets quotes without it, whose caps break the bound."""
+    from clear_core.empirical_market import lognormal_histogram
+    from clear_core.quotes import caps_at_quote
+
+    hists = (lognormal_histogram(0.6, 0.02), lognormal_histogram(1.0, 0.05), lognormal_histogram(1.4, 0.1))
+
+    def run(report_in_flight: bool):
+        rng = np.random.default_rng(5)
+        clock = Clock()
+        ledger = TokenLedger(TokenBucketBudget(tokens_per_s=3000.0, burst_tokens=120_000.0), clock, lease_ttl_s=10.0)
+        market = OnlineMarket(parse_policy("clear-cost-emp"), ledger, window_size=64, context_limit_tokens=T_MAX,
+                              lengths=hists)
+        market.seed(np.exp(rng.uniform(5.0, 7.0, 64)), rng.integers(0, 3, 64))  # past demand: no thin window
+        ing = IngressMarket(parse_policy("clear-cost-emp"), "r0", True, T_MAX, lease_block_tokens=200_000,
+                            lengths=hists)
+
+        def send(report):
+            if not report_in_flight:
+                report.in_flight = 0  # a replica that does not report it
+            ing.apply(answer_report(market, report))
+
+        send(ing.report())
+        seen, used = [], {}  # after each report: (open in the lease, concurrency, quote, window, unspent)
+        for i in range(40):
+            clock.t = float(i)  # one arrival a second; each request ends 8 arrivals later
+            ask = ing.price(float(np.exp(rng.uniform(5.0, 7.0))), length_bin=int(rng.integers(0, 3)), now=clock.t)
+            if ing.shortfall(ask):
+                send(ing.report(extra_tokens=ing.shortfall(ask)))
+            d = ing.admit(ask, f"q{i}")
+            used[i] = min(d.cap_tokens, int(2 * ask.threshold_tokens))
+            if i >= 8:
+                ing.settle(f"q{i - 8}", used[i - 8])
+            send(ing.report())
+            seen.append((ing.lease.open_reservations(), market.concurrency(), ing.quote, market._window.rows(),
+                         market.ledger.unspent()))
+        return market, seen
+
+    def window_caps(market, quote, rows):
+        caps = caps_at_quote(market.policy, quote, rows[:, 0], weights=rows[:, 3], length_bins=rows[:, 4],
+                             lengths=hists, context_limit_tokens=T_MAX)
+        return caps[caps > 0]
+
+    market, seen = run(True)
+    priced = 0
+    for open_now, k, q, rows, unspent in seen:
+        assert k >= open_now and q.mean_cap_budget == pytest.approx(unspent / (k + 1))
+        if q.reservation_share > 0:
+            priced += 1
+            assert q.reservation_price > 0
+            assert window_caps(market, q, rows).mean() <= q.mean_cap_budget * 1.05  # a marginal upgrade or so
+    assert priced >= 20 and seen[-1][0] >= 5
+    assert market.last_reservation_price == seen[-1][2].reservation_price
+    market0, seen0 = run(False)
+    assert all(k == 0 and q.reservation_share == 0 and q.mean_cap_budget is None for _, k, q, _, _ in seen0)
+    broke = sum(window_caps(market0, q0, rows).mean() > q.mean_cap_budget
+                for (_, _, q0, rows, _), (_, _, q, _, _) in zip(seen0, seen) if q.reservation_share > 0)
+    assert broke >= 20

@@ -154,10 +154,13 @@ def test_an_empirical_quote_gives_a_cleared_window_its_own_caps():
     assert upgraded <= 60  # at most a marginal request or so per clearing
 
 
-def test_an_empirical_quote_is_each_request_s_best_response_by_brute_force():
+@pytest.mark.parametrize("with_reservations", [False, True])
+def test_an_empirical_quote_is_each_request_s_best_response_by_brute_force(with_reservations):
     """At a quoted price lam, a request's cap maximises w P(correct within the cap) - lam E[min(D, cap)] over
     the grid of caps tau exp(u) within the context (cap 0 when nothing beats 0), computed here cell by cell
-    from the histogram, without the market's hulls."""
+    from the histogram, without the market's hulls. With a reservation share theta the quote's price nu is
+    split into lam = nu (1 - theta) per expected token and mu = nu theta per reserved token, and the cap
+    maximises w P - lam E[min(D, cap)] - mu cap."""
     from clear_core.consumption import LOG_TAU_STEP
     from clear_core.empirical_market import LOG_RATIO_GRID
 
@@ -169,7 +172,9 @@ def test_an_empirical_quote_is_each_request_s_best_response_by_brute_force():
     for _ in range(300):
         tau = math.exp(LOG_TAU_STEP * int(rng.integers(3, 9) / LOG_TAU_STEP))  # on the market's threshold grid
         k, w = int(rng.integers(0, len(hists))), float(rng.choice([1.0, 2.0]))
-        lam = math.exp(rng.uniform(-12, -4))
+        nu = math.exp(rng.uniform(-12, -4))
+        theta = float(rng.choice([0.03125, 0.25, 0.5, 1.0])) if with_reservations else 0.0
+        lam, mu = nu * (1.0 - theta), nu * theta
         t_max = float(rng.choice([4096, T_MAX]))
         h = hists[k]
         good = np.asarray(h.correct)
@@ -181,14 +186,58 @@ def test_an_empirical_quote_is_each_request_s_best_response_by_brute_force():
                 break
             ends = tau * np.exp(LOG_RATIO_GRID[: g + 1])  # a finished sample costs its cell's upper edge
             cost = float((mass[: g + 1] * ends).sum() + cap * (1.0 - mass[: g + 1].sum()))
-            surplus = w * float(good[: g + 1].sum()) - lam * cost
+            surplus = w * float(good[: g + 1].sum()) - lam * cost - mu * cap
             if surplus > best + 1e-12:
                 best_cap, best = int(math.floor(cap + 1e-9)), surplus
-        q = PriceQuote(log_price=math.log(lam), log_fill_price=math.log(lam), **base)
+        q = PriceQuote(log_price=math.log(nu), log_fill_price=math.log(nu), reservation_share=theta, **base)
+        assert math.isclose(q.shadow_price, lam) and math.isclose(q.reservation_price, mu)
         got = caps_at_quote(policy, q, [tau], weights=[w], length_bins=[k], lengths=hists, context_limit_tokens=t_max)
-        assert got[0] == best_cap, (tau, k, w, lam, t_max)
+        assert got[0] == best_cap, (tau, k, w, nu, theta, t_max)
         checked += best_cap > 0
     assert 50 < checked < 300  # both abandonments and caps were checked
+
+
+def test_a_quote_with_requests_in_flight_carries_the_reservation_price_and_gives_the_window_its_caps():
+    """With a bound on the mean cap that the window's caps break, the quote carries the clearing's
+    reservation share; each row re-priced from the quote alone gets the cap that clearing gave it (a
+    marginal upgrade excepted), and those caps keep the bound. Without the bound the same window's quote
+    has no reservation price, and its caps break the bound."""
+    from clear_core.empirical_market import EmpiricalLengths
+
+    policy = parse_policy("clear-cost-emp")
+    rng = np.random.default_rng(21)
+    hists = _histograms(rng)
+    binding, upgraded = 0, 0
+    for _ in range(40):
+        n = int(rng.integers(THIN_WINDOW_ROWS, 200))
+        rows = _emp_window(rng, n, len(hists))
+        b = float(rng.choice([256, 1024, 4096]))
+        tau, w, bins = rows[:, 0], rows[:, 3], rows[:, 4].astype(int)
+        lengths = EmpiricalLengths(hists, bins)
+        free = policy.allocate(tau, b * n, context_limit_tokens=T_MAX, weights=w, lengths=lengths).caps
+        bound = 0.5 * free[free > 0].mean()
+        cleared = policy.allocate(tau, b * n, context_limit_tokens=T_MAX, weights=w, lengths=lengths,
+                                  mean_cap_budget=bound)
+        quote = quote_window(policy, rows, b, T_MAX, lengths=hists, mean_cap_budget=bound)
+        assert quote.mean_cap_budget == bound
+        assert math.isclose(quote.reservation_price, cleared.reservation_price, rel_tol=1e-9)
+        assert math.isclose(quote.shadow_price, cleared.shadow_price, rel_tol=1e-9, abs_tol=1e-300)
+        if quote.reservation_share > 0:
+            binding += 1
+            assert quote.reservation_share <= 1
+        quoted = caps_at_quote(policy, quote, tau, weights=w, length_bins=bins, lengths=hists,
+                               context_limit_tokens=T_MAX)
+        off = np.flatnonzero(quoted != cleared.caps)
+        assert (quoted[off] < cleared.caps[off]).all()
+        upgraded += off.size
+        assert quoted[quoted > 0].sum() <= bound * (free > 0).sum() + 1e-6
+        unbound = quote_window(policy, rows, b, T_MAX, lengths=hists)
+        assert unbound.reservation_share == 0.0 and unbound.reservation_price == 0.0
+        loose = caps_at_quote(policy, unbound, tau, weights=w, length_bins=bins, lengths=hists,
+                              context_limit_tokens=T_MAX)
+        if quote.reservation_share > 0:  # the bound binds: without it the caps break it
+            assert loose[loose > 0].mean() > bound
+    assert binding >= 30 and upgraded <= 40
 
 
 def test_a_thin_empirical_window_prices_a_request_as_the_central_market_does():
