@@ -11,8 +11,11 @@ lease, and the allocator re-clears the window on every report.
 Both replay the same streams of the pool in the same order (oracle-noise
 predictions, ``sigma`` 0.5; ``clear-cost-emp`` prices each prediction on its
 bin's length histogram, calibrated out of fold as in ``clear-llm bench``),
-one request at a time, each settled at once with
-the tokens it generates, ``min(recorded length, cap)``; a query is solved iff
+one request at a time, each settled with the tokens it generates,
+``min(recorded length, cap)``, ``--in-flight`` arrivals after its own (0: at
+once; with requests in flight both modes price the caps they hold, the lease
+mode from the open requests each replica reports, unless
+``--unreported-in-flight`` leaves that out as replicas did before); a query is solved iff
 its cap covers its recorded length and the answer is correct. The per-query
 budget has one block for the stream (``N * b``). Printed per (policy, budget):
 accuracy of both, the gap in points, allocated and generated tokens against
@@ -21,6 +24,7 @@ any command (the invariant: never above 0). The last line is one JSON object.
 
     python benchmarks/online_price.py                          # 3 seeds x 4 streams x 4 budgets
     python benchmarks/online_price.py --replicas 4 --sync-every 32
+    python benchmarks/online_price.py --policies clear-cost-emp --in-flight 32
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +43,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from clear_core.budget import PerQueryBudget  # noqa: E402
-from clear_core.cli_args import HelpFormatter, add_list_argument, positive_int, run_command  # noqa: E402
+from clear_core.cli_args import HelpFormatter, add_list_argument, non_negative_int, positive_int, run_command  # noqa: E402
 from clear_core.lease import IngressMarket, answer_report  # noqa: E402
 from clear_core.ledger import TokenLedger  # noqa: E402
 from clear_core.online_market import DEFAULT_WINDOW_SIZE, OnlineMarket  # noqa: E402
@@ -62,36 +67,50 @@ def _length_args(policy, bins, i) -> dict:
     return {"length_bin": int(bins[i])} if policy.uses_lengths else {}
 
 
-def central_run(policy, tau, sigma, tokens, correct, b, refund, window, lengths=(), bins=None):
+def central_run(policy, tau, sigma, tokens, correct, b, refund, window, lengths=(), bins=None, in_flight=0):
     clock = Clock()
     ledger = TokenLedger(PerQueryBudget(tokens_per_query=b, window_queries=len(tau), refund_unused=refund), clock)
     market = OnlineMarket(policy, ledger, window_size=window, context_limit_tokens=POOL_GENERATION_CAP_TOKENS,
                           lengths=lengths)
     caps = np.zeros(len(tau), dtype=np.int64)
     worst = -np.inf
+    running: deque = deque()
     t0 = time.perf_counter()
     for i in range(len(tau)):
         clock.t = float(i)
         d = market.request(str(i), float(tau[i]), log_sigma=sigma, **_length_args(policy, bins, i))
         if d.admitted:
             caps[i] = d.cap_tokens
-            market.settle(str(i), int(min(tokens[i], d.cap_tokens)))
+            running.append(i)
+        while running and (running[0] <= i - in_flight or i == len(tau) - 1):  # ends in_flight arrivals later
+            j = running.popleft()
+            market.settle(str(j), int(min(tokens[j], caps[j])))
         st = ledger.state()
         worst = max(worst, st.reserved + st.leased + st.spent - st.granted)
     return caps, worst, time.perf_counter() - t0, ledger.state()
 
 
 def lease_run(policy, tau, sigma, tokens, correct, b, refund, window, replicas, sync_every, block, lengths=(),
-              bins=None):
+              bins=None, in_flight=0, report_open=True):
     clock = Clock()
     ledger = TokenLedger(PerQueryBudget(tokens_per_query=b, window_queries=len(tau), refund_unused=refund), clock)
     market = OnlineMarket(policy, ledger, window_size=window, context_limit_tokens=POOL_GENERATION_CAP_TOKENS,
                           lengths=lengths)
     ingress = [IngressMarket(policy, f"r{k}", refund, POOL_GENERATION_CAP_TOKENS, lease_block_tokens=block,
                              lengths=lengths) for k in range(replicas)]
+
+    def report(m, extra=0):
+        rep = m.report(extra_tokens=extra)
+        if not report_open:
+            rep.in_flight = 0  # a replica that does not say how many requests are open in its lease
+        reply = answer_report(market, rep)
+        m.apply(reply)
+        return reply
+
     for m in ingress:
-        m.apply(answer_report(market, m.report()))
+        report(m)
     caps = np.zeros(len(tau), dtype=np.int64)
+    running: deque = deque()
     since = [0] * replicas
     worst, syncs = -np.inf, 0
     t0 = time.perf_counter()
@@ -103,21 +122,23 @@ def lease_run(policy, tau, sigma, tokens, correct, b, refund, window, replicas, 
         refill = 0.0
         short = m.shortfall(ask)
         if short:  # the cap does not fit the lease: report now and ask for more
-            reply = answer_report(market, m.report(extra_tokens=short))
-            m.apply(reply)
+            reply = report(m, short)
             refill, syncs = reply.refill_s, syncs + 1
         d = m.admit(ask, str(i), refill_s=refill)
         if d.admitted:
             caps[i] = d.cap_tokens
-            m.settle(str(i), int(min(tokens[i], d.cap_tokens)))
+            running.append(i)
+        while running and (running[0] <= i - in_flight or i == len(tau) - 1):
+            j = running.popleft()
+            ingress[j % replicas].settle(str(j), int(min(tokens[j], caps[j])))
         since[k] += 1
         if since[k] >= sync_every:
-            m.apply(answer_report(market, m.report()))
+            report(m)
             since[k], syncs = 0, syncs + 1
         st = ledger.state()
         worst = max(worst, st.reserved + st.leased + st.spent - st.granted)
     for m in ingress:  # the last reports: every token accounted for
-        m.apply(answer_report(market, m.report()))
+        report(m)
     return caps, worst, time.perf_counter() - t0, ledger.state(), syncs
 
 
@@ -135,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=positive_int, default=2, help="ingress replicas (round robin)")
     p.add_argument("--sync-every", type=positive_int, default=4, help="arrivals per replica between reports")
     p.add_argument("--lease-block", type=positive_int, default=16384, help="lease each replica tries to hold, tokens")
+    p.add_argument("--in-flight", type=non_negative_int, default=0, help="arrivals between a request's own and its end")
+    p.add_argument("--unreported-in-flight", action="store_true",
+                   help="replicas do not report the requests open in their leases (no reservation price in quotes)")
     return p
 
 
@@ -161,10 +185,12 @@ def run(args) -> int:
                         inp = stream_inputs(preds, s)
                         tau, extra = inp.raw, {"lengths": inp.histograms, "bins": inp.bins}
                     c_caps, c_worst, c_t, c_st = central_run(policy, tau, args.sigma, s.tokens, s.correct, b, refund,
-                                                             args.window, **extra)
+                                                             args.window, in_flight=args.in_flight, **extra)
                     l_caps, l_worst, l_t, l_st, n_sync = lease_run(policy, tau, args.sigma, s.tokens, s.correct, b,
                                                                    refund, args.window, args.replicas,
-                                                                   args.sync_every, args.lease_block, **extra)
+                                                                   args.sync_every, args.lease_block,
+                                                                   in_flight=args.in_flight,
+                                                                   report_open=not args.unreported_in_flight, **extra)
                     acc_c.append(float(np.mean((c_caps >= s.tokens) & s.correct)))
                     acc_l.append(float(np.mean((l_caps >= s.tokens) & s.correct)))
                     worst = max(worst, c_worst, l_worst)
@@ -191,7 +217,8 @@ def run(args) -> int:
                   f"{row['lease_generated_per_budget']:.3f}  max overshoot {row['max_overshoot_tokens']:.0f}  "
                   f"decisions/s {row['central_decisions_per_s']:.0f} / {row['lease_decisions_per_s']:.0f}", flush=True)
     print(json.dumps({"replicas": args.replicas, "sync_every": args.sync_every, "lease_block": args.lease_block,
-                      "window": args.window, "n": args.n, "rows": rows}))
+                      "window": args.window, "n": args.n, "in_flight": args.in_flight,
+                      "unreported_in_flight": args.unreported_in_flight, "rows": rows}))
     return 0
 
 
