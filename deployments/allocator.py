@@ -272,6 +272,8 @@ class Allocator:
                 "spent_tokens": st.spent,
                 "granted_tokens": st.granted,
                 "in_flight_reservations": st.in_flight,
+                # requests open inside the ingress replicas' leases, as they last reported (decisions: ingress)
+                "lease_in_flight_requests": self.market.in_flight() - st.in_flight,
                 "shadow_price": self.market.last_price,
                 "reservation_price": self.market.last_reservation_price,
                 "decisions": self.config.decisions,

@@ -71,6 +71,7 @@ def test_requests_are_decided_and_settled_locally_and_reach_the_books_with_the_n
     assert st["spent_tokens"] == 5 * 4 * CHUNK_TOKENS  # a refunding budget charges what was generated
     assert st["allocated_tokens_total"] == 5 * 50 and st["invariant_holds"] and st["books_reconcile"]
     assert st["leased_tokens"] == ing.leases.market.lease.held > 0
+    assert st["lease_in_flight_requests"] == 0  # every request had ended before the last report
     assert st["tenants"]["default"]["admitted"] == 5
 
 
