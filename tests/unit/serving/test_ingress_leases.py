@@ -114,7 +114,8 @@ def test_without_an_allocator_a_replica_with_no_quote_answers_503_and_one_with_a
 
 def test_a_lapsed_lease_is_taken_back_and_the_replica_opens_a_new_one():
     async def run():
-        cfg, alloc, handle, ing = _setup(allocator={"lease_ttl_s": 0.05})
+        # A report renews the lease: the background loop must not report while the replica is "cut off".
+        cfg, alloc, handle, ing = _setup(allocator={"lease_ttl_s": 0.05, "report_interval_s": 5.0})
         await ing._complete(make_request(chat()), "chat")
         await ing.leases.sync()
         old = ing.leases.owner
