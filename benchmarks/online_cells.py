@@ -73,7 +73,8 @@ def run(args) -> int:
     policy = parse_policy(args.policy)
     limit = POOL_GENERATION_CAP_TOKENS
     print(f"{policy.name} served online vs the best of the 3 uniform baselines ({args.predictions})")
-    print("| stream | b | seed | accuracy | best uniform | gap | generated / bN | lost (problems) | won | lost in the last 10 |")
+    print("| stream | b | seed | accuracy | best uniform | gap | generated / bN | lost (problems) | won "
+          "| lost in the last 10 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     details = []
     for name, b in args.cells:
@@ -95,8 +96,10 @@ def run(args) -> int:
             gaps.append(gap)
             lost, won = np.flatnonzero(~solved & fill), np.flatnonzero(solved & ~fill)
             ids = list(stream.problem_ids)
+            problems_lost = len({ids[i] for i in lost})
             print(f"| {name} | {b} | {seed} | {100 * solved.mean():.1f} | {100 * best:.1f} | {gap:+.1f} | "
-                  f"{generated / (b * n):.3f} | {lost.size} ({len({ids[i] for i in lost})}) | {won.size} | {int((lost >= n - 10).sum())} |")
+                  f"{generated / (b * n):.3f} | {lost.size} ({problems_lost}) | {won.size} | "
+                  f"{int((lost >= n - 10).sum())} |")
             bins = told.bins if told.bins is not None else np.zeros(n, dtype=np.int64)
             per_fold = max(len(told.histograms) // max(predictions.folds, 1), 1)
             row = (lambda i: f"#{i} {ids[i]} bin {bins[i] % per_fold} raw {told.raw[i]:.0f} cap {caps[i]} "

@@ -227,8 +227,9 @@ class IngressMarket:
         """
         q = ask.quote
         quote = dict(market_cap_tokens=ask.market_cap_tokens, shadow_price=q.shadow_price,
-                     reservation_price=q.reservation_price, threshold_tokens=ask.threshold_tokens, budget_per_query_tokens=q.budget_per_query_tokens,
-                     window_size=q.window_size, new_arrival=ask.new_arrival, tenant=ask.tenant)
+                     reservation_price=q.reservation_price, threshold_tokens=ask.threshold_tokens,
+                     budget_per_query_tokens=q.budget_per_query_tokens, window_size=q.window_size,
+                     new_arrival=ask.new_arrival, tenant=ask.tenant)
         if ask.market_cap_tokens <= 0:
             return self._abandon(ask, DecisionReason.INSOLVENT, quote, q.turnover_s, math.inf)
         cap, reason = ask.cap_tokens, DecisionReason.ADMITTED
