@@ -13,6 +13,7 @@ from clear_core.cli_args import (
     positive_int, split_items,
 )
 from clear_core.calibration import DEFAULT_SHRINK
+from clear_core.empirical_market import SMOOTHING_LOG
 from clear_core.errors import InvalidInputError
 from clear_core.policies import POLICIES, parse_policy_list
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, STREAM_FAMILIES, load_pool, pool_streams
@@ -66,6 +67,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--cost-shrink", type=non_negative_float, default=None,
                    help="an experiment: the same prior with this strength for what a cap costs (clear-cost-emp; "
                    "default: --shrink for both)")
+    p.add_argument("--smoothing", type=non_negative_float, default=SMOOTHING_LOG,
+                   help="width, in ln length, of the Gaussian kernel that smooths each calibration bin's length "
+                   "histogram (clear-cost-emp)")
     p.add_argument("--k", type=positive_int, default=5, help="trajectories per query with --protocol best-of-k | "
                    "sequential; --budgets are then totals per query")
     add_list_argument(p, "--budgets", kind=positive_int, what="positive token counts", metavar="TOKENS",
@@ -104,7 +108,8 @@ def run_bench(args) -> int:
     if calibration is None:
         calibration = "none" if args.predictions == "oracle" else "binned"
     predictions = parse_predictions(args.predictions, args.log_sigma, calibration=calibration, problems=problems,
-                                    shrink=args.shrink, cost_shrink=args.cost_shrink)
+                                    shrink=args.shrink, cost_shrink=args.cost_shrink,
+                                    smoothing=args.smoothing)
     make_dir(args.out)
 
     dump = (args.out / "allocations.jsonl").open("w") if args.dump_allocations else None

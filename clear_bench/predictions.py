@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from clear_core.calibration import DEFAULT_BINS, DEFAULT_FOLDS, DEFAULT_SHRINK, Calibration, fit_calibration, fold_of
-from clear_core.empirical_market import EmpiricalLengths
+from clear_core.empirical_market import SMOOTHING_LOG, EmpiricalLengths
 from clear_core.errors import InvalidInputError
 from clear_core.predictions import read_predictions
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Stream, log_noise, pool_queries, query_weights
@@ -63,6 +63,7 @@ class Predictions:
     folds: int = DEFAULT_FOLDS
     shrink: float = DEFAULT_SHRINK  # prior strength of the bins' length histograms (fit_calibration)
     cost_shrink: float | None = None  # prior strength of what a cap costs, when it differs (fit_calibration)
+    smoothing: float = SMOOTHING_LOG  # kernel width (ln length) of the bins' length histograms (fit_calibration)
     _fitted: dict = field(default_factory=dict, compare=False, repr=False)  # stream name -> fold calibrations
 
     def fold_calibrations(self, stream: Stream) -> tuple[Calibration, ...]:
@@ -75,7 +76,7 @@ class Predictions:
             self._fitted[stream.name] = tuple(
                 fit_calibration(pred[fold != f], obs[fold != f], bins=bins, weights=weights[fold != f],
                                 censor_tokens=POOL_GENERATION_CAP_TOKENS, correct=ok[fold != f], shrink=self.shrink,
-                                cost_shrink=self.cost_shrink,
+                                cost_shrink=self.cost_shrink, smoothing=self.smoothing,
                                 clusters=np.asarray(groups)[fold != f])
                 for f in range(self.folds)
             )
@@ -142,14 +143,15 @@ class Predictions:
 
 def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration: str = "none",
                       problems=None, folds: int = DEFAULT_FOLDS, shrink: float = DEFAULT_SHRINK,
-                      cost_shrink: float | None = None) -> Predictions:
+                      cost_shrink: float | None = None, smoothing: float = SMOOTHING_LOG) -> Predictions:
     """Parse ``oracle``, ``oracle-noise:SIGMA`` or a path to a predictions JSONL.
 
     ``calibration`` ``binned`` / ``global`` calibrates out of fold against the
     samples of ``problems`` (module docstring); ``log_sigma`` overrides the
     single spread of ``none``; ``shrink`` is the prior strength of the
-    calibration bins' length histograms and ``cost_shrink`` that of what a cap
-    costs (:func:`clear_core.calibration.fit_calibration`).
+    calibration bins' length histograms, ``cost_shrink`` that of what a cap
+    costs and ``smoothing`` the kernel width of the histograms
+    (:func:`clear_core.calibration.fit_calibration`).
     """
     if calibration not in CALIBRATIONS:
         raise InvalidInputError("calibration", calibration, f"expected one of {CALIBRATIONS}")
@@ -178,7 +180,8 @@ def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration:
         if calibration == "none":
             return base
         pairs = _file_pairs(problems, table.thresholds, spec)
-    return Predictions(spec, base.kind, base.sigma, base.table, calibration, pairs, folds, shrink, cost_shrink)
+    return Predictions(spec, base.kind, base.sigma, base.table, calibration, pairs, folds, shrink, cost_shrink,
+                       smoothing)
 
 
 def _file_pairs(problems, thresholds: dict[str, float], spec: str):

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr
 
-from clear_core.empirical_market import LengthHistogram
+from clear_core.empirical_market import SMOOTHING_LOG, LengthHistogram
 from clear_core.errors import InvalidInputError
 
 #: Default number of bins of predicted log length, and the fewest residuals a bin may have.
@@ -107,7 +107,7 @@ class Calibration:
 
 def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tokens: float | None = None,
                     weights=None, correct=None, shrink: float = DEFAULT_SHRINK, clusters=None,
-                    cost_shrink: float | None = None) -> Calibration:
+                    cost_shrink: float | None = None, smoothing: float = SMOOTHING_LOG) -> Calibration:
     """Fit bias, spread and runaway share per quantile bin of ``ln predicted``.
 
     ``predicted`` and ``observed`` are token counts, one pair per query (a
@@ -134,6 +134,9 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
     evidence about the next problem). A bin of a
     few dozen hard problems then keeps the chance of a short answer that the
     whole population shows, instead of trusting its own few samples.
+
+    ``smoothing``: the kernel width, in ln length, that smooths each histogram
+    (:meth:`clear_core.empirical_market.LengthHistogram.fit`).
 
     ``cost_shrink`` (an experiment, off by default): the same prior with this
     strength for what a cap *costs* (``LengthHistogram.cost``), while ``shrink``
@@ -188,11 +191,11 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
         centre = float(np.average(p[g], weights=w[g]))
         hist = None
         if correct is not None:
-            hist = LengthHistogram.fit(resid[g], ok[g], ran[g], w[g])
+            hist = LengthHistogram.fit(resid[g], ok[g], ran[g], w[g], smoothing=smoothing)
             if shrink > 0 or cost_shrink is not None:
                 per = np.bincount(cluster[g], weights=w[g])  # weight of each cluster in the bin
                 n_eff = float(per.sum() ** 2 / np.square(per).sum())
-                prior = LengthHistogram.fit(d - centre, ok, ran, w)  # every length, as if predicted at the centre
+                prior = LengthHistogram.fit(d - centre, ok, ran, w, smoothing=smoothing)  # every length, as if predicted at the centre
                 own = hist
                 hist = hist.mixed(prior, shrink / (n_eff + shrink))
                 if cost_shrink is not None:

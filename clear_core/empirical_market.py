@@ -79,9 +79,12 @@ from clear_core.market import validate_budget, validate_context_limit, validate_
 
 #: Upper edges of the cells of ln(length / prediction): caps are tau_hat * exp(u_g).
 LOG_RATIO_GRID = np.round(np.arange(-4.0, 9.0 + 1e-9, 1.0 / 32.0), 10)
-#: Kernel width (in ln length) that smooths a bin's histogram: a few hundred samples leave gaps,
-#: and a gap in the value curve would read as "a longer cap never helps".
-SMOOTHING_LOG = 0.2
+#: Default kernel width (in ln length) that smooths a bin's histogram: a few hundred samples leave gaps,
+#: and a gap in the value curve would read as "a longer cap never helps". Wider than the held-out likelihood
+#: of lengths asks for (0.1-0.2): a market sets caps at the upper edge of a mode of the bin's lengths, and a
+#: new problem's mode sits a little off its neighbours'; 0.25 moves those caps past the edge (README,
+#: "What the prior costs, and what was tried against it").
+SMOOTHING_LOG = 0.25
 _LEVELS = int(math.ceil(math.log2(LOG_RATIO_GRID.size + 2)))
 #: The reservation prices' share theta = mu / (lam + mu) is searched on this grid (module docstring).
 RESERVATION_SHARES = np.round(np.arange(0.0, 1.0 + 1e-9, 1.0 / 32.0), 10)
@@ -118,16 +121,20 @@ class LengthHistogram:
         return np.asarray(self.cost) if self.cost else np.asarray(self.correct) + np.asarray(self.wrong)
 
     @classmethod
-    def fit(cls, log_ratio, correct, runaway, weights=None) -> LengthHistogram:
-        """From samples: ``log_ratio`` = ln(length / prediction), ``correct`` and ``runaway`` flags."""
+    def fit(cls, log_ratio, correct, runaway, weights=None, smoothing: float = SMOOTHING_LOG) -> LengthHistogram:
+        """From samples: ``log_ratio`` = ln(length / prediction), ``correct`` and ``runaway`` flags; the
+        finished masses smoothed by a Gaussian kernel of width ``smoothing`` in ln length (0: none)."""
+        if not (math.isfinite(smoothing) and smoothing >= 0):
+            raise InvalidInputError("smoothing", smoothing, "must be finite and >= 0")
         r = np.asarray(log_ratio, dtype=float)
         w = np.ones(r.size) if weights is None else np.asarray(weights, dtype=float)
         ran = np.asarray(runaway, dtype=bool) | (r > LOG_RATIO_GRID[-1])
         ok = np.asarray(correct, dtype=bool) & ~ran
         cell = np.minimum(np.searchsorted(LOG_RATIO_GRID, r, side="left"), LOG_RATIO_GRID.size - 1)
         total = w.sum()
-        good = _smooth(np.bincount(cell[ok], weights=w[ok], minlength=LOG_RATIO_GRID.size)) / total
-        bad = _smooth(np.bincount(cell[~ok & ~ran], weights=w[~ok & ~ran], minlength=LOG_RATIO_GRID.size)) / total
+        good = _smooth(np.bincount(cell[ok], weights=w[ok], minlength=LOG_RATIO_GRID.size), smoothing) / total
+        bad = _smooth(np.bincount(cell[~ok & ~ran], weights=w[~ok & ~ran], minlength=LOG_RATIO_GRID.size),
+                      smoothing) / total
         runaway = max(0.0, float(w[ran].sum() / total))
         scale = (1.0 - runaway) / max(good.sum() + bad.sum(), 1e-300)  # exact sum 1 after smoothing
         return cls(tuple((good * scale).tolist()), tuple((bad * scale).tolist()), runaway)
@@ -154,11 +161,14 @@ class LengthHistogram:
         return cls(tuple(d["correct"]), tuple(d["wrong"]), float(d["runaway"]), tuple(d.get("cost", ())))
 
 
-def _smooth(mass: np.ndarray) -> np.ndarray:
-    """Gaussian kernel smoothing of cell masses (mass kept: what falls off the grid's ends is put back)."""
+def _smooth(mass: np.ndarray, width: float) -> np.ndarray:
+    """Gaussian kernel smoothing of cell masses, ``width`` in ln length (mass kept: what falls off the
+    grid's ends is put back)."""
+    if width <= 0:
+        return np.asarray(mass, dtype=float)
     step = LOG_RATIO_GRID[1] - LOG_RATIO_GRID[0]
-    half = int(math.ceil(3 * SMOOTHING_LOG / step))
-    k = np.exp(-0.5 * (np.arange(-half, half + 1) * step / SMOOTHING_LOG) ** 2)
+    half = int(math.ceil(3 * width / step))
+    k = np.exp(-0.5 * (np.arange(-half, half + 1) * step / width) ** 2)
     out = np.convolve(mass, k / k.sum(), mode="same")
     return out * (mass.sum() / out.sum()) if out.sum() > 0 else out
 

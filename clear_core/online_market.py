@@ -64,6 +64,30 @@ were already back, takes the whole block in a few dozen caps, and every
 request that arrives while they run is abandoned at once, so the clients
 burn through their queries (README, "Requests in flight").
 
+The end of a block
+------------------
+The window market prices expected tokens, which is right while many
+arrivals share what is left of a per-query block: one generation that runs
+to its cap moves the paced budget of each of the others a little. Near the
+block's end a handful of arrivals share it, and one long cap (with the
+block underspent, pacing offers the last arrivals a generous ``b``) can take
+what all of them needed: in the bench's streams, the last arrivals of a
+block were abandoned after one request 10 arrivals from the end reserved
+5,547 of the 7,250 tokens left (and generated all of them). So in a
+per-query block (paced) a cap may hold at most what leaves every later
+arrival of the block :data:`BLOCK_RESERVE_SHARE` of the paced budget,
+``available - share * (arrivals still to come) * b``; a request whose
+market cap is larger gets its best response at the clearing's prices among
+the caps within that bound (:func:`clear_core.empirical_market.caps_at_log_price_empirical`
+with the bound as its context limit), or is abandoned as insolvent when no
+cap within it is worth its price. Well inside a block the bound is about
+half the pool and never binds. It applies to the markets that price length
+histograms (``clear-cost-emp``, the serving default; the others keep their
+cap), and not to a token bucket, which refills instead of ending. It is
+the allocator's rule for its own decisions: with ``decisions: ingress`` the
+replicas price from quotes against their leases (:mod:`clear_core.lease`),
+and a lease is at most a quarter of what is left of the pool.
+
 Tenants
 -------
 Per-tenant counters (:class:`TenantStats`: admitted, abandoned, tokens
@@ -104,8 +128,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clear_core.budget import Budget
-from clear_core.empirical_market import checked_length_bins
+from clear_core.budget import Budget, PerQueryBudget
+from clear_core.empirical_market import EmpiricalLengths, caps_at_log_price_empirical, checked_length_bins
 from clear_core.errors import InvalidInputError
 from clear_core.ledger import Settlement, TokenLedger
 from clear_core.policies import Policy
@@ -127,6 +151,9 @@ DEFAULT_OUTCOME_WINDOW = 200
 COST_WINDOW = 256
 MIN_COST_SAMPLES = 20
 MAX_CAP_COST_RATIO = 8.0
+#: At the end of a per-query block, each later arrival keeps at least this share of the paced budget
+#: (module docstring, "The end of a block"); chosen on the bench's served streams (README).
+BLOCK_RESERVE_SHARE = 0.5
 
 
 #: Requests whose tenant is remembered until they settle (older ones are forgotten first).
@@ -295,6 +322,7 @@ class OnlineMarket:
     tenant_weights: dict = field(default_factory=dict)  # tenant -> weight in the utility (others: 1)
     lengths: tuple = ()  # clear-cost-emp: the calibration's LengthHistograms that requests' length_bin index
     price_in_flight: bool = True  # price the caps held while in flight (prices_reservations policies; module docstring)
+    block_reserve: float = BLOCK_RESERVE_SHARE  # share of the paced budget each later arrival of a block keeps (0: off)
     _window: DemandWindow = field(init=False, repr=False)  # (threshold, spread, runaway share, weight) per arrival
     _times: deque = field(init=False, repr=False)
     _outcomes: deque = field(init=False, repr=False)
@@ -321,6 +349,8 @@ class OnlineMarket:
         self._open_seen: deque = deque(maxlen=max(self.window_size, 1))  # open reservations at recent arrivals
         self._lease_in_flight: dict[str, int] = {}  # owner -> open reservations inside its lease (its last report)
         self._last_share: float | None = None  # the last clearing's reservation share theta (a search hint)
+        if not (isinstance(self.block_reserve, (int, float)) and 0 <= self.block_reserve <= 1):
+            raise InvalidInputError("block_reserve", self.block_reserve, "must be in [0, 1]")
         for t, w in self.tenant_weights.items():
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
                 raise InvalidInputError(f"tenant_weights[{t}]", w, "must be finite and > 0")
@@ -384,6 +414,32 @@ class OnlineMarket:
         if not (self.price_in_flight and self.policy.prices_reservations) or k == 0:
             return None
         return float(max(self.ledger.unspent(now), 0) / (k + 1))
+
+    def block_bound(self, b: float, now: float) -> float | None:
+        """The most one cap may hold near the end of a per-query block: the pool less ``block_reserve``
+        times the paced budget ``b`` for each later arrival of the block; None where it does not apply
+        (module docstring, "The end of a block")."""
+        budget = self.budget
+        if not (self.block_reserve > 0 and self.pace and self.policy.uses_lengths
+                and isinstance(budget, PerQueryBudget)):
+            return None
+        later = budget.remaining_in_block(self.ledger.arrivals) - 1
+        return float(self.ledger.available(now) - self.block_reserve * later * b)
+
+    def _cap_within(self, alloc, demand: np.ndarray, bound: float) -> int:
+        """The arriving request's (the last row of ``demand``) best response at ``alloc``'s prices among
+        the caps up to ``bound``: 0 when none of them is worth its price."""
+        if bound < 1:
+            return 0
+        nu = float(alloc.shadow_price) + float(alloc.reservation_price)  # the price on the combined cost
+        nu = nu if math.isfinite(nu) else 0.0
+        limit = bound if self.context_limit_tokens is None else min(bound, float(self.context_limit_tokens))
+        row = demand[-1]
+        cap = caps_at_log_price_empirical(
+            row[:1], lengths=EmpiricalLengths(tuple(self.lengths), np.array([int(row[4])])),
+            log_price=math.log(nu) if nu > 0 else -math.inf, full_context=False, weights=row[3:4],
+            context_limit_tokens=limit, reservation_share=float(alloc.reservation_price) / nu if nu > 0 else 0.0)
+        return int(min(cap[0], math.floor(bound)))
 
     def cap_cost_ratio(self) -> float:
         """Tokens of cap per token actually charged, over recent settlements (refunds to the pool).
@@ -492,6 +548,9 @@ class OnlineMarket:
         self._last_share = (alloc.reservation_price / (alloc.reservation_price + alloc.shadow_price)
                             if alloc.reservation_price > 0 else None)
         market_cap = int(alloc.caps[-1])
+        bound = self.block_bound(b, now)
+        if bound is not None and market_cap > bound:  # the end of a block (module docstring)
+            market_cap = self._cap_within(alloc, demand, bound)
         cap = market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens))
         quote = dict(
             market_cap_tokens=market_cap, shadow_price=price, reservation_price=self.last_reservation_price,

@@ -28,6 +28,7 @@ from clear_core.calibration import (
     quantile_coverage,
     quantile_coverage_error,
 )
+from clear_core.empirical_market import SMOOTHING_LOG
 from clear_core.errors import InvalidInputError
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS
 from clear_predictor.baselines import PromptLengthBaseline
@@ -136,6 +137,7 @@ def fit_head(
         "format": HEAD_FORMAT,
         "target": TARGET,
         "calibration": {"bins": int(bins), "censor_tokens": float(censor_tokens), "shrink": float(DEFAULT_SHRINK),
+                        "smoothing": float(SMOOTHING_LOG),
                         "fitted_on": "out-of-fold predictions, one (prediction, observed tokens) pair per sample"},
         "training": {"n_problems": len(data), "n_queries": int(sum(len(t) for t in data.sample_tokens)),
                      "folds": int(folds), "seed": int(seed), "fold_grouping": "problem id (predictor crossval)",

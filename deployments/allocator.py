@@ -111,6 +111,7 @@ class Allocator:
             context_limit_tokens=max_completion_tokens,
             min_rate_span_s=self.config.min_rate_span_s,
             pace=self.config.pace_budget,
+            block_reserve=self.config.block_reserve_share,
             outcome_window=self.config.abandonment_window_requests,
             tenant_weights=dict(self.config.tenant_weights),
             lengths=self.calibration.histograms if self.calibration is not None else (),

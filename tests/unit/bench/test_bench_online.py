@@ -155,3 +155,18 @@ def test_online_rows_with_requests_in_flight_carry_the_served_uniform_baseline(o
     assert "## `clear-cost` against uniform caps served with the same requests in flight" in md
     single = _rows(online_out / "single")
     assert all(r["uniform_served_accuracy"] is None for r in single.values())
+
+
+def test_the_bench_s_smoothing_reaches_every_bin_s_histogram():
+    from clear_bench.predictions import parse_predictions
+
+    problems = load_pool(MAIN_POOL)
+    stream = make_stream(problems, "balanced", 50, 0)
+    cells = {}
+    for width in (0.0, 0.375):
+        cals = parse_predictions("oracle-noise:0.5", calibration="binned", problems=problems,
+                                 smoothing=width).fold_calibrations(stream)
+        cells[width] = [int((np.asarray(h.correct) + np.asarray(h.wrong) > 1e-12).sum())
+                        for c in cals for h in c.histograms]
+    assert all(a < b for a, b in zip(cells[0.0], cells[0.375])), cells
+    assert main(["bench", "--traces", str(MAIN_POOL), "--smoothing", "-1", "--out", "unused"]) == 2

@@ -127,8 +127,9 @@ def test_shrinking_keeps_the_short_answers_of_long_predictions():
     from clear_core.empirical_market import LOG_RATIO_GRID
 
     pred, obs, correct = population(3, n=240)
-    plain = fit_calibration(pred, obs, bins=4, correct=correct, shrink=0.0)
-    shrunk = fit_calibration(pred, obs, bins=4, correct=correct, shrink=200.0)
+    # No kernel: the histograms' masses are then the samples' shares, cell by cell.
+    plain = fit_calibration(pred, obs, bins=4, correct=correct, shrink=0.0, smoothing=0.0)
+    shrunk = fit_calibration(pred, obs, bins=4, correct=correct, shrink=200.0, smoothing=0.0)
     top = len(plain.centres) - 1
     upto = LOG_RATIO_GRID <= np.log(150.0) - plain.centres[top]  # a 150-token cap, relative to the bin's centre
     p_plain = float(np.sum(np.asarray(plain.histograms[top].correct)[upto]))
@@ -136,7 +137,7 @@ def test_shrinking_keeps_the_short_answers_of_long_predictions():
     p_all = float(np.mean((obs <= 150.0) & correct))
     assert p_all > p_plain + 0.01  # the long bin alone says short correct answers are rarer than overall
     w = 200.0 / (plain.n[top] + 200.0)  # the prior's share of the shrunk bin
-    assert p_shrunk == pytest.approx((1 - w) * p_plain + w * p_all, abs=0.01)  # up to the kernel smoothing
+    assert p_shrunk == pytest.approx((1 - w) * p_plain + w * p_all, abs=0.01)  # up to the 150-token cell's edge
 
 
 def test_online_market_prices_empirical_histograms_like_the_batch_clearing():

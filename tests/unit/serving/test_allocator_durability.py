@@ -123,3 +123,12 @@ def test_a_replica_restarted_after_the_last_request_still_recovers_lapsed_reserv
     st = asyncio.run(restarted())
     assert st["restored_after_restart"] and st["in_flight_reservations"] == 0 and st["reserved_tokens"] == 0
     assert st["recovered_reservations_total"] == 1 and st["expired_tokens_total"] == 0
+
+
+def test_the_block_reserve_share_reaches_the_market_and_a_bad_one_is_refused():
+    base = {"policy": "clear", "budget": {"mode": "per_query", "tokens_per_query": 300, "window_queries": 100}}
+    a = Allocator(AllocatorConfig(**base, block_reserve_share=0.25), max_completion_tokens=8192, metrics=False)
+    assert a.market.block_reserve == 0.25
+    assert Allocator(AllocatorConfig(**base), max_completion_tokens=8192, metrics=False).market.block_reserve == 0.5
+    with pytest.raises(ValueError, match="block_reserve_share"):
+        AllocatorConfig(**base, block_reserve_share=1.5)
