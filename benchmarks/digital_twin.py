@@ -134,7 +134,7 @@ def offline_caps(stream: Stream, table_path: Path, pool_path: Path, policy: str,
     lookup = LookupPredictor(str(table_path), str(pool_path))
     tau = np.array([lookup.lookup(p)[0] for p in stream.prompts])
     pol = parse_policy(policy)
-    extra = {"lengths": EmpiricalLengths(calibration.histograms, calibration.bin_of(tau))} if pol.uses_lengths else {}
+    extra = {"lengths": EmpiricalLengths(calibration.histograms, calibration.bin_of(tau))} if pol.prices_length_histograms else {}
     alloc = pol.allocate(tau, b * len(stream), context_limit_tokens=MAX_COMPLETION_TOKENS, log_sigma=sigma,
                          truth=Truth(stream.tokens, stream.correct), **extra)
     return alloc.caps
@@ -142,7 +142,7 @@ def offline_caps(stream: Stream, table_path: Path, pool_path: Path, policy: str,
 
 def prices_generated(policy: str) -> bool:
     """The budget of this policy is one of generated tokens: its caps may sum past N * b (unused parts come back)."""
-    return policy == "uniform-generated" or parse_policy(policy).prices_generated_tokens
+    return policy == "uniform-generated" or parse_policy(policy).charges_generated_tokens
 
 
 def live_policy(policy: str, b: float, stream: Stream) -> tuple[str, float]:
@@ -192,7 +192,7 @@ def service_args(pool_path: Path, table_path: Path, policy: str, b: float, n: in
             "decisions": decisions,
             # A policy that prices generated tokens clears a budget of them: unused caps go back to the pool.
             "budget": {"mode": "per_query", "tokens_per_query": b, "window_queries": n,
-                       "refund_unused": parse_policy(policy).prices_generated_tokens},
+                       "refund_unused": parse_policy(policy).charges_generated_tokens},
         },
         "predictor": {"backend": "lookup", "table_path": str(table_path), "pool_path": str(pool_path),
                       "calibration_path": None if calibration_path is None else str(calibration_path)},
@@ -260,7 +260,7 @@ def run_twin(
     table = write_predictions(problems, sigma, seed + 1, table_path)
     n = len(stream)
     cal_path, cal = None, None
-    if parse_policy(policy).uses_lengths:  # clear-cost-emp: the lookup predictor gets a calibration file
+    if parse_policy(policy).prices_length_histograms:  # clear-cost-emp: the lookup predictor gets a calibration file
         cal_path = workdir / f"calibration-sigma{sigma}-seed{seed}.json"
         cal = write_calibration(problems, table, cal_path)
     caps_off = offline_caps(stream, table_path, pool_path, policy, b, sigma, cal)

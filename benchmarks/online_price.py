@@ -14,8 +14,7 @@ bin's length histogram, calibrated out of fold as in ``clear-llm bench``),
 one request at a time, each settled with the tokens it generates,
 ``min(recorded length, cap)``, ``--in-flight`` arrivals after its own (0: at
 once; with requests in flight both modes price the caps they hold, the lease
-mode from the open requests each replica reports, unless
-``--unreported-in-flight`` leaves that out as replicas did before); a query is solved iff
+mode from the open requests each replica reports); a query is solved iff
 its cap covers its recorded length and the answer is correct. The per-query
 budget has one block for the stream (``N * b``). Printed per (policy, budget):
 accuracy of both, the gap in points, allocated and generated tokens against
@@ -64,7 +63,7 @@ class Clock:
 
 
 def _length_args(policy, bins, i) -> dict:
-    return {"length_bin": int(bins[i])} if policy.uses_lengths else {}
+    return {"length_bin": int(bins[i])} if policy.prices_length_histograms else {}
 
 
 def central_run(policy, tau, sigma, tokens, correct, b, refund, window, lengths=(), bins=None, in_flight=0):
@@ -91,7 +90,7 @@ def central_run(policy, tau, sigma, tokens, correct, b, refund, window, lengths=
 
 
 def lease_run(policy, tau, sigma, tokens, correct, b, refund, window, replicas, sync_every, block, lengths=(),
-              bins=None, in_flight=0, report_open=True):
+              bins=None, in_flight=0):
     clock = Clock()
     ledger = TokenLedger(PerQueryBudget(tokens_per_query=b, window_queries=len(tau), refund_unused=refund), clock)
     market = OnlineMarket(policy, ledger, window_size=window, context_limit_tokens=POOL_GENERATION_CAP_TOKENS,
@@ -101,8 +100,6 @@ def lease_run(policy, tau, sigma, tokens, correct, b, refund, window, replicas, 
 
     def report(m, extra=0):
         rep = m.report(extra_tokens=extra)
-        if not report_open:
-            rep.in_flight = 0  # a replica that does not say how many requests are open in its lease
         reply = answer_report(market, rep)
         m.apply(reply)
         return reply
@@ -157,8 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-every", type=positive_int, default=4, help="arrivals per replica between reports")
     p.add_argument("--lease-block", type=positive_int, default=16384, help="lease each replica tries to hold, tokens")
     p.add_argument("--in-flight", type=non_negative_int, default=0, help="arrivals between a request's own and its end")
-    p.add_argument("--unreported-in-flight", action="store_true",
-                   help="replicas do not report the requests open in their leases (no reservation price in quotes)")
     return p
 
 
@@ -169,7 +164,7 @@ def run(args) -> int:
         if pol not in MODES:
             raise SystemExit(f"error: --policies takes {sorted(MODES)}, not {pol!r}")
         policy, refund = parse_policy(pol), MODES[pol]
-        if policy.uses_lengths:  # the bench's out-of-fold calibration of the noisy oracle, with its histograms
+        if policy.prices_length_histograms:  # the bench's out-of-fold calibration of the noisy oracle, with its histograms
             from clear_bench.online import stream_inputs
             from clear_bench.predictions import parse_predictions
 
@@ -181,7 +176,7 @@ def run(args) -> int:
                     s = make_stream(problems, name, args.n, seed)
                     tau = log_noise(s.tokens.astype(float), args.sigma, seed)
                     extra = {}
-                    if policy.uses_lengths:
+                    if policy.prices_length_histograms:
                         inp = stream_inputs(preds, s)
                         tau, extra = inp.raw, {"lengths": inp.histograms, "bins": inp.bins}
                     c_caps, c_worst, c_t, c_st = central_run(policy, tau, args.sigma, s.tokens, s.correct, b, refund,
@@ -189,8 +184,7 @@ def run(args) -> int:
                     l_caps, l_worst, l_t, l_st, n_sync = lease_run(policy, tau, args.sigma, s.tokens, s.correct, b,
                                                                    refund, args.window, args.replicas,
                                                                    args.sync_every, args.lease_block,
-                                                                   in_flight=args.in_flight,
-                                                                   report_open=not args.unreported_in_flight, **extra)
+                                                                   in_flight=args.in_flight, **extra)
                     acc_c.append(float(np.mean((c_caps >= s.tokens) & s.correct)))
                     acc_l.append(float(np.mean((l_caps >= s.tokens) & s.correct)))
                     worst = max(worst, c_worst, l_worst)
@@ -217,8 +211,7 @@ def run(args) -> int:
                   f"{row['lease_generated_per_budget']:.3f}  max overshoot {row['max_overshoot_tokens']:.0f}  "
                   f"decisions/s {row['central_decisions_per_s']:.0f} / {row['lease_decisions_per_s']:.0f}", flush=True)
     print(json.dumps({"replicas": args.replicas, "sync_every": args.sync_every, "lease_block": args.lease_block,
-                      "window": args.window, "n": args.n, "in_flight": args.in_flight,
-                      "unreported_in_flight": args.unreported_in_flight, "rows": rows}))
+                      "window": args.window, "n": args.n, "in_flight": args.in_flight, "rows": rows}))
     return 0
 
 

@@ -5,7 +5,7 @@ request holds its cap for ``--in-flight`` arrivals, then settles with
 ``min(length, cap)`` (lengths log-normal around the thresholds, so the
 market's model of them is right). The same stream is decided by
 :class:`clear_core.online_market.OnlineMarket` with and without the second
-price (``price_in_flight``), side by side in one process. Printed per policy:
+price (the bound on the mean cap switched off), side by side in one process. Printed per policy:
 the decision latency (p50 / p99, after a warm-up), the decisions whose
 reservation price was above 0, the requests finished within their caps, and
 those abandoned with the bucket held by open caps. Usage:
@@ -46,8 +46,10 @@ def serve(policy: str, priced: bool, args) -> dict:
     ledger = TokenLedger(TokenBucketBudget(tokens_per_s=args.tokens_per_s, burst_tokens=args.burst), lambda: clock[0])
     pol = parse_policy(policy)
     # clear-cost-emp is told the same log-normals, as histograms (one per spread; a request names its own).
-    lengths = tuple(lognormal_histogram(s, RUNAWAY) for s in SIGMAS) if pol.uses_lengths else ()
-    market = OnlineMarket(pol, ledger, context_limit_tokens=CONTEXT_LIMIT, price_in_flight=priced, lengths=lengths)
+    lengths = tuple(lognormal_histogram(s, RUNAWAY) for s in SIGMAS) if pol.prices_length_histograms else ()
+    market = OnlineMarket(pol, ledger, context_limit_tokens=CONTEXT_LIMIT, lengths=lengths)
+    if not priced:  # the same market without its second budget: no bound on the mean cap
+        market.mean_cap_budget = lambda now: None
     which = rng.integers(0, len(SIGMAS), args.requests)
     sigma = np.asarray(SIGMAS)[which]
     tau = np.exp(rng.uniform(5.0, 7.5, args.requests))
@@ -58,7 +60,7 @@ def serve(policy: str, priced: bool, args) -> dict:
     for i in range(args.requests):
         clock[0] = float(i)
         t0 = time.perf_counter()
-        if pol.uses_lengths:
+        if pol.prices_length_histograms:
             d = market.request(str(i), float(tau[i]), length_bin=int(which[i]))
         else:
             d = market.request(str(i), float(tau[i]), log_sigma=float(sigma[i]), runaway=RUNAWAY)

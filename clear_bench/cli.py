@@ -64,9 +64,6 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--shrink", type=non_negative_float, default=DEFAULT_SHRINK,
                    help="strength (pseudo-samples) of the prior each calibration bin's length histogram is shrunk "
                    "towards: every calibration length, as if predicted at the bin's centre (clear-cost-emp)")
-    p.add_argument("--cost-shrink", type=non_negative_float, default=None,
-                   help="an experiment: the same prior with this strength for what a cap costs (clear-cost-emp; "
-                   "default: --shrink for both)")
     p.add_argument("--smoothing", type=non_negative_float, default=SMOOTHING_LOG,
                    help="width, in ln length, of the Gaussian kernel that smooths each calibration bin's length "
                    "histogram (clear-cost-emp)")
@@ -108,8 +105,7 @@ def run_bench(args) -> int:
     if calibration is None:
         calibration = "none" if args.predictions == "oracle" else "binned"
     predictions = parse_predictions(args.predictions, args.log_sigma, calibration=calibration, problems=problems,
-                                    shrink=args.shrink, cost_shrink=args.cost_shrink,
-                                    smoothing=args.smoothing)
+                                    shrink=args.shrink, smoothing=args.smoothing)
     make_dir(args.out)
 
     dump = (args.out / "allocations.jsonl").open("w") if args.dump_allocations else None
@@ -167,7 +163,7 @@ def _online_figure(args, problems, predictions) -> None:
     specs = [p for p in args.policies if parse_policy(p).name not in HINDSIGHT]
     if not specs:
         return
-    spec = next((p for p in specs if parse_policy(p).prices_generated_tokens), specs[0])
+    spec = next((p for p in specs if parse_policy(p).charges_generated_tokens), specs[0])
     stream_name = "balanced" if "balanced" in args.streams else args.streams[0]
     budget = sorted(args.budgets)[len(args.budgets) // 2]
     stream = make_stream(problems, stream_name, args.queries, args.seeds[0])

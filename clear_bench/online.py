@@ -90,19 +90,19 @@ def serve_online(policy: Policy, inputs: StreamInputs, tokens: np.ndarray, budge
     """
     n = len(tokens)
     clock = _Tick()
-    refund = bool(policy.prices_generated_tokens)
+    refund = bool(policy.charges_generated_tokens)
     ledger = TokenLedger(PerQueryBudget(tokens_per_query=budget_per_query, window_queries=n, refund_unused=refund),
                          clock)
     limit = None if context_limit_tokens is None else int(context_limit_tokens)
     market = OnlineMarket(policy, ledger, window_size=window_size, context_limit_tokens=limit,
-                          lengths=inputs.histograms if policy.uses_lengths else ())
+                          lengths=inputs.histograms if policy.prices_length_histograms else ())
     caps = np.zeros(n, dtype=np.int64)
     running: deque = deque()
     for i in range(n):
         clock.t = float(i)
-        if policy.uses_lengths:
+        if policy.prices_length_histograms:
             d = market.request(str(i), float(inputs.raw[i]), length_bin=int(inputs.bins[i]))
-        elif policy.per_query_sigma:
+        elif policy.charges_generated_tokens:
             d = market.request(str(i), float(inputs.median[i]), log_sigma=float(inputs.spread[i]),
                                runaway=float(inputs.runaway[i]))
         else:

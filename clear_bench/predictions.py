@@ -62,7 +62,6 @@ class Predictions:
     calibration_set: tuple | None = None  # (raw predictions, observed lengths, problem ids, problems, correct)
     folds: int = DEFAULT_FOLDS
     shrink: float = DEFAULT_SHRINK  # prior strength of the bins' length histograms (fit_calibration)
-    cost_shrink: float | None = None  # prior strength of what a cap costs, when it differs (fit_calibration)
     smoothing: float = SMOOTHING_LOG  # kernel width (ln length) of the bins' length histograms (fit_calibration)
     _fitted: dict = field(default_factory=dict, compare=False, repr=False)  # stream name -> fold calibrations
 
@@ -76,7 +75,7 @@ class Predictions:
             self._fitted[stream.name] = tuple(
                 fit_calibration(pred[fold != f], obs[fold != f], bins=bins, weights=weights[fold != f],
                                 censor_tokens=POOL_GENERATION_CAP_TOKENS, correct=ok[fold != f], shrink=self.shrink,
-                                cost_shrink=self.cost_shrink, smoothing=self.smoothing,
+                                smoothing=self.smoothing,
                                 clusters=np.asarray(groups)[fold != f])
                 for f in range(self.folds)
             )
@@ -143,14 +142,13 @@ class Predictions:
 
 def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration: str = "none",
                       problems=None, folds: int = DEFAULT_FOLDS, shrink: float = DEFAULT_SHRINK,
-                      cost_shrink: float | None = None, smoothing: float = SMOOTHING_LOG) -> Predictions:
+                      smoothing: float = SMOOTHING_LOG) -> Predictions:
     """Parse ``oracle``, ``oracle-noise:SIGMA`` or a path to a predictions JSONL.
 
     ``calibration`` ``binned`` / ``global`` calibrates out of fold against the
     samples of ``problems`` (module docstring); ``log_sigma`` overrides the
     single spread of ``none``; ``shrink`` is the prior strength of the
-    calibration bins' length histograms, ``cost_shrink`` that of what a cap
-    costs and ``smoothing`` the kernel width of the histograms
+    calibration bins' length histograms and ``smoothing`` the kernel width of the histograms
     (:func:`clear_core.calibration.fit_calibration`).
     """
     if calibration not in CALIBRATIONS:
@@ -180,8 +178,7 @@ def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration:
         if calibration == "none":
             return base
         pairs = _file_pairs(problems, table.thresholds, spec)
-    return Predictions(spec, base.kind, base.sigma, base.table, calibration, pairs, folds, shrink, cost_shrink,
-                       smoothing)
+    return Predictions(spec, base.kind, base.sigma, base.table, calibration, pairs, folds, shrink, smoothing)
 
 
 def _file_pairs(problems, thresholds: dict[str, float], spec: str):

@@ -12,7 +12,8 @@ from clear_core.best_of_k import PROTOCOLS, make_trial_stream, minimal_budget, r
 from clear_core.policies import Allocation, Truth, parse_policy
 from clear_core.simulate import score, score_outcome, solved_mask, uniform_cap_within
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, make_stream
-from clear_bench.online import HINDSIGHT, best_served_uniform, serve_online, stream_inputs
+from clear_core.servable import ServableMarket
+from clear_bench.online import best_served_uniform, serve_online, stream_inputs
 from clear_bench.predictions import Predictions
 
 #: --protocol values: one sample per query (the math experiments), or best-of-k (parallel or sequential).
@@ -95,14 +96,14 @@ def run_grid(
                                               context_limit_tokens=limit)
                           if protocol == "online" and in_flight else None)
                 for spec, policy in policy_objs.items():
-                    if protocol == "online" and policy.name not in HINDSIGHT:
+                    if protocol == "online" and isinstance(policy, ServableMarket):  # served as a deployment would
                         caps = serve_online(policy, told, stream.tokens, int(bpq), context_limit_tokens=limit,
                                             in_flight=in_flight)
                         alloc = Allocation(caps=caps, shadow_price=math.nan, active=caps > 0)
-                    elif policy.uses_lengths:  # prices each query's empirical length distribution
+                    elif policy.prices_length_histograms:  # prices each query's empirical length distribution
                         alloc = policy.allocate(thresholds, budget, context_limit_tokens=limit, truth=truth,
                                                 lengths=lengths)
-                    elif policy.per_query_sigma:  # prices each query's calibrated length distribution
+                    elif policy.charges_generated_tokens:  # prices each query's calibrated length distribution
                         alloc = policy.allocate(priced[0], budget, context_limit_tokens=limit, truth=truth,
                                                 log_sigma=priced[1], runaway=priced[2])
                     else:

@@ -28,7 +28,6 @@ against the observed share that finished, binned.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -107,7 +106,7 @@ class Calibration:
 
 def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tokens: float | None = None,
                     weights=None, correct=None, shrink: float = DEFAULT_SHRINK, clusters=None,
-                    cost_shrink: float | None = None, smoothing: float = SMOOTHING_LOG) -> Calibration:
+                    smoothing: float = SMOOTHING_LOG) -> Calibration:
     """Fit bias, spread and runaway share per quantile bin of ``ln predicted``.
 
     ``predicted`` and ``observed`` are token counts, one pair per query (a
@@ -137,12 +136,6 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
 
     ``smoothing``: the kernel width, in ln length, that smooths each histogram
     (:meth:`clear_core.empirical_market.LengthHistogram.fit`).
-
-    ``cost_shrink`` (an experiment, off by default): the same prior with this
-    strength for what a cap *costs* (``LengthHistogram.cost``), while ``shrink``
-    still sets what it is worth. The prior pulls every bin's mean length
-    towards the population's; a weaker prior on the cost keeps the bin's own
-    mean (README, "What the prior costs").
     """
     p = np.log(np.maximum(np.asarray(predicted, dtype=float), 1.0))
     obs = np.asarray(observed, dtype=float)
@@ -155,8 +148,6 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
         raise InvalidInputError("bins", bins, "must be >= 1")
     if not (math.isfinite(shrink) and shrink >= 0):
         raise InvalidInputError("shrink", shrink, "must be finite and >= 0")
-    if cost_shrink is not None and not (math.isfinite(cost_shrink) and cost_shrink >= 0):
-        raise InvalidInputError("cost_shrink", cost_shrink, "must be finite and >= 0")
     w = np.ones(p.size) if weights is None else np.asarray(weights, dtype=float)
     if w.shape != p.shape or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
         raise InvalidInputError("weights", "calibration weights", "need one finite weight >= 0 per pair, not all 0")
@@ -192,15 +183,11 @@ def fit_calibration(predicted, observed, *, bins: int = DEFAULT_BINS, censor_tok
         hist = None
         if correct is not None:
             hist = LengthHistogram.fit(resid[g], ok[g], ran[g], w[g], smoothing=smoothing)
-            if shrink > 0 or cost_shrink is not None:
+            if shrink > 0:
                 per = np.bincount(cluster[g], weights=w[g])  # weight of each cluster in the bin
                 n_eff = float(per.sum() ** 2 / np.square(per).sum())
                 prior = LengthHistogram.fit(d - centre, ok, ran, w, smoothing=smoothing)  # every length, as if predicted at the centre
-                own = hist
                 hist = hist.mixed(prior, shrink / (n_eff + shrink))
-                if cost_shrink is not None:
-                    priced = own.mixed(prior, cost_shrink / (n_eff + cost_shrink))
-                    hist = dataclasses.replace(hist, cost=tuple(priced.finished_for_cost.tolist()))
         rows.append((centre, mu, sigma, int(g.size), float(np.average(ran[g], weights=w[g])),
                      hist))
     centres, bias, sigma, n, runaway, hists = (tuple(col) for col in zip(*rows))

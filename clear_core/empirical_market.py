@@ -16,8 +16,6 @@ also records whether each finished sample was correct. A cap
 (``w`` the tenant weight) and costs ``tau_hat C_g`` expected generated tokens,
 ``C_g = sum_{k <= g} m_k exp(u_k) + exp(u_g) P(not finished by u_g)`` (a
 sample in cell ``k`` is costed at its cell's upper edge, runaways at the cap).
-A histogram may carry its own masses ``m`` for the cost
-(:attr:`LengthHistogram.cost`, an experiment: ``fit_calibration(cost_shrink=...)``).
 
 Solver (exact for the grid)
 ---------------------------
@@ -97,10 +95,6 @@ class LengthHistogram:
     correct: tuple[float, ...]  # mass of finished, correct answers per cell of LOG_RATIO_GRID
     wrong: tuple[float, ...]  # mass of finished, wrong answers per cell
     runaway: float  # mass that never finished (or finished past the grid)
-    # Finished mass per cell that a cap's *cost* is computed from, when it differs from correct + wrong
-    # (the rest ran away): fit_calibration(cost_shrink=...) costs a bin on its own lengths shrunk less than
-    # the masses that value it. Empty (the default): correct + wrong.
-    cost: tuple[float, ...] = ()
 
     def __post_init__(self):
         c, w = np.asarray(self.correct), np.asarray(self.wrong)
@@ -109,16 +103,11 @@ class LengthHistogram:
         total = c.sum() + w.sum() + self.runaway
         if (c < 0).any() or (w < 0).any() or self.runaway < 0 or abs(total - 1.0) > 1e-6:
             raise InvalidInputError("histogram", total, "masses must be >= 0 and sum to 1")
-        if self.cost:
-            m = np.asarray(self.cost)
-            if m.shape != LOG_RATIO_GRID.shape or (m < 0).any() or m.sum() > 1.0 + 1e-6:
-                raise InvalidInputError("histogram cost", m.shape, f"needs {LOG_RATIO_GRID.size} cells >= 0, "
-                                        "summing to at most 1")
 
     @property
-    def finished_for_cost(self) -> np.ndarray:
-        """Finished mass per cell that costs are computed from (see ``cost``)."""
-        return np.asarray(self.cost) if self.cost else np.asarray(self.correct) + np.asarray(self.wrong)
+    def finished(self) -> np.ndarray:
+        """Finished mass per cell (correct + wrong): what a cap's expected cost is computed from."""
+        return np.asarray(self.correct) + np.asarray(self.wrong)
 
     @classmethod
     def fit(cls, log_ratio, correct, runaway, weights=None, smoothing: float = SMOOTHING_LOG) -> LengthHistogram:
@@ -151,14 +140,11 @@ class LengthHistogram:
         )
 
     def as_dict(self) -> dict:
-        d = {"correct": list(self.correct), "wrong": list(self.wrong), "runaway": self.runaway}
-        if self.cost:
-            d["cost"] = list(self.cost)
-        return d
+        return {"correct": list(self.correct), "wrong": list(self.wrong), "runaway": self.runaway}
 
     @classmethod
     def from_dict(cls, d: dict) -> LengthHistogram:
-        return cls(tuple(d["correct"]), tuple(d["wrong"]), float(d["runaway"]), tuple(d.get("cost", ())))
+        return cls(tuple(d["correct"]), tuple(d["wrong"]), float(d["runaway"]))
 
 
 def _smooth(mass: np.ndarray, width: float) -> np.ndarray:
@@ -220,7 +206,7 @@ class _Chain:
 def _chain(h: LengthHistogram, theta: float = 0.0) -> _Chain:
     """The hulls of ``h`` with cost ``(1 - theta) C_g + theta exp(u_g)`` (theta: the reservation share)."""
     good = np.asarray(h.correct)
-    mass = h.finished_for_cost
+    mass = h.finished
     done = np.cumsum(mass)
     cost = np.cumsum(mass * np.exp(LOG_RATIO_GRID)) + np.exp(LOG_RATIO_GRID) * np.maximum(1.0 - done, 0.0)
     cost = (1.0 - theta) * cost + theta * np.exp(LOG_RATIO_GRID)
@@ -314,7 +300,7 @@ def expected_generated_empirical(caps, thresholds, lengths: EmpiricalLengths) ->
         if c <= 0:
             continue
         h = lengths.histograms[int(k)]
-        mass = h.finished_for_cost
+        mass = h.finished
         lengths_k = t * np.exp(LOG_RATIO_GRID)
         done = lengths_k <= c
         out[i] = float((mass[done] * lengths_k[done]).sum() + c * (1.0 - mass[done].sum()))

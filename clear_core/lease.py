@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from clear_core.empirical_market import checked_length_bins
 from clear_core.errors import BudgetExhaustedError, InvalidInputError
+from clear_core.servable import SERVABLE_POLICIES, ServableMarket
 from clear_core.ledger import Settlement
 from clear_core.online_market import (
     DEFAULT_TENANT,
@@ -178,6 +179,9 @@ class IngressMarket:
     lease: LeaseBook = field(init=False)
 
     def __post_init__(self):
+        if not isinstance(self.policy, ServableMarket):
+            raise InvalidInputError("policy", self.policy.name, f"decisions from a price quote support "
+                                    f"{', '.join(SERVABLE_POLICIES)}")
         self.lease = LeaseBook(self.refund_unused)
         self._arrivals = ArrivalMemory()
         self._pending: list = []  # arrivals not yet acknowledged, oldest first
@@ -197,11 +201,10 @@ class IngressMarket:
             raise InvalidInputError("quote", None, "no price quote yet (the first report was not answered)")
         check_request(threshold_tokens, log_sigma, runaway, client_cap_tokens)
         w = float(self.tenant_weights.get(tenant, 1.0))
-        row = (float(threshold_tokens), float(log_sigma), float(runaway), w)
         bins = None
-        if self.policy.uses_lengths:
+        if self.policy.prices_length_histograms:
             bins = [int(checked_length_bins([length_bin], len(self.lengths))[0])]
-            row += (float(bins[0]),)
+        row = self.policy.demand_row(threshold_tokens, log_sigma, runaway, w, None if bins is None else bins[0])
         market_cap = int(caps_at_quote(self.policy, self.quote, [row[0]], log_sigma=[row[1]], runaway=[row[2]],
                                        weights=[w], context_limit_tokens=self.context_limit_tokens,
                                        length_bins=bins, lengths=self.lengths)[0])

@@ -129,10 +129,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from clear_core.budget import Budget, PerQueryBudget
-from clear_core.empirical_market import EmpiricalLengths, caps_at_log_price_empirical, checked_length_bins
+from clear_core.empirical_market import checked_length_bins
 from clear_core.errors import InvalidInputError
 from clear_core.ledger import Settlement, TokenLedger
 from clear_core.policies import Policy
+from clear_core.servable import SERVABLE_POLICIES, ServableMarket
 
 #: Abandoned requests are retried after at least this long, and are told at most this long (HTTP Retry-After).
 MIN_RETRY_AFTER_S = 1.0
@@ -308,6 +309,12 @@ class Decision:
         return self.reason.admitted
 
 
+def _servable(policy: Policy) -> ServableMarket:
+    if not isinstance(policy, ServableMarket):
+        raise InvalidInputError("policy", policy.name, f"the online market serves {', '.join(SERVABLE_POLICIES)}")
+    return policy
+
+
 @dataclass
 class OnlineMarket:
     """Clears each arriving request against a rolling window of recent demand (module docstring)."""
@@ -321,7 +328,6 @@ class OnlineMarket:
     outcome_window: int = DEFAULT_OUTCOME_WINDOW
     tenant_weights: dict = field(default_factory=dict)  # tenant -> weight in the utility (others: 1)
     lengths: tuple = ()  # clear-cost-emp: the calibration's LengthHistograms that requests' length_bin index
-    price_in_flight: bool = True  # price the caps held while in flight (prices_reservations policies; module docstring)
     block_reserve: float = BLOCK_RESERVE_SHARE  # share of the paced budget each later arrival of a block keeps (0: off)
     _window: DemandWindow = field(init=False, repr=False)  # (threshold, spread, runaway share, weight) per arrival
     _times: deque = field(init=False, repr=False)
@@ -334,9 +340,9 @@ class OnlineMarket:
     def __post_init__(self):
         if not (isinstance(self.window_size, int) and self.window_size >= 0):
             raise InvalidInputError("window_size", self.window_size, "must be an integer >= 0")
-        if self.policy.uses_lengths and not self.lengths:
-            raise InvalidInputError("lengths", "()", f"{self.policy.name} needs the calibration's length histograms")
-        self._width = 5 if self.policy.uses_lengths else 4  # + the length bin
+        self.market = _servable(self.policy)
+        self.lengths = self.market.check_lengths(self.lengths)
+        self._width = self.market.row_width
         self._window = DemandWindow(self.window_size, self._width)
         self._times = deque(maxlen=max(self.window_size, 1))
         self._outcomes = deque(maxlen=self.outcome_window)
@@ -354,7 +360,7 @@ class OnlineMarket:
         for t, w in self.tenant_weights.items():
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
                 raise InvalidInputError(f"tenant_weights[{t}]", w, "must be finite and > 0")
-        if not self.policy.uses_weights and any(w != 1.0 for w in self.tenant_weights.values()):
+        if not self.market.weights_tenants and any(w != 1.0 for w in self.tenant_weights.values()):
             raise InvalidInputError("tenant_weights", self.tenant_weights,
                                     f"{self.policy.name} does not weight queries (use clear-cost)")
         self.tenants: dict[str, TenantStats] = {t: TenantStats(float(w)) for t, w in self.tenant_weights.items()}
@@ -411,7 +417,7 @@ class OnlineMarket:
         """What each admitted cap may hold on average: ``unspent / (K + 1)`` with ``K`` requests in flight
         (:meth:`concurrency`); None when the policy does not price reservations or nothing is in flight."""
         k = self.concurrency()
-        if not (self.price_in_flight and self.policy.prices_reservations) or k == 0:
+        if not self.policy.prices_reservations or k == 0:
             return None
         return float(max(self.ledger.unspent(now), 0) / (k + 1))
 
@@ -420,26 +426,10 @@ class OnlineMarket:
         times the paced budget ``b`` for each later arrival of the block; None where it does not apply
         (module docstring, "The end of a block")."""
         budget = self.budget
-        if not (self.block_reserve > 0 and self.pace and self.policy.uses_lengths
-                and isinstance(budget, PerQueryBudget)):
+        if not (self.block_reserve > 0 and self.pace and isinstance(budget, PerQueryBudget)):
             return None
         later = budget.remaining_in_block(self.ledger.arrivals) - 1
         return float(self.ledger.available(now) - self.block_reserve * later * b)
-
-    def _cap_within(self, alloc, demand: np.ndarray, bound: float) -> int:
-        """The arriving request's (the last row of ``demand``) best response at ``alloc``'s prices among
-        the caps up to ``bound``: 0 when none of them is worth its price."""
-        if bound < 1:
-            return 0
-        nu = float(alloc.shadow_price) + float(alloc.reservation_price)  # the price on the combined cost
-        nu = nu if math.isfinite(nu) else 0.0
-        limit = bound if self.context_limit_tokens is None else min(bound, float(self.context_limit_tokens))
-        row = demand[-1]
-        cap = caps_at_log_price_empirical(
-            row[:1], lengths=EmpiricalLengths(tuple(self.lengths), np.array([int(row[4])])),
-            log_price=math.log(nu) if nu > 0 else -math.inf, full_context=False, weights=row[3:4],
-            context_limit_tokens=limit, reservation_share=float(alloc.reservation_price) / nu if nu > 0 else 0.0)
-        return int(min(cap[0], math.floor(bound)))
 
     def cap_cost_ratio(self) -> float:
         """Tokens of cap per token actually charged, over recent settlements (refunds to the pool).
@@ -452,7 +442,7 @@ class OnlineMarket:
         settled, and never above ``MAX_CAP_COST_RATIO``; the ledger still
         reserves whole caps, so the invariant is untouched.
         """
-        if self.policy.prices_generated_tokens:  # its budget already is one of expected generated tokens
+        if self.market.charges_generated_tokens:  # its budget already is one of expected generated tokens
             return 1.0
         if not self.budget.refund_unused or len(self._costs) < MIN_COST_SAMPLES:
             return 1.0
@@ -513,7 +503,7 @@ class OnlineMarket:
         """
         now = self.ledger.now() if now is None else now
         check_request(threshold_tokens, log_sigma, runaway, client_cap_tokens)
-        if self.policy.uses_lengths:
+        if self.market.prices_length_histograms:
             length_bin = int(checked_length_bins([length_bin], len(self.lengths))[0])
         new = self._arrivals.is_new(arrival_key, retry, now)
         if new:
@@ -521,25 +511,12 @@ class OnlineMarket:
             self._times.append(now)
             self._open_seen.append(self.in_flight())
         b = self.budget_per_query(now)
-        entry = (float(threshold_tokens), float(log_sigma), float(runaway), self.tenant_weight(tenant))
-        if self.policy.uses_lengths:
-            entry += (float(length_bin),)
+        entry = self.market.demand_row(threshold_tokens, log_sigma, runaway, self.tenant_weight(tenant), length_bin)
         demand = self._window.with_row(entry)
         tau = demand[:, 0]
-        if self.policy.uses_lengths:
-            from clear_core.empirical_market import EmpiricalLengths
-
-            which = demand[:, 4].astype(np.int64)
-            alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
-                                         weights=demand[:, 3], lengths=EmpiricalLengths(tuple(self.lengths), which),
-                                         mean_cap_budget=self.mean_cap_budget(now), share_hint=self._last_share)
-        elif self.policy.per_query_sigma:  # prices each request's own distribution and weight
-            alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
-                                         log_sigma=demand[:, 1], runaway=demand[:, 2], weights=demand[:, 3],
-                                         mean_cap_budget=self.mean_cap_budget(now), share_hint=self._last_share)
-        else:
-            alloc = self.policy.allocate(tau, b * tau.size, context_limit_tokens=self.context_limit_tokens,
-                                         log_sigma=log_sigma)
+        alloc = self.market.clear_rows(demand, b * tau.size, context_limit_tokens=self.context_limit_tokens,
+                                       lengths=self.lengths, mean_cap_budget=self.mean_cap_budget(now),
+                                       share_hint=self._last_share)
         if self.window_size > 0 and new:
             self._window.append(entry)
         price = float(alloc.shadow_price) if math.isfinite(alloc.shadow_price) else 0.0
@@ -550,7 +527,8 @@ class OnlineMarket:
         market_cap = int(alloc.caps[-1])
         bound = self.block_bound(b, now)
         if bound is not None and market_cap > bound:  # the end of a block (module docstring)
-            market_cap = self._cap_within(alloc, demand, bound)
+            market_cap = self.market.cap_within(alloc, entry, bound, context_limit_tokens=self.context_limit_tokens,
+                                                lengths=self.lengths)
         cap = market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens))
         quote = dict(
             market_cap_tokens=market_cap, shadow_price=price, reservation_price=self.last_reservation_price,
@@ -598,14 +576,14 @@ class OnlineMarket:
         values = [float(x) for x in thresholds]
         if any(not (math.isfinite(v) and v >= 0) for v in values):
             raise InvalidInputError("pricing window seed", values[:5], "thresholds must be finite and >= 0")
-        if not self.policy.uses_lengths:
-            self._window.extend((v, 0.0, 0.0, 1.0) for v in values)
+        if not self.market.prices_length_histograms:
+            self._window.extend(self.market.demand_row(v, 0.0, 0.0, 1.0) for v in values)
             return
         which = [] if bins is None else [int(b) for b in bins]
         if len(which) != len(values) or any(not 0 <= b < len(self.lengths) for b in which):
             raise InvalidInputError("pricing window seed", "bins", f"{self.policy.name} needs each row's length bin "
                                     f"(an index into {len(self.lengths)} histograms)")
-        self._window.extend((v, 0.0, 0.0, 1.0, float(b)) for v, b in zip(values, which))
+        self._window.extend(self.market.demand_row(v, 0.0, 0.0, 1.0, b) for v, b in zip(values, which))
 
     def restore(self, snap: dict) -> None:
         for x in snap.get("window", []):  # a threshold (older snapshots) or (threshold, spread, runaway, weight[, bin])
@@ -651,9 +629,10 @@ class OnlineMarket:
             check_request(tau, sig, rho, None)
             if not (math.isfinite(w) and w > 0):
                 raise InvalidInputError("weight", w, "must be finite and > 0")
-            entry = (tau, sig, rho, w)
-            if self.policy.uses_lengths:
-                entry += (float(checked_length_bins([row[4]], len(self.lengths))[0]),)
+            bin_ = None
+            if self.market.prices_length_histograms:
+                bin_ = int(checked_length_bins([row[4]], len(self.lengths))[0])
+            entry = self.market.demand_row(tau, sig, rho, w, bin_)
             self.ledger.arrive()
             self._times.append(now)
             self._open_seen.append(self.in_flight())
@@ -690,7 +669,7 @@ class OnlineMarket:
         self._quotes += 1
         # clear-cost-emp quotes carry the reservation price too (clear_core.quotes); the others price
         # expected tokens only.
-        bound = self.mean_cap_budget(now) if self.policy.uses_lengths else None
+        bound = self.mean_cap_budget(now)
         q = quote_window(self.policy, self._window.rows(), self.budget_per_query(now, ahead=True),
                          self.context_limit_tokens, lengths=tuple(self.lengths), mean_cap_budget=bound,
                          version=self._quotes, issued_at=now, turnover_s=self.turnover_s(now))

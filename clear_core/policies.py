@@ -42,8 +42,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clear_core.consumption import SIGMA_MIN, clear_consumption_market
-from clear_core.empirical_market import clear_empirical_market, lognormal_lengths
+from clear_core.consumption import SIGMA_MIN, caps_at_log_prices, clear_consumption_market
+from clear_core.empirical_market import (
+    EmpiricalLengths, caps_at_log_price_empirical, checked_length_bins, clear_empirical_market, lognormal_lengths,
+)
 from clear_core.errors import InvalidInputError, UnknownPolicyError
 from clear_core.market import (
     DEFAULT_MIN_SLACK_TOKENS,
@@ -54,10 +56,11 @@ from clear_core.market import (
     validate_context_limit,
     validate_thresholds,
 )
-from clear_core.numerics import integer_caps
+from clear_core.numerics import FLOOR_EPSILON, integer_caps
+from clear_core.servable import NO_PRICE, MarketPrices, ServableMarket
 from clear_core.simulate import uniform_cap_within
-from clear_core.uncertainty import clear_market_lognormal
-from clear_core.utility import UTILITIES
+from clear_core.uncertainty import caps_at_prices, clear_market_lognormal
+from clear_core.utility import UTILITIES, ShiftedSurge
 
 #: Minimum cap of the proportional baseline (Appendix A.2.2: "e.g. 32 tokens").
 PROPORTIONAL_MIN_TOKENS = 32
@@ -120,22 +123,38 @@ def _affine_share(tau: np.ndarray, selected: np.ndarray, budget: float, t_max: f
     return np.minimum(real, t_max)
 
 
+@dataclass(frozen=True)
+class MarketInputs:
+    """What a batch is told besides its thresholds, validated by :meth:`Policy.allocate`."""
+
+    truth: Truth | None  # the oracle's and uniform-generated's hindsight
+    log_sigma: float | np.ndarray  # the predictor's error in log space: one, or one per query
+    weights: np.ndarray | None  # query -> value weight (None: all 1)
+    runaway: np.ndarray  # query -> probability of never finishing
+    lengths: object = None  # clear_core.empirical_market.EmpiricalLengths (clear-cost-emp)
+    mean_cap_budget: float | None = None  # bound on the mean admitted cap (the reservation price)
+    share_hint: float | None = None  # where the search for the reservation share starts
+
+    def one_sigma(self) -> float:
+        """The single spread of a policy that prices one (the median of per-query spreads)."""
+        sig = np.asarray(self.log_sigma, dtype=float)
+        return float(np.median(sig)) if sig.ndim else float(sig)
+
+
 class Policy:
     """``allocate(thresholds, budget, ...) -> Allocation``; caps sum to <= budget."""
 
     name = "abstract"
     #: Spec parameters this policy accepts: short name -> (field, parser). None take none.
     spec_params: dict = {}
-    #: The policy prices one spread per query (else it gets the median of the spreads).
-    per_query_sigma: bool = False
-    #: The policy weights queries' value (tenant weights); others refuse unequal weights.
-    uses_weights: bool = False
-    #: The budget it clears is one of expected generated tokens (not of caps).
-    prices_generated_tokens: bool = False
-    #: It prices each query's empirical length distribution (``lengths``).
-    uses_lengths: bool = False
-    #: It also bounds the mean admitted cap (``mean_cap_budget``: what each in-flight request may hold reserved).
+    #: Queries' value weights (tenant weights) change its allocation; the others refuse unequal weights.
+    weights_tenants: bool = False
+    #: It prices a second budget on the caps themselves (``mean_cap_budget``); the others refuse one.
     prices_reservations: bool = False
+    #: Its budget counts expected generated tokens, so it prices each query's length distribution.
+    charges_generated_tokens: bool = False
+    #: It prices each query's empirical length histogram (``lengths``), with the raw prediction as threshold.
+    prices_length_histograms: bool = False
 
     def allocate(
         self,
@@ -154,14 +173,14 @@ class Policy:
         """Integer caps for predicted ``thresholds`` under ``budget`` tokens.
 
         ``context_limit_tokens`` is ``t_max`` (no cap exceeds it); ``truth`` is
-        for the oracle only; ``log_sigma`` is the predictor's error in log space,
-        one for all queries or one per query (policies that price a single
-        spread take the median); ``weights`` are the queries' value weights
-        (tenant weights, Eq. 2's alpha_i), which only weight-aware policies
-        (``uses_weights``) accept when they differ; ``runaway`` is each query's
-        probability of never finishing (priced by ``clear-cost`` only);
+        for the hindsight policies only; ``log_sigma`` is the predictor's error
+        in log space, one for all queries or one per query (policies that price
+        a single spread take the median); ``weights`` are the queries' value
+        weights (tenant weights, Eq. 2's alpha_i), which only weight-aware
+        policies (``weights_tenants``) accept when they differ; ``runaway`` is
+        each query's probability of never finishing (priced by ``clear-cost``);
         ``lengths`` each query's empirical length distribution
-        (:class:`clear_core.empirical_market.EmpiricalLengths`, ``clear-cost-emp`` only);
+        (:class:`clear_core.empirical_market.EmpiricalLengths`, ``clear-cost-emp``);
         ``mean_cap_budget`` bounds the mean cap of the admitted queries as well (a second price, on a
         reserved token: :mod:`clear_core.empirical_market`; ``prices_reservations`` policies only), and
         ``share_hint`` is where its search for the reservation share starts (the last clearing's).
@@ -179,38 +198,42 @@ class Policy:
             w = np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)
             if (~np.isfinite(w) | (w <= 0)).any():
                 raise InvalidInputError("weights", weights, "must be finite and > 0")
-            if not self.uses_weights and w.size and (w != w.flat[0]).any():
+            if not self.weights_tenants and w.size and (w != w.flat[0]).any():
                 raise InvalidInputError("weights", "unequal", f"{self.name} does not weight queries")
-            weights = w if self.uses_weights else None
+            weights = w if self.weights_tenants else None
         if mean_cap_budget is not None and not self.prices_reservations:
             raise InvalidInputError("mean_cap_budget", mean_cap_budget, f"{self.name} does not price reservations")
         if tau.size == 0:
             return _as_alloc(np.zeros(0, dtype=np.int64))
-        if sig.ndim == 0 or not self.per_query_sigma:
-            sig = float(np.median(sig)) if sig.ndim else float(sig)
-        if self.uses_lengths:
-            if lengths is None:
-                raise InvalidInputError("lengths", None, f"{self.name} needs each query's empirical length distribution")
-            return self._allocate(tau, b, t_max, truth, sig, weights, lengths, mean_cap_budget, share_hint)
-        if self.uses_weights:
-            rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
-            if self.prices_reservations:
-                return self._allocate(tau, b, t_max, truth, sig, weights, rho, mean_cap_budget, share_hint)
-            return self._allocate(tau, b, t_max, truth, sig, weights, rho)
-        return self._allocate(tau, b, t_max, truth, sig)
+        inputs = MarketInputs(truth=truth, log_sigma=sig if sig.ndim else float(sig), weights=weights,
+                              runaway=np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape), lengths=lengths,
+                              mean_cap_budget=mean_cap_budget, share_hint=share_hint)
+        return self._allocate(tau, b, t_max, inputs)
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma) -> Allocation:
+    def _allocate(self, tau: np.ndarray, budget: float, t_max: float, inputs: MarketInputs) -> Allocation:
         raise NotImplementedError
 
 
-class Uniform(Policy):
+class Uniform(Policy, ServableMarket):
     """t_i = B / N for every query (Eq. 19)."""
 
     name = "uniform"
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma):
+    def _allocate(self, tau, budget, t_max, inputs):
         each = min(math.floor(budget / tau.size), t_max)
         return _as_alloc(np.full(tau.size, int(each)))
+
+    # -- served (ServableMarket): no price; every request gets the per-query budget ---------------
+
+    def clear_rows(self, rows, budget, *, context_limit_tokens, lengths=(), mean_cap_budget=None, share_hint=None):
+        return self.allocate(rows[:, 0], budget, context_limit_tokens=context_limit_tokens)
+
+    def quote_prices(self, rows, budget, *, context_limit_tokens, lengths=(), mean_cap_budget=None):
+        return NO_PRICE
+
+    def caps_at_prices(self, prices, rows, *, budget_per_query, context_limit_tokens, lengths=()):
+        limit = math.inf if context_limit_tokens is None else float(context_limit_tokens)
+        return np.full(rows.shape[0], int(min(math.floor(budget_per_query), limit)), dtype=np.int64)
 
 
 class UniformGenerated(Policy):
@@ -224,11 +247,11 @@ class UniformGenerated(Policy):
 
     name = "uniform-generated"
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma):
-        if truth is None:
+    def _allocate(self, tau, budget, t_max, inputs):
+        if inputs.truth is None:
             raise InvalidInputError("truth", None, "uniform-generated needs the true lengths of the stream")
         limit = None if not math.isfinite(t_max) else t_max
-        return _as_alloc(np.full(tau.size, uniform_cap_within(truth.tokens, budget, limit)))
+        return _as_alloc(np.full(tau.size, uniform_cap_within(inputs.truth.tokens, budget, limit)))
 
 
 class Proportional(Policy):
@@ -236,7 +259,7 @@ class Proportional(Policy):
 
     name = "proportional"
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma):
+    def _allocate(self, tau, budget, t_max, inputs):
         lo = min(PROPORTIONAL_MIN_TOKENS, budget / tau.size)
         total = tau.sum()
         real = tau / total * budget if total > 0 else np.full(tau.size, budget / tau.size)
@@ -260,7 +283,7 @@ class TaleEP(Policy):
 
     name = "tale-ep"
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma):
+    def _allocate(self, tau, budget, t_max, inputs):
         total = tau.sum()
         raw = tau / total * budget if total > 0 else np.full(tau.size, budget / tau.size)
         real = np.clip(raw, 1.0, t_max)
@@ -274,7 +297,7 @@ class Heuristic(Policy):
 
     name = "heuristic"
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma):
+    def _allocate(self, tau, budget, t_max, inputs):
         mean = tau.mean()
         eta = (budget / tau.size) / mean if mean > 0 else math.inf
         selected = tau <= np.median(tau) if eta < HEURISTIC_SCARCITY else np.ones(tau.size, bool)
@@ -286,7 +309,7 @@ class Auction(Policy):
 
     name = "auction"
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma):
+    def _allocate(self, tau, budget, t_max, inputs):
         order = np.argsort(tau, kind="stable")
         k = int(np.searchsorted(np.cumsum(tau[order]), budget, side="right"))
         selected = np.zeros(tau.size, bool)
@@ -299,7 +322,8 @@ class Oracle(Policy):
 
     name = "oracle"
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma):
+    def _allocate(self, tau, budget, t_max, inputs):
+        truth = inputs.truth
         if truth is None:
             raise InvalidInputError("truth", None, "the oracle policy needs the true lengths and correctness")
         d = np.asarray(truth.tokens, dtype=float)
@@ -354,7 +378,7 @@ class ClearSurge(Policy):
         **_FILL,
     }
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma):
+    def _allocate(self, tau, budget, t_max, inputs):
         res = clear_market(
             tau,
             budget,
@@ -369,8 +393,22 @@ class ClearSurge(Policy):
         return _from_market(res)
 
 
+def _limit(t_max: float) -> float | None:
+    return None if math.isinf(t_max) else t_max
+
+
+def _log(price: float) -> float:
+    return math.log(price) if price > 0 else -math.inf
+
+
+def _weighted(res) -> Allocation:
+    """An Allocation from a ConsumptionResult (the markets on expected generated tokens)."""
+    return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active, iterations=res.iterations,
+                      converged=res.converged, reservation_price=res.reservation_price)
+
+
 @dataclass
-class ClearLognormal(Policy):
+class ClearLognormal(Policy, ServableMarket):
     """Market clearing on the probability of finishing under the predictor's error (``clear``)."""
 
     name: str = "clear"
@@ -378,21 +416,56 @@ class ClearLognormal(Policy):
 
     spec_params = dict(_FILL)
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma):
-        if log_sigma == 0.0:  # exact thresholds: the paper's market (module docstring)
-            return ClearSurge(name=self.name, fill_unused=self.fill_unused)._allocate(tau, budget, t_max, truth, 0.0)
-        res = clear_market_lognormal(
-            tau,
-            budget,
-            log_sigma=log_sigma,
-            context_limit_tokens=None if math.isinf(t_max) else t_max,
-            fill_unused=self.fill_unused,
-        )
+    def _allocate(self, tau, budget, t_max, inputs):
+        sigma = inputs.one_sigma()
+        if sigma == 0.0:  # exact thresholds, offline: the paper's market (module docstring)
+            return ClearSurge(name=self.name, fill_unused=self.fill_unused)._allocate(tau, budget, t_max, inputs)
+        res = clear_market_lognormal(tau, budget, log_sigma=sigma, context_limit_tokens=_limit(t_max),
+                                     fill_unused=self.fill_unused)
         return _from_market(res)
+
+    # -- served (ServableMarket): one spread, the arriving request's centrally, the window's median quoted.
+    # A zero spread (exact thresholds) is the paper's surge market in both decision modes.
+
+    def clear_rows(self, rows, budget, *, context_limit_tokens, lengths=(), mean_cap_budget=None, share_hint=None):
+        return self.allocate(rows[:, 0], budget, context_limit_tokens=context_limit_tokens,
+                             log_sigma=float(rows[-1, 1]))
+
+    def quote_prices(self, rows, budget, *, context_limit_tokens, lengths=(), mean_cap_budget=None):
+        sigma = float(np.median(rows[:, 1]))
+        if sigma == 0.0:
+            res = clear_market(rows[:, 0], budget, context_limit_tokens=context_limit_tokens,
+                               fill_unused=self.fill_unused)
+            # The fill shares the budget the last abandonment left as one common slack: the price that
+            # buys that slack is the price the solvent requests' caps are set at.
+            active = res.caps > 0
+            slack = float(np.min(res.caps[active] - rows[active, 0])) if active.any() else 0.0
+            curve = ShiftedSurge(beta=res.beta)
+            return MarketPrices(log_price=_log(res.shadow_price), log_fill_price=_log(curve.price_at_slack(slack)),
+                                full_context=False, log_sigma=0.0, beta=res.beta)
+        res = clear_market_lognormal(rows[:, 0], budget, log_sigma=sigma, context_limit_tokens=context_limit_tokens,
+                                     fill_unused=self.fill_unused)
+        return MarketPrices(log_price=_log(res.shadow_price), log_fill_price=_log(res.fill_price),
+                            full_context=False, log_sigma=sigma)
+
+    def caps_at_prices(self, prices, rows, *, budget_per_query, context_limit_tokens, lengths=()):
+        # Every request's best response uses the spread its price was cleared with, so that price and caps
+        # describe the same market.
+        price = math.exp(prices.log_price) if prices.log_price > -math.inf else 0.0
+        fill = math.exp(prices.log_fill_price) if prices.log_fill_price > -math.inf else 0.0
+        tau = rows[:, 0]
+        if prices.log_sigma == 0.0:  # the paper's market: solvent below T(price), cap tau + slack(fill price)
+            curve = ShiftedSurge(beta=prices.beta)
+            t_max = math.inf if context_limit_tokens is None else float(context_limit_tokens)
+            solvent = (tau < curve.solvency_threshold(price)) & (tau < t_max)
+            caps = np.floor(np.minimum(tau + curve.slack(fill), t_max) + FLOOR_EPSILON)
+            return np.where(solvent, caps, 0).astype(np.int64)
+        return caps_at_prices(tau, log_sigma=prices.log_sigma, price=price, fill_price=fill,
+                              context_limit_tokens=context_limit_tokens)
 
 
 @dataclass
-class ClearCost(Policy):
+class ClearCost(Policy, ServableMarket):
     """Market clearing on *expected generated tokens* (``clear-cost``, :mod:`clear_core.consumption`).
 
     The budget is what the caps are expected to generate, ``sum E[min(D_i, c_i)]``,
@@ -405,30 +478,46 @@ class ClearCost(Policy):
     fill_unused: bool = True  # share the expected budget the last abandonment leaves unspent
 
     spec_params = dict(_FILL)
-    per_query_sigma = True
-    uses_weights = True
-    prices_generated_tokens = True
+    weights_tenants = True
     prices_reservations = True
+    charges_generated_tokens = True
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, runaway=0.0, mean_cap_budget=None,
-                  share_hint=None):
-        sig = np.maximum(log_sigma, SIGMA_MIN)
-        limit = None if math.isinf(t_max) else t_max
+    def _allocate(self, tau, budget, t_max, inputs):
+        sig = np.maximum(inputs.log_sigma, SIGMA_MIN)
+        weights, runaway, bound = inputs.weights, inputs.runaway, inputs.mean_cap_budget
         res = clear_consumption_market(tau, budget, log_sigma=sig, runaway=runaway, weights=weights,
-                                       context_limit_tokens=limit, fill_unused=self.fill_unused)
-        if mean_cap_budget is not None and res.active.any() and res.caps[res.caps > 0].mean() > mean_cap_budget:
+                                       context_limit_tokens=_limit(t_max), fill_unused=self.fill_unused)
+        if bound is not None and res.active.any() and res.caps[res.caps > 0].mean() > bound:
             # The caps do not fit what may be reserved: the same distributions on the grid of
             # clear_core.empirical_market, cleared with the second budget (its docstring).
             on_grid = lognormal_lengths(np.broadcast_to(sig, tau.shape), runaway)
-            res = clear_empirical_market(tau, budget, lengths=on_grid, weights=weights, context_limit_tokens=limit,
-                                         mean_cap_budget=mean_cap_budget, share_hint=share_hint)
-        return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active,
-                          iterations=res.iterations, converged=res.converged,
-                          reservation_price=res.reservation_price)
+            res = clear_empirical_market(tau, budget, lengths=on_grid, weights=weights,
+                                         context_limit_tokens=_limit(t_max), mean_cap_budget=bound,
+                                         share_hint=inputs.share_hint)
+        return _weighted(res)
+
+    # -- served (ServableMarket): each request's own spread, runaway share and weight ---------------------
+
+    def clear_rows(self, rows, budget, *, context_limit_tokens, lengths=(), mean_cap_budget=None, share_hint=None):
+        return self.allocate(rows[:, 0], budget, context_limit_tokens=context_limit_tokens, log_sigma=rows[:, 1],
+                             runaway=rows[:, 2], weights=rows[:, 3], mean_cap_budget=mean_cap_budget,
+                             share_hint=share_hint)
+
+    def quote_prices(self, rows, budget, *, context_limit_tokens, lengths=(), mean_cap_budget=None):
+        # Quotes price expected tokens only: a reservation price needs the histograms' grid (clear-cost-emp).
+        res = clear_consumption_market(rows[:, 0], budget, log_sigma=np.maximum(rows[:, 1], SIGMA_MIN),
+                                       runaway=rows[:, 2], weights=rows[:, 3],
+                                       context_limit_tokens=context_limit_tokens, fill_unused=self.fill_unused)
+        return MarketPrices(log_price=res.log_price, log_fill_price=res.log_fill_price, full_context=res.full_context)
+
+    def caps_at_prices(self, prices, rows, *, budget_per_query, context_limit_tokens, lengths=()):
+        return caps_at_log_prices(rows[:, 0], log_sigma=np.maximum(rows[:, 1], SIGMA_MIN), runaway=rows[:, 2],
+                                  weights=rows[:, 3], log_price=prices.log_price, log_fill_price=prices.log_fill_price,
+                                  full_context=prices.full_context, context_limit_tokens=context_limit_tokens)
 
 
 @dataclass
-class ClearCostEmpirical(Policy):
+class ClearCostEmpirical(Policy, ServableMarket):
     """``clear-cost`` with empirical length distributions (:mod:`clear_core.empirical_market`).
 
     The value is the chance of a correct answer within the cap, the cost the
@@ -437,20 +526,55 @@ class ClearCostEmpirical(Policy):
     """
 
     name: str = "clear-cost-emp"
-    per_query_sigma = True
-    uses_weights = True
-    prices_generated_tokens = True
-    uses_lengths = True
+    weights_tenants = True
     prices_reservations = True
+    charges_generated_tokens = True
+    prices_length_histograms = True
 
-    def _allocate(self, tau, budget, t_max, truth, log_sigma, weights=None, lengths=None, mean_cap_budget=None,
-                  share_hint=None):
-        res = clear_empirical_market(tau, budget, lengths=lengths, weights=weights, mean_cap_budget=mean_cap_budget,
-                                     share_hint=share_hint,
-                                     context_limit_tokens=None if math.isinf(t_max) else t_max)
-        return Allocation(caps=res.caps, shadow_price=res.shadow_price, active=res.active,
-                          iterations=res.iterations, converged=res.converged,
-                          reservation_price=res.reservation_price)
+    def _allocate(self, tau, budget, t_max, inputs):
+        if inputs.lengths is None:
+            raise InvalidInputError("lengths", None, f"{self.name} needs each query's empirical length distribution")
+        res = clear_empirical_market(tau, budget, lengths=inputs.lengths, weights=inputs.weights,
+                                     mean_cap_budget=inputs.mean_cap_budget, share_hint=inputs.share_hint,
+                                     context_limit_tokens=_limit(t_max))
+        return _weighted(res)
+
+    # -- served (ServableMarket): the histogram of each request's bin; quotes carry the reservation price --
+
+    def _empirical(self, rows, lengths) -> EmpiricalLengths:
+        return EmpiricalLengths(self.check_lengths(lengths), checked_length_bins(rows[:, 4], len(lengths)))
+
+    def clear_rows(self, rows, budget, *, context_limit_tokens, lengths=(), mean_cap_budget=None, share_hint=None):
+        return self.allocate(rows[:, 0], budget, context_limit_tokens=context_limit_tokens, weights=rows[:, 3],
+                             lengths=self._empirical(rows, lengths), mean_cap_budget=mean_cap_budget,
+                             share_hint=share_hint)
+
+    def quote_prices(self, rows, budget, *, context_limit_tokens, lengths=(), mean_cap_budget=None):
+        res = clear_empirical_market(rows[:, 0], budget, lengths=self._empirical(rows, lengths), weights=rows[:, 3],
+                                     context_limit_tokens=context_limit_tokens, mean_cap_budget=mean_cap_budget)
+        return MarketPrices(log_price=res.log_price, log_fill_price=res.log_fill_price, full_context=res.full_context,
+                            reservation_share=res.reservation_share)
+
+    def caps_at_prices(self, prices, rows, *, budget_per_query, context_limit_tokens, lengths=()):
+        return caps_at_log_price_empirical(rows[:, 0], lengths=self._empirical(rows, lengths), weights=rows[:, 3],
+                                           log_price=prices.log_price, full_context=prices.full_context,
+                                           context_limit_tokens=context_limit_tokens,
+                                           reservation_share=prices.reservation_share)
+
+    def cap_within(self, alloc, row, bound, *, context_limit_tokens, lengths=()):
+        """The best response at the clearing's prices among the caps up to ``bound`` (the end of a block,
+        :mod:`clear_core.online_market`): 0 when none of them is worth its price."""
+        if bound < 1:
+            return 0
+        nu = float(alloc.shadow_price) + float(alloc.reservation_price)  # the price on the combined cost
+        nu = nu if math.isfinite(nu) else 0.0
+        limit = bound if context_limit_tokens is None else min(bound, float(context_limit_tokens))
+        rows = np.asarray([row], dtype=float)
+        cap = caps_at_log_price_empirical(
+            rows[:, 0], lengths=self._empirical(rows, lengths), log_price=_log(nu), full_context=False,
+            weights=rows[:, 3], context_limit_tokens=limit,
+            reservation_share=float(alloc.reservation_price) / nu if nu > 0 else 0.0)
+        return int(min(cap[0], math.floor(bound)))
 
 
 def _preset(cls, **fixed):

@@ -37,7 +37,7 @@ every report from an ingress replica, :mod:`clear_core.lease`).
 Quotable policies: ``clear-cost`` (consumption market), ``clear-cost-emp``
 (the same market on the calibration's length histograms: a row carries its
 bin, and the caller passes the histograms the bins index), ``clear``
-(log-normal cap market; a zero spread is priced with :data:`MIN_QUOTE_SIGMA`)
+(log-normal cap market; a zero spread is the paper's surge market, quoted with its decay rate)
 and ``uniform`` (no price: every request gets the per-query budget).
 """
 
@@ -48,17 +48,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from clear_core.consumption import SIGMA_MIN, caps_at_log_prices, clear_consumption_market
-from clear_core.empirical_market import (
-    EmpiricalLengths, caps_at_log_price_empirical, checked_length_bins, clear_empirical_market,
-)
+from clear_core.empirical_market import checked_length_bins
 from clear_core.errors import InvalidInputError
-from clear_core.policies import ClearCost, ClearCostEmpirical, ClearLognormal, Policy, Uniform
-from clear_core.uncertainty import caps_at_prices, clear_market_lognormal
+from clear_core.policies import Policy
+from clear_core.servable import NO_PRICE, SERVABLE_POLICIES, MarketPrices, ServableMarket
 
-#: ``clear`` quotes need a positive spread; a predictor that reports none is priced with this one.
-MIN_QUOTE_SIGMA = SIGMA_MIN
-QUOTABLE_POLICIES = ("clear", "clear-cost", "clear-cost-emp", "uniform")
+#: Every servable market quotes (clear_core.servable).
+QUOTABLE_POLICIES = SERVABLE_POLICIES
 #: A window thinner than this travels with its quote, and each request is cleared with it (see caps_at_quote).
 THIN_WINDOW_ROWS = 32
 
@@ -78,6 +74,7 @@ class PriceQuote:
     turnover_s: float = math.inf  # about how long until the window's demand has turned over, s
     thin_rows: tuple = ()  # the window itself when it is thinner than THIN_WINDOW_ROWS
     log_sigma: float = 0.0  # single-spread policies (clear): the spread the window was cleared with
+    beta: float = math.nan  # clear with a zero spread (the paper's surge market): its decay rate
     reservation_share: float = 0.0  # theta: the share of log_price's price that is on a reserved token
     mean_cap_budget: float | None = None  # the bound on the mean cap it was cleared with (thin windows reuse it)
 
@@ -101,115 +98,76 @@ class PriceQuote:
         return cls(**d)
 
 
-def _check_quotable(policy: Policy) -> None:
-    if not isinstance(policy, (ClearCost, ClearCostEmpirical, ClearLognormal, Uniform)):
+def _market(policy) -> ServableMarket:
+    if not isinstance(policy, ServableMarket):
         raise InvalidInputError("policy", policy.name, f"decisions from a price quote support {QUOTABLE_POLICIES}")
+    return policy
 
 
-def _row_width(policy: Policy) -> int:
-    return 5 if policy.uses_lengths else 4  # + the length bin
-
-
-def _lengths(policy: Policy, lengths, bins) -> EmpiricalLengths | None:
-    """The histograms and each row's bin, for the policies that price them (checked)."""
-    if not policy.uses_lengths:
-        return None
-    if not lengths:
-        raise InvalidInputError("lengths", "()", f"{policy.name} needs the calibration's length histograms")
-    return EmpiricalLengths(tuple(lengths), checked_length_bins(bins, len(lengths)))
+def _rows(market: ServableMarket, thresholds, log_sigma, runaway, weights, length_bins) -> np.ndarray:
+    """Demand rows of requests given column by column."""
+    tau = np.asarray(thresholds, dtype=float).reshape(-1)
+    cols = [tau, np.broadcast_to(np.asarray(log_sigma, dtype=float), tau.shape),
+            np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape),
+            np.ones(tau.shape) if weights is None else np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)]
+    if market.prices_length_histograms:
+        cols.append(np.broadcast_to(np.asarray([] if length_bins is None else length_bins, dtype=float), tau.shape))
+    return np.stack(cols, axis=1) if tau.size else np.zeros((0, market.row_width))
 
 
 def quote_window(policy: Policy, rows: np.ndarray, budget_per_query: float, context_limit_tokens: float | None,
                  *, lengths: tuple = (), mean_cap_budget: float | None = None, **meta) -> PriceQuote:
-    """Clear the demand ``rows`` (threshold, spread, runaway share, weight per row; ``clear-cost-emp``: and
-    the row's length bin, an index into ``lengths``, with the raw prediction as its threshold) at ``b`` per row.
+    """Clear the demand ``rows`` (:mod:`clear_core.servable`: threshold, spread, runaway share, weight per
+    row, and the length bin for ``clear-cost-emp``, whose threshold is the raw prediction) at ``b`` per row.
 
     ``mean_cap_budget`` (``clear-cost-emp``; None: no bound): what each admitted cap may hold on average
     while requests are in flight; when the caps do not fit it, the quote carries the reservation share
     (module docstring). ``meta`` fills the quote's bookkeeping fields (version, issued_at, turnover_s).
     """
-    _check_quotable(policy)
-    rows = np.asarray(rows, dtype=float).reshape(-1, _row_width(policy))
+    market = _market(policy)
+    rows = np.asarray(rows, dtype=float).reshape(-1, market.row_width)
     b = float(budget_per_query)
     thin = tuple(tuple(float(v) for v in r) for r in rows) if rows.shape[0] < THIN_WINDOW_ROWS else ()
-    bound = float(mean_cap_budget) if (mean_cap_budget is not None and policy.uses_lengths) else None
-    base = dict(policy=policy.name, budget_per_query_tokens=b, window_size=int(rows.shape[0]), thin_rows=thin,
+    bound = float(mean_cap_budget) if (mean_cap_budget is not None and market.prices_length_histograms) else None
+    base = dict(policy=market.name, budget_per_query_tokens=b, window_size=int(rows.shape[0]), thin_rows=thin,
                 mean_cap_budget=bound, **meta)
-    if isinstance(policy, Uniform) or rows.shape[0] == 0:
-        # An empty window has no price: each request is then priced alone against b (caps_at_quote).
-        return PriceQuote(log_price=-math.inf, log_fill_price=-math.inf, full_context=False, **base)
-    tau, sig, rho, w = rows.T[:4]
-    if policy.uses_lengths:
-        res = clear_empirical_market(tau, b * tau.size, lengths=_lengths(policy, lengths, rows[:, 4]), weights=w,
-                                     context_limit_tokens=context_limit_tokens, mean_cap_budget=bound)
-        return PriceQuote(log_price=res.log_price, log_fill_price=res.log_fill_price,
-                          full_context=res.full_context, reservation_share=res.reservation_share, **base)
-    if isinstance(policy, ClearCost):
-        res = clear_consumption_market(tau, b * tau.size, log_sigma=np.maximum(sig, SIGMA_MIN), runaway=rho,
-                                       weights=w, context_limit_tokens=context_limit_tokens,
-                                       fill_unused=policy.fill_unused)
-        return PriceQuote(log_price=res.log_price, log_fill_price=res.log_fill_price,
-                          full_context=res.full_context, **base)
-    sigma = max(float(np.median(sig)), MIN_QUOTE_SIGMA)
-    res = clear_market_lognormal(tau, b * tau.size, log_sigma=sigma, context_limit_tokens=context_limit_tokens,
-                                 fill_unused=policy.fill_unused)
-    log = (lambda p: math.log(p) if p > 0 else -math.inf)
-    return PriceQuote(log_price=log(res.shadow_price), log_fill_price=log(res.fill_price), full_context=False,
-                      log_sigma=sigma, **base)
+    # An empty window has no price: each request is then priced alone against b (caps_at_quote).
+    prices = NO_PRICE if rows.shape[0] == 0 else market.quote_prices(
+        rows, b * rows.shape[0], context_limit_tokens=context_limit_tokens, lengths=market.check_lengths(lengths),
+        mean_cap_budget=bound)
+    return PriceQuote(log_price=prices.log_price, log_fill_price=prices.log_fill_price,
+                      full_context=prices.full_context, reservation_share=prices.reservation_share,
+                      log_sigma=prices.log_sigma, beta=prices.beta, **base)
 
 
 def caps_at_quote(policy: Policy, quote: PriceQuote, thresholds, *, log_sigma=0.0, runaway=0.0, weights=None,
                   context_limit_tokens: float | None = None, length_bins=None, lengths: tuple = ()) -> np.ndarray:
     """Integer caps of requests at ``quote`` (0: insolvent at its shadow price); ``clear-cost-emp``: each
     request's length bin in ``length_bins``, an index into ``lengths``, and its raw prediction as threshold."""
-    _check_quotable(policy)
-    if quote.policy != policy.name:
-        raise InvalidInputError("quote", quote.policy, f"was cleared by another policy than {policy.name}")
-    tau = np.asarray(thresholds, dtype=float).reshape(-1)
-    limit = math.inf if context_limit_tokens is None else float(context_limit_tokens)
-    if isinstance(policy, Uniform):
-        return np.full(tau.size, int(min(math.floor(quote.budget_per_query_tokens), limit)), dtype=np.int64)
-    sig = np.broadcast_to(np.asarray(log_sigma, dtype=float), tau.shape)
-    bins = None
-    if policy.uses_lengths:
-        bins = np.broadcast_to(np.asarray([] if length_bins is None else length_bins, dtype=float), tau.shape)
-        _lengths(policy, lengths, bins)
+    market = _market(policy)
+    if quote.policy != market.name:
+        raise InvalidInputError("quote", quote.policy, f"was cleared by another policy than {market.name}")
+    rows = _rows(market, thresholds, log_sigma, runaway, weights, length_bins)
+    lengths = market.check_lengths(lengths)
+    if market.prices_length_histograms:
+        checked_length_bins(rows[:, 4], len(lengths))
     if quote.window_size < THIN_WINDOW_ROWS:
         # A thin window (a cold start): one request moves its price, so each request is cleared with the
         # window, as the central market does (its O(window) cost is small while the window is thin).
-        rho = np.broadcast_to(np.asarray(runaway, dtype=float), tau.shape)
-        w = np.ones(tau.shape) if weights is None else np.broadcast_to(np.asarray(weights, dtype=float), tau.shape)
-        extra = [()] * tau.size if bins is None else [(k,) for k in bins]
-        return np.array([_cleared_with_window(policy, quote, (t, s, r, v, *e), context_limit_tokens, lengths)
-                         for t, s, r, v, e in zip(tau, sig, rho, w, extra)], dtype=np.int64)
-    if policy.uses_lengths:
-        return caps_at_log_price_empirical(tau, lengths=_lengths(policy, lengths, bins), weights=weights,
-                                           log_price=quote.log_price, full_context=quote.full_context,
-                                           context_limit_tokens=context_limit_tokens,
-                                           reservation_share=quote.reservation_share)
-    if isinstance(policy, ClearCost):
-        return caps_at_log_prices(tau, log_sigma=np.maximum(sig, SIGMA_MIN), runaway=runaway, weights=weights,
-                                  log_price=quote.log_price, log_fill_price=quote.log_fill_price,
-                                  full_context=quote.full_context, context_limit_tokens=context_limit_tokens)
-    # clear prices one spread (the policy takes the median of the spreads): every request's best response
-    # uses the spread its price was cleared with, so that price and caps describe the same market.
-    return caps_at_prices(tau, log_sigma=max(quote.log_sigma, MIN_QUOTE_SIGMA), price=quote.shadow_price,
-                          fill_price=math.exp(quote.log_fill_price) if quote.log_fill_price > -math.inf else 0.0,
-                          context_limit_tokens=context_limit_tokens)
+        return np.array([_cleared_with_window(market, quote, tuple(r), context_limit_tokens, lengths)
+                         for r in rows], dtype=np.int64)
+    prices = MarketPrices(log_price=quote.log_price, log_fill_price=quote.log_fill_price,
+                          full_context=quote.full_context, reservation_share=quote.reservation_share,
+                          log_sigma=quote.log_sigma, beta=quote.beta)
+    return market.caps_at_prices(prices, rows, budget_per_query=quote.budget_per_query_tokens,
+                                 context_limit_tokens=context_limit_tokens, lengths=lengths)
 
 
-def _cleared_with_window(policy: Policy, quote: PriceQuote, row: tuple, context_limit_tokens, lengths=()) -> int:
+def _cleared_with_window(market: ServableMarket, quote: PriceQuote, row: tuple, context_limit_tokens,
+                         lengths=()) -> int:
     """The cap of ``row`` in a clearing of the quote's thin window plus ``row`` (the central market's rule)."""
-    rows = np.asarray(quote.thin_rows + (tuple(float(v) for v in row),), dtype=float).reshape(-1, _row_width(policy))
-    tau, sig, rho, w = rows.T[:4]
-    budget = quote.budget_per_query_tokens * tau.size
-    if policy.uses_lengths:
-        alloc = policy.allocate(tau, budget, context_limit_tokens=context_limit_tokens, weights=w,
-                                lengths=_lengths(policy, lengths, rows[:, 4]), mean_cap_budget=quote.mean_cap_budget)
-    elif policy.per_query_sigma:
-        alloc = policy.allocate(tau, budget, context_limit_tokens=context_limit_tokens, log_sigma=sig, runaway=rho,
-                                weights=w)
-    else:  # a single-spread policy clears with the arriving request's spread, as OnlineMarket does
-        alloc = policy.allocate(tau, budget, context_limit_tokens=context_limit_tokens,
-                                log_sigma=max(float(row[1]), MIN_QUOTE_SIGMA))
+    rows = np.asarray(quote.thin_rows + (row,), dtype=float).reshape(-1, market.row_width)
+    alloc = market.clear_rows(rows, quote.budget_per_query_tokens * rows.shape[0],
+                              context_limit_tokens=context_limit_tokens, lengths=lengths,
+                              mean_cap_budget=quote.mean_cap_budget)
     return int(alloc.caps[-1])

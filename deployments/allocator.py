@@ -54,7 +54,7 @@ from clear_core.errors import ClearError, UnknownReservationError
 from clear_core.lease import LeaseReply, LeaseReport, answer_report
 from clear_core.ledger import Settlement, TokenLedger
 from clear_core.online_market import DEFAULT_TENANT, Decision, OnlineMarket
-from clear_core.policies import parse_policy
+from clear_core.servable import servable_policy
 from clear_core.predictions import read_predictions
 from deployments.background import cancel_on_stop, stop_if_cancelled
 from deployments.config import AllocatorConfig
@@ -84,11 +84,11 @@ class Allocator:
     ):
         self.config = config
         self.policy_spec = config.policy
-        self.policy = parse_policy(config.policy)
+        self.policy = servable_policy(config.policy)
         # clear-cost-emp: the predictor's calibration, whose bins' length histograms the market prices;
         # each request's bin is the bin of its raw predicted threshold (a fallback prediction's too).
         self.calibration = None
-        if self.policy.uses_lengths:
+        if self.policy.prices_length_histograms:
             if length_calibration is None:
                 raise ValueError(f"policy {config.policy} needs the predictor's length calibration")
             self.calibration = Calibration.from_dict(length_calibration)

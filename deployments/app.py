@@ -23,9 +23,11 @@ import uuid
 
 from ray import serve
 
+from pydantic import ValidationError
+
+from clear_core.servable import servable_policy
 from deployments.allocator import Allocator
-from clear_core.policies import parse_policy
-from deployments.config import AppConfig, ReplayEngineConfig, length_calibration
+from deployments.config import AppConfig, ConfigError, ReplayEngineConfig, length_calibration
 from deployments.engines.replay import ReplayEngine
 from deployments.ingress import IngressApp
 from deployments.predictor import Predictor
@@ -53,7 +55,10 @@ def build_engine(cfg: AppConfig):
 
 
 def build_app(args: dict | None = None):
-    cfg = AppConfig.model_validate(args or {})
+    try:
+        cfg = AppConfig.model_validate(args or {})
+    except ValidationError as exc:  # one line per bad field, naming it: a config error, not a traceback to read
+        raise ConfigError.from_validation(exc) from None
     predictor = None  # predictor.placement ingress: the ingress runs the backend itself
     if cfg.predictor.placement == "deployment":
         predictor = serve.deployment(Predictor, **cfg.predictor.deployment.serve_options("Predictor"),
@@ -68,7 +73,7 @@ def build_app(args: dict | None = None):
         state_key=state_key(cfg.allocator.budget_name, uuid.uuid4().hex) if cfg.allocator.durable_state else None,
         # clear-cost-emp prices the length histograms of the predictor's calibration.
         length_calibration=(length_calibration(cfg.predictor)
-                            if parse_policy(cfg.allocator.policy).uses_lengths else None),
+                            if servable_policy(cfg.allocator.policy).prices_length_histograms else None),
     )
     engine = build_engine(cfg)
     return serve.deployment(IngressApp, **cfg.ingress.deployment.serve_options("Ingress")).bind(

@@ -9,19 +9,31 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from clear_core import budget as core_budget
 from clear_core import online_market
 from clear_core.errors import InvalidInputError
 from clear_core.ledger import DEFAULT_LEASE_TTL_S
-from clear_core.policies import parse_policy
-from clear_core.quotes import QUOTABLE_POLICIES
+from clear_core.servable import resolve_auto, servable_policy
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS
 
 #: @serve.batch of the predictor: most prompts per batch and longest wait to fill one.
 DEFAULT_PREDICTOR_BATCH_SIZE = 32
 DEFAULT_PREDICTOR_BATCH_WAIT_S = 0.005
+
+
+class ConfigError(ValueError):
+    """The app's ``args:`` are invalid: one line per bad field, ``args.<field path>: <what is wrong>``."""
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> ConfigError:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-after"))
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"args.{where}: {msg}" if where else f"args: {msg}")
+        return cls("\n".join(lines))
 
 
 class _Strict(BaseModel):
@@ -122,12 +134,11 @@ BudgetConfig = Annotated[PerQueryBudgetConfig | RateBudgetConfig, Field(discrimi
 
 class AllocatorConfig(_Strict):
     policy: str = Field(
-        "auto", description="Allocation policy spec (clear_core.policies.parse_policy), e.g. clear-cost-emp, "
-        "clear-cost, clear, uniform. auto: when the budget refunds unused caps (rate mode, or per_query with "
-        "refund_unused) a market on expected generated tokens: clear-cost-emp (the length histograms of the "
-        "predictor's calibration) with a minilm-ridge head that ships them (or predictor.calibration_path), else "
-        "clear-cost; "
-        "without refunds clear (the paper's cap semantics).",
+        "auto", description="The market that prices requests: uniform, clear, clear-cost or clear-cost-emp "
+        "(clear_core.servable; a spec may carry parameters, e.g. clear:fill=0), or auto: the market of what the "
+        "budget charges (clear_core.servable.resolve_auto): a budget that refunds unused caps gets clear-cost-emp "
+        "when the predictor's calibration has length histograms (the minilm-ridge head has), else clear-cost; a "
+        "budget of caps gets clear. The paper's other baselines are offline bench policies and are refused.",
     )
     _from_auto: bool = PrivateAttr(False)  # policy was "auto" (AppConfig may pick the histogram market)
     pricing_window_requests: int = Field(
@@ -167,7 +178,7 @@ class AllocatorConfig(_Strict):
         description="central: every request asks the allocator for its cap (one round trip each, the reference). "
         "ingress: each ingress replica prices requests from the allocator's last price quote and reserves against "
         "a budget lease, with no call per request; the allocator moves the price and reconciles the leases from "
-        "the replicas' reports (clear_core.lease). Policies: clear, clear-cost, clear-cost-emp, uniform.",
+        "the replicas' reports (clear_core.lease).",
     )
     report_interval_s: float = Field(
         0.05, gt=0, le=5.0,
@@ -202,7 +213,7 @@ class AllocatorConfig(_Strict):
     tenant_weights: dict[str, float] = Field(
         default_factory=dict, description="Tenant -> weight of its requests in the utility (the paper's alpha_i, "
         "Eq. 2): at one shadow price a heavier tenant's requests stay solvent longer. Tenants not named weigh 1. "
-        "Only policies that weight queries (clear-cost) accept unequal weights.",
+        "Only policies that weight queries (clear-cost, clear-cost-emp) accept unequal weights.",
     )
     deployment: AllocatorDeploymentOptions = Field(
         default_factory=AllocatorDeploymentOptions, description="Serve options (always one replica)."
@@ -210,32 +221,31 @@ class AllocatorConfig(_Strict):
 
     @field_validator("policy")
     @classmethod
-    def _known_policy(cls, spec: str) -> str:
+    def _servable(cls, spec: str) -> str:
         if spec == "auto":
             return spec
         try:
-            parse_policy(spec)
+            servable_policy(spec, field="allocator.policy")
         except InvalidInputError as exc:
             raise ValueError(str(exc)) from None
         return spec
 
     @model_validator(mode="after")
     def _weights_and_refunds(self):
-        if self.policy == "auto":  # resolved once, here: every layer sees the policy that runs
-            object.__setattr__(self, "policy", "clear-cost" if self.budget.to_budget().refund_unused else "clear")
+        if self.policy == "auto":  # every layer sees the policy that runs (AppConfig may add the histograms)
+            refunds = self.budget.to_budget().refund_unused
+            object.__setattr__(self, "policy", resolve_auto(refunds_unused=refunds, has_length_histograms=False))
             self._from_auto = True
-        policy = parse_policy(self.policy)
-        if policy.prices_generated_tokens and not self.budget.to_budget().refund_unused:
+        policy = servable_policy(self.policy)
+        if policy.charges_generated_tokens and not self.budget.to_budget().refund_unused:
             raise ValueError(f"policy {self.policy} prices generated tokens: its budget needs refund_unused: true "
                              "(a budget that charges whole caps is a budget of caps)")
         bad = {t: w for t, w in self.tenant_weights.items() if not w > 0}
         if bad:
             raise ValueError(f"tenant weights must be > 0: {bad}")
-        if not policy.uses_weights and len(set(self.tenant_weights.values()) | {1.0}) > 1:
-            raise ValueError(f"tenant_weights need a policy that weights queries (clear-cost), not {self.policy}")
-        if self.decisions == "ingress" and policy.name not in QUOTABLE_POLICIES:
-            raise ValueError(f"decisions: ingress prices from a quote, which {self.policy} has not (use one of "
-                             f"{', '.join(QUOTABLE_POLICIES)}, or decisions: central)")
+        if not policy.weights_tenants and len(set(self.tenant_weights.values()) | {1.0}) > 1:
+            raise ValueError(f"tenant_weights need a policy that weights queries (clear-cost, clear-cost-emp), "
+                             f"not {self.policy}")
         return self
 
 
@@ -441,11 +451,14 @@ class AppConfig(_Strict):
         """policy auto picks clear-cost-emp where it can run; a config naming it needs a predictor that ships
         length histograms (the minilm-ridge head, or predictor.calibration_path)."""
         alloc = self.allocator
-        if alloc._from_auto and alloc.policy == "clear-cost" and length_calibration(self.predictor) is not None:
-            chosen = alloc.model_copy(update={"policy": "clear-cost-emp"})
-            chosen._from_auto = True
-            object.__setattr__(self, "allocator", chosen)
-        if parse_policy(self.allocator.policy).uses_lengths and length_calibration(self.predictor, True) is None:
+        if alloc._from_auto:
+            chosen = resolve_auto(refunds_unused=alloc.budget.to_budget().refund_unused,
+                                  has_length_histograms=length_calibration(self.predictor) is not None)
+            if chosen != alloc.policy:
+                resolved = alloc.model_copy(update={"policy": chosen})
+                resolved._from_auto = True
+                object.__setattr__(self, "allocator", resolved)
+        if servable_policy(self.allocator.policy).prices_length_histograms and length_calibration(self.predictor, True) is None:
             raise ValueError(f"policy {self.allocator.policy} prices the length histograms of the predictor's "
                              "calibration: it needs predictor.backend minilm-ridge with a head that ships them "
                              "(clear-llm predictor head); serve clear-cost otherwise")

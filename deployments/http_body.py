@@ -17,7 +17,7 @@ them take every slot. :func:`read_body` bounds that:
   ``gate.limit`` slots, each for at most ``timeout_s``.
 
 Headers that never finish never reach a replica (Ray's proxy holds them);
-their timeout belongs to the load balancer in front (docs/PRODUCTION.md).
+their timeout belongs to the load balancer in front (docs/operations.md).
 """
 
 from __future__ import annotations

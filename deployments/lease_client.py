@@ -39,7 +39,7 @@ import numpy as np
 from clear_core.calibration import Calibration
 from clear_core.errors import InvalidInputError
 from clear_core.lease import IngressMarket, LeaseReply
-from clear_core.policies import parse_policy
+from clear_core.servable import servable_policy
 from deployments.background import cancel_on_stop, stop_if_cancelled
 from deployments.config import length_calibration
 from deployments.errors import AllocatorUnavailableError
@@ -62,11 +62,11 @@ class LeaseClient:
         acfg = config.allocator
         self.config = acfg
         self.allocator = allocator
-        self._policy = parse_policy(acfg.policy)
+        self._policy = servable_policy(acfg.policy)
         # clear-cost-emp: the same calibration as the allocator's (build_app's), so that a bin index means
         # the same histogram on both sides; a request is priced on its raw prediction's bin.
         self.calibration = None
-        if self._policy.uses_lengths:
+        if self._policy.prices_length_histograms:
             self.calibration = Calibration.from_dict(length_calibration(config.predictor, True))
         self._market_args = dict(refund_unused=refund_unused, context_limit_tokens=config.max_completion_tokens,
                                  lease_block_tokens=acfg.lease_block_tokens, tenant_weights=dict(acfg.tenant_weights),

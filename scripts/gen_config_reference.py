@@ -1,7 +1,7 @@
-"""Render docs/CONFIG.md, the reference of the Serve app's ``args:``, from deployments/config.py.
+"""Render docs/configuration.md, the reference of the Serve app's ``args:``, from deployments/config.py.
 
-    python scripts/gen_config_reference.py           # rewrite docs/CONFIG.md
-    python scripts/gen_config_reference.py --check   # exit 1 when docs/CONFIG.md is stale
+    python scripts/gen_config_reference.py           # rewrite docs/configuration.md
+    python scripts/gen_config_reference.py --check   # exit 1 when docs/configuration.md is stale
 
 The pydantic models are the one source: every field's name, type, constraints, default
 and description come from them, so the reference cannot say something the validation
@@ -24,7 +24,7 @@ import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUT = Path("docs/CONFIG.md")
+OUTPUT = Path("docs/configuration.md")
 REGENERATE = "python scripts/gen_config_reference.py"
 
 # Render this checkout's models even where another checkout of the project is
@@ -221,7 +221,7 @@ def render_section(section: Section) -> str:
 
 
 def render(root: type[BaseModel] | None = None) -> str:
-    """docs/CONFIG.md for ``root`` (default: deployments.config.AppConfig)."""
+    """docs/configuration.md for ``root`` (default: deployments.config.AppConfig)."""
     if root is None:
         from deployments.config import AppConfig as root
     sections = collect(root)
@@ -231,7 +231,7 @@ def render(root: type[BaseModel] | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when docs/CONFIG.md is stale; write nothing")
+    parser.add_argument("--check", action="store_true", help="exit 1 when docs/configuration.md is stale; write nothing")
     parser.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
     args = parser.parse_args(argv)
     target = args.root / OUTPUT

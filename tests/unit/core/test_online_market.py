@@ -73,7 +73,7 @@ def test_cap_is_cut_to_available_or_abandoned():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    policy=st.sampled_from(["clear", "uniform", "clear-paper"]),
+    policy=st.sampled_from(["clear", "uniform", "clear-cost"]),
     b=st.sampled_from([128.0, 512.0, 2048.0]),
     seed=st.integers(0, 10_000),
     window=st.sampled_from([0, 16, 64]),

@@ -50,7 +50,7 @@ def test_a_higher_quoted_price_never_raises_a_cap(name):
     policy = parse_policy(name)
     rng = np.random.default_rng(3)
     tau = np.exp(rng.normal(6.5, 1.2, 200))
-    base = dict(policy=name, full_context=False, budget_per_query_tokens=512.0, window_size=100)
+    base = dict(policy=name, full_context=False, budget_per_query_tokens=512.0, window_size=100, log_sigma=0.6)
     prev = None
     for log_price in np.linspace(-14, -4, 21):
         q = PriceQuote(log_price=log_price, log_fill_price=log_price, **base)
@@ -110,16 +110,10 @@ def test_a_quote_is_read_by_its_own_policy_only_and_unquotable_policies_are_refu
 def _histograms(rng, k=4):
     from clear_core.empirical_market import LengthHistogram
 
-    import dataclasses
-
     out = []
     for j in range(k):
         r = rng.normal(0.3 * j - 0.2, 0.4 + 0.25 * j, 400)
-        h = LengthHistogram.fit(r, rng.random(400) < 0.85 - 0.15 * j, rng.random(400) < 0.03 * j)
-        if j % 2:  # costed on other masses than it is valued on (fit_calibration's cost_shrink)
-            c = LengthHistogram.fit(rng.normal(0.5 * j, 0.6, 400), np.ones(400, bool), rng.random(400) < 0.05)
-            h = dataclasses.replace(h, cost=tuple((np.asarray(c.correct) + np.asarray(c.wrong)).tolist()))
-        out.append(h)
+        out.append(LengthHistogram.fit(r, rng.random(400) < 0.85 - 0.15 * j, rng.random(400) < 0.03 * j))
     return tuple(out)
 
 
@@ -178,7 +172,7 @@ def test_an_empirical_quote_is_each_request_s_best_response_by_brute_force(with_
         t_max = float(rng.choice([4096, T_MAX]))
         h = hists[k]
         good = np.asarray(h.correct)
-        mass = np.asarray(h.cost) if h.cost else good + np.asarray(h.wrong)  # what a cap's cost is computed on
+        mass = good + np.asarray(h.wrong)  # what a cap's cost is computed on
         best_cap, best = 0, 0.0
         for g, u in enumerate(LOG_RATIO_GRID):
             cap = tau * math.exp(u)
@@ -270,3 +264,27 @@ def test_an_empirical_quote_refuses_a_request_without_a_valid_bin():
             caps_at_quote(policy, q, [100.0], length_bins=bins, lengths=hists)
     with pytest.raises(InvalidInputError):
         caps_at_quote(policy, q, [100.0], length_bins=[0], lengths=())
+
+
+@pytest.mark.parametrize("b", [300.0, 600.0, 2000.0])
+def test_exact_thresholds_get_one_answer_in_both_decision_modes(b):
+    """A predictor that reports no spread (sigma 0): ``clear`` clears the paper's surge market centrally, and
+    its quote carries that market's prices, so a request priced at the ingress gets the cap the central
+    market (the window plus the request) gives it, abandonments included."""
+    policy = parse_policy("clear")
+    rng = np.random.default_rng(7)
+    window = np.c_[np.exp(rng.normal(6.0, 0.8, 256)), np.zeros(256), np.zeros(256), np.ones(256)]
+    q = quote_window(policy, window, b, T_MAX)
+    assert q.log_sigma == 0.0 and math.isfinite(q.beta)
+    tau = np.exp(rng.normal(6.0, 0.8, 200))
+    quoted = caps_at_quote(policy, q, tau, log_sigma=0.0, context_limit_tokens=T_MAX)
+    central = np.array([policy.clear_rows(np.vstack([window, [t, 0.0, 0.0, 1.0]]), b * 257,
+                                          context_limit_tokens=T_MAX).caps[-1] for t in tau])
+    # One request moves the price by about one part in the window: solvency may differ at the margin only.
+    assert np.mean((quoted > 0) == (central > 0)) >= 0.97
+    both = (quoted > 0) & (central > 0)
+    assert both.sum() >= 20
+    np.testing.assert_allclose(quoted[both], central[both], rtol=0.03, atol=2)
+    # And it is the paper's market, not a log-normal one with a made-up spread.
+    paper = parse_policy("clear-paper").allocate(np.r_[window[:, 0], tau[0]], b * 257, context_limit_tokens=T_MAX)
+    assert central[0] == paper.caps[-1]

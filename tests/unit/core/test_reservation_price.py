@@ -12,7 +12,7 @@ from clear_core.empirical_market import LOG_RATIO_GRID, EmpiricalLengths, clear_
 from clear_core.ledger import TokenLedger
 from clear_core.online_market import DecisionReason, OnlineMarket
 from clear_core.policies import parse_policy
-from tests.unit.core.test_empirical_market import bimodal, curves
+from tests.fakes import bimodal, curves
 
 LIMIT = 8192
 
@@ -97,8 +97,9 @@ def serve_with_requests_in_flight(policy: str, priced: bool, k: int = 32, n: int
     clock = [0.0]
     ledger = TokenLedger(TokenBucketBudget(tokens_per_s=3000.0, burst_tokens=120_000.0), lambda: clock[0])
     emp = policy == "clear-cost-emp"
-    market = OnlineMarket(parse_policy(policy), ledger, context_limit_tokens=LIMIT, lengths=(h,) if emp else (),
-                          price_in_flight=priced)
+    market = OnlineMarket(parse_policy(policy), ledger, context_limit_tokens=LIMIT, lengths=(h,) if emp else ())
+    if not priced:  # what the market would do without its second budget: no bound on the mean cap
+        market.mean_cap_budget = lambda now: None
     running, caps, finished, dry = deque(), {}, 0, 0
 
     def end(j):

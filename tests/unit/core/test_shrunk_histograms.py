@@ -83,44 +83,6 @@ def test_a_huge_prior_makes_every_bin_the_population_at_its_centre():
         np.testing.assert_allclose(h.wrong, prior.wrong, atol=1e-9)
 
 
-def test_a_cost_prior_of_its_own_strength_costs_a_cap_and_the_value_prior_values_it():
-    """fit_calibration(cost_shrink=Kc): a bin's expected generated tokens at a cap are those of the bin shrunk
-    with Kc (cost_shrink=0: the bin's own lengths; computed here as the sum over the cells of min(cell edge,
-    cap), runaways at the cap), while its chance of a correct answer within the cap is the one shrunk with
-    ``shrink``; without cost_shrink both are the same."""
-    from clear_core.empirical_market import (
-        LOG_RATIO_GRID, EmpiricalLengths, _chain, expected_generated_empirical,
-    )
-
-    pred, obs, correct = population(3, n=240)
-    kw = dict(bins=4, censor_tokens=8192.0, correct=correct)
-    shrunk = fit_calibration(pred, obs, shrink=200.0, **kw)
-    assert all(not h.cost for h in shrunk.histograms)
-    for kc in (0.0, 20.0):
-        costed = fit_calibration(pred, obs, shrink=kc, **kw)  # the masses the cost must be computed on
-        split = fit_calibration(pred, obs, shrink=200.0, cost_shrink=kc, **kw)
-        tau = np.exp(np.asarray(split.centres))
-        for k, (hc, hv, h) in enumerate(zip(costed.histograms, shrunk.histograms, split.histograms)):
-            assert h.correct == hv.correct and h.wrong == hv.wrong  # valued as with shrink alone
-            mass = np.asarray(hc.correct) + np.asarray(hc.wrong)
-            assert not np.allclose(mass, np.asarray(hv.correct) + np.asarray(hv.wrong), atol=1e-4)
-            for cap in (100.0, 400.0, 3000.0):
-                edges = tau[k] * np.exp(LOG_RATIO_GRID)
-                by_hand = float((mass * np.minimum(edges, cap)).sum() + cap * (1.0 - mass.sum()))
-                got = expected_generated_empirical([cap], [tau[k]], EmpiricalLengths((h,), np.array([0])))[0]
-                assert got == pytest.approx(by_hand, rel=1e-9)
-            ch, g = _chain(h), 100  # the market's curves: cost from the cost masses, value from the shrunk
-            own_cost = float((mass[: g + 1] * np.exp(LOG_RATIO_GRID[: g + 1])).sum()
-                             + np.exp(LOG_RATIO_GRID[g]) * (1.0 - mass[: g + 1].sum()))
-            assert ch.cost[g + 1] == pytest.approx(own_cost, rel=1e-9, abs=1e-9)
-            assert ch.value[g + 1] == pytest.approx(float(np.sum(h.correct[: g + 1])), abs=1e-12)
-            assert LengthHistogram.from_dict(h.as_dict()) == h
-    with pytest.raises(InvalidInputError):
-        LengthHistogram(h.correct, h.wrong, h.runaway, cost=(1.0,) * LOG_RATIO_GRID.size)  # sums past 1
-    with pytest.raises(InvalidInputError):
-        fit_calibration(pred, obs, cost_shrink=-1.0, **kw)
-
-
 def test_shrinking_keeps_the_short_answers_of_long_predictions():
     """Fitted on few long-predicted samples, the long bin's chance of a correct answer within 150 tokens
     moves towards the population's."""

@@ -22,7 +22,7 @@ RULES = REPO / "monitoring" / "prometheus" / "rules.yml"
 RULES_TEST = REPO / "monitoring" / "prometheus" / "rules_test.yml"
 DASHBOARD = REPO / "monitoring" / "grafana" / "clear-dashboard.json"
 SERVE_CONFIG_GPU = REPO / "serve_config.gpu.yaml"
-PRODUCTION_DOC = REPO / "docs" / "PRODUCTION.md"
+PRODUCTION_DOC = REPO / "docs" / "operations.md"
 #: Kubernetes version the core objects are validated against (kubernetes-validate ships it).
 K8S_VERSION = "1.32.0"
 

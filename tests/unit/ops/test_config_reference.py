@@ -1,4 +1,4 @@
-"""docs/CONFIG.md is what scripts/gen_config_reference.py renders from deployments/config.py,
+"""docs/configuration.md is what scripts/gen_config_reference.py renders from deployments/config.py,
 and the rendering shows every field, its type, default, constraints and description."""
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ def gen(ops):
 
 @pytest.fixture(scope="module")
 def config_md(ops) -> str:
-    path = ops.REPO / "docs" / "CONFIG.md"
+    path = ops.REPO / "docs" / "configuration.md"
     if not path.is_file():
-        pytest.fail(f"docs/CONFIG.md is missing: run {REGENERATE}", pytrace=False)
+        pytest.fail(f"docs/configuration.md is missing: run {REGENERATE}", pytrace=False)
     return path.read_text()
 
 
 def test_config_md_is_up_to_date(gen, config_md):
     if gen.render() != config_md:
-        pytest.fail(f"docs/CONFIG.md is stale (deployments/config.py changed): run {REGENERATE}", pytrace=False)
+        pytest.fail(f"docs/configuration.md is stale (deployments/config.py changed): run {REGENERATE}", pytrace=False)
 
 
 def _models_and_fields(model, seen=None):
@@ -121,7 +121,7 @@ def test_rendering_is_deterministic_and_machine_independent(gen, ops):
 
 def test_check_mode_fails_on_a_stale_copy_and_names_the_command(gen, tmp_path, capsys):
     (tmp_path / "docs").mkdir()
-    target = tmp_path / "docs" / "CONFIG.md"
+    target = tmp_path / "docs" / "configuration.md"
     target.write_text(gen.render().replace("Largest cap", "Biggest cap"))
     assert gen.main(["--check", "--root", str(tmp_path)]) == 1
     assert REGENERATE in capsys.readouterr().err

@@ -128,6 +128,6 @@ def test_the_predictor_checkpoint_has_one_spelling(ops):
     (trained,) = re.findall(r"clear-llm predictor train .*--out (\S+)", readme)
     assert default == trained
     names = set()
-    for rel in ("README.md", "docs/PRODUCTION.md", "clear_predictor/README.md", DOCKERFILE):
+    for rel in ("README.md", "docs/operations.md", "clear_predictor/README.md", DOCKERFILE):
         names |= set(re.findall(r"artifacts/(?:clear-)?predictor(?:-\w+)?", (ops.REPO / rel).read_text()))
     assert names == {default}, f"checkpoint spelled {sorted(names)}"

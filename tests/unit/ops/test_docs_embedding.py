@@ -1,4 +1,4 @@
-"""docs/EMBEDDING.md runs: its python blocks are executed in order as one program, and every
+"""docs/embedding.md runs: its python blocks are executed in order as one program, and every
 output the page claims (a ``# -> text`` comment on a print line) must be what it prints."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ CLAIM = re.compile(r"#\s*->\s*(.*?)\s*$")
 
 @pytest.fixture(scope="module")
 def blocks(ops) -> list[str]:
-    path = ops.REPO / "docs" / "EMBEDDING.md"
+    path = ops.REPO / "docs" / "embedding.md"
     if not path.is_file():
-        pytest.fail("docs/EMBEDDING.md is missing", pytrace=False)
+        pytest.fail("docs/embedding.md is missing", pytrace=False)
     return FENCE.findall(path.read_text())
 
 
@@ -38,7 +38,7 @@ def run(blocks):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         for block in blocks:
-            exec(compile(block, "docs/EMBEDDING.md", "exec"), namespace)
+            exec(compile(block, "docs/embedding.md", "exec"), namespace)
     return namespace, stdout.getvalue().splitlines()
 
 
@@ -50,7 +50,7 @@ def test_the_page_has_its_examples(blocks):
 def test_every_claimed_output_is_what_the_code_prints(blocks, run):
     _, printed = run
     claims = _claims(blocks)
-    assert printed == claims, "docs/EMBEDDING.md says one thing and its code prints another"
+    assert printed == claims, "docs/embedding.md says one thing and its code prints another"
 
 
 def test_the_books_the_examples_leave_keep_the_invariant(run):

@@ -69,9 +69,9 @@ def test_every_alert_has_severity_summary_description_and_runbook(rules, ops):
         ann = a.get("annotations", {})
         for key in ("summary", "description", "runbook"):
             assert ann.get(key, "").strip(), f"{name} has no {key} annotation"
-        anchor = f"docs/PRODUCTION.md#{name.lower()}"
+        anchor = f"docs/operations.md#{name.lower()}"
         assert ann["runbook"].startswith(anchor), f"{name}: runbook should start with {anchor}"
-        assert name.lower() in headings, f"docs/PRODUCTION.md has no heading for {name}"
+        assert name.lower() in headings, f"docs/operations.md has no heading for {name}"
 
 
 def test_names_are_unique_and_conventional(rules):

@@ -85,6 +85,47 @@ def test_policy_auto_picks_the_market_the_budget_and_predictor_can_run(args, pol
     assert AppConfig.model_validate(args).allocator.policy == policy
 
 
+@pytest.mark.parametrize("policy", ["oracle", "uniform-generated", "clear-paper", "clear-optimal", "proportional",
+                                    "heuristic:fill=0"])
+@pytest.mark.parametrize("decisions", ["central", "ingress"])
+def test_a_bench_only_policy_is_refused_when_the_app_is_built_in_one_line(policy, decisions):
+    """A deployment serves uniform, clear, clear-cost or clear-cost-emp; anything else fails at build time with
+    one line naming the field (it used to deploy and answer every request 400)."""
+    from deployments.app import build_app
+    from deployments.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        build_app({"allocator": {"policy": policy, "decisions": decisions}})
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("args.allocator.policy: ") and "offline bench policy" in msg
+
+
+#: What each shipped config serves: every one says `policy: auto`, and this is what auto resolves to there
+#: (the story docs/serving.md tells).
+SHIPPED = {
+    "serve_config.yaml": "clear",  # per_query budget of caps
+    "serve_config.vllm-cpu.yaml": "clear",  # per_query budget of caps
+    "serve_config.gpu.yaml": "clear-cost",  # a refunding rate budget, a checkpoint predictor (no histograms)
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_every_shipped_config_serves_the_default_story(name):
+    raw = yaml.safe_load((REPO / name).read_text())
+    args = raw["applications"][0]["args"]
+    assert args["allocator"]["policy"] == "auto"
+    assert AppConfig.model_validate(args).allocator.policy == SHIPPED[name]
+
+
+def test_the_kuberay_manifest_serves_what_the_gpu_config_serves():
+    docs = list(yaml.safe_load_all((REPO / "k8s" / "rayservice.yaml").read_text()))
+    service = next(d for d in docs if d and d.get("kind") == "RayService")
+    serve_cfg = yaml.safe_load(service["spec"]["serveConfigV2"])
+    args = serve_cfg["applications"][0]["args"]
+    assert args["allocator"]["policy"] == "auto"
+    assert AppConfig.model_validate(args).allocator.policy == SHIPPED["serve_config.gpu.yaml"]
+
+
 def test_autoscaling_options():
     opts = DeploymentOptions(autoscaling_min_replicas=1, autoscaling_max_replicas=3).serve_options("E")
     assert opts["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in opts
