@@ -161,8 +161,7 @@ def engine_args(engine: str, pool_path: Path, model_dir: str | None) -> dict:
         return {
             "kind": "vllm",
             "model_source": model_dir,
-            "replay": True,
-            "trace_path": str(pool_path),
+            "advanced": {"replay": True, "trace_path": str(pool_path)},
             "min_replicas": 1,
             "max_replicas": 1,  # one replica: engine time is wall time
             "target_ongoing_requests": 256,
@@ -172,11 +171,9 @@ def engine_args(engine: str, pool_path: Path, model_dir: str | None) -> dict:
         "kind": "replay",
         "trace_path": str(pool_path),
         # Accuracy does not depend on pace: decode fast so the run is short.
-        "decode_tokens_per_s": 2_000_000.0,
-        "time_to_first_token_s": 0.0,
-        "stream_chunk_tokens": 1024,
-        "max_concurrent_requests": 256,
-        "deployment": {"num_replicas": 1, "max_ongoing_requests": 256},
+        "advanced": {"decode_tokens_per_s": 2_000_000.0, "time_to_first_token_s": 0.0, "stream_chunk_tokens": 1024,
+                     "max_concurrent_requests": 256},
+        "deployment": {"min_replicas": 1, "max_ongoing_requests": 256},
     }
 
 
@@ -188,16 +185,17 @@ def service_args(pool_path: Path, table_path: Path, policy: str, b: float, n: in
         "max_completion_tokens": MAX_COMPLETION_TOKENS,
         "allocator": {
             "policy": policy,
-            "pricing_window_requests": window,
             "decisions": decisions,
+            "advanced": {"pricing_window_requests": window},
             # A policy that prices generated tokens clears a budget of them: unused caps go back to the pool.
             "budget": {"mode": "per_query", "tokens_per_query": b, "window_queries": n,
                        "refund_unused": parse_policy(policy).charges_generated_tokens},
         },
-        "predictor": {"backend": "lookup", "table_path": str(table_path), "pool_path": str(pool_path),
-                      "calibration_path": None if calibration_path is None else str(calibration_path)},
+        "predictor": {"backend": "lookup", "table_path": str(table_path),
+                      "calibration_path": None if calibration_path is None else str(calibration_path),
+                      "advanced": {"pool_path": str(pool_path)}},
         "engine": engine_args(engine, pool_path, model_dir),
-        "ingress": {"deployment": {"num_replicas": ingress_replicas, "max_ongoing_requests": 512}},
+        "ingress": {"deployment": {"min_replicas": ingress_replicas, "max_ongoing_requests": 512}},
     }
 
 

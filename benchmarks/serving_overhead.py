@@ -105,11 +105,9 @@ def in_process_quote_rate(policy: str, n: int, window: int, report_every: int = 
 def engine_args() -> dict:
     return {
         "kind": "replay",
-        "decode_tokens_per_s": 1e9,
-        "time_to_first_token_s": 0.0,
-        "stream_chunk_tokens": 4096,
-        "max_concurrent_requests": 256,
-        "deployment": {"num_replicas": 1, "max_ongoing_requests": 256},
+        "advanced": {"decode_tokens_per_s": 1e9, "time_to_first_token_s": 0.0, "stream_chunk_tokens": 4096,
+                     "max_concurrent_requests": 256},
+        "deployment": {"min_replicas": 1, "max_ongoing_requests": 256},
     }
 
 
@@ -123,7 +121,7 @@ def app_args(policy: str, graph: str = "central", predictor: str = "heuristic") 
         "allocator": allocator,
         "predictor": {"backend": predictor, "placement": "ingress" if graph == "ingress-local" else "deployment"},
         "engine": engine_args(),
-        "ingress": {"deployment": {"num_replicas": 1, "max_ongoing_requests": 512}},
+        "ingress": {"deployment": {"min_replicas": 1, "max_ongoing_requests": 512}},
     }
 
 

@@ -60,13 +60,13 @@ def clear_app(model_dir: str, settle_ack_wait_s: float = 2.0):
     from deployments.app import build_app
 
     return build_app({
-        "ingress": {"settle_ack_wait_s": settle_ack_wait_s},
+        "ingress": {"advanced": {"settle_ack_wait_s": settle_ack_wait_s}},
         "model_name": MODEL,
         "context_limit_tokens": 16384,
         "allocator": {"policy": "uniform", "budget": {"mode": "per_query", "tokens_per_query": 1_000_000,
                                                       "window_queries": 100_000}},
         "predictor": {"backend": "heuristic"},
-        "engine": {"kind": "vllm", "model_source": model_dir, "ignore_eos": True, "min_replicas": 1,
+        "engine": {"kind": "vllm", "model_source": model_dir, "advanced": {"ignore_eos": True}, "min_replicas": 1,
                    "max_replicas": 1, "llm_config": CPU_LLM_CONFIG},
     })
 

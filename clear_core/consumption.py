@@ -56,15 +56,18 @@ jumps where queries turn insolvent. Every query's cost depends on
    on a dense ``u`` grid, inverted by interpolation and polished by Newton
    steps, so a price probe is a table lookup per type, ``O(T)``.
 3. The clearing price is the boundary of ``D(ln lam) > B`` on ``ln lam``,
-   found by a safeguarded secant/bisection to :data:`LOG_PRICE_TOLERANCE`;
+   found by a safeguarded secant/bisection (:func:`clear_core.numerics.secant_bisect`) to
+   :data:`LOG_PRICE_TOLERANCE`;
    the budget the last abandonment jump leaves unspent is shared among the
    solvent queries by lowering the price they see (nobody is admitted by it),
    as :func:`clear_core.uncertainty.clear_market_lognormal` does.
 
 Equal queries (one type) turn insolvent together; the budget that jump leaves
 is first offered to the marginal type's queries, as many as it covers in
-arrival order (rationing within a tie), then shared among the solvent ones. Caps are floored to whole tokens (which only lowers the
-expected cost). ``benchmarks/clearing_speed.py`` compares its time with a sort.
+arrival order (rationing within a tie), then shared among the solvent ones.
+Caps are floored to whole tokens (:func:`clear_core.numerics.floor_caps`,
+which only lowers the expected cost). ``benchmarks/clearing_speed.py``
+compares its time with a sort.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ from scipy.special import log_ndtr, ndtr, ndtri
 
 from clear_core.errors import InvalidInputError
 from clear_core.market import validate_budget, validate_context_limit, validate_thresholds
+from clear_core.numerics import floor_caps, secant_bisect
 
 _LN_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 #: Spreads are rounded to a log grid of this relative step, and kept within these bounds.
@@ -437,29 +441,14 @@ class _Demand:
         return lo, max(hi, lo + 1.0)
 
 
-def _boundary(over, lo: float, hi: float, f_lo: float, f_hi: float):
-    """Boundary of the monotone predicate ``over(l) = demand(l) - budget > 0`` on [lo, hi].
-
-    ``over`` returns the signed excess; ``f_lo > 0 >= f_hi``. Secant steps
-    inside the bracket, alternating with bisection, so the bracket at least
-    halves every two probes (demand has jumps, where a secant alone stalls).
-    Returns (hi, probes, converged): the lowest price found whose demand fits.
+def log_price_boundary(over, lo: float, hi: float, f_lo: float, f_hi: float) -> tuple[float, int, bool]:
+    """The price search on ln lam at this module's tolerances: the boundary of ``over(l) > 0``, ``over`` the
+    signed excess of demand over the budget, ``f_lo > 0 >= f_hi`` (:func:`clear_core.numerics.secant_bisect`).
+    Returns (hi, probes, converged): the lowest price found whose demand fits. (Also
+    :mod:`clear_core.empirical_market`'s price search.)
     """
-    probes, use_secant = 0, True
-    while hi - lo > LOG_PRICE_TOLERANCE and probes < LOG_PRICE_ITERATIONS:
-        mid = 0.5 * (lo + hi)
-        if use_secant and f_lo > f_hi:
-            guess = lo + (hi - lo) * f_lo / (f_lo - f_hi)
-            margin = 0.01 * (hi - lo)
-            mid = min(max(guess, lo + margin), hi - margin)
-        f = over(mid)
-        probes += 1
-        if f > 0:
-            lo, f_lo = mid, f
-        else:
-            hi, f_hi = mid, f
-        use_secant = not use_secant
-    return hi, probes, hi - lo <= LOG_PRICE_TOLERANCE
+    r = secant_bisect(over, lo, hi, f_lo, f_hi, tolerance=LOG_PRICE_TOLERANCE, max_iterations=LOG_PRICE_ITERATIONS)
+    return r.hi, r.iterations, r.converged
 
 
 def _ration_marginal_type(demand: _Demand, solvent: np.ndarray, log_price: float, spare: float, t_max: float):
@@ -475,7 +464,7 @@ def _ration_marginal_type(demand: _Demand, solvent: np.ndarray, log_price: float
     k = int(min(spare // each, demand.types.count[m])) if each > 0 else 0
     if k < 1:
         return None
-    cap = int(np.floor(demand.caps(at, only, t_max)[m] + 1e-9))
+    cap = int(floor_caps(demand.caps(at, only, t_max)[m]))
     return (m, k, k * each, cap) if cap > 0 else None
 
 
@@ -533,7 +522,7 @@ def clear_consumption_market(
         price = 0.0
     else:
         f_hi = demand.total(hi) - b
-        log_price, probes, converged = _boundary(lambda l: demand.total(l) - b, lo, hi, f_lo, f_hi)
+        log_price, probes, converged = log_price_boundary(lambda l: demand.total(l) - b, lo, hi, f_lo, f_hi)
         price = math.exp(log_price)
     solvent = log_price < demand.l_solvent
     # Equal queries turn insolvent together; when the budget the jump left covers some of the
@@ -548,7 +537,7 @@ def clear_consumption_market(
         if f_top <= 0:
             log_fill = lo
         else:
-            log_fill, more, ok = _boundary(lambda l: demand.total(l, solvent) - budget_left, lo, log_price,
+            log_fill, more, ok = log_price_boundary(lambda l: demand.total(l, solvent) - budget_left, lo, log_price,
                                            f_top, demand.total(log_price, solvent) - budget_left)
             probes, converged = probes + more, converged and ok
     real = demand.caps(log_fill, solvent, t_max)
@@ -560,7 +549,7 @@ def clear_consumption_market(
         rho_t = types.eta / (1.0 + types.eta)
         if float(np.dot(types.count, expected_generated(full, types.tau, types.sigma, rho_t))) <= b:
             real, full_context = full, True
-    type_caps = np.floor(real + 1e-9).astype(np.int64)
+    type_caps = floor_caps(real)
     caps = type_caps[types.inverse]
     if share:
         m, k, _, cap = share
@@ -609,4 +598,4 @@ def caps_at_log_prices(
     demand = _Demand(types, t_max)
     solvent = log_price < demand.l_solvent
     real = demand.caps(min(log_fill_price, log_price), solvent, t_max)
-    return np.floor(real + 1e-9).astype(np.int64)[types.inverse]
+    return floor_caps(real)[types.inverse]

@@ -30,7 +30,7 @@ below a point never changes while it is on it), and binary lifting on that
 tree finds the vertex for ``(m, p)`` in ``O(log G)``. Demand is then
 ``O(T log G)`` per price probe for ``T`` types (rounded thresholds, bin,
 weight), non-increasing in the price; the price is the boundary of
-``demand > B`` (:func:`clear_core.consumption._boundary`). Demand jumps when
+``demand > B`` (:func:`clear_core.consumption.log_price_boundary`). Demand jumps when
 queries move to a cheaper vertex; the budget left at the boundary upgrades as
 many of the marginal queries as it covers (all upgrades there have the same
 value per token, the price).
@@ -69,11 +69,12 @@ import numpy as np
 from scipy.special import ndtr
 
 from clear_core.consumption import (
-    LOG_TAU_STEP, MAX_RUNAWAY, ConsumptionResult, _boundary, _codes, eta_grid_index, eta_of_index, runaway_odds,
+    LOG_TAU_STEP, MAX_RUNAWAY, ConsumptionResult, log_price_boundary, _codes, eta_grid_index, eta_of_index, runaway_odds,
     sigma_grid_index, sigma_of_index,
 )
 from clear_core.errors import InvalidInputError
 from clear_core.market import validate_budget, validate_context_limit, validate_thresholds
+from clear_core.numerics import bisect_integer, floor_caps
 
 #: Upper edges of the cells of ln(length / prediction): caps are tau_hat * exp(u_g).
 LOG_RATIO_GRID = np.round(np.arange(-4.0, 9.0 + 1e-9, 1.0 / 32.0), 10)
@@ -270,7 +271,7 @@ class _Demand:
         """Integer caps of the types at these vertices (0 at the origin)."""
         log_cap = self.log_cap[vertex]
         finite = np.isfinite(log_cap)
-        return np.where(finite, np.floor(self.tau * np.exp(np.where(finite, log_cap, 0.0)) + 1e-9), 0.0).astype(np.int64)
+        return np.where(finite, floor_caps(self.tau * np.exp(np.where(finite, log_cap, 0.0))), 0)
 
     def cost_at_limit(self, t_max: float) -> np.ndarray:
         """Cost per query of each type with the context limit itself as its cap."""
@@ -405,13 +406,7 @@ def clear_empirical_market(
                 lo = k - 1
         else:
             lo = k
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
-    best = trial(hi)
+    best = trial(bisect_integer(fits, lo, hi))
     iterations = res.iterations + sum(r.iterations for r in cache.values())
     return dataclasses.replace(best, budget=b, iterations=iterations)
 
@@ -483,7 +478,7 @@ def _clear(types: _Types, lengths: EmpiricalLengths, b: float, t_max: float, the
         vertex = demand.vertex(lo)
         upgrade = None
     else:
-        log_price, probes, converged = _boundary(lambda l: demand.total(l) - b, lo, hi, f_lo, demand.total(hi) - b)
+        log_price, probes, converged = log_price_boundary(lambda l: demand.total(l) - b, lo, hi, f_lo, demand.total(hi) - b)
         price = math.exp(log_price)
         vertex = demand.vertex(log_price)
         upgrade = demand.vertex(log_price - 2 * 1e-7)  # the vertices just below the clearing price

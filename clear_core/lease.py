@@ -36,22 +36,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from clear_core.empirical_market import checked_length_bins
+from clear_core.decision import Decision, DecisionReason, abandonment, fit_to_pool
+from clear_core.demand import ArrivalMemory, request_row
 from clear_core.errors import BudgetExhaustedError, InvalidInputError
-from clear_core.servable import SERVABLE_POLICIES, ServableMarket
 from clear_core.ledger import Settlement
-from clear_core.online_market import (
-    DEFAULT_TENANT,
-    MAX_TENANTS,
-    OTHER_TENANT,
-    ArrivalMemory,
-    Decision,
-    DecisionReason,
-    TenantStats,
-    check_request,
-    retry_advice,
-)
 from clear_core.policies import Policy
+from clear_core.servable import SERVABLE_POLICIES, ServableMarket
+from clear_core.tenants import DEFAULT_TENANT, TenantBooks, TenantStats
 from clear_core.quotes import PriceQuote, caps_at_quote
 
 #: Arrivals kept for the next report while the allocator is unreachable (the oldest go first).
@@ -138,14 +129,13 @@ class LeaseBook:
         cap = self._caps.pop(rid, None)
         if cap is None:
             return None
-        used = min(max(int(generated), 0), cap)
-        charged = used if (self.refund_unused or failed) else cap
+        s = Settlement.of(cap, generated, refund_unused=self.refund_unused, failed=failed)
         self.reserved -= cap
-        self.charged += charged
-        self.generated += used
-        self.refunded += cap - used
+        self.charged += s.charged
+        self.generated += s.generated
+        self.refunded += s.refunded
         self.failed += int(failed)
-        return Settlement(cap=cap, generated=used, refunded=cap - used, charged=charged)
+        return s
 
     def open_reservations(self) -> int:
         return len(self._caps)
@@ -186,8 +176,7 @@ class IngressMarket:
         self._arrivals = ArrivalMemory()
         self._pending: list = []  # arrivals not yet acknowledged, oldest first
         self._first_seq = 0  # number of self._pending[0]
-        self.tenants: dict[str, TenantStats] = {}
-        self._tenant_of: dict[str, str] = {}
+        self._books = TenantBooks(self.tenant_weights, count_configured=False)
         self.lease_target_tokens = self.lease_block_tokens
 
     # -- deciding ------------------------------------------------------------------
@@ -199,12 +188,10 @@ class IngressMarket:
         only) indexes ``lengths``; ``threshold_tokens`` is then the raw prediction the histogram is relative to."""
         if self.quote is None:
             raise InvalidInputError("quote", None, "no price quote yet (the first report was not answered)")
-        check_request(threshold_tokens, log_sigma, runaway, client_cap_tokens)
-        w = float(self.tenant_weights.get(tenant, 1.0))
-        bins = None
-        if self.policy.prices_length_histograms:
-            bins = [int(checked_length_bins([length_bin], len(self.lengths))[0])]
-        row = self.policy.demand_row(threshold_tokens, log_sigma, runaway, w, None if bins is None else bins[0])
+        w = self._books.weight(tenant)
+        row = request_row(self.policy, threshold_tokens, log_sigma=log_sigma, runaway=runaway, weight=w,
+                          length_bin=length_bin, client_cap_tokens=client_cap_tokens, lengths=self.lengths)
+        bins = [int(row[4])] if self.policy.prices_length_histograms else None
         market_cap = int(caps_at_quote(self.policy, self.quote, [row[0]], log_sigma=[row[1]], runaway=[row[2]],
                                        weights=[w], context_limit_tokens=self.context_limit_tokens,
                                        length_bins=bins, lengths=self.lengths)[0])
@@ -235,38 +222,27 @@ class IngressMarket:
                      new_arrival=ask.new_arrival, tenant=ask.tenant)
         if ask.market_cap_tokens <= 0:
             return self._abandon(ask, DecisionReason.INSOLVENT, quote, q.turnover_s, math.inf)
-        cap, reason = ask.cap_tokens, DecisionReason.ADMITTED
-        if cap > self.lease.available:
-            need = math.ceil(ask.threshold_tokens)
-            if self.lease.available >= max(need, 1):  # a cut cap must still reach the threshold
-                cap, reason = self.lease.available, DecisionReason.CUT_TO_AVAILABLE
-            else:
-                return self._abandon(ask, DecisionReason.POOL_EMPTY, quote, q.turnover_s, refill_s)
+        reason, cap = fit_to_pool(ask.cap_tokens, self.lease.available, ask.threshold_tokens)
+        if reason is DecisionReason.POOL_EMPTY:
+            return self._abandon(ask, reason, quote, q.turnover_s, refill_s)
         self.lease.reserve(rid, int(cap))
-        st = self._stats(ask.tenant)
-        st.allocated_tokens += int(cap)
-        self._tenant_of[rid] = ask.tenant
-        if ask.new_arrival:
-            st.admitted += 1
+        self._books.admitted(rid, ask.tenant, int(cap), new_arrival=ask.new_arrival)
         return Decision(reason=reason, cap_tokens=int(cap), **quote)
 
     def settle(self, rid: str, generated: int, *, failed: bool = False) -> Settlement | None:
         s = self.lease.settle(rid, generated, failed=failed)
-        tenant = self._tenant_of.pop(rid, None)
-        if s is not None and tenant is not None:
-            self._stats(tenant).generated_tokens += s.charged
+        self._books.settled(rid, s)
         return s
+
+    @property
+    def tenants(self) -> dict[str, TenantStats]:
+        """tenant -> this replica's counters (clear_core.tenants; reported cumulatively)."""
+        return self._books.tenants
 
     def _abandon(self, ask: Ask, reason: DecisionReason, quote: dict, turnover_s: float, refill_s: float) -> Decision:
         if ask.new_arrival:
-            self._stats(ask.tenant).abandoned += 1
-        retry, should = retry_advice(reason, turnover_s, refill_s)
-        return Decision(reason=reason, cap_tokens=0, retry_after_s=retry, should_retry=should, **quote)
-
-    def _stats(self, tenant: str) -> TenantStats:
-        if tenant not in self.tenants and len(self.tenants) >= MAX_TENANTS:
-            tenant = OTHER_TENANT
-        return self.tenants.setdefault(tenant, TenantStats(float(self.tenant_weights.get(tenant, 1.0))))
+            self._books.abandoned(ask.tenant)
+        return abandonment(reason, quote, turnover_s, refill_s)
 
     # -- reporting ----------------------------------------------------------------
 
@@ -285,7 +261,7 @@ class IngressMarket:
         return LeaseReport(
             owner=self.owner, counters=self.lease.counters(), reserved=self.lease.reserved,
             first_seq=self._first_seq, arrivals=list(self._pending),
-            tenants={t: s.as_dict() for t, s in self.tenants.items()}, want_tokens=self.want_tokens(extra_tokens),
+            tenants=self._books.snapshot(), want_tokens=self.want_tokens(extra_tokens),
             in_flight=self.lease.open_reservations(),
         )
 

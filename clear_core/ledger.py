@@ -109,6 +109,15 @@ class Settlement:
     refunded: int  # cap - generated
     charged: int  # what the pool was charged (generated, or the cap without refunds)
 
+    @classmethod
+    def of(cls, cap: int, generated: int, *, refund_unused: bool, failed: bool = False) -> Settlement:
+        """The charging rule, one place for the ledger and the leases: a request is charged what it
+        generated (clipped to its cap) when the budget refunds unused caps or the request failed (its
+        client got only that), else its whole cap."""
+        used = min(max(int(generated), 0), int(cap))
+        return cls(cap=int(cap), generated=used, refunded=int(cap) - used,
+                   charged=used if (refund_unused or failed) else int(cap))
+
 
 #: An owner (ingress replica) that has not renewed its lease for this long is presumed dead, s.
 DEFAULT_LEASE_TTL_S = 15.0
@@ -247,16 +256,14 @@ class TokenLedger:
         if not isinstance(generated, (int, np.integer)) or generated < 0:
             raise InvalidInputError("generated", generated, "must be an integer >= 0")
         del self._reservations[rid]
-        used = min(int(generated), res.cap)
-        refunded = res.cap - used
-        charged = used if (self.budget.refund_unused or failed) else res.cap
+        s = Settlement.of(res.cap, generated, refund_unused=self.budget.refund_unused, failed=failed)
         self._refill(self._clock())  # bucket level before the refund returns
-        self._reserved -= res.cap
-        self._spent += charged
-        self._generated += used
-        self._refunded += refunded
+        self._reserved -= s.cap
+        self._spent += s.charged
+        self._generated += s.generated
+        self._refunded += s.refunded
         self._failed += int(failed)
-        return Settlement(cap=res.cap, generated=used, refunded=refunded, charged=charged)
+        return s
 
     # -- leases of the owners (ingress replicas) -----------------------------------
 

@@ -3,310 +3,95 @@
 :class:`OnlineMarket` turns one arriving request (a predicted threshold) into
 a cap and a shadow price, or an abandonment, then reserves the cap in the
 :class:`~clear_core.ledger.TokenLedger`. It answers a :class:`Decision`, whose
-:class:`DecisionReason` says why.
+:class:`DecisionReason` says why. Each request is cleared against a rolling
+window of recent demand plus itself, at the per-query budget pacing offers;
+near the end of a per-query block its cap is bounded so that every later
+arrival keeps its share; the cap is then checked against the real pool.
 
-Why a rolling window
---------------------
-Requests arrive one by one, so a market with only the requests currently in
-flight is *thin*: a lone request would always clear at price 0 and get its
-peak. The market keeps the last ``window_size`` predicted thresholds it has
-seen (admitted or not) and clears the market of ``window + [new request]``
-with budget ``b * (len(window) + 1)`` (the paper's batch problem, Eq. 14, on a
-sample of recent demand); the new request gets its cap from that clearing and
-the market's shadow price is the price quoted. When traffic is stationary the
-window is a sample of the same distribution as the batch, so the clearing
-price and every cap converge to those of the offline batch (the per-query
-budget and the threshold distribution are what fix the price). The per-query
-budget ``b`` is the budget's (:meth:`clear_core.budget.Budget.pricing_budget_per_query`):
-a per-query budget's ``b`` (paced over its block), or what a token bucket's
-refill rate buys at the recent arrival rate, ``b = tokens_per_s * span / n``
-over the window's arrivals (``span`` floored at ``min_rate_span_s``).
+The market composes one piece per concern, each explained in its module:
 
-What each request brings
-------------------------
-A request brings its predicted threshold and, for the policies that price a
-length *distribution* (``clear-cost``, :mod:`clear_core.consumption`), its
-calibrated spread and runaway share, and its tenant's weight (the paper's
-alpha_i of Eq. 2: a tenant worth more buys tokens first at the same price).
-The window keeps all four, so the clearing sees the recent demand as it was.
-``clear-cost-emp`` (:mod:`clear_core.empirical_market`) prices each request's
-*empirical* length histogram instead: the market holds the calibration's
-histograms (``lengths``), each request names its bin (``length_bin``) and the
-window keeps it as a fifth column.
-``clear-cost`` clears a budget of *expected generated tokens*, so the window
-market uses the budget's per-query ``b`` as it is; the paper's cap policies
-clear caps, and in a refunding budget ``b`` is scaled by the measured
-cap / charge ratio (:meth:`OnlineMarket.cap_cost_ratio`). Either way the
-ledger reserves whole caps: reservation = cap, price = expected cost, so the
-invariant ``reserved + spent <= granted`` is untouched.
+* the pricing window, what each request brings, and which requests are new
+  demand rather than retries: :mod:`clear_core.demand` ("Why a rolling
+  window", "What each request brings", "Retries");
+* the per-query budget ``b``, the cap / charge ratio and the end of a block:
+  :mod:`clear_core.pacing` ("The per-query budget", "The end of a block");
+* the caps in flight and the second budget they put on the caps:
+  :mod:`clear_core.in_flight` ("Requests in flight");
+* per-tenant counters and the owners' reports of them:
+  :mod:`clear_core.tenants`;
+* the decision, the check against the real pool and the retry advice of an
+  abandonment: :mod:`clear_core.decision` ("Solvency against the real pool",
+  "Retries").
 
-Requests in flight
-------------------
-A reserved cap comes back, mostly, as a refund when its request settles, but
-while it is in flight it is out of the pool. With ``K`` requests in flight
-the unspent pool (:meth:`~clear_core.ledger.TokenLedger.unspent`) has to
-hold ``K + 1`` caps at a time, and caps that ignore this *float* run the pool
-dry: an abundant price gives caps at the context limit, a few dozen of them
-hold the whole block, and the next requests are cut or abandoned for want of
-reservable tokens rather than because they are insolvent. A policy that
-``prices_reservations`` (``clear-cost``, ``clear-cost-emp``) clears the
-window with a second budget: its admitted caps may average at most
-``unspent / (K + 1)``, ``K`` the most open reservations seen at a recent
-arrival (so a dip in concurrency does not loosen it). That is a second price,
-on a token held reserved, which shortens the caps of the requests a long cap
-buys little for (:mod:`clear_core.empirical_market`, "A second budget").
-
-Pacing still counts the open caps as spent. Counting them at the tokens they
-are expected to generate instead (they mostly come back) spends a little
-more of a block when requests arrive at their own pace, but with
-closed-loop clients it fails: the first burst is priced as if the refunds
-were already back, takes the whole block in a few dozen caps, and every
-request that arrives while they run is abandoned at once, so the clients
-burn through their queries (README, "Requests in flight").
-
-The end of a block
-------------------
-The window market prices expected tokens, which is right while many
-arrivals share what is left of a per-query block: one generation that runs
-to its cap moves the paced budget of each of the others a little. Near the
-block's end a handful of arrivals share it, and one long cap (with the
-block underspent, pacing offers the last arrivals a generous ``b``) can take
-what all of them needed: in the bench's streams, the last arrivals of a
-block were abandoned after one request 10 arrivals from the end reserved
-5,547 of the 7,250 tokens left (and generated all of them). So in a
-per-query block (paced) a cap may hold at most what leaves every later
-arrival of the block :data:`BLOCK_RESERVE_SHARE` of the paced budget,
-``available - share * (arrivals still to come) * b``; a request whose
-market cap is larger gets its best response at the clearing's prices among
-the caps within that bound (:func:`clear_core.empirical_market.caps_at_log_price_empirical`
-with the bound as its context limit), or is abandoned as insolvent when no
-cap within it is worth its price. Well inside a block the bound is about
-half the pool and never binds. It applies to the markets that price length
-histograms (``clear-cost-emp``, the serving default; the others keep their
-cap), and not to a token bucket, which refills instead of ending. It is
-the allocator's rule for its own decisions: with ``decisions: ingress`` the
-replicas price from quotes against their leases (:mod:`clear_core.lease`),
-and a lease is at most a quarter of what is left of the pool.
-
-Tenants
--------
-Per-tenant counters (:class:`TenantStats`: admitted, abandoned, tokens
-allocated and generated) are kept for the tenants the market is told about.
-
-Solvency against the real pool
-------------------------------
-The market's cap is then checked against the ledger: if it does not fit the
-available budget, it is cut to what is available when that still reaches the
-request's predicted threshold (``CUT_TO_AVAILABLE``), and the request is
-abandoned otherwise (``POOL_EMPTY``). A request whose market cap is 0 is
-insolvent at the shadow price (``INSOLVENT``): an operator acts differently on
-the two abandonments (the first says the price is high, the second that the
-pool is drained).
-
-Retries
--------
-A retry is not new demand. A request may carry an *arrival key* (the client's
-``Idempotency-Key``, or a fingerprint of its body); a request marked as a
-retry whose key arrived within the last ``ARRIVAL_MEMORY_S`` is priced again
-but is not a new arrival: it credits no per-query budget and does not enter
-the pricing window, the arrival rate or the abandonment rate a second time.
-
-An abandonment says when a retry could succeed and whether to retry at all
-(:attr:`Decision.should_retry`): a request insolvent at the shadow price stays
-insolvent until the demand the price was cleared against has turned over
-(about ``window / arrival rate``), so it is told not to retry soon; a solvent
-request refused by an empty pool is told to come back after the refill time
-when a refill will cover it.
+With decisions at the ingress (:mod:`clear_core.lease`), replicas price from
+this market's quotes (:meth:`OnlineMarket.quote`) and report what they decided;
+the market absorbs their arrivals (:meth:`OnlineMarket.absorb`), their caps in
+flight and their tenants' counters.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from clear_core.budget import Budget, PerQueryBudget
-from clear_core.empirical_market import checked_length_bins
+from clear_core.budget import Budget
+from clear_core.decision import (
+    MAX_RETRY_AFTER_S,
+    MIN_RETRY_AFTER_S,
+    Decision,
+    DecisionReason,
+    abandonment,
+    fit_to_pool,
+    retry_advice,
+)
+from clear_core.demand import (
+    ARRIVAL_MEMORY,
+    ARRIVAL_MEMORY_S,
+    DEFAULT_WINDOW_SIZE,
+    ArrivalMemory,
+    DemandWindow,
+    check_request,
+    reported_row,
+    request_row,
+)
 from clear_core.errors import InvalidInputError
+from clear_core.in_flight import InFlight
 from clear_core.ledger import Settlement, TokenLedger
+from clear_core.pacing import (
+    BLOCK_RESERVE_SHARE,
+    COST_WINDOW,
+    DEFAULT_MIN_RATE_SPAN_S,
+    MAX_CAP_COST_RATIO,
+    MIN_COST_SAMPLES,
+    Pacing,
+)
 from clear_core.policies import Policy
 from clear_core.servable import SERVABLE_POLICIES, ServableMarket
+from clear_core.tenants import (
+    DEFAULT_TENANT,
+    MAX_TENANTS,
+    OTHER_TENANT,
+    TENANT_COUNTERS,
+    TENANT_MEMORY,
+    TenantBooks,
+    TenantStats,
+)
 
-#: Abandoned requests are retried after at least this long, and are told at most this long (HTTP Retry-After).
-MIN_RETRY_AFTER_S = 1.0
-MAX_RETRY_AFTER_S = 3600.0
-#: Arrival keys remembered to recognise retries: how many, and for how long, s.
-ARRIVAL_MEMORY = 8192
-ARRIVAL_MEMORY_S = 600.0
-#: Recent thresholds each request is priced against (the pricing window).
-DEFAULT_WINDOW_SIZE = 256
-#: Floor of the arrival span used to estimate the arrival rate of a token bucket.
-DEFAULT_MIN_RATE_SPAN_S = 1.0
+# The names other code imports from here; the decision's, the demand's, pacing's and the tenants' are
+# defined in their modules and re-exported.
+__all__ = [
+    "ARRIVAL_MEMORY", "ARRIVAL_MEMORY_S", "BLOCK_RESERVE_SHARE", "COST_WINDOW", "DEFAULT_MIN_RATE_SPAN_S",
+    "DEFAULT_OUTCOME_WINDOW", "DEFAULT_TENANT", "DEFAULT_WINDOW_SIZE", "MAX_CAP_COST_RATIO", "MAX_RETRY_AFTER_S",
+    "MAX_TENANTS", "MIN_COST_SAMPLES", "MIN_RETRY_AFTER_S", "OTHER_TENANT", "TENANT_COUNTERS", "TENANT_MEMORY",
+    "ArrivalMemory", "Decision", "DecisionReason", "DemandWindow", "OnlineMarket", "TenantStats", "check_request",
+    "retry_advice",
+]
+
 #: Recent decisions over which the abandonment rate is reported.
 DEFAULT_OUTCOME_WINDOW = 200
-#: Refunds to the pool: settlements over which the cap / charge ratio is measured,
-#: how many are needed before it is used, and its ceiling.
-COST_WINDOW = 256
-MIN_COST_SAMPLES = 20
-MAX_CAP_COST_RATIO = 8.0
-#: At the end of a per-query block, each later arrival keeps at least this share of the paced budget
-#: (module docstring, "The end of a block"); chosen on the bench's served streams (README).
-BLOCK_RESERVE_SHARE = 0.5
-
-
-#: Requests whose tenant is remembered until they settle (older ones are forgotten first).
-TENANT_MEMORY = 65536
-DEFAULT_TENANT = "default"
-#: Tenants counted by name (configured ones always); the rest are counted together as OTHER_TENANT.
-MAX_TENANTS = 256
-OTHER_TENANT = "other"
-
-
-@dataclass
-class TenantStats:
-    """What one tenant's requests got from the market (counters since the allocator started)."""
-
-    weight: float = 1.0  # the tenant's weight in the utility
-    admitted: int = 0  # requests admitted (new arrivals)
-    abandoned: int = 0  # requests abandoned (new arrivals)
-    allocated_tokens: int = 0  # caps reserved
-    generated_tokens: int = 0  # tokens charged at settlement
-
-    def as_dict(self) -> dict:
-        return {"weight": self.weight, "admitted": self.admitted, "abandoned": self.abandoned,
-                "allocated_tokens": self.allocated_tokens, "generated_tokens": self.generated_tokens}
-
-
-class DemandWindow:
-    """The last ``size`` arrivals' (threshold, spread, runaway share, weight), in a numpy ring buffer.
-
-    Every request is priced against the whole window, so reading it must be a
-    copy of one array, not a walk over Python objects.
-    """
-
-    def __init__(self, size: int, width: int = 4):
-        self.size = int(size)
-        self.width = int(width)
-        self._rows = np.zeros((max(self.size, 1), self.width))
-        self._next = 0  # where the next row goes
-        self._count = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __iter__(self):
-        return iter(tuple(float(v) for v in row) for row in self.rows())
-
-    def append(self, row) -> None:
-        if self.size == 0:
-            return
-        self._rows[self._next] = row
-        self._next = (self._next + 1) % self.size
-        self._count = min(self._count + 1, self.size)
-
-    def extend(self, rows) -> None:
-        for row in rows:
-            self.append(row)
-
-    def rows(self) -> np.ndarray:
-        """The window's rows, oldest first (a copy)."""
-        if self._count < self.size:
-            return self._rows[: self._count].copy()
-        return np.concatenate([self._rows[self._next:], self._rows[: self._next]])
-
-    def with_row(self, row) -> np.ndarray:
-        """The window's rows and one more at the end (the arriving request)."""
-        out = np.empty((self._count + 1, self.width))
-        if self._count < self.size:
-            out[: self._count] = self._rows[: self._count]
-        else:
-            k = self.size - self._next
-            out[:k] = self._rows[self._next:]
-            out[k: self._count] = self._rows[: self._next]
-        out[-1] = row
-        return out
-
-
-class ArrivalMemory:
-    """Arrival keys seen recently, to tell a retry from new demand (module docstring, Retries)."""
-
-    def __init__(self):
-        self._keys: OrderedDict[str, float] = OrderedDict()  # arrival key -> clock time of its first arrival
-
-    def is_new(self, key: str | None, retry: bool, now: float) -> bool:
-        """Remember ``key``; a retry of a key seen within ARRIVAL_MEMORY_S is not a new arrival."""
-        keys = self._keys
-        while keys and (len(keys) > ARRIVAL_MEMORY or now - next(iter(keys.values())) > ARRIVAL_MEMORY_S):
-            keys.popitem(last=False)
-        if key is None:
-            return True
-        if retry and key in keys:
-            return False
-        keys[key] = now
-        keys.move_to_end(key)
-        return True
-
-
-def check_request(threshold_tokens: float, log_sigma: float, runaway: float, client_cap_tokens: int | None) -> None:
-    """Refuse a request the market cannot price (InvalidInputError)."""
-    if not (math.isfinite(threshold_tokens) and threshold_tokens >= 0):
-        raise InvalidInputError("threshold_tokens", threshold_tokens, "must be finite and >= 0")
-    if not (math.isfinite(log_sigma) and log_sigma >= 0):
-        raise InvalidInputError("log_sigma", log_sigma, "must be finite and >= 0")
-    if not (math.isfinite(runaway) and 0 <= runaway < 1):
-        raise InvalidInputError("runaway", runaway, "must be in [0, 1)")
-    if client_cap_tokens is not None and client_cap_tokens < 1:
-        raise InvalidInputError("client_cap_tokens", client_cap_tokens, "must be >= 1")
-
-
-def retry_advice(reason: "DecisionReason", turnover_s: float, refill_s: float) -> tuple[float, bool]:
-    """(Retry-After, should retry) of an abandonment: insolvent waits for the demand to turn over
-    and is told not to retry soon; a solvent request refused by an empty pool waits for the refill."""
-    if reason is DecisionReason.INSOLVENT:
-        wait, should = turnover_s, False
-    else:
-        wait = refill_s
-        should = math.isfinite(wait)
-    retry = MAX_RETRY_AFTER_S if not math.isfinite(wait) else min(max(MIN_RETRY_AFTER_S, wait), MAX_RETRY_AFTER_S)
-    return float(retry), should
-
-
-class DecisionReason(str, enum.Enum):
-    """Why the market decided what it did; the values are stable (metric labels, error bodies)."""
-
-    ADMITTED = "admitted"  # the market's cap fits the pool
-    CUT_TO_AVAILABLE = "cut_to_available"  # admitted with the pool's remainder (still >= the threshold)
-    INSOLVENT = "insolvent"  # abandoned: cannot pay back its cost at the shadow price
-    POOL_EMPTY = "pool_empty"  # abandoned: solvent, but the pool cannot cover its threshold
-
-    @property
-    def admitted(self) -> bool:
-        return self in (DecisionReason.ADMITTED, DecisionReason.CUT_TO_AVAILABLE)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the market decided for one request (passed from the allocator to the ingress)."""
-
-    reason: DecisionReason  # admitted, cut, or why it was abandoned
-    cap_tokens: int  # reserved completion cap (0 when abandoned)
-    market_cap_tokens: int  # the window market's cap before the client's cap and the pool check
-    shadow_price: float  # clearing price of the window market (utility per token)
-    threshold_tokens: float  # predicted threshold tau_hat
-    budget_per_query_tokens: float  # per-query budget the window market was cleared with
-    retry_after_s: float = 0.0  # abandoned: when a retry may succeed, s
-    window_size: int = 0  # thresholds the price was cleared against (window + this one)
-    should_retry: bool = False  # abandoned: whether a retry after retry_after_s is worth it
-    new_arrival: bool = True  # False: a retry of a recent arrival (no new budget, not re-counted)
-    tenant: str = DEFAULT_TENANT  # whose request it was (the tenant's counters)
-    reservation_price: float = 0.0  # price of a token held reserved (0: the open caps fit; module docstring)
-
-    @property
-    def admitted(self) -> bool:
-        return self.reason.admitted
 
 
 def _servable(policy: Policy) -> ServableMarket:
@@ -317,7 +102,10 @@ def _servable(policy: Policy) -> ServableMarket:
 
 @dataclass
 class OnlineMarket:
-    """Clears each arriving request against a rolling window of recent demand (module docstring)."""
+    """Clears each arriving request against a rolling window of recent demand (module docstring).
+
+    The settings are read when the market is built (its pieces keep them).
+    """
 
     policy: Policy
     ledger: TokenLedger
@@ -329,13 +117,10 @@ class OnlineMarket:
     tenant_weights: dict = field(default_factory=dict)  # tenant -> weight in the utility (others: 1)
     lengths: tuple = ()  # clear-cost-emp: the calibration's LengthHistograms that requests' length_bin index
     block_reserve: float = BLOCK_RESERVE_SHARE  # share of the paced budget each later arrival of a block keeps (0: off)
-    _window: DemandWindow = field(init=False, repr=False)  # (threshold, spread, runaway share, weight) per arrival
-    _times: deque = field(init=False, repr=False)
-    _outcomes: deque = field(init=False, repr=False)
-    _costs: deque = field(init=False, repr=False)
-    _arrivals: ArrivalMemory = field(init=False, repr=False)
+    _window: DemandWindow = field(init=False, repr=False)  # demand rows of the recent arrivals (clear_core.demand)
+    _outcomes: deque = field(init=False, repr=False)  # recent new arrivals: True where abandoned
     last_price: float = field(init=False, default=0.0)
-    last_reservation_price: float = field(init=False, default=0.0)  # the second price (module docstring)
+    last_reservation_price: float = field(init=False, default=0.0)  # the second price (clear_core.in_flight)
 
     def __post_init__(self):
         if not (isinstance(self.window_size, int) and self.window_size >= 0):
@@ -344,128 +129,72 @@ class OnlineMarket:
         self.lengths = self.market.check_lengths(self.lengths)
         self._width = self.market.row_width
         self._window = DemandWindow(self.window_size, self._width)
-        self._times = deque(maxlen=max(self.window_size, 1))
         self._outcomes = deque(maxlen=self.outcome_window)
-        self._costs = deque(maxlen=COST_WINDOW)
         self._arrivals = ArrivalMemory()
-        self._owner_tenants: dict = {}  # owner -> its last reported tenant counters (budget leases)
+        self._pacing = Pacing(self.ledger, window_size=self.window_size, min_rate_span_s=self.min_rate_span_s,
+                              pace=self.pace, block_reserve=self.block_reserve,
+                              charges_generated_tokens=self.market.charges_generated_tokens)
+        self._float = InFlight(self.ledger, window_size=self.window_size,
+                               prices_reservations=self.policy.prices_reservations)
         self._quotes = 0
         self.last_quote = None
-        self._tenant_of = OrderedDict()  # rid -> tenant, until it settles
-        self._open_seen: deque = deque(maxlen=max(self.window_size, 1))  # open reservations at recent arrivals
-        self._lease_in_flight: dict[str, int] = {}  # owner -> open reservations inside its lease (its last report)
         self._last_share: float | None = None  # the last clearing's reservation share theta (a search hint)
-        if not (isinstance(self.block_reserve, (int, float)) and 0 <= self.block_reserve <= 1):
-            raise InvalidInputError("block_reserve", self.block_reserve, "must be in [0, 1]")
-        for t, w in self.tenant_weights.items():
-            if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
-                raise InvalidInputError(f"tenant_weights[{t}]", w, "must be finite and > 0")
+        self._books = TenantBooks(self.tenant_weights)
         if not self.market.weights_tenants and any(w != 1.0 for w in self.tenant_weights.values()):
             raise InvalidInputError("tenant_weights", self.tenant_weights,
                                     f"{self.policy.name} does not weight queries (use clear-cost)")
-        self.tenants: dict[str, TenantStats] = {t: TenantStats(float(w)) for t, w in self.tenant_weights.items()}
 
-    def tenant_weight(self, tenant: str) -> float:
-        return float(self.tenant_weights.get(tenant, 1.0))
+    # -- the pieces' views (clear_core.tenants, .pacing, .in_flight) ---------------------
 
-    def _stats(self, tenant: str) -> TenantStats:
-        if tenant not in self.tenants:
-            if len(self.tenants) >= MAX_TENANTS:  # bounded: a client cannot grow the books with new names
-                tenant = OTHER_TENANT
-            self.tenants.setdefault(tenant, TenantStats(self.tenant_weight(tenant)))
-        return self.tenants[tenant]
+    @property
+    def tenants(self) -> dict[str, TenantStats]:
+        """tenant -> its counters (clear_core.tenants)."""
+        return self._books.tenants
 
     def tenant_snapshot(self) -> dict:
-        return {t: s.as_dict() for t, s in self.tenants.items()}
+        return self._books.snapshot()
 
     @property
     def budget(self) -> Budget:
         return self.ledger.budget
 
+    @property
+    def _costs(self) -> deque:
+        """(cap, charged) of the recent settlements (the cap / charge ratio's sample)."""
+        return self._pacing.costs
+
     def budget_per_query(self, now: float, ahead: bool = False) -> float:
-        """b of the window market (the budget's :meth:`~clear_core.budget.Budget.pricing_budget_per_query`).
+        """b of the window market (:meth:`clear_core.pacing.Pacing.budget_per_query`).
 
-        ``ahead``: for the next arrival, not yet counted (a quote prices requests still to come; the
-        budget block that arrival would open is counted in).
+        ``ahead``: for the next arrival, not yet counted (a quote prices requests still to come).
         """
-        n = len(self._times)
-        span = max(now - self._times[0], self.min_rate_span_s) if n else self.min_rate_span_s
-        arrivals = self.ledger.arrivals + int(ahead)
-        opens = self.budget.grant_on_arrival(arrivals) if ahead else 0.0
-        return self.budget.pricing_budget_per_query(
-            available=self.ledger.pricing_available(now) + opens, arrivals=arrivals,
-            recent_arrivals=n, recent_span_s=span, pace=self.pace, cap_cost_ratio=self.cap_cost_ratio(),
-        )
-
-    def concurrency(self) -> int:
-        """Requests in flight the float is sized for: the most open reservations seen at a recent arrival
-        (the allocator's own and those the ingress replicas last reported inside their leases)."""
-        return max([self.in_flight(), *self._open_seen])
-
-    def in_flight(self) -> int:
-        """Open reservations now: the ledger's and the leases' (as last reported)."""
-        return self.ledger.in_flight + sum(self._lease_in_flight.values())
-
-    def absorb_in_flight(self, owner: str, open_reservations: int) -> None:
-        """An ingress replica's open reservations inside its lease (its report), for :meth:`concurrency`."""
-        n = int(open_reservations)
-        if n < 0:
-            raise InvalidInputError("in_flight", open_reservations, "must be >= 0")
-        self._lease_in_flight[str(owner)] = n
-
-    def mean_cap_budget(self, now: float) -> float | None:
-        """What each admitted cap may hold on average: ``unspent / (K + 1)`` with ``K`` requests in flight
-        (:meth:`concurrency`); None when the policy does not price reservations or nothing is in flight."""
-        k = self.concurrency()
-        if not self.policy.prices_reservations or k == 0:
-            return None
-        return float(max(self.ledger.unspent(now), 0) / (k + 1))
-
-    def block_bound(self, b: float, now: float) -> float | None:
-        """The most one cap may hold near the end of a per-query block: the pool less ``block_reserve``
-        times the paced budget ``b`` for each later arrival of the block; None where it does not apply
-        (module docstring, "The end of a block")."""
-        budget = self.budget
-        if not (self.block_reserve > 0 and self.pace and isinstance(budget, PerQueryBudget)):
-            return None
-        later = budget.remaining_in_block(self.ledger.arrivals) - 1
-        return float(self.ledger.available(now) - self.block_reserve * later * b)
+        return self._pacing.budget_per_query(now, cap_cost_ratio=self.cap_cost_ratio(), ahead=ahead)
 
     def cap_cost_ratio(self) -> float:
-        """Tokens of cap per token actually charged, over recent settlements (refunds to the pool).
+        """Tokens of cap per token actually charged (:meth:`clear_core.pacing.Pacing.cap_cost_ratio`)."""
+        return self._pacing.cap_cost_ratio()
 
-        The window market clears *caps*, but when unused caps are refunded to
-        the pool a request only costs what it generates. Pricing caps against
-        the budget alone would abandon requests while the pool fills up;
-        scaling the per-query budget by the observed cap / charge ratio prices
-        what a request really costs. 1 until ``MIN_COST_SAMPLES`` requests have
-        settled, and never above ``MAX_CAP_COST_RATIO``; the ledger still
-        reserves whole caps, so the invariant is untouched.
-        """
-        if self.market.charges_generated_tokens:  # its budget already is one of expected generated tokens
-            return 1.0
-        if not self.budget.refund_unused or len(self._costs) < MIN_COST_SAMPLES:
-            return 1.0
-        caps = sum(c for c, _ in self._costs)
-        charged = sum(g for _, g in self._costs)
-        return float(min(max(caps / max(charged, 1), 1.0), MAX_CAP_COST_RATIO))
-
-    def settle(self, rid: str, generated: int, *, failed: bool = False) -> Settlement:
-        """End a request in the ledger and remember what its cap really cost."""
-        s = self.ledger.settle(rid, generated, failed=failed)
-        if not failed:
-            self._costs.append((s.cap, s.charged))
-        tenant = self._tenant_of.pop(rid, None)
-        if tenant is not None:
-            self._stats(tenant).generated_tokens += int(s.charged)
-        return s
+    def block_bound(self, b: float, now: float) -> float | None:
+        """The most one cap may hold near the end of a per-query block; None where it does not apply
+        (:meth:`clear_core.pacing.Pacing.block_bound`)."""
+        return self._pacing.block_bound(b, now)
 
     def arrival_rate(self, now: float) -> float:
         """Recent arrivals per second (over the window's arrival times)."""
-        n = len(self._times)
-        if n == 0:
-            return 0.0
-        return n / max(now - self._times[0], self.min_rate_span_s)
+        return self._pacing.arrival_rate(now)
+
+    def concurrency(self) -> int:
+        """Requests in flight the float is sized for (:meth:`clear_core.in_flight.InFlight.concurrency`)."""
+        return self._float.concurrency()
+
+    def in_flight(self) -> int:
+        """Open reservations now: the ledger's and the leases' (as last reported)."""
+        return self._float.in_flight()
+
+    def mean_cap_budget(self, now: float) -> float | None:
+        """What each admitted cap may hold on average, ``unspent / (K + 1)``; None when the policy does not
+        price reservations or nothing is in flight (:meth:`clear_core.in_flight.InFlight.mean_cap_budget`)."""
+        return self._float.mean_cap_budget(now)
 
     def abandonment_rate(self) -> float:
         return float(np.mean(self._outcomes)) if self._outcomes else 0.0
@@ -473,6 +202,13 @@ class OnlineMarket:
     def window(self) -> np.ndarray:
         """The recent thresholds the price is cleared against."""
         return self._window.rows()[:, 0]
+
+    def turnover_s(self, now: float) -> float:
+        """About how long until the demand the price is cleared against has turned over, s."""
+        rate = self.arrival_rate(now)
+        return len(self._window) / rate if rate > 0 else math.inf
+
+    # -- deciding -----------------------------------------------------------------------
 
     def request(
         self,
@@ -492,26 +228,23 @@ class OnlineMarket:
         """Price one arriving request, reserve its cap or abandon it.
 
         ``log_sigma`` and ``runaway`` describe the request's length
-        distribution (module docstring), ``tenant`` whose request it is (its
-        weight and counters). ``client_cap_tokens`` is the most the client
-        accepts (its ``max_tokens`` within the context); the reserved cap never
-        exceeds it. ``owner`` is whoever will settle the reservation (its
-        lease, see the ledger); ``arrival_key`` and ``retry`` recognise a
-        retried request (module docstring). ``length_bin`` indexes ``lengths``
-        (``clear-cost-emp`` only; ``threshold_tokens`` is then the raw prediction
-        the histogram is relative to).
+        distribution, ``tenant`` whose request it is (its weight and counters;
+        :mod:`clear_core.demand`, "What each request brings"). ``client_cap_tokens``
+        is the most the client accepts (its ``max_tokens`` within the context);
+        the reserved cap never exceeds it. ``owner`` is whoever will settle the
+        reservation (its lease, see the ledger); ``arrival_key`` and ``retry``
+        recognise a retried request (:mod:`clear_core.demand`, "Retries").
+        ``length_bin`` indexes ``lengths`` (``clear-cost-emp`` only;
+        ``threshold_tokens`` is then the raw prediction the histogram is relative to).
         """
         now = self.ledger.now() if now is None else now
-        check_request(threshold_tokens, log_sigma, runaway, client_cap_tokens)
-        if self.market.prices_length_histograms:
-            length_bin = int(checked_length_bins([length_bin], len(self.lengths))[0])
+        entry = request_row(self.market, threshold_tokens, log_sigma=log_sigma, runaway=runaway,
+                            weight=self._books.weight(tenant), length_bin=length_bin,
+                            client_cap_tokens=client_cap_tokens, lengths=self.lengths)
         new = self._arrivals.is_new(arrival_key, retry, now)
         if new:
-            self.ledger.arrive()
-            self._times.append(now)
-            self._open_seen.append(self.in_flight())
+            self._arrive(now)
         b = self.budget_per_query(now)
-        entry = self.market.demand_row(threshold_tokens, log_sigma, runaway, self.tenant_weight(tenant), length_bin)
         demand = self._window.with_row(entry)
         tau = demand[:, 0]
         alloc = self.market.clear_rows(demand, b * tau.size, context_limit_tokens=self.context_limit_tokens,
@@ -526,7 +259,7 @@ class OnlineMarket:
                             if alloc.reservation_price > 0 else None)
         market_cap = int(alloc.caps[-1])
         bound = self.block_bound(b, now)
-        if bound is not None and market_cap > bound:  # the end of a block (module docstring)
+        if bound is not None and market_cap > bound:  # the end of a block (clear_core.pacing)
             market_cap = self.market.cap_within(alloc, entry, bound, context_limit_tokens=self.context_limit_tokens,
                                                 lengths=self.lengths)
         cap = market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens))
@@ -537,32 +270,45 @@ class OnlineMarket:
         )
         if market_cap <= 0:
             return self._abandon(DecisionReason.INSOLVENT, now, threshold_tokens, quote)
-        avail = self.ledger.available(now)
-        reason = DecisionReason.ADMITTED
-        if cap > avail:
-            # A cut cap must still reach the predicted threshold (the median of
-            # the true length under the predictor's error) to be worth serving.
-            need = math.ceil(threshold_tokens)
-            if avail >= max(need, 1):
-                cap, reason = avail, DecisionReason.CUT_TO_AVAILABLE
-            else:
-                return self._abandon(DecisionReason.POOL_EMPTY, now, need, quote)
+        reason, cap = fit_to_pool(cap, self.ledger.available(now), threshold_tokens)
+        if reason is DecisionReason.POOL_EMPTY:
+            return self._abandon(reason, now, math.ceil(threshold_tokens), quote)
         self.ledger.reserve(rid, cap, now, owner=owner)
-        stats = self._stats(tenant)
-        stats.allocated_tokens += int(cap)
-        self._tenant_of[rid] = tenant
-        while len(self._tenant_of) > TENANT_MEMORY:
-            self._tenant_of.popitem(last=False)
+        self._books.admitted(rid, tenant, cap, new_arrival=new)
         if new:
             self._outcomes.append(False)
-            stats.admitted += 1
         return Decision(reason=reason, cap_tokens=cap, **quote)
+
+    def settle(self, rid: str, generated: int, *, failed: bool = False) -> Settlement:
+        """End a request in the ledger and remember what its cap really cost."""
+        s = self.ledger.settle(rid, generated, failed=failed)
+        if not failed:
+            self._pacing.settled(s)
+        self._books.settled(rid, s)
+        return s
+
+    def _arrive(self, now: float) -> None:
+        """Count a new arrival: it credits the budget (a per-query block), the arrival rate and the float."""
+        self.ledger.arrive()
+        self._pacing.arrived(now)
+        self._float.arrived()
+
+    def _abandon(self, reason: DecisionReason, now: float, need: float, quote: dict) -> Decision:
+        if quote["new_arrival"]:
+            self._outcomes.append(True)
+            self._books.abandoned(quote["tenant"])
+        # Insolvent: the price moves only as the demand it is cleared against turns over. Pool empty:
+        # the refill time (inf: no refill will cover it, per-query blocks).
+        refill = self.ledger.seconds_until(need, now) if reason is DecisionReason.POOL_EMPTY else math.inf
+        return abandonment(reason, quote, self.turnover_s(now), refill)
+
+    # -- memory across restarts ---------------------------------------------------------
 
     def snapshot(self) -> dict:
         """Pricing memory (recent thresholds and outcomes) for an allocator restart."""
         return {"window": [list(w) for w in self._window], "outcomes": [bool(x) for x in self._outcomes],
-                "last_price": self.last_price, "tenants": {t: s.as_dict() for t, s in self.tenants.items()},
-                "owner_tenants": {o: {t: dict(v) for t, v in d.items()} for o, d in self._owner_tenants.items()}}
+                "last_price": self.last_price, "tenants": self._books.snapshot(),
+                "owner_tenants": self._books.owner_snapshot()}
 
     def seed(self, thresholds, bins=None) -> None:
         """Prime the pricing window with thresholds of representative past demand.
@@ -591,28 +337,9 @@ class OnlineMarket:
             if len(row) != self._width:  # another policy's window: its rows do not fit this market
                 continue
             self._window.append(row)
-        for t, d in snap.get("tenants", {}).items():
-            st = self._stats(t)
-            st.admitted, st.abandoned = int(d.get("admitted", 0)), int(d.get("abandoned", 0))
-            st.allocated_tokens, st.generated_tokens = int(d.get("allocated_tokens", 0)), int(d.get("generated_tokens", 0))
+        self._books.restore(snap.get("tenants", {}), snap.get("owner_tenants", {}))
         self._outcomes.extend(bool(x) for x in snap.get("outcomes", []))
-        self._owner_tenants = {o: {t: dict(v) for t, v in d.items()} for o, d in snap.get("owner_tenants", {}).items()}
         self.last_price = float(snap.get("last_price", 0.0))
-
-    def _abandon(self, reason: DecisionReason, now: float, need: float, quote: dict) -> Decision:
-        if quote["new_arrival"]:
-            self._outcomes.append(True)
-            self._stats(quote["tenant"]).abandoned += 1
-        # Insolvent: the price moves only as the demand it is cleared against turns over. Pool empty:
-        # the refill time (inf: no refill will cover it, per-query blocks).
-        refill = self.ledger.seconds_until(need, now) if reason is DecisionReason.POOL_EMPTY else math.inf
-        retry, should_retry = retry_advice(reason, self.turnover_s(now), refill)
-        return Decision(reason=reason, cap_tokens=0, retry_after_s=retry, should_retry=should_retry, **quote)
-
-    def turnover_s(self, now: float) -> float:
-        """About how long until the demand the price is cleared against has turned over, s."""
-        rate = self.arrival_rate(now)
-        return len(self._window) / rate if rate > 0 else math.inf
 
     # -- decisions at the ingress (budget leases, clear_core.lease) ---------------------
 
@@ -623,43 +350,28 @@ class OnlineMarket:
         blocks), enter the pricing window and the arrival rate."""
         now = self.ledger.now() if now is None else now
         for row in rows:
-            if len(row) < self._width:  # extra values (another policy's replica) are ignored
-                raise InvalidInputError("report row", len(row), f"{self.policy.name} needs {self._width} values")
-            tau, sig, rho, w = (float(v) for v in row[:4])
-            check_request(tau, sig, rho, None)
-            if not (math.isfinite(w) and w > 0):
-                raise InvalidInputError("weight", w, "must be finite and > 0")
-            bin_ = None
-            if self.market.prices_length_histograms:
-                bin_ = int(checked_length_bins([row[4]], len(self.lengths))[0])
-            entry = self.market.demand_row(tau, sig, rho, w, bin_)
-            self.ledger.arrive()
-            self._times.append(now)
-            self._open_seen.append(self.in_flight())
+            entry = reported_row(self.market, row, self.lengths)
+            self._arrive(now)
             if self.window_size > 0:
                 self._window.append(entry)
+
+    def absorb_in_flight(self, owner: str, open_reservations: int) -> None:
+        """An ingress replica's open reservations inside its lease (its report), for :meth:`concurrency`."""
+        self._float.absorb(owner, open_reservations)
 
     def absorb_tenants(self, owner: str, counters: dict) -> None:
         """An owner's cumulative per-tenant counters; the change since its last report is added
         (its new admissions and abandonments enter the abandonment rate)."""
-        last = self._owner_tenants.setdefault(owner, {})
-        for tenant, values in list(counters.items())[:MAX_TENANTS]:
-            new = {k: int(values.get(k, 0)) for k in ("admitted", "abandoned", "allocated_tokens", "generated_tokens")}
-            old = last.get(tenant, {})
-            st = self._stats(str(tenant))
-            delta = {k: max(v - old.get(k, 0), 0) for k, v in new.items()}
-            for k, v in delta.items():
-                setattr(st, k, getattr(st, k) + v)
-            self._outcomes.extend([False] * min(delta["admitted"], self.outcome_window))
-            self._outcomes.extend([True] * min(delta["abandoned"], self.outcome_window))
-            last[tenant] = new
+        for admitted, abandoned in self._books.absorb(owner, counters):
+            self._outcomes.extend([False] * min(admitted, self.outcome_window))
+            self._outcomes.extend([True] * min(abandoned, self.outcome_window))
 
     def reporting_owners(self) -> list[str]:
-        return list(self._owner_tenants)
+        return self._books.owners()
 
     def forget_owner(self, owner: str) -> None:
-        self._owner_tenants.pop(owner, None)
-        self._lease_in_flight.pop(owner, None)
+        self._books.forget_owner(owner)
+        self._float.forget_owner(owner)
 
     def quote(self, now: float | None = None):
         """Clear the pricing window at the current per-query budget: a :class:`~clear_core.quotes.PriceQuote`."""

@@ -56,7 +56,7 @@ from clear_core.market import (
     validate_context_limit,
     validate_thresholds,
 )
-from clear_core.numerics import FLOOR_EPSILON, integer_caps
+from clear_core.numerics import floor_caps, integer_caps
 from clear_core.servable import NO_PRICE, MarketPrices, ServableMarket
 from clear_core.simulate import uniform_cap_within
 from clear_core.uncertainty import caps_at_prices, clear_market_lognormal
@@ -458,8 +458,7 @@ class ClearLognormal(Policy, ServableMarket):
             curve = ShiftedSurge(beta=prices.beta)
             t_max = math.inf if context_limit_tokens is None else float(context_limit_tokens)
             solvent = (tau < curve.solvency_threshold(price)) & (tau < t_max)
-            caps = np.floor(np.minimum(tau + curve.slack(fill), t_max) + FLOOR_EPSILON)
-            return np.where(solvent, caps, 0).astype(np.int64)
+            return np.where(solvent, floor_caps(np.minimum(tau + curve.slack(fill), t_max)), 0)
         return caps_at_prices(tau, log_sigma=prices.log_sigma, price=price, fill_price=fill,
                               context_limit_tokens=context_limit_tokens)
 

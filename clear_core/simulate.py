@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from clear_core.errors import InvalidInputError
+from clear_core.numerics import bisect_integer
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,5 @@ def uniform_cap_within(tokens, target: float, context_limit_tokens: float | None
         k = int(np.searchsorted(d, c, side="left"))  # queries shorter than c generate their length
         return int(prefix[k]) + c * (d.size - k)
 
-    lo, hi = 0, top  # generated(lo) <= target < generated(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if generated(mid) <= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    # generated(0) <= target < generated(top): the first cap over the target, less one.
+    return bisect_integer(lambda c: generated(c) > target, 0, top) - 1

@@ -43,7 +43,7 @@ from scipy.special import ndtr
 
 from clear_core.errors import InvalidInputError
 from clear_core.market import MarketResult, validate_budget, validate_context_limit, validate_thresholds
-from clear_core.numerics import bisect_monotone, integer_caps
+from clear_core.numerics import bisect_monotone, floor_caps, integer_caps
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 #: Thresholds are floored at one token (log of 0 is undefined).
@@ -171,7 +171,7 @@ def caps_at_prices(thresholds, *, log_sigma: float, price: float, fill_price: fl
     kappa = fill_price * sigma * tau
     filled = np.minimum(tau * np.exp(sigma * optimal_coverage(kappa, sigma)), t_max)
     caps = np.where(caps > 0, np.maximum(caps, filled), 0.0)
-    return np.floor(caps + 1e-9).astype(np.int64)
+    return floor_caps(caps)
 
 
 def _fill_active(caps, active, tau, sigma, t_max, *, budget, price):

@@ -98,29 +98,29 @@ class Allocator:
             store = state_store_for(config, state_key)
         self.store = store
         snap = self.store.load() if self.store is not None else None
-        budget = config.budget.to_budget()
+        budget = config.to_budget()
         self.restored = snap is not None and snap["ledger"].get("budget") == budget.to_dict()
         if snap is not None and not self.restored:
             logger.warning("allocator state under this key has another budget; starting fresh books")
         self.ledger = (TokenLedger.restore(snap["ledger"]) if self.restored
-                       else TokenLedger(budget, lease_ttl_s=config.lease_ttl_s))
+                       else TokenLedger(budget, lease_ttl_s=config.advanced.lease_ttl_s))
         self.market = OnlineMarket(
             self.policy,
             self.ledger,
-            window_size=self.config.pricing_window_requests,
+            window_size=self.config.advanced.pricing_window_requests,
             context_limit_tokens=max_completion_tokens,
-            min_rate_span_s=self.config.min_rate_span_s,
-            pace=self.config.pace_budget,
-            block_reserve=self.config.block_reserve_share,
-            outcome_window=self.config.abandonment_window_requests,
+            min_rate_span_s=self.config.advanced.min_rate_span_s,
+            pace=self.config.advanced.pace_budget,
+            block_reserve=self.config.advanced.block_reserve_share,
+            outcome_window=self.config.advanced.abandonment_window_requests,
             tenant_weights=dict(self.config.tenant_weights),
             lengths=self.calibration.histograms if self.calibration is not None else (),
         )
         if self.restored:
             self.market.restore(snap["market"])
             logger.warning("allocator restored its books: %s", self.ledger.state())
-        elif self.config.pricing_window_seed_path:
-            seed = load_seed_thresholds(self.config.pricing_window_seed_path, self.config.pricing_window_requests)
+        elif self.config.advanced.pricing_window_seed_path:
+            seed = load_seed_thresholds(self.config.advanced.pricing_window_seed_path, self.config.advanced.pricing_window_requests)
             self.market.seed(seed, bins=None if self.calibration is None else self.calibration.bin_of(seed))
         self._lock = threading.Lock()
         self._sweeper: asyncio.Task | None = None
@@ -285,9 +285,9 @@ class Allocator:
                 "snapshots_written_version": self._written,
                 "books_version": self._version,
                 "abandonment_rate": self.market.abandonment_rate(),
-                "abandonment_window_requests": self.config.abandonment_window_requests,
+                "abandonment_window_requests": self.config.advanced.abandonment_window_requests,
                 "pricing_window_filled": len(self.market.window()),
-                "pricing_window_requests": self.config.pricing_window_requests,
+                "pricing_window_requests": self.config.advanced.pricing_window_requests,
                 "arrivals": st.arrivals,
                 "allocated_tokens_total": st.allocated_total,
                 "generated_tokens_total": st.generated_total,
@@ -339,12 +339,12 @@ class Allocator:
                 raise
             except Exception:  # never let the writer die: the next round retries
                 logger.exception("the snapshot writer failed")
-                await asyncio.sleep(self.config.snapshot_interval_s)
+                await asyncio.sleep(self.config.advanced.snapshot_interval_s)
 
     async def _flush_once(self) -> None:
         """Wait for a waiter or the interval, write the books if they changed, wake whoever waited for them."""
         try:
-            await asyncio.wait_for(self._wake.wait(), self.config.snapshot_interval_s)
+            await asyncio.wait_for(self._wake.wait(), self.config.advanced.snapshot_interval_s)
         except asyncio.TimeoutError:
             pass
         self._wake.clear()
@@ -392,7 +392,7 @@ class Allocator:
     async def _sweep(self) -> None:
         while True:
             stop_if_cancelled()
-            await asyncio.sleep(self.config.sweep_interval_s)
+            await asyncio.sleep(self.config.advanced.sweep_interval_s)
             try:
                 self.expire_sync()
             except Exception:

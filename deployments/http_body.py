@@ -11,7 +11,7 @@ them take every slot. :func:`read_body` bounds that:
   without a ``Content-Length`` too (else 413, without reading the rest);
 * a body that has not arrived within ``fast_s`` makes its request a *slow
   reader*, and a replica admits at most ``gate.limit`` slow readers at once
-  (:class:`SlowReaderGate`, ``ingress.max_slow_body_reads``); one more is
+  (:class:`SlowReaderGate`, ``ingress.advanced.max_slow_body_reads``); one more is
   refused at once (408). Normal clients (a JSON body arrives with its headers)
   never wait for the gate, so stalled connections can take at most
   ``gate.limit`` slots, each for at most ``timeout_s``.

@@ -182,7 +182,7 @@ class Ingress:
         if config.allocator.decisions == "ingress":
             from deployments.lease_client import LeaseClient
 
-            self.leases = LeaseClient(config, allocator, config.allocator.budget.to_budget().refund_unused)
+            self.leases = LeaseClient(config, allocator, config.allocator.to_budget().refund_unused)
         self.metrics = None
         if metrics:
             from deployments.metrics import IngressMetrics
@@ -253,10 +253,10 @@ class Ingress:
         """The parsed, validated request and its raw body (every check that needs no budget)."""
         icfg = self.config.ingress
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > icfg.max_request_body_bytes:
-            raise RequestTooLargeError(f"request body of {size} bytes exceeds {icfg.max_request_body_bytes}")
-        raw = await read_body(request.receive, max_bytes=icfg.max_request_body_bytes, timeout_s=icfg.body_read_timeout_s,
-                              fast_s=icfg.slow_body_after_s, gate=self.slow_readers)
+        if size is not None and size.isdigit() and int(size) > icfg.advanced.max_request_body_bytes:
+            raise RequestTooLargeError(f"request body of {size} bytes exceeds {icfg.advanced.max_request_body_bytes}")
+        raw = await read_body(request.receive, max_bytes=icfg.advanced.max_request_body_bytes, timeout_s=icfg.advanced.body_read_timeout_s,
+                              fast_s=icfg.advanced.slow_body_after_s, gate=self.slow_readers)
         body = decode_body(raw, request.headers.get("content-type"))
         limit = self.config.context_limit_tokens
         req = parse_chat(body, limit) if kind == "chat" else parse_completion(body, limit)
@@ -320,7 +320,7 @@ class Ingress:
         try:
             resp = self.predictor.predict.remote(prompt)
             try:
-                pred = await asyncio.wait_for(_await(resp), timeout=self.config.predictor.timeout_s)
+                pred = await asyncio.wait_for(_await(resp), timeout=self.config.predictor.advanced.timeout_s)
             except asyncio.TimeoutError:
                 _cancel(resp)
                 self._count_fallback("timeout")
@@ -360,7 +360,7 @@ class Ingress:
                 decision = await self.leases.decide(rid, pred, int(client_cap), arrival_key, retry, tenant)
                 t2 = time.perf_counter()
                 if not decision.admitted:
-                    raise abandonment_error(decision)
+                    raise abandonment_error(decision, pred.threshold_tokens)
             else:
                 decision, t2 = await self._reserve(rid, pred, client_cap, arrival_key, retry, tenant)
         except ClearError as exc:
@@ -407,7 +407,7 @@ class Ingress:
             raise AllocatorUnavailableError("the allocator is unavailable (restarting); nothing was charged, "
                                             "retry shortly") from None
         if not decision.admitted:
-            raise abandonment_error(decision)
+            raise abandonment_error(decision, pred.threshold_tokens)
         return decision, time.perf_counter()
 
     async def _engine_stream(self, ereq: EngineRequest, tally: dict):
@@ -470,11 +470,11 @@ class Ingress:
         return self._background_task(run())
 
     async def _settle_acknowledged(self, rid: str, tokens: int) -> None:
-        """Settle, and wait up to ``ingress.settle_ack_wait_s`` for the allocator's acknowledgement
+        """Settle, and wait up to ``ingress.advanced.settle_ack_wait_s`` for the allocator's acknowledgement
         before the answer ends, so a replica that dies right after answering cannot lose the settle."""
         task = self._settle(rid, tokens)
-        if task is not None and self.config.ingress.settle_ack_wait_s > 0:
-            await asyncio.wait({task}, timeout=self.config.ingress.settle_ack_wait_s)
+        if task is not None and self.config.ingress.advanced.settle_ack_wait_s > 0:
+            await asyncio.wait({task}, timeout=self.config.ingress.advanced.settle_ack_wait_s)
 
     def _ensure_lease(self) -> None:
         if self._lease_task is None or self._lease_task.done():
@@ -483,7 +483,7 @@ class Ingress:
 
     async def _renew_lease(self) -> None:
         """Renew this replica's lease a few times per lease TTL, for as long as the replica lives."""
-        every = self.config.allocator.lease_ttl_s / 4
+        every = self.config.allocator.advanced.lease_ttl_s / 4
         while True:
             stop_if_cancelled()
             try:

@@ -4,7 +4,7 @@ The pure logic is :class:`clear_core.lease.IngressMarket`; this wraps it for
 one ingress replica:
 
 * a background loop reports to the allocator every
-  ``allocator.report_interval_s`` (:meth:`deployments.allocator.Allocator.report`):
+  ``allocator.advanced.report_interval_s`` (:meth:`deployments.allocator.Allocator.report`):
   the lease's counters, the new arrivals, the tenants' counters; the answer
   brings the new price quote and the lease's new size. This is the price
   broadcast: a short poll, so a price change reaches every replica within one
@@ -69,7 +69,7 @@ class LeaseClient:
         if self._policy.prices_length_histograms:
             self.calibration = Calibration.from_dict(length_calibration(config.predictor, True))
         self._market_args = dict(refund_unused=refund_unused, context_limit_tokens=config.max_completion_tokens,
-                                 lease_block_tokens=acfg.lease_block_tokens, tenant_weights=dict(acfg.tenant_weights),
+                                 lease_block_tokens=acfg.advanced.lease_block_tokens, tenant_weights=dict(acfg.tenant_weights),
                                  lengths=self.calibration.histograms if self.calibration is not None else ())
         self.market = IngressMarket(self._policy, new_owner(), **self._market_args)
         self._sync_lock = asyncio.Lock()
@@ -171,7 +171,7 @@ class LeaseClient:
     async def _report_loop(self) -> None:
         while True:
             stop_if_cancelled()
-            await asyncio.sleep(self.config.report_interval_s)
+            await asyncio.sleep(self.config.advanced.report_interval_s)
             try:
                 await self.sync()
             except Exception:

@@ -6,7 +6,7 @@ wait from the config) and run through the configured
 raises, or has no prediction for a prompt (lookup table miss), those prompts
 get the heuristic's threshold and ``clear_predictor_fallbacks`` counts them
 (``reason=error`` or ``lookup_miss``). The ingress adds the other fallback: a
-predictor call that fails or exceeds ``predictor.timeout_s``
+predictor call that fails or exceeds ``predictor.advanced.timeout_s``
 (``reason=timeout|error``).
 """
 
@@ -29,8 +29,8 @@ class Predictor:
     def __init__(self, config: PredictorConfig):
         self.config = config
         self.backend = make_backend(config)
-        self.predict_batch.set_max_batch_size(config.max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.predict_batch.set_max_batch_size(config.advanced.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(config.advanced.batch_wait_timeout_s)
         self._fallbacks = counter(PREDICTOR_FALLBACKS, "Requests capped from the fallback predictor", ("reason",))
 
     async def predict(self, prompt: str) -> Prediction:
@@ -45,9 +45,9 @@ class Predictor:
         """One batch through the backend (unbatched entry point for tests and benchmarks)."""
         try:
             if self.backend.blocking:
-                preds = await asyncio.to_thread(self.backend.predict, list(prompts), self.config.log_sigma)
+                preds = await asyncio.to_thread(self.backend.predict, list(prompts), self.config.advanced.log_sigma)
             else:
-                preds = self.backend.predict(list(prompts), self.config.log_sigma)
+                preds = self.backend.predict(list(prompts), self.config.advanced.log_sigma)
         except Exception:  # the request must still get a cap: fall back, count, log
             logger.exception("predictor backend failed; using the heuristic for %d prompts", len(prompts))
             self._fallbacks.inc(float(len(prompts)), tags={"reason": "error"})

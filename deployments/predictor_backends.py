@@ -111,7 +111,7 @@ class LookupPredictor(PredictorBackend):
 
     @classmethod
     def from_config(cls, config) -> LookupPredictor:
-        return cls(config.table_path, config.pool_path)
+        return cls(config.table_path, config.advanced.pool_path)
 
     def lookup(self, prompt: str) -> tuple[float, float] | None:
         """(threshold tokens, log sigma) of the prompt's problem, or None."""
@@ -140,7 +140,7 @@ class CheckpointPredictor(PredictorBackend):
 
     @classmethod
     def from_config(cls, config) -> CheckpointPredictor:
-        return cls(config.checkpoint_path, config.device)
+        return cls(config.checkpoint_path, config.advanced.device)
 
     def predict(self, prompts, log_sigma=None):
         tau = np.asarray(self.model.predict(list(prompts)), dtype=float)
@@ -163,7 +163,7 @@ class MiniLMRidgePredictor(PredictorBackend):
 
     @classmethod
     def from_config(cls, config) -> MiniLMRidgePredictor:
-        return cls(config.head_path, config.device)
+        return cls(config.head_path, config.advanced.device)
 
     def predict(self, prompts, log_sigma=None):
         median, sigma, runaway, raw = self.model.predict_with_raw(list(prompts))

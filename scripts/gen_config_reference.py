@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = Path("docs/configuration.md")
 REGENERATE = "python scripts/gen_config_reference.py"
+#: The field that holds a section's advanced settings.
+ADVANCED = "advanced"
 
 # Render this checkout's models even where another checkout of the project is
 # pip-installed (an editable install would otherwise win the import).
@@ -52,6 +54,16 @@ accepted. A nested section left out takes all its defaults. "None" in a descript
 is YAML's `null`.
 """
 
+OPERATOR_INTRO = """What an operator sets: {n} settings in the sections below (not counting the
+sections themselves). Everything else sits in an `advanced` section of its own part of
+the config (`allocator.advanced`, `predictor.advanced`, `engine.advanced`,
+`ingress.advanced`), listed after them."""
+
+ADVANCED_INTRO = """Tuning, simulation and test hooks. The defaults are what the project measures
+and tests; a description that says **Risk** names the guarantee a value gives up.
+Trace replay on the real engine (`engine.advanced.replay`) is for the real-engine twin
+and its tests, not for production traffic."""
+
 
 class Section:
     # A plain class, not a dataclass: the tests load this file by path, outside sys.modules.
@@ -59,6 +71,7 @@ class Section:
         self.model = model
         # Where the model appears: a YAML path, with the tag values that select it ("kind: replay").
         self.places: list[str] = []
+        self.advanced = True  # reached only through an `advanced` field (set False by any other path)
 
 
 def _is_model(tp) -> bool:
@@ -186,8 +199,9 @@ def collect(root: type[BaseModel]) -> list[Section]:
     """Every model reachable from ``root``, depth first in field order, with where it appears."""
     sections: dict[type[BaseModel], Section] = {}
 
-    def visit(model: type[BaseModel], path: str, when: tuple[str, ...]) -> None:
+    def visit(model: type[BaseModel], path: str, when: tuple[str, ...], advanced: bool) -> None:
         section = sections.setdefault(model, Section(model))
+        section.advanced = section.advanced and advanced
         place = f"`{path}`" + (f" ({', '.join(when)})" if when else "")
         if place not in section.places:
             section.places.append(place)
@@ -195,10 +209,18 @@ def collect(root: type[BaseModel]) -> list[Section]:
             tag_field = _discriminator(finfo, finfo.annotation)
             for nested in _nested_models(finfo.annotation):
                 tag = (f"{tag_field}: {_tag_value(nested, tag_field)}",) if tag_field else ()
-                visit(nested, f"{path}.{name}", when + tag)
+                visit(nested, f"{path}.{name}", when + tag, advanced or name == ADVANCED)
 
-    visit(root, "args", ())
-    return list(sections.values())
+    visit(root, "args", (), False)
+    ordered = list(sections.values())
+    return [s for s in ordered if not s.advanced] + [s for s in ordered if s.advanced]
+
+
+def operator_fields(sections: list[Section]) -> list[str]:
+    """The settings an operator sees: every field of a section outside `advanced` that is not itself a
+    section (`model.field`, one per row of the operator tables)."""
+    return [f"{s.model.__name__}.{name}" for s in sections if not s.advanced
+            for name, finfo in s.model.model_fields.items() if not _nested_models(finfo.annotation)]
 
 
 def _doc(model: type[BaseModel]) -> str:
@@ -208,7 +230,7 @@ def _doc(model: type[BaseModel]) -> str:
 
 def render_section(section: Section) -> str:
     model = section.model
-    lines = [f"## {model.__name__}", ""]  # the heading's own anchor is _anchor(model)
+    lines = [f"### {model.__name__}", ""]  # the heading's own anchor is _anchor(model)
     if _doc(model):
         lines += [_doc(model), ""]
     lines += [f"At {', '.join(section.places)}.", ""]
@@ -225,8 +247,13 @@ def render(root: type[BaseModel] | None = None) -> str:
     if root is None:
         from deployments.config import AppConfig as root
     sections = collect(root)
-    toc = "\n".join(f"* [{s.model.__name__}](#{_anchor(s.model)}): {', '.join(s.places)}" for s in sections)
-    return HEADER + "\n" + toc + "\n\n" + "\n".join(render_section(s) for s in sections)
+    parts = [HEADER]
+    for advanced, title, intro in ((False, "Operator settings", OPERATOR_INTRO), (True, "Advanced settings", ADVANCED_INTRO)):
+        chosen = [s for s in sections if s.advanced == advanced]
+        toc = "\n".join(f"* [{s.model.__name__}](#{_anchor(s.model)}): {', '.join(s.places)}" for s in chosen)
+        intro = intro.format(n=len(operator_fields(sections)))
+        parts.append(f"## {title}\n\n{intro}\n\n{toc}\n\n" + "\n".join(render_section(s) for s in chosen))
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

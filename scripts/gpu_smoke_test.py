@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             "model_source": args.model_source,
             "min_replicas": 1,
             "max_replicas": 1,
-            "ignore_eos": args.ignore_eos,
+            "advanced": {"ignore_eos": args.ignore_eos},
             "llm_config": {"engine_kwargs": engine_kwargs},
         },
     }

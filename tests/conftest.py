@@ -10,6 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 MAIN_POOL = SHARED / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
 TLDR_POOL = SHARED / "data" / "traces" / "r1-7b-tldr.jsonl"
+CODE_POOL = SHARED / "data" / "traces" / "qwen2.5-coder-1.5b-code.jsonl"
 
 
 @pytest.fixture(scope="session")

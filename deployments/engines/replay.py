@@ -41,10 +41,10 @@ class ReplayEngine(Engine):
         self.config = config
         self.model_name = model_name
         self.workload: Workload = load_workload(
-            self.config.trace_path, self.config.synthetic_problems, self.config.synthetic_seed
+            self.config.trace_path, self.config.advanced.synthetic_problems, self.config.advanced.synthetic_seed
         )
         self.codec = TokenCodec(self.config.tokenizer_path)
-        self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
+        self._slots = asyncio.Semaphore(self.config.advanced.max_concurrent_requests)
 
     def plan(self, request: EngineRequest) -> tuple[list[str], str, dict]:
         """The pieces to stream, the finish reason and the info of one request (no waiting)."""
@@ -56,7 +56,7 @@ class ReplayEngine(Engine):
         return pieces, replay.finish_reason(cap), replay.info(cap)
 
     def _should_fail(self, request_id: str) -> bool:
-        p = self.config.fail_probability
+        p = self.config.advanced.fail_probability
         if p <= 0:
             return False
         seed = int.from_bytes(hashlib.sha1(request_id.encode()).digest()[:8], "big")
@@ -65,12 +65,12 @@ class ReplayEngine(Engine):
     async def generate(self, request: EngineRequest):
         pieces, finish, info = self.plan(request)
         cfg = self.config
-        step = cfg.stream_chunk_tokens
-        delay = step / cfg.decode_tokens_per_s
+        step = cfg.advanced.stream_chunk_tokens
+        delay = step / cfg.advanced.decode_tokens_per_s
         fail_at = len(pieces) // 2 if self._should_fail(request.request_id) else None
         async with self._slots:
-            if cfg.time_to_first_token_s:
-                await asyncio.sleep(cfg.time_to_first_token_s)
+            if cfg.advanced.time_to_first_token_s:
+                await asyncio.sleep(cfg.advanced.time_to_first_token_s)
             for start in range(0, len(pieces), step):
                 if fail_at is not None and start >= fail_at:
                     raise EngineError(f"replay engine: injected failure after {start} tokens")

@@ -116,7 +116,7 @@ class VLLMEngine(Engine):
             want = plan.tokens_under(want)
         seen, finish = 0, None  # completion tokens reported so far; vLLM's finish reason
         if want > 0:
-            body = openai_body(request, ignore_eos=plan is not None or self.config.ignore_eos, max_tokens=want)
+            body = openai_body(request, ignore_eos=plan is not None or self.config.advanced.ignore_eos, max_tokens=want)
             oai = self.request_factory(request.kind, body)
             method = self.llm.chat if request.kind == "chat" else self.llm.completions
             stream = method.options(stream=True).remote(oai)

@@ -2,7 +2,7 @@
 
 Apps are deployed under their own route prefix (``deploy(args, name)``) and
 deleted by the test module that made them; Serve and Ray are shut down at the
-end of the session.
+end of the session. Every test collected under this folder is marked ``cluster``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED = REPO_ROOT.parent / "shared"
 MAIN_POOL = SHARED / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
 QWEN_TOKENIZER = SHARED / "data" / "tokenizer" / "qwen.tiktoken"
+
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    # A conftest's hook sees every collected item, not only this folder's: mark just the ones under it.
+    for item in items:
+        if HERE in item.path.resolve().parents:
+            item.add_marker(pytest.mark.cluster)
 
 
 def _free_port() -> int:

@@ -27,10 +27,10 @@ BODY_TIMEOUT_S = 20.0
 @pytest.fixture(scope="module")
 def url(cluster):
     args = app_args(
-        ingress={"api_keys": [KEY], "body_read_timeout_s": BODY_TIMEOUT_S, "max_request_body_bytes": 400_000,
-                 "deployment": {"max_ongoing_requests": 256}},
+        ingress={"api_keys": [KEY], "deployment": {"max_ongoing_requests": 256},
+                 "advanced": {"body_read_timeout_s": BODY_TIMEOUT_S, "max_request_body_bytes": 400_000}},
         allocator={"budget": {"tokens_per_query": 256, "window_queries": 1000}},
-        engine={"decode_tokens_per_s": 50_000.0},
+        engine={"advanced": {"decode_tokens_per_s": 50_000.0}},
     )
     base = cluster.deploy(args, APP)
     yield base

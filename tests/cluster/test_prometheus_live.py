@@ -38,8 +38,8 @@ ARGS = app_args(
     engine={
         "trace_path": str(MAIN_POOL),
         "tokenizer_path": str(QWEN_TOKENIZER),
-        "decode_tokens_per_s": 20000.0,
-        "deployment": {"num_replicas": 1},
+        "advanced": {"decode_tokens_per_s": 20000.0},
+        "deployment": {"min_replicas": 1},
     },
 )
 

@@ -24,10 +24,11 @@ SPREAD_S = 8.0  # arrivals spread over this long, so faults hit reserves, stream
 CHUNK_TOKENS = 8
 LEASE_TTL_S = 6.0
 ARGS = app_args(
-    allocator={"budget": {"tokens_per_query": 400, "window_queries": 1000}, "lease_ttl_s": LEASE_TTL_S,
-               "sweep_interval_s": 0.5},
-    ingress={"deployment": {"num_replicas": 2}},
-    engine={"decode_tokens_per_s": 150.0, "stream_chunk_tokens": CHUNK_TOKENS, "max_concurrent_requests": 256,
+    allocator={"budget": {"tokens_per_query": 400, "window_queries": 1000},
+               "advanced": {"lease_ttl_s": LEASE_TTL_S, "sweep_interval_s": 0.5}},
+    ingress={"deployment": {"min_replicas": 2}},
+    engine={"advanced": {"decode_tokens_per_s": 150.0, "stream_chunk_tokens": CHUNK_TOKENS,
+                         "max_concurrent_requests": 256},
             "deployment": {"max_ongoing_requests": 300}},
 )
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.cluster
 APP = "restart"
 ARGS = app_args(
     allocator={"budget": {"tokens_per_query": 300, "window_queries": 1000}},
-    engine={"decode_tokens_per_s": 100000.0, "deployment": {"num_replicas": 1}},
+    engine={"advanced": {"decode_tokens_per_s": 100000.0}, "deployment": {"min_replicas": 1}},
 )
 
 
@@ -79,7 +79,7 @@ def test_a_named_budget_keeps_its_books_across_redeploys(cluster, tmp_path):
     args = app_args(
         allocator={"budget": {"tokens_per_query": 300, "window_queries": 1000}, "budget_name": "redeploy-test",
                    "state_store": "file", "state_dir": str(tmp_path)},
-        engine={"decode_tokens_per_s": 100000.0},
+        engine={"advanced": {"decode_tokens_per_s": 100000.0}},
     )
     url = cluster.deploy(args, "named")
     try:

@@ -22,17 +22,15 @@ APP = "load"
 N_REQUESTS = 300
 ARGS = app_args(
     allocator={
-        "pricing_window_requests": 128,
-        "budget": {"mode": "rate", "tokens_per_s": 40_000.0, "burst_tokens": 150_000.0, "reservation_ttl_s": 120.0},
+        "budget": {"mode": "rate", "tokens_per_s": 40_000.0, "burst_tokens": 150_000.0},
+        "advanced": {"pricing_window_requests": 128, "reservation_ttl_s": 120.0},
     },
     engine={
-        "decode_tokens_per_s": 4000.0,
-        "stream_chunk_tokens": 16,
-        "max_concurrent_requests": 64,
-        "fail_probability": 0.05,
-        "deployment": {"num_replicas": 2, "max_ongoing_requests": 200},
+        "advanced": {"decode_tokens_per_s": 4000.0, "stream_chunk_tokens": 16, "max_concurrent_requests": 64,
+                     "fail_probability": 0.05},
+        "deployment": {"min_replicas": 2, "max_ongoing_requests": 200},
     },
-    ingress={"deployment": {"num_replicas": 1, "max_ongoing_requests": 1000}},
+    ingress={"deployment": {"min_replicas": 1, "max_ongoing_requests": 1000}},
 )
 
 

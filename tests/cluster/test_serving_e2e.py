@@ -45,7 +45,7 @@ def urls(cluster):
     )
     auth = cluster.deploy({**args, "ingress": {"api_keys": ["sk-good"]}}, AUTH)
     # A predictor that always times out: every request must still get a cap.
-    slow = cluster.deploy({**args, "predictor": {"backend": "heuristic", "timeout_s": 1e-6}}, SLOW)
+    slow = cluster.deploy({**args, "predictor": {"backend": "heuristic", "advanced": {"timeout_s": 1e-6}}}, SLOW)
     yield {"base": base, "tiny": tiny, "auth": auth, "slow": slow}
     for name in (APP, TINY, AUTH, SLOW):
         cluster.delete(name)

@@ -65,15 +65,13 @@ def url(cluster, pool, tmp_path_factory):
     args = app_args(
         model_name=MODEL,
         context_limit_tokens=16384,
-        allocator={"pricing_window_seed_path": str(table),
+        allocator={"advanced": {"pricing_window_seed_path": str(table)},
                    "budget": {"tokens_per_query": 2048, "window_queries": 1000}},
-        predictor={"backend": "lookup", "table_path": str(table), "pool_path": str(MAIN_POOL)},
+        predictor={"backend": "lookup", "table_path": str(table), "advanced": {"pool_path": str(MAIN_POOL)}},
         engine={
             "kind": "vllm",
             "model_source": str(model_dir),
-            "replay": True,
-            "trace_path": str(MAIN_POOL),
-            "tokenizer_path": str(QWEN_TOKENIZER),
+            "advanced": {"replay": True, "trace_path": str(MAIN_POOL), "tokenizer_path": str(QWEN_TOKENIZER)},
             "min_replicas": 1,
             "max_replicas": 2,
             "llm_config": CPU_LLM_CONFIG,

@@ -105,7 +105,8 @@ def test_bad_cli_input_fails_cleanly(tmp_path, capsys):
 def test_best_of_k_bench_rescores_from_the_dumped_allocations(tmp_path, protocol):
     """`--protocol best-of-k | sequential` on the code pool; the dumped total caps, re-scored here with a
     slow per-query loop over the pool's first k samples, give the reported accuracy and generated tokens."""
-    from tests.unit.core.test_best_of_k import CODE_POOL, brute
+    from tests.conftest import CODE_POOL
+    from tests.fakes import brute
 
     k = 3
     rc = main(["bench", "--traces", str(CODE_POOL), "--protocol", protocol, "--k", str(k), "--streams", "balanced",

@@ -11,31 +11,8 @@ import pytest
 
 from clear_core.best_of_k import make_trial_stream, minimal_budget, run_trials
 from clear_core.traces import Problem, Sample, load_pool, make_stream, pool_streams
-from tests.cluster.conftest import SHARED
-
-CODE_POOL = SHARED / "data" / "traces" / "qwen2.5-coder-1.5b-code.jsonl"
-MAIN_POOL = SHARED / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
-
-
-def brute(cap: int, toks: list[int], ok: list[bool], protocol: str, limit: int | None = None):
-    """One query, written the slow, obvious way: (solved, generated, longest)."""
-    limit = limit if limit is not None else 10**12
-    if protocol == "parallel":
-        per = min(cap // len(toks), limit)
-        used = [min(per, t) for t in toks]
-        solved = any(per > 0 and t <= per and c for t, c in zip(toks, ok))
-        return solved, sum(used), max(used)
-    left, gen, longest = cap, 0, 0
-    for t, c in zip(toks, ok):
-        if left <= 0:
-            break
-        run = min(left, limit, t)
-        gen += run
-        longest = max(longest, run)
-        left -= run
-        if t <= min(left + run, limit) and c:
-            return True, gen, longest
-    return False, gen, longest
+from tests.conftest import CODE_POOL, MAIN_POOL
+from tests.fakes import brute
 
 
 @pytest.mark.parametrize("protocol", ["parallel", "sequential"])
@@ -110,7 +87,8 @@ def test_a_trial_stream_keeps_each_problems_first_k_samples():
 
 
 def test_the_math_bench_numbers_are_unchanged_by_the_strata():
-    """README figures measured before pools got strata and a stream table (balanced, oracle-noise:0.5, seeds 0-4)."""
+    """The bench's figures on the main pool as they were before pools got strata and a stream table
+    (balanced, oracle-noise:0.5, seeds 0-4): the strata must not move them."""
     from clear_bench.predictions import parse_predictions
     from clear_bench.runner import run_grid
 

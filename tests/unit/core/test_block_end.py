@@ -18,7 +18,7 @@ from clear_core.ledger import TokenLedger
 from clear_core.online_market import BLOCK_RESERVE_SHARE, DecisionReason, OnlineMarket
 from clear_core.policies import parse_policy
 from tests.factories import FakeClock
-from tests.unit.core.test_empirical_market import bimodal, curves
+from tests.fakes import bimodal, curves
 
 LIMIT = 8192
 N = 60  # arrivals in the block

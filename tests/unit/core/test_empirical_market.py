@@ -14,27 +14,7 @@ from clear_core.empirical_market import (
     clear_empirical_market,
 )
 from clear_core.errors import InvalidInputError
-
-
-def bimodal(seed=0, n=400):
-    """A bin whose queries answer briefly (and right) or run long (often wrong), some never finish."""
-    rng = np.random.default_rng(seed)
-    short = rng.random(n) < 0.4
-    r = np.where(short, rng.normal(-1.0, 0.3, n), rng.normal(0.8, 0.4, n))
-    correct = np.where(short, rng.random(n) < 0.9, rng.random(n) < 0.4)
-    runaway = rng.random(n) < 0.1
-    return LengthHistogram.fit(r, correct, runaway)
-
-
-def curves(h):
-    """Value and cost per unit prediction at every grid cap (index 0: cap 0), straight from the masses."""
-    good, bad = np.asarray(h.correct), np.asarray(h.wrong)
-    value = np.concatenate([[0.0], np.cumsum(good)])
-    cost = [0.0]
-    for g, u in enumerate(LOG_RATIO_GRID):
-        done = (good[: g + 1] + bad[: g + 1])
-        cost.append(float((done * np.exp(LOG_RATIO_GRID[: g + 1])).sum() + math.exp(u) * (1 - done.sum())))
-    return value, np.array(cost)
+from tests.fakes import bimodal, curves
 
 
 def test_histogram_masses_sum_to_one_and_round_trip():

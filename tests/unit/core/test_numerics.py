@@ -76,3 +76,43 @@ def test_integer_caps_fill_every_whole_token_when_there_is_room():
     for budget in range(6, 12):
         caps = integer_caps(real, budget, limit=np.inf)
         assert caps.sum() == budget and caps[3] == 0
+
+
+# -- the other shared steps: integer bisection, flooring, the secant/bisection price search ----------------
+
+
+@pytest.mark.parametrize("boundary", [1, 2, 7, 500, 999])
+def test_bisect_integer_finds_the_first_integer_where_a_predicate_holds(boundary):
+    probes = []
+
+    def fits(x):
+        probes.append(x)
+        return x >= boundary
+
+    from clear_core.numerics import bisect_integer
+
+    assert bisect_integer(fits, 0, 1000) == boundary
+    assert len(probes) <= 10  # log2(1000)
+    assert bisect_integer(lambda x: x * x > 2000, 0, 1000) == 45  # closed form: ceil(sqrt(2000)) = 45
+
+
+def test_floor_caps_floors_and_keeps_round_off_from_losing_a_token():
+    from clear_core.numerics import floor_caps
+
+    got = floor_caps([0.0, 99.9999999999, 100.4, 2.0 / 3.0 * 3.0, 7.999])
+    assert got.dtype == np.int64 and got.tolist() == [0, 100, 100, 2, 7]
+
+
+@pytest.mark.parametrize("root", [-3.3, 0.0, 1.7, 8.25])
+def test_secant_bisect_brackets_the_boundary_of_a_decreasing_step_function(root):
+    """excess(x) = floor(10 (root - x)) / 10 + 0.05 is a decreasing step function, positive exactly for
+    x <= root: the bracket closes on root within the tolerance."""
+    from clear_core.numerics import secant_bisect
+
+    def excess(x):
+        return math.floor(10 * (root - x)) / 10 + 0.05
+
+    lo, hi = root - 20.0, root + 20.0
+    r = secant_bisect(excess, lo, hi, excess(lo), excess(hi), tolerance=1e-9, max_iterations=200)
+    assert r.converged and excess(r.hi) <= 0 < excess(r.lo)
+    assert r.hi - r.lo <= 1e-9 and r.lo <= root < r.hi

@@ -96,3 +96,23 @@ def test_snapshot_keeps_the_distribution_window_and_tenants():
     old = OnlineMarket(get_policy("clear"), m.ledger, window_size=8)
     old.restore({"window": [100.0, 200.0], "outcomes": []})  # a snapshot from before the distributions
     assert old.window().tolist() == [100.0, 200.0]
+
+
+@pytest.mark.parametrize("refund", [False, True])
+def test_a_tenants_generated_tokens_are_what_was_generated_and_its_charge_is_apart(refund):
+    """In a budget of caps a request is charged its whole cap: the tenant's generated_tokens still count what
+    the engine generated (it used to hold the charge), and charged_tokens what the books took."""
+    ledger = TokenLedger(make_budget(mode="per_query", tokens_per_query=600.0, window_queries=10,
+                                     refund_unused=refund), clock=lambda: 0.0)
+    m = OnlineMarket(get_policy("uniform"), ledger, window_size=8, context_limit_tokens=8192)
+    generated = {"a": 400, "b": 484}
+    caps = {}
+    for rid, n in generated.items():
+        d = m.request(rid, 300.0, tenant="t1")
+        assert d.admitted
+        caps[rid] = d.cap_tokens
+        m.settle(rid, n)
+    t = m.tenant_snapshot()["t1"]
+    assert t["generated_tokens"] == 884
+    assert t["charged_tokens"] == (884 if refund else sum(caps.values()))
+    assert t["allocated_tokens"] == sum(caps.values())

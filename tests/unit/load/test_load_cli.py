@@ -19,7 +19,7 @@ from load_tests.driver import normalize_base_url
 from tests.cli_support import assert_one_line_error, run_cli
 from tests.conftest import MAIN_POOL, TLDR_POOL
 from tests.factories import app_args
-from tests.unit.serving.test_serving_ingress import FakeAllocator, FakeEngine, FakePredictor
+from tests.fakes import FakeAllocator, FakeEngine, FakePredictor
 
 PROG = "python -m load_tests"
 

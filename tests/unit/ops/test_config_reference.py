@@ -50,8 +50,8 @@ def _models_and_fields(model, seen=None):
 
 
 def _section(md: str, model_name: str) -> str:
-    start = md.index(f"\n## {model_name}\n")
-    end = md.find("\n## ", start + 1)
+    start = md.index(f"\n### {model_name}\n")
+    end = min((i for i in (md.find("\n### ", start + 1), md.find("\n## ", start + 1)) if i >= 0), default=-1)
     return md[start:] if end < 0 else md[start:end]
 
 
@@ -127,3 +127,39 @@ def test_check_mode_fails_on_a_stale_copy_and_names_the_command(gen, tmp_path, c
     assert REGENERATE in capsys.readouterr().err
     assert gen.main(["--root", str(tmp_path)]) == 0
     assert gen.main(["--check", "--root", str(tmp_path)]) == 0
+
+
+#: The most settings an operator sees outside the `advanced` sections.
+MAX_OPERATOR_FIELDS = 40
+
+
+def _operator_fields(model, under_advanced=False, seen=None):
+    """Leaf fields reachable from ``model`` without passing through a field named ``advanced`` (found here
+    without the generator), one per model and field."""
+    seen = set() if seen is None else seen
+    if model in seen:
+        return
+    seen.add(model)
+    for name, finfo in model.model_fields.items():
+        nested, stack = [], [finfo.annotation]
+        while stack:
+            tp = stack.pop()
+            if isinstance(tp, type) and issubclass(tp, BaseModel):
+                nested.append(tp)
+            else:
+                stack.extend(a for a in typing.get_args(tp) if not isinstance(a, (str, int, float, bool)))
+        if not nested:
+            yield f"{model.__name__}.{name}"
+        elif name != "advanced":
+            for m in nested:
+                yield from _operator_fields(m, seen=seen)
+
+
+def test_an_operator_sees_at_most_40_settings_and_the_page_says_how_many(gen, config_md):
+    fields = list(_operator_fields(AppConfig))
+    assert len(fields) <= MAX_OPERATOR_FIELDS, fields
+    assert sorted(fields) == sorted(gen.operator_fields(gen.collect(AppConfig)))
+    assert f"What an operator sets: {len(fields)} settings" in config_md
+    operator = config_md[: config_md.index("## Advanced settings")]
+    for test_only in ("fail_probability", "ignore_eos", "pace_budget", "durable_state", "settle_ack_wait_s"):
+        assert f"`{test_only}`" not in operator, test_only

@@ -183,10 +183,8 @@ def _deployment_gpus(opts: dict | None, which: str) -> float:
     """GPUs one of the app's own deployments (DeploymentOptions) holds at its min or max scale."""
     opts = opts or {}
     gpus = float(opts.get("num_gpus", 0.0))
-    if opts.get("autoscaling_min_replicas") is not None:
-        n = opts["autoscaling_min_replicas"] if which == "min" else max(opts.get("autoscaling_max_replicas", 4), opts["autoscaling_min_replicas"])
-    else:
-        n = opts.get("num_replicas", 1)
+    low = opts.get("min_replicas", 1)
+    n = low if which == "min" or opts.get("max_replicas") is None else opts["max_replicas"]
     return gpus * n
 
 

@@ -58,9 +58,11 @@ def test_a_seeded_window_prices_the_first_request_like_a_warm_one(tmp_path):
     seed = [rng.lognormvariate(6.5, 1.0) for _ in range(256)]
     path = tmp_path / "seed.jsonl"
     path.write_text("".join(f'{{"id": "p{i}", "threshold_tokens": {t}}}\n' for i, t in enumerate(seed)))
-    base = {"policy": "clear", "pricing_window_requests": 256, "pace_budget": False,
+    tuning = {"pricing_window_requests": 256, "pace_budget": False}
+    base = {"policy": "clear", "advanced": tuning,
             "budget": {"mode": "per_query", "tokens_per_query": 300, "window_queries": 1000}}
-    seeded = Allocator(AllocatorConfig(**base, pricing_window_seed_path=str(path)), max_completion_tokens=8192,
+    seeded = Allocator(AllocatorConfig(**{**base, "advanced": {**tuning, "pricing_window_seed_path": str(path)}}),
+                       max_completion_tokens=8192,
                        metrics=False)
     cold = Allocator(AllocatorConfig(**base), max_completion_tokens=8192, metrics=False)
     warm = Allocator(AllocatorConfig(**base), max_completion_tokens=8192, metrics=False)
@@ -78,7 +80,7 @@ def test_bad_seed_file(tmp_path):
     path = tmp_path / "seed.jsonl"
     path.write_text('{"id": "x"}\n')
     with pytest.raises(InvalidInputError, match="seed.jsonl:1"):
-        Allocator(AllocatorConfig(pricing_window_seed_path=str(path)), metrics=False)
+        Allocator(AllocatorConfig(advanced={"pricing_window_seed_path": str(path)}), metrics=False)
 
 
 def test_a_settle_is_written_before_it_is_acknowledged_so_a_restart_never_reopens_it():
@@ -87,7 +89,7 @@ def test_a_settle_is_written_before_it_is_acknowledged_so_a_restart_never_reopen
     import asyncio
 
     store = MemoryStateStore()
-    cfg = AllocatorConfig(policy="clear", snapshot_interval_s=60.0,
+    cfg = AllocatorConfig(policy="clear", advanced={"snapshot_interval_s": 60.0},
                           budget={"mode": "per_query", "tokens_per_query": 400, "window_queries": 50})
 
     async def run():
@@ -109,7 +111,7 @@ def test_a_replica_restarted_after_the_last_request_still_recovers_lapsed_reserv
     import asyncio
 
     store = MemoryStateStore()
-    cfg = AllocatorConfig(policy="clear", lease_ttl_s=0.2, sweep_interval_s=0.05,
+    cfg = AllocatorConfig(policy="clear", advanced={"lease_ttl_s": 0.2, "sweep_interval_s": 0.05},
                           budget={"mode": "per_query", "tokens_per_query": 400, "window_queries": 50})
     a = Allocator(cfg, max_completion_tokens=8192, metrics=False, store=store)
     assert a.reserve_sync("q0", 300.0, log_sigma=0.5, owner="ingress-gone").admitted
@@ -127,8 +129,8 @@ def test_a_replica_restarted_after_the_last_request_still_recovers_lapsed_reserv
 
 def test_the_block_reserve_share_reaches_the_market_and_a_bad_one_is_refused():
     base = {"policy": "clear", "budget": {"mode": "per_query", "tokens_per_query": 300, "window_queries": 100}}
-    a = Allocator(AllocatorConfig(**base, block_reserve_share=0.25), max_completion_tokens=8192, metrics=False)
+    a = Allocator(AllocatorConfig(**base, advanced={"block_reserve_share": 0.25}), max_completion_tokens=8192, metrics=False)
     assert a.market.block_reserve == 0.25
     assert Allocator(AllocatorConfig(**base), max_completion_tokens=8192, metrics=False).market.block_reserve == 0.5
     with pytest.raises(ValueError, match="block_reserve_share"):
-        AllocatorConfig(**base, block_reserve_share=1.5)
+        AllocatorConfig(**base, advanced={"block_reserve_share": 1.5})

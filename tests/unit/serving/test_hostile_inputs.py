@@ -8,51 +8,14 @@ import asyncio
 import json
 
 import pytest
-from starlette.requests import Request
 
 import deployments.ingress as ingress_module
-from deployments.config import AppConfig
 from deployments.errors import EngineError
-from deployments.ingress import Ingress, _engine_failure
-from load_tests.hostile_inputs import BAD_INPUTS, MODEL, body
-from tests.factories import app_args
-from tests.unit.serving.test_serving_ingress import (
-    CHUNK_TOKENS, FakeAllocator, FakeEngine, FakePredictor, _Call, _Method, chat, settle_tasks,
+from deployments.ingress import _engine_failure
+from load_tests.hostile_inputs import BAD_INPUTS, body
+from tests.fakes import (
+    CHUNK_TOKENS, FakeAllocator, FakeEngine, RemoteCall, RemoteMethod, make_ingress, request, settle_tasks,
 )
-
-
-
-def make_ingress(allocator=None, engine=None, **ingress_cfg) -> Ingress:
-    cfg = AppConfig.model_validate(app_args(ingress=ingress_cfg))
-    return Ingress(cfg, FakePredictor(), allocator or FakeAllocator(), engine or FakeEngine(), metrics=False)
-
-
-def request(raw: bytes | list[bytes], headers: dict | None = None, path="/v1/chat/completions", stall=False,
-            delay_s: float = 0.0) -> Request:
-    """A request whose body arrives as the given chunks (a list: chunked, no Content-Length), ``delay_s`` late."""
-    chunks = list(raw) if isinstance(raw, list) else [raw]
-    hdrs = {"content-type": "application/json", **(headers or {})}
-    hdrs = {k: v for k, v in hdrs.items() if v is not None}
-    if not isinstance(raw, list):
-        hdrs.setdefault("content-length", str(len(raw)))
-    sent = {"n": 0}
-
-    async def receive():
-        i = sent["n"]
-        sent["n"] += 1
-        if i == 0 and delay_s:
-            await asyncio.sleep(delay_s)
-        if stall and i >= len(chunks):
-            await asyncio.sleep(3600)
-        if i < len(chunks):
-            return {"type": "http.request", "body": chunks[i], "more_body": i < len(chunks) - 1 or stall}
-        await asyncio.sleep(3600)
-
-    scope = {"type": "http", "method": "POST", "path": path, "query_string": b"",
-             "headers": [(k.encode(), v.encode()) for k, v in hdrs.items() if v is not None]}
-    req = Request(scope, receive)
-    req.chunks_read = sent
-    return req
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.name for c in BAD_INPUTS])
@@ -88,7 +51,7 @@ def test_defaults_of_unsupported_fields_are_accepted():
 
 def test_a_chunked_body_over_the_limit_is_refused_without_reading_the_rest():
     async def run():
-        ing = make_ingress(max_request_body_bytes=10_000)
+        ing = make_ingress(advanced={"max_request_body_bytes": 10_000})
         req = request([b"x" * 4096] * 7500)  # 30 MB, chunked, no Content-Length
         resp = await ing._complete(req, "chat")
         return resp, req.chunks_read["n"]
@@ -101,7 +64,7 @@ def test_a_chunked_body_over_the_limit_is_refused_without_reading_the_rest():
 def test_stalled_bodies_time_out_and_only_a_few_may_stall_at_once():
     async def run():
         alloc = FakeAllocator()
-        ing = make_ingress(alloc, body_read_timeout_s=0.6, slow_body_after_s=0.05, max_slow_body_reads=3)
+        ing = make_ingress(alloc, advanced={"body_read_timeout_s": 0.6, "slow_body_after_s": 0.05, "max_slow_body_reads": 3})
         stalled = [asyncio.create_task(ing._complete(request([b'{"model": '], stall=True), "chat")) for _ in range(10)]
         await asyncio.sleep(0.2)
         # meanwhile a normal client is served at once
@@ -127,7 +90,7 @@ def test_a_burst_of_late_bodies_is_served_while_slots_are_free():
 
     async def run():
         alloc = FakeAllocator()
-        ing = make_ingress(alloc, slow_body_after_s=0.02, deployment={"max_ongoing_requests": 256})
+        ing = make_ingress(alloc, advanced={"slow_body_after_s": 0.02}, deployment={"max_ongoing_requests": 256})
         late = [ing._complete(request(body(), delay_s=0.2), "chat") for _ in range(100)]
         results = await asyncio.gather(*late)
         await settle_tasks(ing)
@@ -142,7 +105,7 @@ def test_a_burst_of_late_bodies_is_served_while_slots_are_free():
 def test_the_slow_reader_gate_is_half_the_slots_unless_set():
     assert make_ingress(deployment={"max_ongoing_requests": 7}).slow_readers.limit == 3
     assert make_ingress(deployment={"max_ongoing_requests": 1}).slow_readers.limit == 1
-    assert make_ingress(max_slow_body_reads=5, deployment={"max_ongoing_requests": 256}).slow_readers.limit == 5
+    assert make_ingress(advanced={"max_slow_body_reads": 5}, deployment={"max_ongoing_requests": 256}).slow_readers.limit == 5
 
 
 def test_a_retry_is_marked_with_the_first_attempts_arrival_key():
@@ -181,7 +144,7 @@ def test_a_failed_reserve_is_a_503_and_releases_the_reservation_it_may_have_made
             alloc.reserved.append(rid)
             raise ConnectionError("allocator actor died")
 
-        alloc.reserve = _Method(dying_reserve)
+        alloc.reserve = RemoteMethod(dying_reserve)
         ing = make_ingress(alloc)
         resp = await ing._complete(request(body()), "chat")
         await settle_tasks(ing)
@@ -204,9 +167,9 @@ def test_a_settle_is_retried_until_the_allocator_acknowledges_it(monkeypatch):
             if len(attempts) < 3:
                 raise ConnectionError("allocator restarting")
             alloc.settled.append((rid, generated))
-            return _Call(None)
+            return RemoteCall(None)
 
-        alloc.settle = _Method(flaky_settle)
+        alloc.settle = RemoteMethod(flaky_settle)
         ing = make_ingress(alloc)
         await ing._complete(request(body()), "chat")
         for _ in range(50):

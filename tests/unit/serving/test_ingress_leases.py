@@ -11,34 +11,18 @@ from deployments.config import AppConfig
 from deployments.ingress import Ingress
 from deployments.state_store import MemoryStateStore
 from tests.factories import _merge, app_args
-from tests.unit.serving.test_serving_ingress import (
+from tests.fakes import (
     CHUNK_TOKENS,
+    AllocatorHandle,
     FakeEngine,
     FakePredictor,
-    _Method,
     chat,
     make_request,
 )
 
-LEASE_ARGS = {"allocator": {"policy": "clear-cost", "decisions": "ingress", "lease_block_tokens": 2000,
+LEASE_ARGS = {"allocator": {"policy": "clear-cost", "decisions": "ingress", "advanced": {"lease_block_tokens": 2000},
                             "budget": {"mode": "per_query", "tokens_per_query": 512, "window_queries": 100,
                                        "refund_unused": True}}}
-
-
-class AllocatorHandle:
-    """Only what an ingress deciding locally calls: report (and status)."""
-
-    def __init__(self, allocator: Allocator, up: bool = True):
-        self.allocator, self.up, self.reports = allocator, up, 0
-
-        def report(rep):
-            self.reports += 1
-            if not self.up:
-                raise ConnectionError("allocator down")
-            return self.allocator.report(rep)
-
-        self.report = _Method(report)
-        self.status = _Method(lambda: self.allocator.status())
 
 
 def _setup(store=None, engine=None, **overrides):
@@ -115,7 +99,7 @@ def test_without_an_allocator_a_replica_with_no_quote_answers_503_and_one_with_a
 def test_a_lapsed_lease_is_taken_back_and_the_replica_opens_a_new_one():
     async def run():
         # A report renews the lease: the background loop must not report while the replica is "cut off".
-        cfg, alloc, handle, ing = _setup(allocator={"lease_ttl_s": 0.05, "report_interval_s": 5.0})
+        cfg, alloc, handle, ing = _setup(allocator={"advanced": {"lease_ttl_s": 0.05, "report_interval_s": 5.0}})
         await ing._complete(make_request(chat()), "chat")
         await ing.leases.sync()
         old = ing.leases.owner
@@ -134,7 +118,7 @@ def test_a_lapsed_lease_is_taken_back_and_the_replica_opens_a_new_one():
 def test_a_lease_grant_is_written_before_it_is_answered_so_a_restart_never_lends_it_twice():
     async def run():
         store = MemoryStateStore()
-        cfg, alloc, handle, ing = _setup(store=store, allocator={"snapshot_interval_s": 60.0})
+        cfg, alloc, handle, ing = _setup(store=store, allocator={"advanced": {"snapshot_interval_s": 60.0}})
         await ing._complete(make_request(chat()), "chat")
         return cfg, store, ing
 

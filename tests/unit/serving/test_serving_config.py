@@ -127,8 +127,14 @@ def test_the_kuberay_manifest_serves_what_the_gpu_config_serves():
 
 
 def test_autoscaling_options():
-    opts = DeploymentOptions(autoscaling_min_replicas=1, autoscaling_max_replicas=3).serve_options("E")
-    assert opts["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in opts
+    opts = DeploymentOptions(min_replicas=1, max_replicas=3).serve_options("E")
+    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8.0}
+    assert "num_replicas" not in opts
+    assert DeploymentOptions(min_replicas=2).serve_options("E")["num_replicas"] == 2  # a fixed count
+    assert DeploymentOptions(min_replicas=3, max_replicas=3).serve_options("E")["num_replicas"] == 3
+    for bad in ({"min_replicas": 0}, {"min_replicas": 3, "max_replicas": 2}):
+        with pytest.raises(ValidationError):
+            DeploymentOptions(**bad)
 
 
 @pytest.mark.parametrize(
@@ -196,11 +202,12 @@ def test_the_budget_config_is_validated_by_the_core_budget():
 def test_the_allocator_options_come_from_config_and_stay_one_replica():
     from deployments.config import AllocatorConfig
 
-    opts = AllocatorConfig(deployment={"num_cpus": 0.5, "max_ongoing_requests": 77}).deployment.serve_options()
+    opts = AllocatorConfig(advanced={"deployment": {"num_cpus": 0.5, "max_ongoing_requests": 77}}
+                           ).advanced.deployment.serve_options()
     assert opts == {"name": "Allocator", "num_replicas": 1, "max_ongoing_requests": 77,
                     "ray_actor_options": {"num_cpus": 0.5}}
     with pytest.raises(ValidationError):
-        AllocatorConfig(deployment={"num_replicas": 2})
+        AllocatorConfig(advanced={"deployment": {"num_replicas": 2}})
 
 
 def test_vllm_autoscaling_is_set_in_one_place():
@@ -227,6 +234,10 @@ def test_the_two_abandonments_are_two_error_types():
     assert {insolvent.http_status, empty.http_status} == {429}
     assert outcome_of(insolvent) == outcome_of(empty) == "abandoned"
     assert "insolvent" in str(insolvent) and "pool_empty" in str(empty)
+    # A market priced on the raw prediction (clear-cost-emp) still reports what the predictor says the request
+    # needs, the calibrated median an admitted request's clear object shows.
+    told = abandonment_error(decision(DecisionReason.INSOLVENT), predicted_threshold_tokens=640.0)
+    assert told.threshold_tokens == 640.0 and "predicted threshold 640 tokens" in str(told)
 
 
 def test_the_vllm_cpu_yaml_is_the_tested_cpu_engine():
@@ -237,7 +248,7 @@ def test_the_vllm_cpu_yaml_is_the_tested_cpu_engine():
     raw = yaml.safe_load((REPO / "serve_config.vllm-cpu.yaml").read_text())
     args = raw["applications"][0]["args"]
     cfg = AppConfig.model_validate(args)
-    assert cfg.engine.kind == "vllm" and cfg.engine.replay and cfg.engine.trace_path is None
+    assert cfg.engine.kind == "vllm" and not cfg.engine.replay  # free generation, as a user serves it
     assert cfg.engine.llm_config == CPU_LLM_CONFIG
     assert (cfg.engine.min_replicas, cfg.engine.max_replicas) == (1, 2)
     assert raw["http_options"]["host"] == "127.0.0.1"

@@ -9,150 +9,20 @@ import json
 import pytest
 from starlette.requests import Request
 
-from clear_core.online_market import Decision, DecisionReason
 from deployments.config import AppConfig
-from deployments.engines.base import EngineChunk
 from deployments.errors import EngineError
 from deployments.ingress import Ingress
-from deployments.messages import Prediction
 from tests.factories import app_args
-
-CHUNK_TOKENS = 3
-
-
-class _Call:
-    """What ``handle.method.remote(...)`` returns: awaitable, cancellable."""
-
-    def __init__(self, value):
-        self.value = value
-        self.cancelled = False
-
-    def __await__(self):
-        async def get():
-            return self.value
-
-        return get().__await__()
-
-    def cancel(self):
-        self.cancelled = True
-
-
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return self.fn(*args)
-
-
-class FakePredictor:
-    def __init__(self):
-        self.predict = _Method(lambda prompt: _Call(Prediction(100.0, 0.5, "fake")))
-
-
-class FakeAllocator:
-    """Admits with ``cap`` tokens (or abandons) and records every settle."""
-
-    def __init__(self, cap: int = 60, admit: bool = True):
-        self.reserved: list[str] = []
-        self.settled: list[tuple[str, int]] = []
-        self.failed: list[bool] = []
-        self.renewed: list[str] = []
-        self.arrivals: list[tuple[str, bool]] = []
-        self.tenants: list[str] = []
-
-        def reserve(rid, threshold, log_sigma, client_cap, owner, arrival_key, retry, runaway, tenant,
-                    raw_threshold=None):
-            self.reserved.append(rid)
-            self.arrivals.append((arrival_key, retry))
-            self.tenants.append(tenant)
-            reason = DecisionReason.ADMITTED if admit else DecisionReason.INSOLVENT
-            return _Call(Decision(reason=reason, cap_tokens=min(cap, client_cap) if admit else 0,
-                                  market_cap_tokens=cap, shadow_price=0.01, threshold_tokens=threshold,
-                                  budget_per_query_tokens=256.0, retry_after_s=2.0))
-
-        def settle(rid, generated, failed):
-            self.settled.append((rid, generated))
-            self.failed.append(failed)
-            return _Call(None)
-
-        def renew(owner):
-            self.renewed.append(owner)
-            return _Call(0)
-
-        self.reserve = _Method(reserve)
-        self.settle = _Method(settle)
-        self.renew = _Method(renew)
-
-
-class _Stream:
-    def __init__(self, chunks: int, fail_after: int | None, gate: asyncio.Event | None):
-        self.chunks, self.fail_after, self.gate = chunks, fail_after, gate
-        self.cancelled = False
-
-    def __aiter__(self):
-        return self._gen()
-
-    async def _gen(self):
-        for i in range(self.chunks):
-            if self.fail_after is not None and i == self.fail_after:
-                raise RuntimeError("engine replica died")
-            if self.gate is not None and i == 2:
-                self.gate.set()  # two chunks are out: the test may disconnect now
-                await asyncio.sleep(3600)
-            yield EngineChunk(text="abc", tokens=CHUNK_TOKENS)
-        yield EngineChunk(text="", tokens=0, finish_reason="length", info={"engine": "fake"})
-
-    def cancel(self):
-        self.cancelled = True
-
-
-class FakeEngine:
-    def __init__(self, chunks: int = 4, fail_after: int | None = None, gate: asyncio.Event | None = None):
-        self.streams: list[_Stream] = []
-        self.requests = []
-
-        def generate(ereq):
-            self.requests.append(ereq)
-            s = _Stream(chunks, fail_after, gate)
-            self.streams.append(s)
-            return s
-
-        self.generate = _Method(generate)
-
-    def options(self, stream: bool):
-        assert stream
-        return self
-
-
-def make_ingress(allocator, engine) -> Ingress:
-    return Ingress(AppConfig.model_validate(app_args()), FakePredictor(), allocator, engine, metrics=False)
-
-
-def make_request(body: dict) -> Request:
-    raw = json.dumps(body).encode()
-
-    async def receive():
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    scope = {
-        "type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
-    }
-    return Request(scope, receive)
-
-
-def chat(stream: bool = False, **extra) -> dict:
-    return {"model": "clear-replay", "messages": [{"role": "user", "content": "What is 2+2?"}], "stream": stream,
-            **extra}
-
-
-async def settle_tasks(ingress: Ingress) -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-    if ingress._background:
-        await asyncio.gather(*ingress._background)
-
+from tests.fakes import (
+    CHUNK_TOKENS,
+    FakeAllocator,
+    FakeEngine,
+    FakePredictor,
+    chat,
+    make_ingress,
+    make_request,
+    settle_tasks,
+)
 
 def test_success_settles_once_with_the_tokens_generated():
     async def run():

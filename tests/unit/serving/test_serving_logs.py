@@ -15,8 +15,7 @@ from deployments.allocator import Allocator
 from deployments.config import AllocatorConfig
 from deployments.errors import BadRequestError
 from load_tests.hostile_inputs import BAD_INPUTS
-from tests.unit.serving.test_hostile_inputs import make_ingress, request
-from tests.unit.serving.test_serving_ingress import FakeAllocator, FakeEngine, _Method, chat, settle_tasks
+from tests.fakes import FakeAllocator, FakeEngine, RemoteMethod, chat, make_ingress, request, settle_tasks
 
 
 class _RemoteError(Exception):
@@ -40,7 +39,7 @@ class _FailingEngine(FakeEngine):
 
             return gen()
 
-        self.generate = _Method(generate)
+        self.generate = RemoteMethod(generate)
 
 
 @pytest.fixture

@@ -174,25 +174,25 @@ def test_a_refunding_budget_serves_the_histogram_market_on_the_raw_prediction(ba
     from deployments.config import length_calibration
     from deployments.ingress import Ingress
     from tests.factories import app_args
-    from tests.unit.serving.test_serving_ingress import CHUNK_TOKENS, FakeEngine, _Call, _Method, make_request
+    from tests.fakes import CHUNK_TOKENS, FakeEngine, RemoteCall, RemoteMethod, make_request
 
     budget = {"mode": "per_query", "tokens_per_query": 512, "window_queries": 100, "refund_unused": True}
     cfg = AppConfig.model_validate(app_args(predictor={"backend": "minilm-ridge", "placement": "deployment"},
                                             allocator={"policy": "auto", "budget": budget,
-                                                       "pricing_window_requests": 16}))
+                                                       "advanced": {"pricing_window_requests": 16}}))
     assert cfg.allocator.policy == "clear-cost-emp"
     alloc = Allocator(cfg.allocator, cfg.max_completion_tokens, metrics=False,
                       length_calibration=length_calibration(cfg.predictor))
 
     class Handle:
         def __init__(self):
-            self.reserve = _Method(lambda *a: alloc.reserve(*a))
-            self.settle = _Method(lambda *a: _Call(alloc.settle_sync(*a)))
-            self.renew = _Method(lambda *a: _Call(None))
-            self.status = _Method(lambda: alloc.status())
+            self.reserve = RemoteMethod(lambda *a: alloc.reserve(*a))
+            self.settle = RemoteMethod(lambda *a: RemoteCall(alloc.settle_sync(*a)))
+            self.renew = RemoteMethod(lambda *a: RemoteCall(None))
+            self.status = RemoteMethod(lambda: alloc.status())
 
     class Predictor:
-        predict = _Method(lambda prompt: _Call(backend.predict([prompt])[0]))
+        predict = RemoteMethod(lambda prompt: RemoteCall(backend.predict([prompt])[0]))
 
     chunks = 4
     ing = Ingress(cfg, Predictor(), Handle(), FakeEngine(chunks=chunks), metrics=False)
@@ -248,13 +248,13 @@ def test_decisions_at_the_ingress_price_the_histogram_market_from_the_quote(back
     from deployments.config import length_calibration
     from deployments.ingress import Ingress
     from tests.factories import app_args
-    from tests.unit.serving.test_ingress_leases import AllocatorHandle
-    from tests.unit.serving.test_serving_ingress import FakeEngine, _Call, _Method, make_request
+    from tests.fakes import AllocatorHandle, FakeEngine, RemoteCall, RemoteMethod, make_request
 
     budget = {"mode": "per_query", "tokens_per_query": 256, "window_queries": 100, "refund_unused": True}
     cfg = AppConfig.model_validate(app_args(predictor={"backend": "minilm-ridge", "placement": "deployment"},
                                             allocator={"policy": "auto", "budget": budget, "decisions": "ingress",
-                                                       "pricing_window_requests": 64, "pace_budget": False}))
+                                                       "advanced": {"pricing_window_requests": 64,
+                                                                    "pace_budget": False}}))
     assert cfg.allocator.policy == "clear-cost-emp"
     alloc = Allocator(cfg.allocator, cfg.max_completion_tokens, metrics=False,
                       length_calibration=length_calibration(cfg.predictor))
@@ -263,7 +263,7 @@ def test_decisions_at_the_ingress_price_the_histogram_market_from_the_quote(back
     alloc.market.seed(seed, bins=cal.bin_of(seed))
 
     class Predictor:
-        predict = _Method(lambda prompt: _Call(backend.predict([prompt])[0]))
+        predict = RemoteMethod(lambda prompt: RemoteCall(backend.predict([prompt])[0]))
 
     ing = Ingress(cfg, Predictor(), AllocatorHandle(alloc), FakeEngine(chunks=2), metrics=False)
     asks = []

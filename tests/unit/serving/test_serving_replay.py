@@ -25,8 +25,9 @@ async def collect(engine: ReplayEngine, req: EngineRequest):
     return [c async for c in engine.generate(req)]
 
 
-def fast(**kw) -> ReplayEngineConfig:
-    return ReplayEngineConfig(**{"decode_tokens_per_s": 1e9, "time_to_first_token_s": 0.0, **kw})
+def fast(trace_path=None, tokenizer_path=None, **advanced) -> ReplayEngineConfig:
+    return ReplayEngineConfig(trace_path=trace_path, tokenizer_path=tokenizer_path,
+                              advanced={"decode_tokens_per_s": 1e9, "time_to_first_token_s": 0.0, **advanced})
 
 
 def test_synthetic_workload_is_labelled_and_deterministic():
@@ -74,8 +75,8 @@ def test_unknown_prompt_is_served_from_a_stable_problem():
 
 
 def test_concurrency_and_pace():
-    engine = ReplayEngine(ReplayEngineConfig(decode_tokens_per_s=1000.0, time_to_first_token_s=0.0, stream_chunk_tokens=10,
-                                             max_concurrent_requests=1))
+    engine = ReplayEngine(ReplayEngineConfig(advanced=dict(decode_tokens_per_s=1000.0, time_to_first_token_s=0.0,
+                                                                  stream_chunk_tokens=10, max_concurrent_requests=1)))
     prompt = engine.workload.problems[0].problem  # easy, > 50 tokens
 
     async def two():

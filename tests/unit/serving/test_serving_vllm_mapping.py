@@ -103,7 +103,7 @@ def test_trace_replay_asks_for_the_recorded_work_and_scores_from_the_trace(main_
     sample = problem.samples[0]
     want = min(cap, sample.tokens)
     handle = FakeLLMHandle([[chat_chunk("t" * want, want, "length")]])
-    cfg = VLLMEngineConfig(model_source="m", replay=True, trace_path=str(MAIN_POOL))
+    cfg = VLLMEngineConfig(model_source="m", advanced={"replay": True, "trace_path": str(MAIN_POOL)})
     engine = VLLMEngine(handle, cfg, "qwen", request_factory=lambda k, b: b)
     r = EngineRequest(request_id="r", kind="chat", prompt=problem.problem, messages=None, cap_tokens=cap,
                       model="qwen", sample_index=0)
@@ -121,7 +121,7 @@ def test_a_replay_cut_short_by_the_engine_is_scored_on_what_it_generated(main_po
 
     problem = next(p for p in main_pool if p.samples[0].correct and 100 < p.samples[0].tokens < 2000)
     handle = FakeLLMHandle([[chat_chunk("t", 10, "abort")]])  # vLLM stopped after 10 tokens
-    engine = VLLMEngine(handle, VLLMEngineConfig(model_source="m", replay=True, trace_path=str(MAIN_POOL)), "qwen",
+    engine = VLLMEngine(handle, VLLMEngineConfig(model_source="m", advanced={"replay": True, "trace_path": str(MAIN_POOL)}), "qwen",
                         request_factory=lambda k, b: b)
     r = EngineRequest(request_id="r", kind="chat", prompt=problem.problem, messages=None, cap_tokens=8000,
                       model="qwen", sample_index=0)
@@ -134,7 +134,7 @@ def test_an_out_of_range_sample_is_a_bad_request_before_the_engine(main_pool):
     from tests.conftest import MAIN_POOL
 
     handle = FakeLLMHandle([])
-    engine = VLLMEngine(handle, VLLMEngineConfig(model_source="m", replay=True, trace_path=str(MAIN_POOL)), "qwen",
+    engine = VLLMEngine(handle, VLLMEngineConfig(model_source="m", advanced={"replay": True, "trace_path": str(MAIN_POOL)}), "qwen",
                         request_factory=lambda k, b: b)
     r = EngineRequest(request_id="r", kind="chat", prompt=main_pool[0].problem, messages=None, cap_tokens=10,
                       model="qwen", sample_index=999)
