@@ -11,13 +11,13 @@ calibration fitted on the other four; each problem counts once in the prior's
 weight). It never looks at accuracy or at a bench result. It is *not* what the
 default (``clear_core.calibration.DEFAULT_SHRINK`` = 30) was chosen by: the
 likelihood is highest at k = 2 out of fold, while the allocation did best with a
-stronger prior, picked on the bench's streams (README, "Served one request at a
-time"). Usage:
+stronger prior, picked on the bench's streams (docs/results/cost-markets.md, "How the histogram
+defaults were chosen"). Usage:
 
     python benchmarks/histogram_prior.py                     # oracle-noise:0.5
     python benchmarks/histogram_prior.py --predictions artifacts/predictions/oof-minilm.jsonl
 
-(the out-of-fold file comes from ``clear-llm predictor crossval``, see the README).
+(the out-of-fold file comes from ``clear-llm predictor crossval``, see docs/results/predictor.md).
 """
 
 from __future__ import annotations

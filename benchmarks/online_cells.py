@@ -17,7 +17,7 @@ pool's few hard problems again and again). Usage:
     python benchmarks/online_cells.py --predictions artifacts/predictions/oof-minilm.jsonl \\
         --cells mostly-easy:512,u-shaped:512 --seeds 0,1,2,3,4
 
-(the out-of-fold file comes from ``clear-llm predictor crossval``, see the README).
+(the out-of-fold file comes from ``clear-llm predictor crossval``, see docs/results/predictor.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What CLEAR adds to a request, side by side with a trivial graph of the same shape, and decision rates.
 
-Prints (run on the machine at hand; the README's numbers were taken on a 2-core CI-sized machine):
+Prints (run on the machine at hand; the numbers in docs/results/serving.md were taken on a 2-core CI-sized machine):
 
 1. **Decisions per second, in process:** the central window market
    (``OnlineMarket.request`` + settle) and a decision from a price quote and a

@@ -45,7 +45,8 @@ MIN_PER_BIN = 20
 MIN_LOG_SIGMA = 0.05
 #: Default strength of the prior each bin's histogram is shrunk towards, in pseudo-*problems* when
 #: ``fit_calibration`` is given ``clusters`` (samples otherwise). Chosen on the bench's allocation results
-#: (README), not on held-out likelihood, which prefers about 2.
+#: (docs/results/cost-markets.md, "How the histogram defaults were chosen"), not on held-out likelihood,
+#: which prefers about 2.
 DEFAULT_SHRINK = 30.0
 #: Folds of the out-of-fold calibration.
 DEFAULT_FOLDS = 5

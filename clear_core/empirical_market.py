@@ -81,8 +81,8 @@ LOG_RATIO_GRID = np.round(np.arange(-4.0, 9.0 + 1e-9, 1.0 / 32.0), 10)
 #: Default kernel width (in ln length) that smooths a bin's histogram: a few hundred samples leave gaps,
 #: and a gap in the value curve would read as "a longer cap never helps". Wider than the held-out likelihood
 #: of lengths asks for (0.1-0.2): a market sets caps at the upper edge of a mode of the bin's lengths, and a
-#: new problem's mode sits a little off its neighbours'; 0.25 moves those caps past the edge (README,
-#: "What closed the two short cells").
+#: new problem's mode sits a little off its neighbours'; 0.25 moves those caps past the edge
+#: (docs/results/cost-markets.md, "How the histogram defaults were chosen").
 SMOOTHING_LOG = 0.25
 _LEVELS = int(math.ceil(math.log2(LOG_RATIO_GRID.size + 2)))
 #: The reservation prices' share theta = mu / (lam + mu) is searched on this grid (module docstring).

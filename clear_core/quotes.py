@@ -17,8 +17,7 @@ carries what a request needs to compute its cap without seeing anybody else:
 * ``full_context``: the budget is abundant, every request gets the context limit;
 * ``reservation_share`` (``clear-cost-emp``): with requests in flight the
   clearing had a second budget, on the caps themselves (what each open
-  reservation may hold on average, ``mean_cap_budget``; README, "Requests in
-  flight"), and its two prices travel as one price ``nu = exp(log_price)`` on
+  reservation may hold on average, ``mean_cap_budget``; :mod:`clear_core.in_flight`), and its two prices travel as one price ``nu = exp(log_price)`` on
   the combined cost ``(1 - theta) E[min(D, c)] + theta c`` and the share
   ``theta``: ``nu (1 - theta)`` per expected generated token, ``nu theta``
   per reserved one (:mod:`clear_core.empirical_market`, "A second budget").

@@ -157,8 +157,7 @@ class AllocatorAdvanced(_Strict):
     block_reserve_share: float = Field(
         online_market.BLOCK_RESERVE_SHARE, ge=0, le=1,
         description="per_query, paced, clear-cost-emp: near the end of a block a cap leaves each later arrival of "
-        "the block this share of the paced per-query budget (0: off; clear_core.online_market, \"The end of a "
-        "block\").",
+        "the block this share of the paced per-query budget (0: off; clear_core.pacing, \"The end of a block\").",
     )
     min_rate_span_s: float = Field(
         online_market.DEFAULT_MIN_RATE_SPAN_S, gt=0, description="rate: floor of the arrival span used to estimate the rate."

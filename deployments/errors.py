@@ -73,6 +73,13 @@ class MethodNotAllowedError(ClearError):
     http_status = 405
 
 
+class NotImplementedByEngineError(ClearError):
+    """The engine behind this server cannot answer this call (e.g. token ids without a tokenizer)."""
+
+    error_type = "not_implemented"
+    http_status = 501
+
+
 class InternalServerError(ClearError):
     """A bug: the details go to the server log, never to the client."""
 
@@ -178,5 +185,6 @@ __all__ = [
     "RouteNotFoundError",
     "UnsupportedMediaTypeError",
     "abandonment_error",
+    "NotImplementedByEngineError",
     "outcome_of",
 ]

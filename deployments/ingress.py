@@ -67,6 +67,7 @@ from deployments.errors import (
     RequestTooLargeError,
     AuthenticationError,
     BadRequestError,
+    NotImplementedByEngineError,
     ClearError,
     ContextLengthError,
     EngineError,
@@ -216,7 +217,10 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._auth(request)
-        model = {"id": self.config.model_name, "object": "model", "created": int(time.time()), "owned_by": "clear"}
+        # vLLM's model card: `root` and `max_model_len` (what vLLM's benchmark client reads) beside OpenAI's fields.
+        model = {"id": self.config.model_name, "object": "model", "created": int(time.time()), "owned_by": "clear",
+                 "root": getattr(self.config.engine, "model_source", self.config.model_name),
+                 "max_model_len": self.config.context_limit_tokens}
         if self.workload is not None:  # the replayed pool, so a load test can check it draws from the same one
             model["clear"] = {"replay": self.workload.describe()}
         return {"object": "list", "data": [model]}
@@ -230,6 +234,52 @@ class Ingress:
         if self.leases is not None:  # this replica's lease and the age of the prices it decides with
             status["ingress"] = self.leases.status()
         return status
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        """vLLM's /tokenize: the model's token ids of a prompt (or of chat messages, on the vLLM engine)."""
+        body = await self._utility_body(request)
+        if hasattr(self.engine, "tokenize"):
+            return await self.engine.tokenize(body)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise BadRequestError("'prompt' is required and must be a string", param="prompt")
+        ids = self._token_ids().encode_ordinary(prompt)
+        return {"count": len(ids), "max_model_len": self.config.context_limit_tokens, "tokens": ids,
+                "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        """vLLM's /detokenize: the text of token ids."""
+        body = await self._utility_body(request)
+        if hasattr(self.engine, "detokenize"):
+            return await self.engine.detokenize(body)
+        tokens = body.get("tokens")
+        if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in tokens)):
+            raise BadRequestError("'tokens' must be a list of token ids (integers >= 0)", param="tokens")
+        enc = self._token_ids()
+        if any(t >= enc.n_vocab for t in tokens):
+            raise BadRequestError(f"'tokens' holds an id outside the vocabulary of {enc.n_vocab}", param="tokens")
+        return {"prompt": enc.decode(tokens)}
+
+    async def _utility_body(self, request: Request) -> dict:
+        self._auth(request)
+        raw = await read_body(request.receive, max_bytes=self.config.ingress.advanced.max_request_body_bytes,
+                              timeout_s=self.config.ingress.advanced.body_read_timeout_s,
+                              fast_s=self.config.ingress.advanced.slow_body_after_s, gate=self.slow_readers)
+        body = decode_body(raw, request.headers.get("content-type"))
+        model = body.get("model")
+        if model is not None and model != self.config.model_name:
+            raise ModelNotFoundError(f"model {model!r} does not exist; this server serves {self.config.model_name!r}")
+        return body
+
+    def _token_ids(self):
+        """The replay engine's tokenizer, when it has one (engine.tokenizer_path)."""
+        if self.codec.encoding is None:
+            raise NotImplementedByEngineError("token ids need the replay engine's tokenizer (engine.tokenizer_path); "
+                                              "without it the replay counts tokens approximately")
+        return self.codec.encoding
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -363,6 +413,11 @@ class Ingress:
                     raise abandonment_error(decision, pred.threshold_tokens)
             else:
                 decision, t2 = await self._reserve(rid, pred, client_cap, arrival_key, retry, tenant)
+            least = int(req.sampling.get("min_tokens") or 0)
+            if least > decision.cap_tokens:  # the engine would refuse it: refunded whole, nothing generated
+                self._settle(rid, 0, failed=True)
+                raise BadRequestError(f"'min_tokens' ({least}) is above the cap CLEAR gives this request now "
+                                      f"({decision.cap_tokens} tokens); nothing was charged", param="min_tokens")
         except ClearError as exc:
             self._count(outcome_of(exc), exc.error_type)
             return _error_response(exc)

@@ -6,11 +6,14 @@ check here runs before any budget is reserved:
 
 * the body: JSON (a declared non-JSON ``Content-Type`` is a 415), an object,
   nested at most :data:`MAX_JSON_DEPTH` deep, every string valid Unicode;
-* fields: those this server honours (:data:`CHAT_FIELDS`, :data:`COMPLETION_FIELDS`)
-  with OpenAI's ranges; OpenAI fields it does not implement (:data:`UNSUPPORTED`:
-  tools, logprobs, response_format, echo...) are refused with a 400 naming them
-  unless they carry their default value (``"logprobs": false``), and so is any
-  field OpenAI does not know ("Unrecognized request argument");
+* fields: those the replay engine honours (:data:`CHAT_FIELDS`, :data:`COMPLETION_FIELDS`)
+  with OpenAI's ranges, among them vLLM's ``ignore_eos`` (generate the whole cap) and
+  ``min_tokens`` (at least this many); vLLM's sampling extensions, which change
+  nothing a replay generates, pass (:data:`VLLM_SAMPLING`); what a replay cannot
+  emulate (:data:`UNSUPPORTED`: tools, logprobs, response formats, ``n > 1``...)
+  is refused with a 400 naming the field unless it carries its default value
+  (``"logprobs": false``), and so is any field neither OpenAI nor vLLM knows
+  ("Unrecognized request argument");
 * chat roles: system, developer, user, assistant (tool messages need tools).
 
 Sampling fields pass to the engine as given (they are in range).
@@ -28,16 +31,29 @@ from deployments.errors import BadRequestError, BudgetAbandonedError, ClearError
 SAMPLE_INDEX_FIELD = "clear_sample_index"
 #: Sampling fields passed through to the engine, each with its check.
 PASSTHROUGH = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "user", "logit_bias")
-_COMMON_FIELDS = frozenset({"model", "max_tokens", "n", "stream", "stream_options", *PASSTHROUGH, SAMPLE_INDEX_FIELD})
+#: vLLM's extensions the replay engine honours: the whole cap (ignore_eos), at least this many tokens (min_tokens).
+HONOURED = ("ignore_eos", "min_tokens")
+#: vLLM's sampling and formatting extensions: they change what a model samples or how its prompt is templated,
+#: never the recorded lengths a replay generates, so they pass (and are not checked beyond their JSON type).
+VLLM_SAMPLING = frozenset({
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "stop_token_ids", "bad_words", "allowed_token_ids",
+    "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens", "chat_template_kwargs",
+    "add_generation_prompt", "continue_final_message", "add_special_tokens", "documents", "mm_processor_kwargs",
+    "include_reasoning", "repetition_detection", "return_token_ids", "cache_salt", "parallel_tool_calls",
+})
+_COMMON_FIELDS = frozenset({"model", "max_tokens", "n", "stream", "stream_options", *PASSTHROUGH, *HONOURED,
+                            *VLLM_SAMPLING, SAMPLE_INDEX_FIELD})
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
-#: OpenAI fields this server does not implement -> the values that mean "not used" (accepted).
+#: OpenAI and vLLM fields a replay cannot emulate -> the values that mean "not used" (accepted).
 UNSUPPORTED: dict[str, tuple] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
+    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
     "web_search_options": (None,), "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
+    "structured_outputs": (None,), "prompt_logprobs": (None, 0), "use_beam_search": (None, False),
+    "thinking_token_budget": (None, -1), "truncate_prompt_tokens": (None,), "logprob_token_ids": (None,),
 }
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 MESSAGE_FIELDS = frozenset({"role", "content", "name"})
@@ -101,7 +117,8 @@ def _check_fields(body: dict, known: frozenset) -> None:
             continue
         if name in UNSUPPORTED:
             if value not in UNSUPPORTED[name]:
-                raise BadRequestError(f"'{name}' is not supported by this server; remove it", param=name)
+                raise BadRequestError(f"'{name}' is not supported by the replay engine (it replays recorded lengths); "
+                                      "serve a vLLM engine for it, or remove it", param=name)
             continue
         raise BadRequestError(f"Unrecognized request argument supplied: {name}", param=name)
 
@@ -154,7 +171,11 @@ def _check_sampling(body: dict) -> dict:
             and -100 <= v <= 100 for k, v in bias.items())
         if not ok:
             raise BadRequestError("'logit_bias' must map token ids to numbers between -100 and 100", param="logit_bias")
-    return {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
+    if body.get("ignore_eos") is not None and not isinstance(body["ignore_eos"], bool):
+        raise BadRequestError("'ignore_eos' must be a boolean", param="ignore_eos")
+    _int_field(body, "min_tokens", 0, None)
+    # vLLM's extensions go to the engine too: a vLLM engine applies them, the replay engine has no use for them.
+    return {k: body[k] for k in (*PASSTHROUGH, *HONOURED, *sorted(VLLM_SAMPLING)) if body.get(k) is not None}
 
 
 def _content_text(content, where: str) -> str:
@@ -167,7 +188,7 @@ def _content_text(content, where: str) -> str:
                 parts.append(part["text"])
             else:
                 raise BadRequestError(f"{where}: only text content parts are supported", param="messages")
-        return "".join(parts)
+        return "\n".join(parts)  # as vLLM joins text parts for a string-content chat template
     if content is None:
         return ""
     raise BadRequestError(f"{where}: content must be a string or a list of text parts", param="messages")
@@ -178,8 +199,9 @@ def _common(body: dict, context_limit_tokens: int, known: frozenset) -> dict:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequestError("'model' is required and must be a string", param="model")
-    n = _int_field(body, "n", 1, 1)
-    del n  # only n=1 is supported; _int_field refused anything else
+    if body.get("n") not in (None, 1):
+        raise BadRequestError("'n' > 1 is not supported by the replay engine (one recorded sample per request); "
+                              "serve a vLLM engine for it", param="n")
     mt = _int_field(body, "max_tokens", 1, context_limit_tokens)
     mct = _int_field(body, "max_completion_tokens", 1, context_limit_tokens)
     max_tokens = mct if mct is not None else mt
@@ -192,12 +214,18 @@ def _common(body: dict, context_limit_tokens: int, known: frozenset) -> dict:
     if opts is not None and not stream:
         raise BadRequestError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     opts = opts or {}
-    if not isinstance(opts, dict) or set(opts) - {"include_usage"} or not isinstance(opts.get("include_usage", False), bool):
-        raise BadRequestError("'stream_options' must be an object with a boolean 'include_usage'", param="stream_options")
+    if (not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}
+            or not all(isinstance(v, bool) for v in opts.values())):
+        raise BadRequestError("'stream_options' must be an object with booleans 'include_usage' and "
+                              "'continuous_usage_stats'", param="stream_options")
     sample = _int_field(body, SAMPLE_INDEX_FIELD, 0, None)
+    sampling = _check_sampling(body)
+    if max_tokens is not None and sampling.get("min_tokens", 0) > max_tokens:
+        raise BadRequestError(f"'min_tokens' ({sampling['min_tokens']}) must not exceed the request's own cap "
+                              f"({max_tokens})", param="min_tokens")
     return dict(
         model=model, max_tokens=max_tokens, stream=stream, include_usage=bool(opts.get("include_usage", False)),
-        sample_index=sample, sampling=_check_sampling(body),
+        sample_index=sample, sampling=sampling,
     )
 
 

@@ -37,6 +37,11 @@ class TokenCodec:
         self.exact = tokenizer_path is not None
         self._enc = _qwen_encoding(tokenizer_path) if tokenizer_path else None
 
+    @property
+    def encoding(self):
+        """The tiktoken encoding (token ids), or None when counting approximately."""
+        return self._enc
+
     def pieces(self, text: str) -> list[str]:
         """Text split into token-sized strings (joined they give back the text)."""
         if self._enc is None:

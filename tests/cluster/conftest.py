@@ -37,25 +37,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: How long a deploy waits for an earlier app of the same name to be deleted.
+DELETE_TIMEOUT_S = 120.0
+
+
 class Cluster:
     def __init__(self, http_port: int, metrics_port: int):
         self.http_port = http_port
         self.metrics_port = metrics_port
         self.base = f"http://127.0.0.1:{http_port}"
+        self._deleting: set[str] = set()  # apps deleted with wait=False, perhaps still shutting down
 
     def deploy(self, args: dict, name: str) -> str:
-        """Deploy build_app(args) as app ``name`` at ``/name``; return its base URL."""
+        """Deploy build_app(args) as app ``name`` at ``/name``, wait until it runs; return its base URL."""
+        return self.deploy_many({name: args})[name]
+
+    def deploy_many(self, apps: dict[str, dict]) -> dict[str, str]:
+        """Deploy each ``name: args`` as ``deploy`` does, in one call: Serve starts all their replicas side by
+        side, and the call returns once every app runs. Returns each app's base URL."""
         from ray import serve
 
         from deployments.app import build_app
 
-        serve.run(build_app(args), name=name, route_prefix=f"/{name}")
-        return f"{self.base}/{name}"
+        self._wait_deleted(apps)
+        serve.run_many([serve.RunTarget(build_app(args), name=name, route_prefix=f"/{name}")
+                        for name, args in apps.items()])
+        return {name: f"{self.base}/{name}" for name in apps}
 
-    def delete(self, name: str) -> None:
+    def delete(self, *names: str, wait: bool = True) -> None:
+        """Delete the apps, side by side. With ``wait=False`` the caller goes on while their replicas shut
+        down (a module's last use of its apps); a later deploy of one of those names waits for it."""
         from ray import serve
 
-        serve.delete(name)
+        for name in names:
+            serve.delete(name, _blocking=False)
+        self._deleting.update(names)
+        if wait:
+            self._wait_deleted(names)
+
+    def _wait_deleted(self, names) -> None:
+        from ray import serve
+
+        pending = self._deleting & set(names)
+        deadline = time.time() + DELETE_TIMEOUT_S
+        while pending:
+            pending &= set(serve.status().applications)
+            if pending:
+                assert time.time() < deadline, f"apps {sorted(pending)} not deleted within {DELETE_TIMEOUT_S:.0f} s"
+                time.sleep(0.2)
+        self._deleting -= set(names)
 
     def scrape(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text

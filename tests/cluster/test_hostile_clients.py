@@ -3,7 +3,6 @@ bodies, redirects, exposure with keys, tracebacks, retries; the books are untouc
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -34,7 +33,7 @@ def url(cluster):
     )
     base = cluster.deploy(args, APP)
     yield base
-    cluster.delete(APP)
+    cluster.delete(APP, wait=False)
 
 
 def status(url) -> dict:

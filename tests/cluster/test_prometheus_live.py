@@ -14,7 +14,6 @@ import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -129,7 +128,7 @@ def loaded(cluster, prometheus):
         yield {"url": url, "thread": thread, "result": result}
     finally:
         thread.join(timeout=300)
-        cluster.delete(APP)
+        cluster.delete(APP, wait=False)
 
 
 def test_promql_during_and_after_a_load_test(loaded, prometheus):

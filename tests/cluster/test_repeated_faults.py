@@ -213,4 +213,4 @@ def test_books_reconcile_after_repeated_faults(cluster, decisions):
             time.sleep(2.0)
         assert {k: got.get(k) for k in want} == want
     finally:
-        cluster.delete(APP)
+        cluster.delete(APP, wait=False)

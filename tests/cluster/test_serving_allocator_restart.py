@@ -70,7 +70,7 @@ def test_allocator_restart_keeps_the_budget(cluster, decisions):
         assert final["reserved_tokens"] == 0 and final["lease_reserved_tokens"] == 0 and final["invariant_holds"]
         assert final["spent_tokens"] + final["leased_tokens"] <= final["granted_tokens"]
     finally:
-        cluster.delete(APP)
+        cluster.delete(APP, wait=False)
 
 
 def test_a_named_budget_keeps_its_books_across_redeploys(cluster, tmp_path):

@@ -38,17 +38,17 @@ def embedded_args() -> dict:
 def urls(cluster):
     args = embedded_args()
     assert args["engine"]["trace_path"] is None  # the embedded default needs nothing outside the repo
-    base = cluster.deploy(args, APP)
-    tiny = cluster.deploy(
-        {**args, "allocator": {"policy": "clear", "budget": {"mode": "rate", "tokens_per_s": 10.0, "burst_tokens": 20.0}}},
-        TINY,
-    )
-    auth = cluster.deploy({**args, "ingress": {"api_keys": ["sk-good"]}}, AUTH)
-    # A predictor that always times out: every request must still get a cap.
-    slow = cluster.deploy({**args, "predictor": {"backend": "heuristic", "advanced": {"timeout_s": 1e-6}}}, SLOW)
-    yield {"base": base, "tiny": tiny, "auth": auth, "slow": slow}
-    for name in (APP, TINY, AUTH, SLOW):
-        cluster.delete(name)
+    # The four apps start side by side (one deploy call), and are deleted so at the end of the module.
+    urls = cluster.deploy_many({
+        APP: args,
+        TINY: {**args, "allocator": {"policy": "clear",
+                                     "budget": {"mode": "rate", "tokens_per_s": 10.0, "burst_tokens": 20.0}}},
+        AUTH: {**args, "ingress": {"api_keys": ["sk-good"]}},
+        # A predictor that always times out: every request must still get a cap.
+        SLOW: {**args, "predictor": {"backend": "heuristic", "advanced": {"timeout_s": 1e-6}}},
+    })
+    yield {"base": urls[APP], "tiny": urls[TINY], "auth": urls[AUTH], "slow": urls[SLOW]}
+    cluster.delete(APP, TINY, AUTH, SLOW, wait=False)
 
 
 def client(base: str, key: str = "unused") -> openai.OpenAI:

@@ -91,7 +91,7 @@ def url(cluster, pool, tmp_path_factory):
         assert time.time() < deadline, "the vLLM engine did not answer within 400 s"
         time.sleep(2)
     yield base
-    cluster.delete(APP)
+    cluster.delete(APP, wait=False)
 
 
 def client(base: str) -> openai.OpenAI:

@@ -85,6 +85,7 @@ def test_a_bad_value_is_argparses_one_line_error(name, argv, prefix):
     assert_one_line_error(proc, f"python benchmarks/{name}.py: error: {prefix}", usage=True)
 
 
+@pytest.mark.slow  # four interpreters that import Ray
 def test_a_missing_pool_or_an_unknown_stream_fails_before_any_cluster(tmp_path):
     proc = run_cli("benchmarks/digital_twin.py", "--traces", str(tmp_path / "nope.jsonl"), timeout=300)
     assert_one_line_error(proc, "python benchmarks/digital_twin.py: error:")
@@ -129,6 +130,7 @@ def test_histogram_prior_prints_a_held_out_likelihood_per_stream_and_strength(ca
         assert ll[2] < max(ll[0], ll[1])
 
 
+@pytest.mark.slow  # runs the benchmark
 def test_reservation_price_prints_both_settings_and_the_price_keeps_the_bucket_from_running_dry(capsys):
     mod = _script("reservation_price")
     assert mod.main(["--requests", "400", "--warmup", "50"]) == 0
@@ -142,6 +144,7 @@ def test_reservation_price_prints_both_settings_and_the_price_keeps_the_bucket_f
         assert finished[1] > finished[0] and int(on[5]) < int(off[5])
 
 
+@pytest.mark.slow  # runs the benchmark
 def test_online_cells_scores_a_cell_as_the_bench_serves_it(capsys):
     """The script's accuracy is the online bench's for the same cell (run_grid, another code path), and its
     lost / won counts are the difference to the budget-filling uniform cap (an identity they must satisfy)."""

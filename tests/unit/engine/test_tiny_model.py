@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from clear_llm.cli import main
 from tests.conftest import SHARED
+
+pytestmark = pytest.mark.slow  # each builds and saves a model with transformers
 
 
 def test_make_model_without_shared_files(tmp_path):

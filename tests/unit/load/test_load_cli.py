@@ -72,7 +72,8 @@ class FakeServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # Polled every 10 ms for shutdown (the default, 0.5 s, is what each `with` would wait on exit).
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
         return self
 
     def __exit__(self, *exc):
@@ -85,7 +86,9 @@ def _load(target: str, out, *extra: str, traces=MAIN_POOL):
                    "--concurrency", "1", "--out", str(out), *extra)
 
 
-@pytest.mark.parametrize("suffix", ["/v1", "/v1/", "/"])
+# One load run stays in the fast tier; the other spellings run the same 2 s load again.
+@pytest.mark.parametrize("suffix", ["/v1", pytest.param("/v1/", marks=pytest.mark.slow),
+                                    pytest.param("/", marks=pytest.mark.slow)])
 def test_a_target_given_with_v1_or_a_slash_is_the_same_server(tmp_path, suffix):
     with FakeServer() as server:
         proc = _load(f"fake={server.url}{suffix}", tmp_path)
@@ -97,6 +100,7 @@ def test_a_target_given_with_v1_or_a_slash_is_the_same_server(tmp_path, suffix):
     assert [r["status"] for r in records] == ["ok"] * 3
 
 
+@pytest.mark.slow  # a load run that loads the main pool
 def test_a_server_replaying_another_pool_gets_a_one_line_warning(tmp_path):
     other = load_workload(None).describe()  # the embedded default's synthetic workload
     with FakeServer(replay=other) as server:
@@ -108,6 +112,7 @@ def test_a_server_replaying_another_pool_gets_a_one_line_warning(tmp_path):
     assert other["fingerprint"] in warnings[0] and str(MAIN_POOL) in warnings[0]
 
 
+@pytest.mark.slow  # two load runs, each loading the main pool
 def test_a_server_replaying_the_same_pool_or_saying_nothing_gets_no_warning(tmp_path):
     same = load_workload(str(MAIN_POOL)).describe()  # what a replay server on this pool reports
     for replay in (same, None):

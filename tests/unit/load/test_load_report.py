@@ -266,6 +266,7 @@ def synthetic_run(label: str, seconds: float, clear: bool, seed: int) -> tuple[l
     return rows, polls
 
 
+@pytest.mark.slow  # a long run's figures
 def test_a_long_synthetic_run_renders_from_its_files(tmp_path):
     # long labels, as a load demo names its runs: the column titles must wrap, not run into each other
     uniform, clear_ = "uniform-balanced-256-tokens-per-query", "clear-balanced-256-tokens-per-query"

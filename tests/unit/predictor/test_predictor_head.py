@@ -113,6 +113,7 @@ def test_a_head_file_is_refused_when_malformed(tmp_path, shipped):
         load_head(tmp_path / "missing.json")
 
 
+@pytest.mark.slow  # encodes the pool with MiniLM and fits ridge heads
 def test_out_of_fold_ridge_ranks_far_better_than_prompt_length(encoder, pool):
     """Every 6th problem of the main pool (315 problems, 399 queries), 5 folds grouped by problem.
     Measured: head 0.72, prompt length 0.24 (per query Spearman)."""
@@ -129,6 +130,7 @@ def test_out_of_fold_ridge_ranks_far_better_than_prompt_length(encoder, pool):
     assert head_rho > 0.6 and head_rho - length_rho > 0.3
 
 
+@pytest.mark.slow  # encodes the pool with MiniLM and fits ridge heads
 def test_the_head_command_writes_a_loadable_head(tmp_path, pool, capsys):
     # A transfer pool of 12 problems the head trains on, with other lengths: no new prompt to encode.
     other = tmp_path / "other.jsonl"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from clear_core.traces import load_pool
 from clear_predictor.data import build_dataset
@@ -15,6 +16,8 @@ from clear_predictor.model import default_backbone, save_checkpoint
 from clear_predictor.train import TrainConfig, train
 
 from predictor_helpers import MAIN_POOL
+
+pytestmark = pytest.mark.slow  # trains the real MiniLM backbone
 
 
 def _stratified(problems, per_dataset=16):

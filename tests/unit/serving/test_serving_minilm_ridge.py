@@ -118,6 +118,7 @@ def test_a_missing_head_file_fails_when_the_backend_is_built(tmp_path):
         MiniLMRidgePredictor(head_path=str(tmp_path / "none.json"))
 
 
+@pytest.mark.slow  # a fresh interpreter loads MiniLM
 def test_the_embedded_default_prices_with_the_shipped_head_without_shared(tmp_path):
     """serve_config.yaml names minilm-ridge with no path; built from it in a directory with no
     ../shared beside it, the backend predicts."""
