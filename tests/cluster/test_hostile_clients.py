@@ -33,7 +33,7 @@ def url(cluster):
     )
     base = cluster.deploy(args, APP)
     yield base
-    cluster.delete(APP, wait=False)
+    cluster.delete(APP)
 
 
 def status(url) -> dict:

@@ -128,7 +128,7 @@ def loaded(cluster, prometheus):
         yield {"url": url, "thread": thread, "result": result}
     finally:
         thread.join(timeout=300)
-        cluster.delete(APP, wait=False)
+        cluster.delete(APP)
 
 
 def test_promql_during_and_after_a_load_test(loaded, prometheus):
