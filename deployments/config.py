@@ -349,18 +349,13 @@ class ReplayEngineConfig(_Strict):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
     advanced: ReplayAdvanced = Field(default_factory=ReplayAdvanced, description="Simulation and test hooks (advanced).")
 
-    # The workload a replay replays (the ingress scores answers against it).
-    @property
-    def replay(self) -> bool:
-        return True
+    def replayed_workload(self) -> tuple[str | None, int, int]:
+        """What it replays, for load_workload: (trace_path, synthetic problems, synthetic seed)."""
+        return self.trace_path, self.advanced.synthetic_problems, self.advanced.synthetic_seed
 
-    @property
-    def synthetic_problems(self) -> int:
-        return self.advanced.synthetic_problems
-
-    @property
-    def synthetic_seed(self) -> int:
-        return self.advanced.synthetic_seed
+    def token_counter_path(self) -> str | None:
+        """The tokenizer the ingress counts (and tokenizes) with: exact with a rank file."""
+        return self.tokenizer_path
 
 
 class VLLMAdvanced(_Strict):
@@ -394,25 +389,14 @@ class VLLMEngineConfig(_Strict):
     target_ongoing_requests: float = Field(64.0, gt=0, description="Autoscaling: ongoing requests per vLLM replica.")
     advanced: VLLMAdvanced = Field(default_factory=VLLMAdvanced, description="Trace replay (advanced).")
 
-    @property
-    def replay(self) -> bool:
-        return self.advanced.replay
+    def replayed_workload(self) -> tuple[str | None, int, int] | None:
+        """What trace replay replays (advanced.replay), for load_workload; None: free generation."""
+        a = self.advanced
+        return (a.trace_path, a.synthetic_problems, a.synthetic_seed) if a.replay else None
 
-    @property
-    def trace_path(self) -> str | None:
-        return self.advanced.trace_path
-
-    @property
-    def tokenizer_path(self) -> str | None:
+    def token_counter_path(self) -> str | None:
+        """The tokenizer the ingress counts with (advanced.tokenizer_path): exact with a rank file."""
         return self.advanced.tokenizer_path
-
-    @property
-    def synthetic_problems(self) -> int:
-        return self.advanced.synthetic_problems
-
-    @property
-    def synthetic_seed(self) -> int:
-        return self.advanced.synthetic_seed
 
     @field_validator("llm_config")
     @classmethod

@@ -168,8 +168,7 @@ class Ingress:
 
             self._local_predictor = Predictor(config.predictor)
         self.allocator = allocator
-        tok = getattr(self.config.engine, "tokenizer_path", None)
-        self.codec = TokenCodec(tok)
+        self.codec = TokenCodec(self.config.engine.token_counter_path())
         self._keys = [k.encode() for k in self.config.ingress.api_keys]
         self._background: set[asyncio.Task] = set()
         self.workload: Workload | None = self._workload(config.engine)
@@ -193,9 +192,8 @@ class Ingress:
     @staticmethod
     def _workload(ecfg) -> Workload | None:
         """The replayed workload, so a bad ``clear_sample_index`` is refused before the budget is touched."""
-        if ecfg.kind == "replay" or getattr(ecfg, "replay", False):
-            return load_workload(ecfg.trace_path, ecfg.synthetic_problems, ecfg.synthetic_seed)
-        return None
+        replayed = ecfg.replayed_workload()
+        return None if replayed is None else load_workload(*replayed)
 
     # -- routes ----------------------------------------------------------------
 
@@ -315,7 +313,7 @@ class Ingress:
         if self.workload is not None:
             self.workload.plan(req.prompt, req.sample_index)  # 400 for a sample the problem does not have
         elif req.sample_index is not None:
-            raise BadRequestError("clear_sample_index needs an engine that replays traces (engine.replay)",
+            raise BadRequestError("clear_sample_index needs an engine that replays traces (engine.advanced.replay)",
                                   param="clear_sample_index")
         return req, raw
 

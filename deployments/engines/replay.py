@@ -40,9 +40,7 @@ class ReplayEngine(Engine):
     def __init__(self, config: ReplayEngineConfig, model_name: str = "clear-replay"):
         self.config = config
         self.model_name = model_name
-        self.workload: Workload = load_workload(
-            self.config.trace_path, self.config.advanced.synthetic_problems, self.config.advanced.synthetic_seed
-        )
+        self.workload: Workload = load_workload(*self.config.replayed_workload())
         self.codec = TokenCodec(self.config.tokenizer_path)
         self._slots = asyncio.Semaphore(self.config.advanced.max_concurrent_requests)
 

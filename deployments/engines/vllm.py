@@ -104,9 +104,10 @@ class VLLMEngine(Engine):
         self.config = config
         self.model_name = model_name
         self.request_factory = request_factory or default_request_factory
-        if config.replay and workload is None:
-            workload = load_workload(config.trace_path, config.synthetic_problems, config.synthetic_seed)
-        self.workload: Workload | None = workload if config.replay else None
+        replayed = config.replayed_workload()
+        if replayed is not None and workload is None:
+            workload = load_workload(*replayed)
+        self.workload: Workload | None = workload if replayed is not None else None
 
     async def tokenize(self, body: dict) -> dict:
         """vLLM's ``/tokenize`` on the served model: a prompt, or chat messages rendered by its template."""

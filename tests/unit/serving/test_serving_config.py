@@ -249,7 +249,7 @@ def test_the_vllm_cpu_yaml_is_the_tested_cpu_engine():
     raw = yaml.safe_load((REPO / "serve_config.vllm-cpu.yaml").read_text())
     args = raw["applications"][0]["args"]
     cfg = AppConfig.model_validate(args)
-    assert cfg.engine.kind == "vllm" and not cfg.engine.replay  # free generation, as a user serves it
+    assert cfg.engine.kind == "vllm" and cfg.engine.replayed_workload() is None  # free generation
     assert cfg.engine.llm_config == CPU_LLM_CONFIG
     assert (cfg.engine.min_replicas, cfg.engine.max_replicas) == (1, 2)
     assert raw["http_options"]["host"] == "127.0.0.1"
