@@ -19,7 +19,8 @@ Both read the same **demand rows**, one per request::
 A market prices a zero spread (exact thresholds) the same way in both modes:
 ``clear`` clears the paper's surge market, and its quote carries that
 market's price, fill price and decay rate; the markets on expected generated
-tokens price the narrowest spread of their grid (:data:`SIGMA_MIN`). The
+tokens price the narrowest spread of their grid
+(:data:`clear_core.consumption.SIGMA_MIN`). The
 length bin is there for the markets that price the calibration's length
 histograms (``clear-cost-emp``): an index into the histograms the caller
 passes as ``lengths``.
@@ -38,7 +39,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clear_core.consumption import SIGMA_MIN  # noqa: F401  (named in the module docstring)
 from clear_core.errors import InvalidInputError
 
 if TYPE_CHECKING:

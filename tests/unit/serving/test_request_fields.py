@@ -147,8 +147,6 @@ def _ingress(tokenizer: bool) -> Ingress:
 
 
 def test_tokenize_and_detokenize_round_trip_on_the_models_vocabulary():
-    import tiktoken  # noqa: F401  (the tokenizer behind the replay engine's exact counts)
-
     ing = _ingress(tokenizer=True)
     text = "The shadow price of a token clears the market."
     tok = asyncio.run(ing.tokenize(request(json.dumps({"model": "clear-replay", "prompt": text}).encode(),
