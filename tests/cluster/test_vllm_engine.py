@@ -284,3 +284,34 @@ def test_an_engine_replica_killed_mid_stream_fails_clients_and_settles_everythin
     st = wait_for(lambda: (s := status(url))["in_flight_reservations"] == 0 and s, 60, "every settle")
     assert st["reserved_tokens"] == 0 and st["invariant_holds"]
     assert st["allocated_tokens_total"] == st["generated_tokens_total"] + st["refunded_tokens_total"]
+
+
+def test_vllm_clients_extensions_and_utility_endpoints_reach_the_engine(url, cluster, tmp_path):
+    """vLLM's benchmark client sends content parts, max_completion_tokens and ignore_eos, and calls /tokenize and
+    /detokenize: each reaches vLLM and comes back as vLLM answers it, compared with the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from clear_llm.tiny_model import make_model
+
+    text = "The shadow price of a token clears the market."
+    tok = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": text, "add_special_tokens": False},
+                     timeout=120).json()
+    assert "tokens" in tok, tok
+    model_dir = make_model(tmp_path / "model", tiktoken_path=str(QWEN_TOKENIZER))  # the served model's twin
+    assert tok["tokens"] == AutoTokenizer.from_pretrained(str(model_dir)).encode(text, add_special_tokens=False)
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 16384
+    back = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": tok["tokens"]}, timeout=60).json()
+    assert back["prompt"] == text
+    card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+    assert card["max_model_len"] == 16384 and card["id"] == MODEL
+    before = status(url)
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
+        "model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "Count to three."}]}],
+        "max_completion_tokens": 24, "ignore_eos": True, "top_k": 5, "min_p": 0.01, "repetition_penalty": 1.05})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    cap = body["clear"]["allocated_tokens"]
+    assert 1 <= cap <= 24 and body["usage"]["completion_tokens"] == cap  # ignore_eos reached vLLM: the whole cap
+    after = status(url)
+    assert after["generated_tokens_total"] - before["generated_tokens_total"] == cap
+    assert after["reserved_tokens"] == 0 and after["invariant_holds"]
