@@ -47,7 +47,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from clear_core.empirical_market import checked_length_bins
 from clear_core.errors import InvalidInputError
 from clear_core.policies import Policy
 from clear_core.servable import NO_PRICE, SERVABLE_POLICIES, MarketPrices, ServableMarket
@@ -147,9 +146,7 @@ def caps_at_quote(policy: Policy, quote: PriceQuote, thresholds, *, log_sigma=0.
     if quote.policy != market.name:
         raise InvalidInputError("quote", quote.policy, f"was cleared by another policy than {market.name}")
     rows = _rows(market, thresholds, log_sigma, runaway, weights, length_bins)
-    lengths = market.check_lengths(lengths)
-    if market.prices_length_histograms:
-        checked_length_bins(rows[:, 4], len(lengths))
+    lengths = market.check_lengths(lengths)  # each row's bin is checked where the market reads it
     if quote.window_size < THIN_WINDOW_ROWS:
         # A thin window (a cold start): one request moves its price, so each request is cleared with the
         # window, as the central market does (its O(window) cost is small while the window is thin).
