@@ -427,17 +427,17 @@ def wait_for_engine(app_name: str, timeout_s: float = 600) -> None:
     from ray import serve
 
     from deployments.config import VLLMEngineConfig
-    from deployments.engines.base import EngineRequest
     from deployments.engines.vllm import VLLMEngine
+    from deployments.vllm_protocol import parse_vllm
 
     model = MODEL_NAMES["vllm"]
     engine = VLLMEngine(serve.get_deployment_handle(f"LLMServer:{model}", app_name=app_name),
                         VLLMEngineConfig(model_source="unused"), model)
-    request = EngineRequest(request_id="warm-up", kind="completion", prompt="warm up", messages=None,
-                            cap_tokens=2, model=model)
+    request, _ = engine.engine_request(parse_vllm("completion", {"model": model, "prompt": "warm up"}, 4096),
+                                       "cmpl-warm-up", cap=2)
 
     async def once():
-        async for _ in engine.generate(request):
+        async for _ in engine.forward(request):
             pass
 
     deadline = time.time() + timeout_s

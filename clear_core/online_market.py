@@ -45,6 +45,7 @@ from clear_core.decision import (
     DecisionReason,
     abandonment,
     fit_to_pool,
+    usable_cap,
     retry_advice,
 )
 from clear_core.demand import (
@@ -224,6 +225,8 @@ class OnlineMarket:
         arrival_key: str | None = None,
         retry: bool = False,
         length_bin: int | None = None,
+        group: int = 1,
+        floor_tokens: int = 1,
     ) -> Decision:
         """Price one arriving request, reserve its cap or abandon it.
 
@@ -235,7 +238,9 @@ class OnlineMarket:
         reservation (its lease, see the ledger); ``arrival_key`` and ``retry``
         recognise a retried request (:mod:`clear_core.demand`, "Retries").
         ``length_bin`` indexes ``lengths`` (``clear-cost-emp`` only;
-        ``threshold_tokens`` is then the raw prediction the histogram is relative to).
+        ``threshold_tokens`` is then the raw prediction the histogram is relative to). ``group`` and
+        ``floor_tokens``: a group of choices decided as one, and the least cap worth reserving
+        (:mod:`clear_core.decision`, "Groups and floors"; both already in the group's tokens).
         """
         now = self.ledger.now() if now is None else now
         entry = request_row(self.market, threshold_tokens, log_sigma=log_sigma, runaway=runaway,
@@ -262,15 +267,16 @@ class OnlineMarket:
         if bound is not None and market_cap > bound:  # the end of a block (clear_core.pacing)
             market_cap = self.market.cap_within(alloc, entry, bound, context_limit_tokens=self.context_limit_tokens,
                                                 lengths=self.lengths)
-        cap = market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens))
+        cap = usable_cap(market_cap if client_cap_tokens is None else min(market_cap, int(client_cap_tokens)),
+                         group, floor_tokens)
         quote = dict(
             market_cap_tokens=market_cap, shadow_price=price, reservation_price=self.last_reservation_price,
             threshold_tokens=float(threshold_tokens),
             budget_per_query_tokens=b, window_size=int(tau.size), new_arrival=new, tenant=tenant,
         )
-        if market_cap <= 0:
+        if cap <= 0:
             return self._abandon(DecisionReason.INSOLVENT, now, threshold_tokens, quote)
-        reason, cap = fit_to_pool(cap, self.ledger.available(now), threshold_tokens)
+        reason, cap = fit_to_pool(cap, self.ledger.available(now), threshold_tokens, group, floor_tokens)
         if reason is DecisionReason.POOL_EMPTY:
             return self._abandon(reason, now, math.ceil(threshold_tokens), quote)
         self.ledger.reserve(rid, cap, now, owner=owner)

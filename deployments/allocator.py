@@ -150,7 +150,8 @@ class Allocator:
     def reserve_sync(
         self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None,
         owner: str | None = None, arrival_key: str | None = None, retry: bool = False, runaway: float = 0.0,
-        tenant: str = DEFAULT_TENANT, raw_threshold_tokens: float | None = None,
+        tenant: str = DEFAULT_TENANT, raw_threshold_tokens: float | None = None, group: int = 1,
+        floor_tokens: int = 1,
     ) -> Decision:
         t0 = time.perf_counter()
         tau, length_bin = float(threshold_tokens), None
@@ -162,7 +163,7 @@ class Allocator:
             d = self.market.request(
                 rid, tau, log_sigma=float(log_sigma), runaway=float(runaway), tenant=str(tenant),
                 client_cap_tokens=client_cap_tokens, owner=owner, arrival_key=arrival_key, retry=bool(retry),
-                length_bin=length_bin,
+                length_bin=length_bin, group=int(group), floor_tokens=int(floor_tokens),
             )
             self._check()
             self._persist()
@@ -401,11 +402,12 @@ class Allocator:
     async def reserve(
         self, rid: str, threshold_tokens: float, log_sigma: float = 0.0, client_cap_tokens: int | None = None,
         owner: str | None = None, arrival_key: str | None = None, retry: bool = False, runaway: float = 0.0,
-        tenant: str = DEFAULT_TENANT, raw_threshold_tokens: float | None = None,
+        tenant: str = DEFAULT_TENANT, raw_threshold_tokens: float | None = None, group: int = 1,
+        floor_tokens: int = 1,
     ) -> Decision:
         self._ensure_background()
         d = self.reserve_sync(rid, threshold_tokens, log_sigma, client_cap_tokens, owner, arrival_key, retry,
-                              runaway, tenant, raw_threshold_tokens)
+                              runaway, tenant, raw_threshold_tokens, group, floor_tokens)
         if d.admitted:  # a reservation a restart must not forget
             await self._durable()
         return d

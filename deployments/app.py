@@ -50,6 +50,8 @@ def build_engine(cfg: AppConfig):
         return serve.deployment(ReplayEngine, **opts).bind(ecfg, cfg.model_name)
     from deployments.engines.vllm import build_vllm_deployment
 
+    if ecfg.advanced.attach_to_app is not None:  # the ingress finds that application's LLMServer by name
+        return None
     # The ingress gets the LLMServer's handle and runs the VLLMEngine adapter in process.
     return build_vllm_deployment(ecfg, cfg.model_name)
 

@@ -140,6 +140,13 @@ BudgetConfig = Annotated[PerQueryBudgetConfig | RateBudgetConfig, Field(discrimi
 class AllocatorAdvanced(_Strict):
     """Tuning of the market and the books; the defaults are what the project measures and tests."""
 
+    state_dir: str = Field("~/.cache/clear/budgets", description="state_store file: the directory of the books.")
+    structured_floor_tokens: int = Field(
+        64, ge=1, description="The least cap, per choice, an admitted structured request gets (response_format "
+        "json_object or json_schema, structured_outputs, or tools with tool_choice other than none): below it "
+        "the request is abandoned rather than served an answer its cap would cut before the JSON closes. A "
+        "client's own smaller max_tokens is its choice and is served.",
+    )
     pricing_window_requests: int = Field(
         online_market.DEFAULT_WINDOW_SIZE, ge=0,
         description="Recent predicted thresholds each request is priced against (0: price alone).",
@@ -226,9 +233,8 @@ class AllocatorConfig(_Strict):
     )
     state_store: Literal["gcs", "file"] = Field(
         "gcs", description="gcs: Ray's GCS key-value store (outlives replicas and redeploys; the cluster only with "
-        "GCS fault tolerance); file: a JSON file per budget under state_dir (outlives the cluster, one node).",
+        "GCS fault tolerance); file: a JSON file per budget under advanced.state_dir (outlives the cluster, one node).",
     )
-    state_dir: str = Field("~/.cache/clear/budgets", description="state_store file: the directory of the books.")
     tenant_weights: dict[str, float] = Field(
         default_factory=dict, description="Tenant -> weight of its requests in the utility (the paper's alpha_i, "
         "Eq. 2): at one shadow price a heavier tenant's requests stay solvent longer. Tenants not named weigh 1. "
@@ -374,6 +380,12 @@ class VLLMAdvanced(_Strict):
     )
     synthetic_problems: int = Field(200, ge=1, description="Synthetic workload: number of problems.")
     synthetic_seed: int = Field(0, description="Synthetic workload: seed.")
+    attach_to_app: str | None = Field(
+        None, description="Serve through the LLMServer of a Ray Serve LLM application already running under this "
+        "name (build_openai_app with the same model id as model_name) instead of deploying vLLM replicas: "
+        "several CLEAR graphs, or CLEAR and plain clients, then share one fleet. llm_config and the "
+        "autoscaling fields are that application's, and must be left unset here.",
+    )
 
 
 class VLLMEngineConfig(_Strict):
@@ -387,6 +399,12 @@ class VLLMEngineConfig(_Strict):
     min_replicas: int = Field(1, ge=0, description="Autoscaling of the vLLM replicas: fewest.")
     max_replicas: int = Field(2, ge=1, description="Autoscaling of the vLLM replicas: most.")
     target_ongoing_requests: float = Field(64.0, gt=0, description="Autoscaling: ongoing requests per vLLM replica.")
+    answer_tokens: int = Field(
+        256, ge=1, description="Reasoning models (a reasoning_parser or reasoning_config in llm_config.engine_kwargs): "
+        "the answer allowance. CLEAR's cap becomes the thinking budget; vLLM ends the thought there and the "
+        "answer, its end-of-thought marker included, gets up to this many more tokens, priced and reserved "
+        "with the cap.",
+    )
     advanced: VLLMAdvanced = Field(default_factory=VLLMAdvanced, description="Trace replay (advanced).")
 
     def replayed_workload(self) -> tuple[str | None, int, int] | None:
@@ -397,6 +415,14 @@ class VLLMEngineConfig(_Strict):
     def token_counter_path(self) -> str | None:
         """The tokenizer the ingress counts with (advanced.tokenizer_path): exact with a rank file."""
         return self.advanced.tokenizer_path
+
+    @model_validator(mode="after")
+    def _attached_fleet_is_configured_where_it_runs(self):
+        if self.advanced.attach_to_app is not None and (self.llm_config or self.model_fields_set & {
+                "min_replicas", "max_replicas", "target_ongoing_requests"}):
+            raise ValueError("advanced.attach_to_app serves through another application's vLLM replicas: "
+                             "llm_config and the replica counts are that application's; remove them here")
+        return self
 
     @field_validator("llm_config")
     @classmethod

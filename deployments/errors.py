@@ -148,6 +148,27 @@ class EngineError(ClearError):
     http_status = 502
 
 
+class EngineRefusedError(ClearError):
+    """vLLM refused an admitted request with its own check (a prompt longer than its context, a field its model
+    cannot honour): answered with vLLM's status and message in OpenAI's shape; the reservation is refunded whole."""
+
+    def __init__(self, message: str, status: int, param: str | None = None, error_type: str | None = None):
+        self.http_status = int(status) if 400 <= int(status) <= 599 else 500
+        self.error_type = error_type or ("invalid_request_error" if self.http_status < 500 else "engine_error")
+        self.param = param
+        super().__init__(message)
+
+    @classmethod
+    def of(cls, error: dict) -> EngineRefusedError:
+        """From vLLM's error body (``{"message", "type", "param", "code"}``, ``code`` its HTTP status)."""
+        code = error.get("code")
+        status = code if isinstance(code, int) and not isinstance(code, bool) else 500
+        kind = error.get("type")
+        openai_type = "invalid_request_error" if kind in (None, "BadRequestError") and status < 500 else None
+        return cls(f"{error.get('message', 'the engine refused the request')} (nothing was charged)", status,
+                   error.get("param"), openai_type)
+
+
 class AllocatorUnavailableError(ClearError):
     """The allocator could not be reached (it is restarting); nothing was charged. Safe to retry."""
 
@@ -176,6 +197,7 @@ __all__ = [
     "ClientDisconnectedError",
     "ContextLengthError",
     "EngineError",
+    "EngineRefusedError",
     "InternalServerError",
     "InvalidInputError",
     "MethodNotAllowedError",

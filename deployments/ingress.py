@@ -79,6 +79,7 @@ from deployments.errors import (
     outcome_of,
 )
 from deployments.http_body import SlowReaderGate, read_body
+from deployments.market_entry import MarketEntry
 from deployments.messages import Decision, Prediction
 from deployments.openai_schema import (
     SSE_DONE,
@@ -93,6 +94,8 @@ from deployments.openai_schema import (
     sse_error,
 )
 from deployments.engines.workload import Workload, load_workload
+from deployments.passthrough import StreamRelay, refusal_in, whole_answer
+from deployments.vllm_protocol import parse_vllm
 from deployments.predictor_backends import heuristic_prediction
 from deployments.tokens import TokenCodec
 
@@ -108,8 +111,8 @@ app = FastAPI(title="CLEAR", description="Token-budget allocation with a shadow 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SETTLE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 SETTLE_RETRY_FOR_S = 900.0
-#: The engine's reason a completion stopped -> who stopped it (the clear object's ``stopped_by``).
-NATURAL_STOP = "stop"
+#: The engine's finish reason of a completion its cap cut (any other ended it by itself: ``stopped_by``).
+CAP_STOP = "length"
 
 
 def _error_response(exc: ClearError) -> JSONResponse:
@@ -173,6 +176,8 @@ class Ingress:
         self._background: set[asyncio.Task] = set()
         self.workload: Workload | None = self._workload(config.engine)
         self.engine = engine_client(config.engine, engine, config.model_name, self.workload)
+        # vLLM: the client's own request is forwarded and vLLM's answer relayed (deployments.passthrough).
+        self.passthrough = config.engine.kind == "vllm"
         self.slow_readers = SlowReaderGate(config.ingress.slow_reader_limit)
         # This replica's lease at the allocator: its reservations are recovered if it dies.
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
@@ -307,11 +312,17 @@ class Ingress:
                               fast_s=icfg.advanced.slow_body_after_s, gate=self.slow_readers)
         body = decode_body(raw, request.headers.get("content-type"))
         limit = self.config.context_limit_tokens
-        req = parse_chat(body, limit) if kind == "chat" else parse_completion(body, limit)
+        if self.passthrough:  # the whole OpenAI and vLLM request, checked by vLLM's own models
+            req = parse_vllm(kind, body, limit)
+        else:
+            req = parse_chat(body, limit) if kind == "chat" else parse_completion(body, limit)
         if req.model != self.config.model_name:
             raise ModelNotFoundError(f"model {req.model!r} does not exist; this server serves {self.config.model_name!r}")
         if self.workload is not None:
             self.workload.plan(req.prompt, req.sample_index)  # 400 for a sample the problem does not have
+            if req.n > 1:
+                raise BadRequestError("'n' > 1 cannot replay one recorded sample; send one request per choice",
+                                      param="n")
         elif req.sample_index is not None:
             raise BadRequestError("clear_sample_index needs an engine that replays traces (engine.advanced.replay)",
                                   param="clear_sample_index")
@@ -398,24 +409,26 @@ class Ingress:
             self._auth(request)
             req, raw = await self._read(request, kind)
             prompt_tokens, room = self._completion_limit(req)
-            client_cap = min(req.max_tokens or room, room)
+            entry = await self._entry(req, min(req.max_tokens or room, room))
             arrival_key, retry = self._arrival(request, raw)
             tenant = self._tenant(request)
             t0 = time.perf_counter()
             pred = await self._predict(req.prompt)
             t1 = time.perf_counter()
+            priced = entry.priced(pred)
             if self.leases is not None:
-                decision = await self.leases.decide(rid, pred, int(client_cap), arrival_key, retry, tenant)
+                decision = await self.leases.decide(rid, priced, entry.group_client_cap_tokens, arrival_key, retry,
+                                                    tenant, entry.n, entry.group_floor_tokens)
                 t2 = time.perf_counter()
                 if not decision.admitted:
                     raise abandonment_error(decision, pred.threshold_tokens)
             else:
-                decision, t2 = await self._reserve(rid, pred, client_cap, arrival_key, retry, tenant)
-            least = int(req.sampling.get("min_tokens") or 0)
-            if least > decision.cap_tokens:  # the engine would refuse it: refunded whole, nothing generated
+                decision, t2 = await self._reserve(rid, pred, entry, arrival_key, retry, tenant)
+            cap = entry.per_choice(decision.cap_tokens)
+            if req.min_tokens > cap:  # the engine would refuse it: refunded whole, nothing generated
                 self._settle(rid, 0, failed=True)
-                raise BadRequestError(f"'min_tokens' ({least}) is above the cap CLEAR gives this request now "
-                                      f"({decision.cap_tokens} tokens); nothing was charged", param="min_tokens")
+                raise BadRequestError(f"'min_tokens' ({req.min_tokens}) is above the cap CLEAR gives this request "
+                                      f"now ({cap} tokens); nothing was charged", param="min_tokens")
         except ClearError as exc:
             self._count(outcome_of(exc), exc.error_type)
             return _error_response(exc)
@@ -433,23 +446,42 @@ class Ingress:
             # Time this request spent in the predictor and the allocator (the CLEAR overhead), ms.
             "timing_ms": {"predict": 1e3 * (t1 - t0), "allocate": 1e3 * (t2 - t1)},
         }
+        if entry.n > 1:
+            clear["choices"], clear["cap_per_choice_tokens"] = entry.n, cap
+        thinking = entry.thinking_budget(decision.cap_tokens)
+        if thinking is not None:
+            clear["thinking_budget_tokens"], clear["answer_tokens"] = thinking, entry.answer_tokens
+        cut = _cut_by(req.max_tokens, cap, entry.per_choice(decision.market_cap_tokens), room)
+        if self.passthrough:
+            return await self._relay(req, rid, cap, thinking, clear, cut)
         ereq = EngineRequest(
-            request_id=rid, kind=kind, prompt=req.prompt, messages=req.messages, cap_tokens=int(decision.cap_tokens),
+            request_id=rid, kind=kind, prompt=req.prompt, messages=req.messages, cap_tokens=cap,
             model=req.model, sample_index=req.sample_index, sampling=req.sampling, stream=req.stream,
         )
-        cut = _cut_by(req.max_tokens, decision, room)
         if req.stream:
             return StreamingResponse(self._sse(req, rid, ereq, prompt_tokens, clear, cut),
                                      media_type="text/event-stream")
         return await self._whole(req, rid, ereq, prompt_tokens, clear, cut)
 
-    async def _reserve(self, rid, pred, client_cap, arrival_key, retry, tenant) -> tuple[Decision, float]:
-        """Central decisions: the allocator prices and reserves (one round trip); raises an abandonment."""
+    async def _entry(self, req, client_cap: int) -> MarketEntry:
+        """How the request enters the market (deployments.market_entry): choices, answer allowance, floor."""
+        reasoning = self.passthrough and await self.engine.reasoning()
+        if not reasoning and getattr(req, "thinking_token_budget", None) is not None:
+            raise BadRequestError("'thinking_token_budget' needs a reasoning engine (a reasoning_parser in "
+                                  "engine.llm_config.engine_kwargs); this one has none", param="thinking_token_budget")
+        return MarketEntry.of(req, client_cap, reasoning=reasoning, answer_tokens=getattr(
+            self.config.engine, "answer_tokens", 0), structured_floor_tokens=self.config.allocator.advanced.structured_floor_tokens)
+
+    async def _reserve(self, rid, pred, entry: MarketEntry, arrival_key, retry, tenant) -> tuple[Decision, float]:
+        """Central decisions: the allocator prices the request's entry and reserves (one round trip); raises an
+        abandonment (its threshold ``pred``'s, one choice's)."""
         self._ensure_lease()
+        priced = entry.priced(pred)
         try:
             decision: Decision = await self.allocator.reserve.remote(
-                rid, pred.threshold_tokens, pred.log_sigma, int(client_cap), self.owner, arrival_key, retry,
-                float(getattr(pred, "runaway", 0.0)), tenant, getattr(pred, "raw_threshold_tokens", None),
+                rid, priced.threshold_tokens, priced.log_sigma, entry.group_client_cap_tokens, self.owner,
+                arrival_key, retry, float(getattr(priced, "runaway", 0.0)), tenant,
+                getattr(priced, "raw_threshold_tokens", None), entry.n, entry.group_floor_tokens,
             )
         except ClearError:
             raise
@@ -581,6 +613,102 @@ class Ingress:
                 self._settle(rid, 0, failed=True)
             self._count(outcome, etype)
 
+    async def _relay(self, req, rid: str, cap: int, thinking: int | None, clear: dict, cut: str):
+        """vLLM's answer to the client's own request, capped (deployments.passthrough): relayed whole or as a
+        stream; what vLLM refuses before answering is refunded whole and answered with its status."""
+        try:
+            end_id = None if thinking is None else await self.engine.thought_end_id()
+            request, plan = self.engine.engine_request(req, rid, cap, thinking,
+                                                       token_ids=end_id is not None and not req.stream)
+        except BaseException:
+            self._settle(rid, 0, failed=True)
+            raise
+        on_finish = None if plan is None else _scored_replay(plan, cap, int(request.max_tokens))
+        items = self._engine_items(rid, request)
+        answered = False
+        try:
+            first = await items.__anext__()
+            refused = refusal_in(first)
+            if refused is not None:
+                raise refused
+            answered = True
+        except StopAsyncIteration:
+            exc = EngineError("the engine ended the request without an answer; nothing was charged")
+            self._count(outcome_of(exc), exc.error_type)
+            return _error_response(exc)
+        except ClearError as exc:
+            self._count(outcome_of(exc), exc.error_type)
+            return _error_response(exc)
+        except (asyncio.CancelledError, GeneratorExit):  # the client left before anything was sent
+            self._count("admitted", "client_disconnected")
+            raise
+        finally:
+            if not answered:  # nothing reached the client: refunded whole
+                await items.aclose()
+                self._settle(rid, 0, failed=True)
+        stopped = lambda finish: _stopped_by(finish, cut)  # noqa: E731
+        if not req.stream:
+            sent, outcome, etype = False, "error", "internal_error"
+            try:
+                body, tally = whole_answer(first, rid, clear, stopped, on_finish, thought_end_id=end_id,
+                                           keep_token_ids=bool(getattr(req.request, "return_token_ids", False)))
+                sent, outcome, etype = True, "admitted", ""
+                await self._settle_acknowledged(rid, tally.tokens)
+                return body
+            except ClearError as exc:
+                outcome, etype = outcome_of(exc), exc.error_type
+                return _error_response(exc)
+            except (asyncio.CancelledError, GeneratorExit):
+                outcome, etype = "admitted", "client_disconnected"
+                raise
+            finally:
+                await items.aclose()
+                if not sent:  # a failure, or a client gone before the body, received nothing and pays nothing
+                    self._settle(rid, 0, failed=True)
+                self._count(outcome, etype)
+        relay = StreamRelay(rid, clear, stopped, include_usage=req.include_usage,
+                            continuous_usage=req.continuous_usage, on_finish=on_finish,
+                            count_reasoning=thinking is not None, cap=int(request.max_tokens))
+        return StreamingResponse(self._relay_sse(rid, relay, first, items), media_type="text/event-stream")
+
+    async def _relay_sse(self, rid: str, relay: StreamRelay, first, items):
+        """A relayed stream: charged the tokens vLLM reports generated, whether it ends, fails or the client leaves."""
+        outcome, etype, failed, settled = "admitted", "client_disconnected", False, False
+        try:
+            for line in relay.feed(first):
+                yield line
+            async for item in items:
+                for line in relay.feed(item):
+                    yield line
+            settled = True
+            await self._settle_acknowledged(rid, relay.tally.tokens)
+            yield SSE_DONE
+            etype = ""
+        except ClearError as exc:
+            outcome, etype, failed = outcome_of(exc), exc.error_type, True
+            yield sse_error(exc)
+            yield SSE_DONE
+        finally:
+            await items.aclose()
+            if not settled:
+                self._settle(rid, relay.tally.tokens, failed=failed)
+            self._count(outcome, etype)
+
+    async def _engine_items(self, rid: str, request):
+        """What Ray Serve LLM answers, item by item; a failure of the engine as a clean client error."""
+        gen = self.engine.forward(request)
+        try:
+            async for item in gen:
+                yield item
+        except (asyncio.CancelledError, GeneratorExit):
+            await gen.aclose()  # cancels the engine's remote stream
+            raise
+        except Exception as exc:
+            failure = _engine_failure(exc)
+            logger.log(logging.DEBUG if failure.http_status < 500 else logging.WARNING, "engine failed on %s: %s: %s",
+                       rid, type(getattr(exc, "cause", None) or exc).__name__, failure)
+            raise failure from None
+
     async def _sse(self, req, rid, ereq, prompt_tokens, clear, cut):
         """A stream: charged the tokens sent, whether it ends, fails or the client leaves."""
         tally = {"tokens": 0, "finish": None, "info": None}
@@ -614,19 +742,28 @@ class Ingress:
             self._count(outcome, etype)
 
 
-def _cut_by(client_max_tokens: int | None, decision: Decision, room: int) -> str:
-    """Who set the engine's cap: the client's max_tokens, CLEAR's market cap, or the context window."""
-    cap = decision.cap_tokens
-    if client_max_tokens is not None and cap == client_max_tokens and client_max_tokens <= decision.market_cap_tokens:
+def _cut_by(client_max_tokens: int | None, cap: int, market_cap: int, room: int) -> str:
+    """Who set the engine's cap (per choice): the client's max_tokens, CLEAR's market cap, or the context window."""
+    if client_max_tokens is not None and cap == client_max_tokens and client_max_tokens <= market_cap:
         return "client_max_tokens"
-    if cap == room and room < decision.market_cap_tokens:
+    if cap == room and room < market_cap:
         return "context_limit"
     return "clear_cap"
 
 
+def _scored_replay(plan, cap: int, want: int):
+    """A replay on vLLM ends as its trace says, scored for the tokens really generated (``want``: what vLLM
+    was asked for; all of them mean the whole cap was spent as recorded)."""
+    def on_finish(reason, tokens):
+        got = cap if tokens >= want else tokens
+        return plan.finish_reason(got), {"replay": {**plan.info(got), "engine": "vllm", "engine_finish_reason": reason}}
+
+    return on_finish
+
+
 def _stopped_by(finish: str | None, cut: str) -> str:
     """Why a completion ended: ``natural_stop``, or whoever set the cap it hit (:func:`_cut_by`)."""
-    return "natural_stop" if finish == NATURAL_STOP else cut
+    return cut if finish == CAP_STOP else "natural_stop"
 
 
 async def _await(resp):

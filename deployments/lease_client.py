@@ -88,7 +88,7 @@ class LeaseClient:
     # -- the request path ------------------------------------------------------------
 
     async def decide(self, rid: str, pred: Prediction, client_cap: int, arrival_key: str, retry: bool,
-                     tenant: str) -> Decision:
+                     tenant: str, group: int = 1, floor_tokens: int = 1) -> Decision:
         self._ensure_loop()
         if self.market.quote is None:
             await self.sync(required=True)
@@ -100,7 +100,8 @@ class LeaseClient:
             length_bin = int(self.calibration.bin_of([tau])[0])
         ask = self.market.price(tau, log_sigma=pred.log_sigma, runaway=float(pred.runaway),
                                 tenant=tenant, client_cap_tokens=int(client_cap), arrival_key=arrival_key,
-                                retry=retry, now=now, length_bin=length_bin)
+                                retry=retry, now=now, length_bin=length_bin, group=group,
+                                floor_tokens=floor_tokens)
         self.quote_ages.append(now - ask.quote.issued_at)
         refill = math.inf
         short = self.market.shortfall(ask)

@@ -73,6 +73,11 @@ class ParsedRequest:
     include_usage: bool  # stream_options.include_usage
     sample_index: int | None  # replay: recorded sample to replay
     sampling: dict = field(default_factory=dict)
+    n: int = 1  # choices (the replay engine serves one)
+
+    @property
+    def min_tokens(self) -> int:
+        return int(self.sampling.get("min_tokens") or 0)
 
 
 def decode_body(raw: bytes, content_type: str | None) -> dict:
@@ -200,8 +205,8 @@ def _common(body: dict, context_limit_tokens: int, known: frozenset) -> dict:
     if not isinstance(model, str) or not model:
         raise BadRequestError("'model' is required and must be a string", param="model")
     if body.get("n") not in (None, 1):
-        raise BadRequestError("'n' > 1 is not supported by the replay engine (one recorded sample per request); "
-                              "serve a vLLM engine for it", param="n")
+        raise BadRequestError("'n' must be 1 on the replay engine (one recorded sample per request); "
+                              "serve a vLLM engine for more choices", param="n")
     mt = _int_field(body, "max_tokens", 1, context_limit_tokens)
     mct = _int_field(body, "max_completion_tokens", 1, context_limit_tokens)
     max_tokens = mct if mct is not None else mt

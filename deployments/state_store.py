@@ -18,7 +18,7 @@ Where (``allocator.state_store``): ``gcs`` is Ray's GCS key-value store. It
 outlives replicas and redeploys, but not the Ray cluster unless the GCS is
 fault tolerant (KubeRay with an external Redis); ``serve run`` on a local Ray
 starts a new cluster each time. ``file`` keeps one JSON file per budget under
-``allocator.state_dir`` (written atomically): it outlives the cluster, on the
+``allocator.advanced.state_dir`` (written atomically): it outlives the cluster, on the
 one node that holds the directory (local runs, or a persistent volume).
 """
 
@@ -94,5 +94,5 @@ def state_key(budget_name: str | None, deploy_id: str) -> str:
 def state_store_for(config, key: str):
     """The store an :class:`~deployments.config.AllocatorConfig` asks for."""
     if config.state_store == "file":
-        return FileStateStore(config.state_dir, key)
+        return FileStateStore(config.advanced.state_dir, key)
     return KVStateStore(key)

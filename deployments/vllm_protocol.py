@@ -35,7 +35,8 @@ SAMPLE_INDEX_FIELD = "clear_sample_index"
 OPENAI_DEFAULTS: dict[str, tuple] = {
     "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"), "best_of": (None, 1),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
-    "functions": (None, []), "function_call": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "verbosity": (None,), "prompt_cache_key": (None,),
+    "prompt_cache_retention": (None,), "safety_identifier": (None,),
 }
 #: Fields of vLLM's models that the operator decides, never a client (refused when a client sets them).
 OPERATOR_FIELDS = ("request_id", "priority", "kv_transfer_params", "ec_transfer_params", "vllm_xargs",
@@ -57,6 +58,9 @@ class VLLMRequest:
     include_usage: bool  # the client asked for the usage chunk at the end of a stream
     continuous_usage: bool  # the client asked for usage on every chunk
     sample_index: int | None  # replay on the real engine: the recorded sample to replay
+    min_tokens: int = 0  # vLLM's min_tokens: each choice generates at least this many
+    structured: bool = False  # the answer is held to a grammar: a JSON format, structured outputs, or a tool call
+    thinking_token_budget: int | None = None  # the client's own thinking budget (reasoning engines)
 
 
 def _models():
@@ -166,9 +170,15 @@ def parse_vllm(kind: str, body: dict, context_limit_tokens: int) -> VLLMRequest:
             raise BadRequestError("'prompt' must be one string: send one request per prompt", param="prompt")
         prompt = count_text = prompts[0]
     opts = req.stream_options
+    fmt = getattr(req, "response_format", None)
+    tools_called = kind == "chat" and bool(req.tools) and req.tool_choice not in (None, "none")
+    structured = (tools_called or req.structured_outputs is not None
+                  or (fmt is not None and getattr(fmt, "type", "text") != "text"))
+    budget = getattr(req, "thinking_token_budget", None)
     return VLLMRequest(
         kind=kind, request=req, model=req.model, prompt=prompt, count_text=count_text,
         max_tokens=None if cap is None else int(cap), n=int(req.n or 1), stream=bool(req.stream),
         include_usage=bool(opts and opts.include_usage), continuous_usage=bool(opts and opts.continuous_usage_stats),
-        sample_index=sample_index,
+        sample_index=sample_index, min_tokens=int(req.min_tokens or 0), structured=bool(structured),
+        thinking_token_budget=None if budget is None or budget < 0 else int(budget),
     )

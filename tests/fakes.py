@@ -76,10 +76,13 @@ class FakeAllocator:
         self.renewed: list[str] = []
         self.arrivals: list[tuple[str, bool]] = []
         self.tenants: list[str] = []
+        self.entries: list[dict] = []  # how each request entered the market
 
         def reserve(rid, threshold, log_sigma, client_cap, owner, arrival_key, retry, runaway, tenant,
-                    raw_threshold=None):
+                    raw_threshold=None, group=1, floor_tokens=1):
             self.reserved.append(rid)
+            self.entries.append({"threshold": threshold, "client_cap": client_cap, "group": group,
+                                 "floor_tokens": floor_tokens})
             self.arrivals.append((arrival_key, retry))
             self.tenants.append(tenant)
             reason = DecisionReason.ADMITTED if admit else DecisionReason.INSOLVENT
@@ -273,3 +276,45 @@ def brute(cap: int, toks: list[int], ok: list[bool], protocol: str, limit: int |
         if t <= min(left + run, limit) and c:
             return True, gen, longest
     return False, gen, longest
+
+
+# --- serving: Ray Serve LLM ------------------------------------------------------------------------------
+
+
+class FakeStream:
+    """What a handle call streams back: the given items, in order."""
+
+    def __init__(self, items):
+        self.items, self.cancelled = items, False
+
+    def __aiter__(self):
+        async def gen():
+            for it in self.items:
+                yield it
+
+        return gen()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeMethod:
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def options(self, **kw):
+        self.owner.options = kw
+        return self
+
+    def remote(self, request):
+        self.owner.calls.append((self.name, request))
+        return FakeStream(self.owner.items)
+
+
+class FakeLLMHandle:
+    """Stands in for the LLMServer handle: records requests, replays what Ray Serve LLM would yield."""
+
+    def __init__(self, items=()):
+        self.items, self.calls, self.options = list(items), [], None
+        self.chat = FakeMethod(self, "chat")
+        self.completions = FakeMethod(self, "completions")

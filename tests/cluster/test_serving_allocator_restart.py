@@ -78,7 +78,7 @@ def test_a_named_budget_keeps_its_books_across_redeploys(cluster, tmp_path):
     a new name starts fresh ones. The file store outlives the Ray cluster as well."""
     args = app_args(
         allocator={"budget": {"tokens_per_query": 300, "window_queries": 1000}, "budget_name": "redeploy-test",
-                   "state_store": "file", "state_dir": str(tmp_path)},
+                   "state_store": "file", "advanced": {"state_dir": str(tmp_path)}},
         engine={"advanced": {"decode_tokens_per_s": 100000.0}},
     )
     url = cluster.deploy(args, "named")

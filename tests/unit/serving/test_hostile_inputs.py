@@ -191,7 +191,7 @@ def test_the_clear_object_says_who_stopped_the_completion(max_tokens, market_cap
         engine = FakeEngine(chunks=2)
         ing = make_ingress(FakeAllocator(cap=market_cap), engine)
         if finish == "stop":
-            monkeypatch.setattr(ingress_module, "NATURAL_STOP", "length")  # the fake engine ends with "length"
+            monkeypatch.setattr(ingress_module, "CAP_STOP", "no cap")  # the fake engine ends with "length"
         extra = {} if max_tokens is None else {"max_tokens": max_tokens}
         return await ing._complete(request(body(**extra)), "chat")
 

@@ -220,6 +220,29 @@ def test_vllm_autoscaling_is_set_in_one_place():
     assert ok.max_replicas == 3
 
 
+def test_the_autoscaling_config_reaches_the_vllm_deployment():
+    from deployments.config import VLLMEngineConfig
+    from deployments.engines.vllm import build_vllm_deployment
+
+    app = build_vllm_deployment(VLLMEngineConfig(model_source="m", min_replicas=1, max_replicas=3,
+                                                 target_ongoing_requests=7), "clear-tiny")
+    auto = app._bound_deployment._deployment_config.autoscaling_config
+    assert app._bound_deployment.name == "LLMServer:clear-tiny"
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 7)
+
+
+def test_an_attached_fleet_deploys_no_vllm_and_keeps_its_own_settings():
+    from deployments.app import build_app
+    from deployments.config import VLLMEngineConfig
+
+    with pytest.raises(ValidationError, match="attach_to_app"):
+        VLLMEngineConfig(model_source="m", llm_config={"engine_kwargs": {}}, advanced={"attach_to_app": "fleet"})
+    app = build_app({"model_name": "clear-tiny", "engine": {"kind": "vllm", "model_source": "m",
+                                                            "advanced": {"attach_to_app": "fleet"}}})
+    bound = [a._bound_deployment.name for a in app._bound_deployment.init_args if hasattr(a, "_bound_deployment")]
+    assert not any(name.startswith("LLMServer") for name in bound) and None in app._bound_deployment.init_args
+
+
 def test_the_two_abandonments_are_two_error_types():
     from clear_core.online_market import Decision, DecisionReason
     from deployments.errors import BudgetPoolEmptyError, abandonment_error, outcome_of
