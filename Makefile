@@ -16,8 +16,9 @@ install:  ## CPU install for development (torch pinned to the CPU build), real v
 # `-n auto` where pytest-xdist is installed: the fast tier takes about 1m45s on 2 cores with it, 2m30s without.
 XDIST = $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n auto")
 
-test:  ## the whole test suite CI runs: every tier (unit, slow, cluster on a local CPU Ray and real vLLM)
-	$(PY) -m pytest -q -p no:cacheprovider
+test:  ## the whole test suite CI runs: the tiers without a cluster on every core, then the cluster tier (one Ray)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not cluster" $(XDIST)
+	$(PY) -m pytest -q -p no:cacheprovider -m cluster
 
 test-fast:  ## the fast unit tier: no Ray, no vLLM, no training; on every core where pytest-xdist is installed
 	$(PY) -m pytest -q -p no:cacheprovider -m "not cluster and not slow" $(XDIST)

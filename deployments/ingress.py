@@ -586,20 +586,26 @@ class Ingress:
     # -- answers --------------------------------------------------------------------
 
     async def _whole(self, req, rid, ereq, prompt_tokens, clear, cut):
-        """A non-streaming answer: charged the tokens generated if it is sent, nothing if not."""
-        tally = {"tokens": 0, "finish": None, "info": None}
-        parts = []
-        outcome, etype, sent = "error", "internal_error", False
-        try:
-            async for chunk in self._engine_stream(ereq, tally):
-                parts.append(chunk.text)
-            outcome, etype = "admitted", ""
+        """A non-streaming answer from the replay engine, written here around the engine's text."""
+        async def build():
+            tally = {"tokens": 0, "finish": None, "info": None}
+            parts = [chunk.text async for chunk in self._engine_stream(ereq, tally)]
             if tally["info"] is not None:
                 clear["replay"] = tally["info"]
             clear["stopped_by"] = _stopped_by(tally["finish"], cut)
             body = completion_body(req, rid, "".join(parts), tally["finish"], prompt_tokens, tally["tokens"], clear)
-            sent = True
-            await self._settle_acknowledged(rid, tally["tokens"])
+            return body, tally["tokens"]
+
+        return await self._answer_whole(rid, build)
+
+    async def _answer_whole(self, rid: str, build, cleanup=None):
+        """Send the body ``build()`` makes (``(body, tokens generated)``) and settle it: charged the tokens
+        generated if it is sent, nothing if not (a failure, or a client gone before the body)."""
+        sent, outcome, etype = False, "error", "internal_error"
+        try:
+            body, tokens = await build()
+            sent, outcome, etype = True, "admitted", ""
+            await self._settle_acknowledged(rid, tokens)
             return body
         except ClearError as exc:
             outcome, etype = outcome_of(exc), exc.error_type
@@ -608,7 +614,8 @@ class Ingress:
             outcome, etype = "admitted", "client_disconnected"
             raise
         finally:
-            # A failure, or a client gone before the body, received nothing and pays nothing.
+            if cleanup is not None:
+                await cleanup()
             if not sent:
                 self._settle(rid, 0, failed=True)
             self._count(outcome, etype)
@@ -623,7 +630,8 @@ class Ingress:
         except BaseException:
             self._settle(rid, 0, failed=True)
             raise
-        on_finish = None if plan is None else _scored_replay(plan, cap, int(request.max_tokens))
+        want = int(request.__dict__["max_tokens"])  # what vLLM was asked for (not getattr: deprecated in chat)
+        on_finish = None if plan is None else _scored_replay(plan, cap, want)
         items = self._engine_items(rid, request)
         answered = False
         try:
@@ -648,27 +656,15 @@ class Ingress:
                 self._settle(rid, 0, failed=True)
         stopped = lambda finish: _stopped_by(finish, cut)  # noqa: E731
         if not req.stream:
-            sent, outcome, etype = False, "error", "internal_error"
-            try:
+            async def build():
                 body, tally = whole_answer(first, rid, clear, stopped, on_finish, thought_end_id=end_id,
                                            keep_token_ids=bool(getattr(req.request, "return_token_ids", False)))
-                sent, outcome, etype = True, "admitted", ""
-                await self._settle_acknowledged(rid, tally.tokens)
-                return body
-            except ClearError as exc:
-                outcome, etype = outcome_of(exc), exc.error_type
-                return _error_response(exc)
-            except (asyncio.CancelledError, GeneratorExit):
-                outcome, etype = "admitted", "client_disconnected"
-                raise
-            finally:
-                await items.aclose()
-                if not sent:  # a failure, or a client gone before the body, received nothing and pays nothing
-                    self._settle(rid, 0, failed=True)
-                self._count(outcome, etype)
+                return body, tally.tokens
+
+            return await self._answer_whole(rid, build, cleanup=items.aclose)
         relay = StreamRelay(rid, clear, stopped, include_usage=req.include_usage,
                             continuous_usage=req.continuous_usage, on_finish=on_finish,
-                            count_reasoning=thinking is not None, cap=int(request.max_tokens))
+                            count_reasoning=thinking is not None, cap=want)
         return StreamingResponse(self._relay_sse(rid, relay, first, items), media_type="text/event-stream")
 
     async def _relay_sse(self, rid: str, relay: StreamRelay, first, items):

@@ -159,7 +159,7 @@ class Fleet:
     reasoning_model_dir: Path
 
 
-def _warm(url: str, model: str, timeout_s: float = 400.0) -> None:
+def warm_up(url: str, model: str, timeout_s: float = 400.0) -> None:
     """A fresh vLLM engine's first request compiles and allocates: retry until it answers."""
     deadline = time.time() + timeout_s
     while True:
@@ -203,8 +203,8 @@ def vllm_fleet(cluster, tmp_path_factory) -> Fleet:
     reasoning = llm_config(REASONING_MODEL, reasoning_dir, FLEET_REASONING_CONTEXT, reasoning_parser="deepseek_r1")
     serve.run(build_openai_app({"llm_configs": [tools, reasoning]}), name=FLEET_APP, route_prefix=f"/{FLEET_APP}")
     anchor = f"{cluster.base}/{FLEET_APP}"
-    _warm(anchor, TOOLS_MODEL)
-    _warm(anchor, REASONING_MODEL)
+    warm_up(anchor, TOOLS_MODEL)
+    warm_up(anchor, REASONING_MODEL)
     yield Fleet(anchor, tools_dir, reasoning_dir)
     cluster.delete(FLEET_APP, wait=False)
 

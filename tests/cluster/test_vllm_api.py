@@ -9,8 +9,6 @@ thinking budgets are priced in tests/unit/core/test_groups.py and tests/unit/ser
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import httpx
 import jsonschema
@@ -18,7 +16,7 @@ import openai
 import pytest
 
 from tests.cluster.conftest import (FLEET_APP, FLEET_REASONING_CONTEXT, FLEET_TOOLS_CONTEXT, REASONING_MODEL,
-                                    SHARED, TOOLS_MODEL)
+                                    TOOLS_MODEL)
 from tests.factories import app_args
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -193,12 +191,16 @@ def test_a_thinking_budget_on_an_engine_without_reasoning_is_refused_before_the_
 
 
 def test_vllms_benchmark_client_runs_unchanged(urls, vllm_fleet):
-    out = subprocess.run(
-        [sys.executable, str(SHARED / "tools" / "vllm-bench" / "vllm_bench.py"), "--backend", "openai-chat",
-         "--base-url", urls[TOOLS_APP], "--endpoint", "/v1/chat/completions", "--model", TOOLS_MODEL,
-         "--tokenizer", str(vllm_fleet.tools_model_dir), "--dataset-name", "random", "--random-input-len", "32",
-         "--random-output-len", "24", "--num-prompts", "12", "--max-concurrency", "4", "--ignore-eos"],
-        capture_output=True, text=True, timeout=600)
-    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert (result["completed"], result["failed"]) == (12, 0), out.stdout[-2000:]
+    """``vllm bench serve`` (what ../shared/tools/vllm-bench/vllm_bench.py runs), called in this process."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    result = main(parser.parse_args([
+        "--backend", "openai-chat", "--base-url", urls[TOOLS_APP], "--endpoint", "/v1/chat/completions",
+        "--model", TOOLS_MODEL, "--tokenizer", str(vllm_fleet.tools_model_dir), "--dataset-name", "random",
+        "--random-input-len", "32", "--random-output-len", "24", "--num-prompts", "12", "--max-concurrency", "4",
+        "--ignore-eos", "--disable-tqdm"]))
+    assert (result["completed"], result["failed"]) == (12, 0)
     assert result["total_output_tokens"] == 12 * 24

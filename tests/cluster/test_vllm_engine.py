@@ -20,7 +20,8 @@ import openai
 import pytest
 
 from clear_core.traces import load_pool
-from tests.cluster.conftest import FLEET_APP, MAIN_POOL, METRICS_REPORT_INTERVAL_S, QWEN_TOKENIZER, TOOLS_MODEL
+from tests.cluster.conftest import (FLEET_APP, MAIN_POOL, METRICS_REPORT_INTERVAL_S, QWEN_TOKENIZER, TOOLS_MODEL,
+                                    warm_up)
 from tests.factories import app_args
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -73,18 +74,7 @@ def url(cluster, vllm_fleet, pool, tmp_path_factory):
         },
     )
     base = cluster.deploy(args, APP)
-    # Warm the engine up (its first request compiles and allocates): retry until it answers.
-    deadline = time.time() + 400
-    while True:
-        try:
-            r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "warm up", "max_tokens": 2},
-                           timeout=300)
-            if r.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, "the vLLM engine did not answer within 400 s"
-        time.sleep(2)
+    warm_up(base, MODEL)  # through the graph: its first request also loads what the ingress loads lazily
     yield base
     cluster.delete(APP, wait=False)
 
