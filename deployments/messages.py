@@ -2,7 +2,8 @@
 
 Ingress -> Predictor -> Ingress: :class:`Prediction`.
 Ingress -> Allocator -> Ingress: :class:`clear_core.online_market.Decision`.
-Ingress -> Engine: :class:`deployments.engines.base.EngineRequest` (and ``EngineChunk`` back).
+Ingress -> replay engine: :class:`deployments.engines.base.EngineRequest` (and ``EngineChunk`` back);
+Ingress -> vLLM: the client's own request, as vLLM's request model (:mod:`deployments.vllm_protocol`).
 """
 
 from __future__ import annotations

