@@ -454,6 +454,17 @@ class IngressAdvanced(_Strict):
         "max_ongoing_requests, so a burst whose bodies the busy proxy hands over late is not refused while "
         "slots are free).",
     )
+    traffic_log_url: str | None = Field(
+        None, description="Where the traffic log keeps a record of each settled request (its prediction, cap, "
+        "tokens and how it ended) for the length learner: a directory or an fsspec URL such as "
+        "s3://bucket/clear/traffic (None: no log). Each ingress replica writes its own segments.",
+    )
+    traffic_log_prompts: bool = Field(False, description="Keep each prompt's text in the log (else its SHA-256 only).")
+    traffic_log_segment_records: int = Field(1000, ge=1, description="Records per segment of the traffic log.")
+    traffic_log_flush_s: float = Field(
+        60.0, gt=0, description="A segment is written at the latest this long after its first record, s.")
+    traffic_log_max_segments: int = Field(
+        1000, ge=1, description="Segments kept per log; the oldest beyond are deleted (the log's bound).")
     settle_ack_wait_s: float = Field(
         2.0, ge=0, description="A completion's end ([DONE], or the whole body) waits up to this long for its settle "
         "to be acknowledged, so a replica that dies right after answering cannot lose the charge, s. Risk at 0: "

@@ -95,6 +95,7 @@ from deployments.openai_schema import (
 )
 from deployments.engines.workload import Workload, load_workload
 from deployments.passthrough import StreamRelay, refusal_in, whole_answer
+from deployments.traffic_log import TrafficLog, TrafficRecord
 from deployments.vllm_protocol import parse_vllm
 from deployments.predictor_backends import heuristic_prediction
 from deployments.tokens import TokenCodec
@@ -179,6 +180,14 @@ class Ingress:
         # vLLM: the client's own request is forwarded and vLLM's answer relayed (deployments.passthrough).
         self.passthrough = config.engine.kind == "vllm"
         self.slow_readers = SlowReaderGate(config.ingress.slow_reader_limit)
+        # What the service observes of each settled request, for the length learner (deployments.traffic_log).
+        adv = config.ingress.advanced
+        self.traffic = None if adv.traffic_log_url is None else TrafficLog(
+            adv.traffic_log_url, segment_records=adv.traffic_log_segment_records,
+            max_segments=adv.traffic_log_max_segments, store_prompts=adv.traffic_log_prompts,
+            flush_after_s=adv.traffic_log_flush_s)
+        self._seen: dict[str, dict] = {}  # request id -> what its record needs, until it settles
+        self._flushing: asyncio.Task | None = None
         # This replica's lease at the allocator: its reservations are recovered if it dies.
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self._lease_task: asyncio.Task | None = None
@@ -425,6 +434,9 @@ class Ingress:
             else:
                 decision, t2 = await self._reserve(rid, pred, entry, arrival_key, retry, tenant)
             cap = entry.per_choice(decision.cap_tokens)
+            if self.traffic is not None:  # what the traffic log records when the request settles
+                self._seen[rid] = {"tenant": tenant, "model": req.model, "prompt": req.prompt, "pred": pred,
+                                   "cap": cap, "choices": entry.n}
             if req.min_tokens > cap:  # the engine would refuse it: refunded whole, nothing generated
                 self._settle(rid, 0, failed=True)
                 raise BadRequestError(f"'min_tokens' ({req.min_tokens}) is above the cap CLEAR gives this request "
@@ -531,11 +543,13 @@ class Ingress:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _settle(self, rid: str, tokens: int, failed: bool = False) -> asyncio.Task | None:
+    def _settle(self, rid: str, tokens: int, failed: bool = False, ended: str | None = None) -> asyncio.Task | None:
         """Settle ``rid`` in the background, retried until the allocator acknowledges it (idempotent there).
 
         Decisions at the ingress settle in this replica's lease at once (None: nothing to wait for).
+        ``ended``: how the request ended, for the traffic log (None: nothing was generated, no record).
         """
+        self._observe(rid, tokens, ended)
         if self.leases is not None:
             self.leases.settle(rid, tokens, failed)
             return None
@@ -554,10 +568,10 @@ class Ingress:
 
         return self._background_task(run())
 
-    async def _settle_acknowledged(self, rid: str, tokens: int) -> None:
+    async def _settle_acknowledged(self, rid: str, tokens: int, ended: str) -> None:
         """Settle, and wait up to ``ingress.advanced.settle_ack_wait_s`` for the allocator's acknowledgement
         before the answer ends, so a replica that dies right after answering cannot lose the settle."""
-        task = self._settle(rid, tokens)
+        task = self._settle(rid, tokens, ended=ended)
         if task is not None and self.config.ingress.advanced.settle_ack_wait_s > 0:
             await asyncio.wait({task}, timeout=self.config.ingress.advanced.settle_ack_wait_s)
 
@@ -598,6 +612,34 @@ class Ingress:
 
         return await self._answer_whole(rid, build)
 
+    def _observe(self, rid: str, tokens: int, ended: str | None) -> None:
+        """The traffic log's record of a settled request (``ingress.advanced.traffic_log_url``): written in
+        the background when a segment is due, off the request path."""
+        seen = self._seen.pop(rid, None)
+        if seen is None or ended is None or self.traffic is None:
+            return
+        pred = seen["pred"]
+        record = TrafficRecord(
+            time=time.time(), request_id=rid, tenant=seen["tenant"], model=seen["model"],
+            prompt_sha256=TrafficRecord.prompt_hash(seen["prompt"]), prediction_source=pred.source,
+            predicted_threshold_tokens=float(pred.threshold_tokens),
+            raw_threshold_tokens=getattr(pred, "raw_threshold_tokens", None), log_sigma=float(pred.log_sigma),
+            runaway=float(getattr(pred, "runaway", 0.0)), cap_tokens=int(seen["cap"]), tokens=int(tokens),
+            ended=ended, choices=int(seen["choices"]), prompt=seen["prompt"])
+        try:
+            due = self.traffic.append(record, flush=False)
+        except Exception:  # the log never fails a request
+            logger.exception("traffic log: record of %s not written", rid)
+            return
+        if due and (self._flushing is None or self._flushing.done()):
+            self._flushing = self._background_task(asyncio.to_thread(self._flush_traffic))
+
+    def _flush_traffic(self) -> None:
+        try:
+            self.traffic.flush()
+        except Exception:
+            logger.exception("traffic log: a segment was not written")
+
     async def _answer_whole(self, rid: str, build, cleanup=None):
         """Send the body ``build()`` makes (``(body, tokens generated)``) and settle it: charged the tokens
         generated if it is sent, nothing if not (a failure, or a client gone before the body)."""
@@ -605,7 +647,8 @@ class Ingress:
         try:
             body, tokens = await build()
             sent, outcome, etype = True, "admitted", ""
-            await self._settle_acknowledged(rid, tokens)
+            natural = body.get("clear", {}).get("stopped_by") == "natural_stop"
+            await self._settle_acknowledged(rid, tokens, "natural" if natural else "cap")
             return body
         except ClearError as exc:
             outcome, etype = outcome_of(exc), exc.error_type
@@ -617,7 +660,7 @@ class Ingress:
             if cleanup is not None:
                 await cleanup()
             if not sent:
-                self._settle(rid, 0, failed=True)
+                self._settle(rid, 0, failed=True, ended="client" if etype == "client_disconnected" else "failed")
             self._count(outcome, etype)
 
     async def _relay(self, req, rid: str, cap: int, thinking: int | None, clear: dict, cut: str):
@@ -677,7 +720,8 @@ class Ingress:
                 for line in relay.feed(item):
                     yield line
             settled = True
-            await self._settle_acknowledged(rid, relay.tally.tokens)
+            cut = CAP_STOP in relay.tally.finish.values()
+            await self._settle_acknowledged(rid, relay.tally.tokens, "cap" if cut else "natural")
             yield SSE_DONE
             etype = ""
         except ClearError as exc:
@@ -687,7 +731,7 @@ class Ingress:
         finally:
             await items.aclose()
             if not settled:
-                self._settle(rid, relay.tally.tokens, failed=failed)
+                self._settle(rid, relay.tally.tokens, failed=failed, ended="failed" if failed else "client")
             self._count(outcome, etype)
 
     async def _engine_items(self, rid: str, request):
@@ -721,7 +765,7 @@ class Ingress:
                         final["replay"] = chunk.info
                     yield sse_chunk(req, rid, created, None, chunk.finish_reason, clear=final)
             settled = True
-            await self._settle_acknowledged(rid, tally["tokens"])
+            await self._settle_acknowledged(rid, tally["tokens"], "cap" if tally["finish"] == CAP_STOP else "natural")
             if req.include_usage:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tally["tokens"],
                          "total_tokens": prompt_tokens + tally["tokens"]}
@@ -734,7 +778,7 @@ class Ingress:
             yield SSE_DONE
         finally:
             if not settled:
-                self._settle(rid, tally["tokens"], failed=failed)
+                self._settle(rid, tally["tokens"], failed=failed, ended="failed" if failed else "client")
             self._count(outcome, etype)
 
 

@@ -9,7 +9,9 @@ always carries its SHA-256.
 Records are JSON Lines in *segments* under a directory or an fsspec URL (``/var/lib/clear/traffic``,
 ``s3://bucket/clear/traffic``, ``memory://``...). :meth:`TrafficLog.append` buffers records;
 :meth:`TrafficLog.flush` writes the buffer as one new segment (one object written whole, which object
-stores need: they do not append), as does an append that fills ``segment_records``. Segment names sort
+stores need: they do not append). A buffer is *due* once it holds ``segment_records`` records or its
+oldest record waited ``flush_after_s``: ``append`` then flushes it, unless told not to (a server flushes
+off its request path). Records buffered when a process dies are lost: at most a segment's worth. Segment names sort
 by the time they were written. The log is bounded: once more than ``max_segments`` segments exist the
 oldest are deleted. :meth:`TrafficLog.read` yields every record, oldest first.
 """
@@ -63,7 +65,7 @@ class TrafficLog:
     """Bounded, rotated JSON Lines segments of :class:`TrafficRecord` under ``url`` (module docstring)."""
 
     def __init__(self, url: str, *, segment_records: int = 10_000, max_segments: int = 100,
-                 store_prompts: bool = False, prefix: str = "traffic"):
+                 store_prompts: bool = False, flush_after_s: float = 60.0, prefix: str = "traffic"):
         import fsspec
 
         if segment_records < 1 or max_segments < 1:
@@ -74,29 +76,40 @@ class TrafficLog:
         self.max_segments = int(max_segments)
         self.store_prompts = bool(store_prompts)
         self.prefix = prefix
+        self.flush_after_s = float(flush_after_s)
         self._buffer: list[str] = []
+        self._oldest = 0.0  # when the oldest buffered record was appended (monotonic)
         self._writer = uuid.uuid4().hex[:8]  # several writers (ingress replicas) never name a segment alike
         self._seq = 0
 
-    def append(self, record: TrafficRecord) -> None:
+    def append(self, record: TrafficRecord, flush: bool = True) -> bool:
+        """Buffer ``record``; flush a due buffer when ``flush``. Whether a buffer is (still) due."""
         row = asdict(record)
         if not self.store_prompts:
             row["prompt"] = None
         if row["ended"] not in ENDINGS:
             raise ValueError(f"ended must be one of {ENDINGS}, got {row['ended']!r}")
+        if not self._buffer:
+            self._oldest = time.monotonic()
         self._buffer.append(json.dumps(row, separators=(",", ":")))
-        if len(self._buffer) >= self.segment_records:
+        if flush and self.due:
             self.flush()
+        return self.due
+
+    @property
+    def due(self) -> bool:
+        return bool(self._buffer) and (len(self._buffer) >= self.segment_records
+                                       or time.monotonic() - self._oldest >= self.flush_after_s)
 
     def flush(self) -> str | None:
         """Write the buffered records as one new segment; its path (None: nothing buffered)."""
         if not self._buffer:
             return None
+        lines, self._buffer = self._buffer, []
         self._seq += 1
         path = f"{self.root}/{self.prefix}-{time.time_ns():020d}-{self._writer}-{self._seq:06d}.jsonl"
         with self.fs.open(path, "w") as f:
-            f.write("\n".join(self._buffer) + "\n")
-        self._buffer.clear()
+            f.write("\n".join(lines) + "\n")
         self._bound()
         return path
 
