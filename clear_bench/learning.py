@@ -28,6 +28,7 @@ from clear_core.ledger import TokenLedger
 from clear_core.length_learning import Observations, refit_calibration, refit_head
 from clear_core.online_market import DEFAULT_WINDOW_SIZE, OnlineMarket
 from clear_core.policies import Policy
+from clear_bench.online import _Tick  # the ledger's clock: one tick per arrival
 
 #: Raw predictions are held to these bounds, as the deployed predictor holds them (tokens).
 MIN_RAW_TOKENS, MAX_RAW_TOKENS = 16.0, 8192.0
@@ -87,14 +88,6 @@ class TrafficLearner:
         calibration = refit_calibration(self.prior.calibration, obs, prior_weight=self.prior_weight)
         self.model = LengthModel(head.coef, head.intercept, calibration)
         self.refits += 1
-
-
-class _Tick:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def serve_learning(policy: Policy, learner: TrafficLearner, tokens: np.ndarray, budget_per_query: int, *,
