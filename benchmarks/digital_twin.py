@@ -191,9 +191,9 @@ def service_args(pool_path: Path, table_path: Path, policy: str, b: float, n: in
             "budget": {"mode": "per_query", "tokens_per_query": b, "window_queries": n,
                        "refund_unused": parse_policy(policy).charges_generated_tokens},
         },
-        "predictor": {"backend": "lookup", "table_path": str(table_path),
+        "predictor": {"backend": "lookup",
                       "calibration_path": None if calibration_path is None else str(calibration_path),
-                      "advanced": {"pool_path": str(pool_path)}},
+                      "advanced": {"table_path": str(table_path), "pool_path": str(pool_path)}},
         "engine": engine_args(engine, pool_path, model_dir),
         "ingress": {"deployment": {"min_replicas": ingress_replicas, "max_ongoing_requests": 512}},
     }

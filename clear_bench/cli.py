@@ -14,6 +14,7 @@ from clear_core.cli_args import (
 )
 from clear_core.calibration import DEFAULT_SHRINK
 from clear_core.empirical_market import SMOOTHING_LOG
+from clear_core.exploration import DEFAULT_EXPLORE_SHARE, DEFAULT_EXPLORE_TOKEN_SHARE, Exploration
 from clear_core.errors import InvalidInputError
 from clear_core.policies import POLICIES, parse_policy_list
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS, STREAM_FAMILIES, load_pool, pool_streams
@@ -43,22 +44,45 @@ def add_subcommands(subparsers) -> None:
                               formatter_class=HelpFormatter)
     p.add_argument("--traces", required=True, help="oracle pool JSONL (see shared/data/traces/README.md)")
     p.add_argument("--predictions", default="oracle-noise:0.5",
-                   help="oracle | oracle-noise:SIGMA | predictions JSONL {id, threshold_tokens[, log_sigma]}")
+                   help="oracle | oracle-noise:SIGMA | head (the shipped ridge head, priced as serving prices it) | "
+                   "head:PATH (a head file) | predictions JSONL {id, threshold_tokens[, log_sigma]} (a file named "
+                   "head: ./head)")
     p.add_argument("--log-sigma", type=float, default=None,
                    help="override the predictions' one log-space error (that clear prices)")
     p.add_argument("--calibration", default=None, choices=["binned", "global", "none"],
                    help="the length distribution that clear-cost prices: binned (median, spread and runaway share "
                    "calibrated out of fold per bin of predicted length), global (one of each, out of fold) or "
                    "none (raw thresholds, one spread); the paper's policies always take raw thresholds "
-                   "(default: binned, none for oracle)")
+                   "(default: binned, none for oracle, the head's own calibration for head predictions, which "
+                   "take binned only: then for every servable policy, the full-truth reference)")
     add_list_argument(p, "--streams", metavar="STREAM", what="stream names",
                       help="streams of the pool's family (default: all of them): "
                       + "; ".join(f"{f.name}: {','.join(f.streams)}" for f in STREAM_FAMILIES.values()))
-    p.add_argument("--protocol", default="single", choices=["single", "best-of-k", "sequential", "online"],
+    p.add_argument("--protocol", default=None, choices=["single", "best-of-k", "sequential", "online"],
                    help="single: one sample per query; best-of-k: k trajectories in parallel, each capped at "
                    "budget/k; sequential: k trajectories one after another, each capped by what is left; online: "
                    "one sample per query, each priced on arrival by the allocator's online market and settled "
-                   "with what it generated (clear_bench.online)")
+                   "with what it generated (clear_bench.online) (default: single, online with --warmup-queries)")
+    p.add_argument("--warmup-queries", type=non_negative_int, default=0,
+                   help="online: serve this many arrivals, drawn with the stream's mix from one half of the pool "
+                   "(split by a seeded hash of the problem ids), before the scored stream, drawn from the other "
+                   "half, in the same run (ledger and pricing window carry over); not scored")
+    p.add_argument("--learn", action="store_true",
+                   help="with --warmup-queries and head predictions: the length model learns from the warm-up's "
+                   "settled queries as the service does (censored at their caps; nothing from an abandoned one) "
+                   "and is frozen for the scored stream")
+    p.add_argument("--refit-every", type=positive_int, default=50,
+                   help="--learn: settled queries between refits (default %(default)s)")
+    p.add_argument("--prior-weight", type=non_negative_float, default=30.0,
+                   help="--learn: observations each of the head's calibration bins is worth (default %(default)s)")
+    p.add_argument("--explore-share", type=non_negative_float, default=DEFAULT_EXPLORE_SHARE,
+                   help="--learn: chance that a warm-up arrival the market would abandon as insolvent is served at a "
+                   "probe cap instead (clear_core.exploration) (default %(default)s; 0: off)")
+    p.add_argument("--explore-token-share", type=non_negative_float, default=DEFAULT_EXPLORE_TOKEN_SHARE,
+                   help="--learn: most share of the allocated tokens the probes may hold (default %(default)s)")
+    p.add_argument("--features-cache", type=Path, default=None,
+                   help="head predictions: where the pool's encoder features are cached (default "
+                   "~/.cache/clear-llm/features)")
     p.add_argument("--in-flight", type=non_negative_int, default=0,
                    help="--protocol online: a query settles this many arrivals after its own")
     p.add_argument("--shrink", type=non_negative_float, default=DEFAULT_SHRINK,
@@ -88,8 +112,20 @@ def add_subcommands(subparsers) -> None:
 def run_bench(args) -> int:
     from clear_bench.predictions import parse_predictions
     from clear_bench.report import markdown_report
-    from clear_bench.runner import run_grid
+    from clear_bench.runner import WarmUp, run_grid
 
+    if args.protocol is None:
+        args.protocol = "online" if args.warmup_queries else "single"
+    if args.warmup_queries and args.protocol != "online":
+        raise UsageError("argument --warmup-queries: a warm-up is served online (--protocol online)")
+    if args.learn and not args.warmup_queries:
+        raise UsageError("argument --learn: needs --warmup-queries N (the stream it learns from)")
+    is_head = args.predictions == "head" or args.predictions.startswith("head:")
+    if args.learn and not is_head:
+        raise UsageError("argument --learn: needs --predictions head or head:PATH (the head learns from encoder "
+                         "features)")
+    if args.learn and args.prior_weight <= 0:
+        raise UsageError("argument --prior-weight: must be > 0")
     if args.policies is None:  # uniform-generated is a single-sample baseline
         args.policies = [p for p in policy_list(DEFAULT_POLICIES)
                          if args.protocol in ("single", "online") or p != "uniform-generated"]
@@ -101,11 +137,9 @@ def run_bench(args) -> int:
     unknown = [s for s in args.streams if s not in known]
     if unknown:
         raise UsageError(f"argument --streams: unknown stream {unknown[0]!r} for this pool; expected one of {known}")
-    calibration = args.calibration
-    if calibration is None:
-        calibration = "none" if args.predictions == "oracle" else "binned"
-    predictions = parse_predictions(args.predictions, args.log_sigma, calibration=calibration, problems=problems,
-                                    shrink=args.shrink, smoothing=args.smoothing)
+    predictions = parse_predictions(args.predictions, args.log_sigma, calibration=args.calibration, problems=problems,
+                                    shrink=args.shrink, smoothing=args.smoothing, pool_path=args.traces,
+                                    features_cache=args.features_cache)
     make_dir(args.out)
 
     dump = (args.out / "allocations.jsonl").open("w") if args.dump_allocations else None
@@ -131,13 +165,18 @@ def run_bench(args) -> int:
                         seeds=args.seeds, n_queries=args.queries, context_limit_tokens=args.context_limit_tokens,
                         on_allocation=on_allocation, progress=bar.update, protocol=args.protocol,
                         in_flight=args.in_flight,
-                        k=args.k if trials else 1)
+                        k=args.k if trials else 1,
+                        warmup=WarmUp(args.warmup_queries, args.learn, args.refit_every, args.prior_weight,
+                                      _exploration(args)))
     if dump is not None:
         dump.close()
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     title = f"CLEAR bench on {Path(args.traces).name}" + (f", {args.protocol} with k = {args.k}" if trials else "")
     if args.protocol == "online":
         title += f", online (each query priced on arrival, {args.in_flight} in flight)"
+    if args.warmup_queries:
+        title += (f", after {args.warmup_queries} warm-up arrivals"
+                  + (" the length model learned from" if args.learn else " (nothing learned)"))
     report = markdown_report(rows, title=title)
     (args.out / "results.md").write_text(report)
     print(report)
@@ -151,6 +190,13 @@ def run_bench(args) -> int:
         _figures(args, problems, predictions, rows)
     print(f"wrote {args.out}/results.json, results.md" + ("" if args.no_figures else " and figures"))
     return 0
+
+
+def _exploration(args) -> Exploration | None:
+    try:
+        return Exploration(args.explore_share, args.explore_token_share) if args.learn else None
+    except InvalidInputError as exc:
+        raise UsageError(f"argument --explore-share / --explore-token-share: {exc}") from None
 
 
 def _online_figure(args, problems, predictions) -> None:

@@ -53,6 +53,26 @@ class StreamInputs:
     runaway: np.ndarray
     histograms: tuple = ()  # the calibration's histograms and each query's bin (clear-cost-emp)
     bins: np.ndarray | None = None
+    served: bool = False  # clear is told the calibrated median and spread, as serving tells it
+
+    def at(self, i: int) -> tuple[float, float, float, float, int]:
+        """(raw threshold, median, spread, runaway share, bin) of query ``i``."""
+        return (float(self.raw[i]), float(self.median[i]), float(self.spread[i]), float(self.runaway[i]),
+                -1 if self.bins is None else int(self.bins[i]))
+
+    def observe(self, i: int, cap: int, generated: int, finished: bool) -> bool:
+        """A settled query (these inputs are fixed: nothing changes)."""
+        return False
+
+    @staticmethod
+    def concat(first: StreamInputs, second: StreamInputs) -> StreamInputs:
+        """``first``'s queries then ``second``'s (one calibration: the same histograms)."""
+        if first.histograms != second.histograms or first.served != second.served or first.sigma != second.sigma:
+            raise ValueError("inputs of two calibrations cannot be served as one stream")
+        cat = lambda a, b: None if a is None else np.concatenate([a, b])  # noqa: E731
+        return StreamInputs(cat(first.raw, second.raw), first.sigma, cat(first.median, second.median),
+                            cat(first.spread, second.spread), cat(first.runaway, second.runaway), first.histograms,
+                            cat(first.bins, second.bins), first.served)
 
 
 def stream_inputs(predictions, stream) -> StreamInputs:
@@ -66,7 +86,7 @@ def stream_inputs(predictions, stream) -> StreamInputs:
         spread=np.broadcast_to(np.asarray(spread, dtype=float), (n,)),
         runaway=np.broadcast_to(np.asarray(runaway, dtype=float), (n,)),
         histograms=() if lengths is None else tuple(lengths.histograms),
-        bins=None if lengths is None else np.asarray(lengths.which))
+        bins=None if lengths is None else np.asarray(lengths.which), served=bool(predictions.as_served))
 
 
 class _Tick:
@@ -79,49 +99,78 @@ class _Tick:
         return self.t
 
 
-def serve_online(policy: Policy, inputs: StreamInputs, tokens: np.ndarray, budget_per_query: int, *,
+def serve_online(policy: Policy, inputs, tokens: np.ndarray, budget_per_query: int, *,
                  context_limit_tokens: float | None, in_flight: int = 0,
-                 window_size: int = DEFAULT_WINDOW_SIZE, trace: list | None = None) -> np.ndarray:
+                 window_size: int = DEFAULT_WINDOW_SIZE, trace: list | None = None,
+                 block_queries: int | None = None, learn_until: int = 0, exploration=None,
+                 explored: dict | None = None) -> np.ndarray:
     """Each query's cap as the online market answered it (0: abandoned); module docstring.
 
+    ``inputs``: a :class:`StreamInputs`, or a learner's view of the stream
+    (:class:`clear_bench.learning.LearningInputs`): what each query is told
+    when it arrives, and what it shows when it settles. A query that arrived
+    before ``learn_until`` is shown to ``inputs`` when it settles (its cap,
+    what it generated, whether it finished); a market that prices length
+    histograms then prices with the ones ``inputs`` holds from the next
+    arrival on; ``exploration`` (a :class:`clear_core.exploration.Exploration`)
+    probes some of the insolvent ones among them, and ``explored`` receives
+    what the probes cost (:class:`clear_core.exploration.ExplorationBooks`).
+    ``block_queries``: arrivals per budget block (default: all of ``tokens``,
+    one block).
+
     ``trace``: when given, one dict per arrival is appended to it, after its
-    decision: the per-query budget it was priced with, its cap and reason, and
-    the ledger's reserved and spent tokens.
+    decision: the per-query budget it was priced with, its cap and reason, the
+    ledger's reserved and spent tokens, and the median, spread and runaway
+    share it was told.
     """
     n = len(tokens)
     clock = _Tick()
     refund = bool(policy.charges_generated_tokens)
-    ledger = TokenLedger(PerQueryBudget(tokens_per_query=budget_per_query, window_queries=n, refund_unused=refund),
+    block = n if block_queries is None else int(block_queries)
+    ledger = TokenLedger(PerQueryBudget(tokens_per_query=budget_per_query, window_queries=block, refund_unused=refund),
                          clock)
     limit = None if context_limit_tokens is None else int(context_limit_tokens)
+    emp = policy.prices_length_histograms
     market = OnlineMarket(policy, ledger, window_size=window_size, context_limit_tokens=limit,
-                          lengths=inputs.histograms if policy.prices_length_histograms else ())
+                          lengths=inputs.histograms if emp else (), exploration=exploration if learn_until else None)
     caps = np.zeros(n, dtype=np.int64)
     running: deque = deque()
+
+    def settle(j: int) -> None:
+        used = int(min(tokens[j], caps[j]))
+        market.settle(str(j), used)
+        if j < learn_until and inputs.observe(j, int(caps[j]), used, bool(tokens[j] <= caps[j])) and emp:
+            market.lengths = market.market.check_lengths(inputs.histograms)  # the same bins, refitted
+
     for i in range(n):
         clock.t = float(i)
-        if policy.prices_length_histograms:
-            d = market.request(str(i), float(inputs.raw[i]), length_bin=int(inputs.bins[i]))
+        if i == learn_until:
+            market.exploration = None  # learning is over: nothing more to probe for
+        raw, median, spread, runaway, length_bin = inputs.at(i)
+        if emp:
+            d = market.request(str(i), raw, length_bin=length_bin)
         elif policy.charges_generated_tokens:
-            d = market.request(str(i), float(inputs.median[i]), log_sigma=float(inputs.spread[i]),
-                               runaway=float(inputs.runaway[i]))
+            d = market.request(str(i), median, log_sigma=spread, runaway=runaway)
+        elif inputs.served:  # serving tells clear the calibrated median and spread
+            d = market.request(str(i), median, log_sigma=spread)
         else:
-            d = market.request(str(i), float(inputs.raw[i]), log_sigma=float(inputs.sigma))
+            d = market.request(str(i), raw, log_sigma=float(inputs.sigma))
         if d.admitted:
             caps[i] = d.cap_tokens
             running.append(i)
         while running and running[0] <= i - in_flight:  # query j ends at arrival j + in_flight, served or not
-            j = running.popleft()
-            market.settle(str(j), int(min(tokens[j], caps[j])))
+            settle(running.popleft())
         if trace is not None:
             st = ledger.state()
             trace.append({"budget_per_query": float(d.budget_per_query_tokens), "cap": int(caps[i]),
-                          "reason": d.reason.value, "reserved": int(st.reserved), "spent": int(st.spent)})
+                          "reason": d.reason.value, "reserved": int(st.reserved), "spent": int(st.spent),
+                          "median": median, "spread": spread, "runaway": runaway})
     while running:
-        j = running.popleft()
-        market.settle(str(j), int(min(tokens[j], caps[j])))
+        settle(running.popleft())
     st = ledger.state()
     assert st.invariant_holds and st.reserved == 0, st  # the books close: every cap settled
+    if explored is not None:
+        explored.update(market.explored.snapshot())
     return caps
 
 

@@ -1,4 +1,4 @@
-"""Where a bench run gets its thresholds: ``oracle``, ``oracle-noise:SIGMA`` or a file.
+"""Where a bench run gets its thresholds: ``oracle``, ``oracle-noise:SIGMA``, ``head[:PATH]`` or a file.
 
 A predictions file is JSONL, one line per problem:
 ``{"id": PROBLEM_ID, "threshold_tokens": FLOAT[, "log_sigma": FLOAT]}``
@@ -24,6 +24,19 @@ runaway share per bin of predicted length, ``global`` one of each, and ``none``
 takes the raw predictions with one spread (the noise's SIGMA, the file's
 median ``log_sigma`` or ``--log-sigma``).
 
+``head`` (the shipped head) and ``head:PATH`` (a head file; a predictions
+file literally named ``head`` is given as ``./head``) predict every problem
+with the head, from the frozen encoder's features of its text
+(:mod:`clear_bench.head_predictions`), and tell each policy what serving
+tells it (:meth:`clear_core.length_model.LengthModel.predict`): the raw
+prediction and its bin for ``clear-cost-emp``, the calibrated median, spread
+and runaway share for ``clear-cost`` and the calibrated median and spread for
+``clear``. By default that is the head's own calibration; ``binned`` replaces
+it, for every policy, with the out-of-fold calibration of the head's raw
+predictions on the pool's true lengths (the full-truth reference); ``global``
+and ``none`` are refused. The paper's policies that serving does not run take
+the raw predictions.
+
 The calibration set is weighted to the composition of the stream being
 served (:func:`clear_core.traces.query_weights`), as an operator calibrates on
 its own recent traffic: the pool itself is mostly GSM8K, and a calibration fitted
@@ -48,14 +61,14 @@ from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Stream, log_noise, poo
 NOISE_SEED_OFFSET = 10_007
 #: Seed of the noise drawn on the pool to calibrate oracle-noise (independent of every stream's).
 CALIBRATION_NOISE_SEED = 99_991
-#: --calibration: how raw predictions become medians and spreads.
-CALIBRATIONS = ("binned", "global", "none")
+#: --calibration: how raw predictions become medians and spreads ("head": the head's own, head predictions only).
+CALIBRATIONS = ("binned", "global", "none", "head")
 
 
 @dataclass(frozen=True)
 class Predictions:
     spec: str  # as given on the command line
-    kind: str  # "oracle", "oracle-noise" or "file"
+    kind: str  # "oracle", "oracle-noise", "file" or "head"
     sigma: float  # log-space error of the raw thresholds (0 for oracle)
     table: dict[str, float] | None = None  # problem id -> raw threshold (file only)
     calibration: str = "none"  # CALIBRATIONS
@@ -63,7 +76,19 @@ class Predictions:
     folds: int = DEFAULT_FOLDS
     shrink: float = DEFAULT_SHRINK  # prior strength of the bins' length histograms (fit_calibration)
     smoothing: float = SMOOTHING_LOG  # kernel width (ln length) of the bins' length histograms (fit_calibration)
+    head: object = None  # head predictions: the clear_bench.head_predictions.HeadModel
+    features: dict | None = field(default=None, compare=False, repr=False)  # head: problem id -> encoder features
     _fitted: dict = field(default_factory=dict, compare=False, repr=False)  # stream name -> fold calibrations
+
+    @property
+    def as_served(self) -> bool:
+        """The servable markets are told what serving tells them (head predictions: module docstring)."""
+        return self.kind == "head"
+
+    def stream_features(self, stream: Stream) -> np.ndarray:
+        """Head predictions: each query's encoder features, (n, k)."""
+        assert self.features is not None
+        return np.array([self.features[pid] for pid in stream.problem_ids], dtype=float)
 
     def fold_calibrations(self, stream: Stream) -> tuple[Calibration, ...]:
         """For each fold, the calibration fitted on the other folds, weighted to the stream's composition."""
@@ -116,6 +141,9 @@ class Predictions:
 
     def empirical(self, stream: Stream) -> EmpiricalLengths | None:
         """Each query's empirical length histogram (its fold's calibration bin), None when not calibrated."""
+        if self.calibration == "head":
+            cal = self.head.model.calibration
+            return EmpiricalLengths(tuple(cal.histograms), cal.bin_of(self.raw_thresholds(stream)))
         if self.calibration_set is None:
             return None
         raw = self.raw_thresholds(stream)
@@ -135,15 +163,22 @@ class Predictions:
         Calibrated out of fold when the predictions are calibrated; else the raw
         thresholds with the one spread and no runaways.
         """
+        if self.calibration == "head":
+            median, sigma, runaway, _ = self.head.model.predict(self.stream_features(stream))
+            return median, sigma, runaway
         if self.calibration_set is None:
             return self.raw_thresholds(stream), self.sigma, 0.0
         return self._calibrated(stream)
 
 
-def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration: str = "none",
+def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration: str | None = "none",
                       problems=None, folds: int = DEFAULT_FOLDS, shrink: float = DEFAULT_SHRINK,
-                      smoothing: float = SMOOTHING_LOG) -> Predictions:
-    """Parse ``oracle``, ``oracle-noise:SIGMA`` or a path to a predictions JSONL.
+                      smoothing: float = SMOOTHING_LOG, pool_path=None, features_cache=None) -> Predictions:
+    """Parse ``oracle``, ``oracle-noise:SIGMA``, ``head``, ``head:PATH`` or a path to a predictions JSONL.
+
+    ``calibration`` None: each kind's default (``none`` for oracle, the head's own for a head, else
+    ``binned``). ``pool_path`` and ``features_cache``: head predictions encode the pool's problems
+    (:mod:`clear_bench.head_predictions`).
 
     ``calibration`` ``binned`` / ``global`` calibrates out of fold against the
     samples of ``problems`` (module docstring); ``log_sigma`` overrides the
@@ -151,8 +186,12 @@ def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration:
     calibration bins' length histograms and ``smoothing`` the kernel width of the histograms
     (:func:`clear_core.calibration.fit_calibration`).
     """
-    if calibration not in CALIBRATIONS:
-        raise InvalidInputError("calibration", calibration, f"expected one of {CALIBRATIONS}")
+    if spec == "head" or spec.startswith("head:"):
+        return _head_predictions(spec, calibration, problems, folds, shrink, smoothing, pool_path, features_cache)
+    if calibration is None:
+        calibration = "none" if spec == "oracle" else "binned"
+    if calibration not in CALIBRATIONS[:3]:
+        raise InvalidInputError("calibration", calibration, f"expected one of {CALIBRATIONS[:3]}")
     if spec == "oracle":
         if calibration != "none":
             raise InvalidInputError("calibration", calibration, "oracle thresholds are exact")
@@ -170,7 +209,7 @@ def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration:
         pairs = _noise_pairs(problems, sigma)
     else:
         if not Path(spec).is_file():
-            raise InvalidInputError("predictions", spec, "not oracle, oracle-noise:SIGMA or an existing file")
+            raise InvalidInputError("predictions", spec, "not oracle, oracle-noise:SIGMA, head, head:PATH or an existing file")
         table = read_predictions(spec)
         if log_sigma is None:
             log_sigma = float(np.median(table.log_sigmas)) if table.log_sigmas else 0.0
@@ -179,6 +218,31 @@ def parse_predictions(spec: str, log_sigma: float | None = None, *, calibration:
             return base
         pairs = _file_pairs(problems, table.thresholds, spec)
     return Predictions(spec, base.kind, base.sigma, base.table, calibration, pairs, folds, shrink, smoothing)
+
+
+def _head_predictions(spec, calibration, problems, folds, shrink, smoothing, pool_path, features_cache) -> Predictions:
+    """``head`` / ``head:PATH`` (module docstring)."""
+    from clear_bench.head_predictions import load_head_model, pool_features
+
+    if calibration is None:
+        calibration = "head"
+    if calibration not in ("head", "binned"):
+        raise InvalidInputError("calibration", calibration,
+                                "head predictions are priced with the head's own calibration, or binned (out of "
+                                "fold on the pool's true lengths); global and none do not apply")
+    if problems is None or pool_path is None:
+        raise InvalidInputError("predictions", spec, "needs the trace pool")
+    path = spec.split(":", 1)[1] if ":" in spec else None
+    if path is not None and not path:
+        raise InvalidInputError("predictions", spec, "expected head or head:PATH to a head file")
+    head = load_head_model(path)
+    features = pool_features(pool_path, problems, head, features_cache)
+    ids = [p.id for p in problems]
+    _, sigma, _, raw = head.model.predict(np.array([features[i] for i in ids]))
+    table = dict(zip(ids, raw.tolist()))
+    pairs = _file_pairs(problems, table, spec) if calibration == "binned" else None
+    return Predictions(spec, "head", float(np.median(sigma)), table, calibration, pairs, folds, shrink, smoothing,
+                       head=head, features=features)
 
 
 def _file_pairs(problems, thresholds: dict[str, float], spec: str):

@@ -11,13 +11,27 @@ import numpy as np
 from clear_core.best_of_k import PROTOCOLS, make_trial_stream, minimal_budget, run_trials
 from clear_core.policies import Allocation, Truth, parse_policy
 from clear_core.simulate import score, score_outcome, solved_mask, uniform_cap_within
-from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, make_stream
+from clear_core.traces import POOL_GENERATION_CAP_TOKENS, Problem, Stream, make_stream, split_halves
 from clear_core.servable import ServableMarket
-from clear_bench.online import best_served_uniform, serve_online, stream_inputs
+from clear_bench.online import StreamInputs, best_served_uniform, serve_online, stream_inputs
 from clear_bench.predictions import Predictions
 
 #: --protocol values: one sample per query (the math experiments), or best-of-k (parallel or sequential).
 BENCH_PROTOCOLS = ("single", "best-of-k", "sequential", "online")
+#: Seed offset of the warm-up stream's draw (independent of the scored stream's).
+WARMUP_SEED_OFFSET = 7_919
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """``--warmup-queries``: ``queries`` arrivals from one half of the pool served before the scored
+    stream (drawn from the other half), in one run; ``learn``: the length model learns from them."""
+
+    queries: int = 0
+    learn: bool = False
+    refit_every: int = 50
+    prior_weight: float = 30.0
+    exploration: object = None  # clear_core.exploration.Exploration of the warm-up when learning
 
 
 
@@ -44,6 +58,7 @@ def run_grid(
     protocol: str = "single",
     k: int = 1,
     in_flight: int = 0,
+    warmup: WarmUp = WarmUp(),
 ) -> list[dict]:
     """Score every cell of the grid; one result row per (stream, budget, policy, seed).
 
@@ -60,18 +75,36 @@ def run_grid(
     ``protocol`` ``online`` (:mod:`clear_bench.online`): the same streams, each
     query priced on arrival by the online market and settled with what it
     generated (``in_flight`` arrivals later), as the allocator serves them.
+
+    ``warmup`` (online only): for each (stream, seed), the pool is split in
+    halves by a seeded hash of the problem ids (:func:`clear_core.traces.split_halves`);
+    ``warmup.queries`` arrivals with the stream's mix are drawn from the
+    first half and the scored stream from the second. Each servable policy
+    serves the warm-up and then the scored stream as one run (one ledger in
+    blocks of ``n_queries`` arrivals, one pricing window); only the scored
+    stream is scored. With ``warmup.learn`` the length model is refitted from
+    the warm-up's settled queries (:mod:`clear_bench.learning`) and frozen for
+    the scored stream; each run starts from the head as given.
     """
     if protocol not in BENCH_PROTOCOLS:
         raise ValueError(f"protocol {protocol!r}: expected one of {BENCH_PROTOCOLS}")
     single = protocol in ("single", "online")  # one sample per query
     if not single and "uniform-generated" in policies:
         raise ValueError("uniform-generated is a single-sample baseline (it needs one length per query)")
+    if warmup.queries and protocol != "online":
+        raise ValueError("a warm-up is served online: use it with protocol online")
+    if warmup.learn and (not warmup.queries or predictions.kind != "head"):
+        raise ValueError("learning needs a warm-up and head predictions (the head learns from encoder features)")
     policy_objs = {spec: parse_policy(spec) for spec in policies}
     rows: list[dict] = []
     for stream_name in streams:
         for seed in seeds:
+            warm = None
+            if warmup.queries:
+                first, second = split_halves(problems, seed)
+                warm = make_stream(first, stream_name, warmup.queries, seed + WARMUP_SEED_OFFSET)
             if single:
-                stream = make_stream(problems, stream_name, n_queries, seed)
+                stream = make_stream(problems if warm is None else second, stream_name, n_queries, seed)
                 thresholds = predictions.thresholds(stream)
                 priced = predictions.distribution(stream)  # (median, spread, runaway) per query
                 lengths = predictions.empirical(stream)  # each query's empirical histogram
@@ -96,9 +129,14 @@ def run_grid(
                                               context_limit_tokens=limit)
                           if protocol == "online" and in_flight else None)
                 for spec, policy in policy_objs.items():
+                    curve, explored = None, {}
                     if protocol == "online" and isinstance(policy, ServableMarket):  # served as a deployment would
-                        caps = serve_online(policy, told, stream.tokens, int(bpq), context_limit_tokens=limit,
-                                            in_flight=in_flight)
+                        if warm is None:
+                            caps = serve_online(policy, told, stream.tokens, int(bpq), context_limit_tokens=limit,
+                                                in_flight=in_flight)
+                        else:
+                            caps, curve = _served_after_warmup(policy, predictions, warm, stream, told, int(bpq),
+                                                               warmup, limit, in_flight, explored)
                         alloc = Allocation(caps=caps, shadow_price=math.nan, active=caps > 0)
                     elif policy.prices_length_histograms:  # prices each query's empirical length distribution
                         alloc = policy.allocate(thresholds, budget, context_limit_tokens=limit, truth=truth,
@@ -106,6 +144,10 @@ def run_grid(
                     elif policy.charges_generated_tokens:  # prices each query's calibrated length distribution
                         alloc = policy.allocate(priced[0], budget, context_limit_tokens=limit, truth=truth,
                                                 log_sigma=priced[1], runaway=priced[2])
+                    elif predictions.as_served and isinstance(policy, ServableMarket) and trials is None:
+                        # told what serving tells it: the calibrated median and spread
+                        alloc = policy.allocate(priced[0], budget, context_limit_tokens=limit, truth=truth,
+                                                log_sigma=priced[1])
                     else:
                         alloc = policy.allocate(thresholds, budget, context_limit_tokens=limit, truth=truth,
                                                 log_sigma=predictions.sigma)
@@ -130,6 +172,7 @@ def run_grid(
                             "policy": spec,
                             "seed": int(seed),
                             "predictions": predictions.spec,
+                            "calibration": predictions.calibration,
                             "log_sigma": predictions.sigma,
                             "accuracy": s.accuracy,
                             "solved": s.solved,
@@ -150,6 +193,12 @@ def run_grid(
                             "solved_per_1k_consumed": s.solved_per_1k_consumed,
                             # The longest generation keeps a GPU batch busy (ARCHITECTURE.md).
                             "longest_generation_tokens": int(consumed.max()) if consumed.size else 0,
+                            "warmup_queries": int(warmup.queries),
+                            "learn": bool(warmup.learn),
+                            **({} if curve is None else {"warmup_curve": curve}),
+                            **({"warmup_probes": explored["probes"],
+                                "warmup_probe_generated_tokens": explored["probe_generated_tokens"]}
+                               if explored and warmup.learn else {}),
                         }
                     )
                     if on_allocation is not None:
@@ -158,3 +207,23 @@ def run_grid(
                         progress(1)
     return rows
 
+
+
+def _served_after_warmup(policy, predictions: Predictions, warm: Stream, stream: Stream, told: StreamInputs,
+                         budget_per_query: int, warmup: WarmUp, limit, in_flight: int,
+                         explored: dict) -> tuple[np.ndarray, list]:
+    """The scored stream's caps when ``warm`` is served first in the same run, and the warm-up curve."""
+    from clear_bench.learning import LearningInputs, warmup_curve
+
+    tokens = np.concatenate([warm.tokens, stream.tokens])
+    if warmup.learn:
+        features = np.concatenate([predictions.stream_features(warm), predictions.stream_features(stream)])
+        inputs = LearningInputs(predictions.head.model, features, predictions.head.alpha,
+                                refit_every=warmup.refit_every, prior_weight=warmup.prior_weight)
+    else:
+        inputs = StreamInputs.concat(stream_inputs(predictions, warm), told)
+    trace: list = []
+    caps = serve_online(policy, inputs, tokens, budget_per_query, context_limit_tokens=limit, in_flight=in_flight,
+                        trace=trace, block_queries=len(stream), learn_until=len(warm) if warmup.learn else 0,
+                        exploration=warmup.exploration, explored=explored)
+    return caps[len(warm):], warmup_curve(trace, warm.tokens, warm.correct, len(warm))

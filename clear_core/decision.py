@@ -58,10 +58,11 @@ class DecisionReason(str, enum.Enum):
     CUT_TO_AVAILABLE = "cut_to_available"  # admitted with the pool's remainder (still >= the threshold)
     INSOLVENT = "insolvent"  # abandoned: cannot pay back its cost at the shadow price
     POOL_EMPTY = "pool_empty"  # abandoned: solvent, but the pool cannot cover its threshold
+    EXPLORED = "explored"  # insolvent, admitted at a probe cap so the learner sees it (clear_core.exploration)
 
     @property
     def admitted(self) -> bool:
-        return self in (DecisionReason.ADMITTED, DecisionReason.CUT_TO_AVAILABLE)
+        return self in (DecisionReason.ADMITTED, DecisionReason.CUT_TO_AVAILABLE, DecisionReason.EXPLORED)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,19 @@ def usable_cap(cap: int, group: int = 1, floor_tokens: int = 1) -> int:
     group = max(int(group), 1)
     cap = int(cap) - int(cap) % group
     return cap if cap >= max(int(floor_tokens), group) else 0
+
+
+def probe_cap(exploration, books, rid: str, threshold_tokens: float, client_cap_tokens: int | None,
+              context_limit_tokens: int | None, available: int, group: int = 1, floor_tokens: int = 1) -> int:
+    """The cap an insolvent request is probed at (:mod:`clear_core.exploration`), or 0: not drawn, over the
+    probes' token share, below its floor, or more than the ``available`` pool."""
+    if exploration is None or not exploration.draws(rid):
+        return 0
+    cap = usable_cap(exploration.probe_cap(threshold_tokens, client_cap_tokens, context_limit_tokens), group,
+                     floor_tokens)
+    if cap <= 0 or cap > available or not books.affords(exploration, cap):
+        return 0
+    return cap
 
 
 def fit_to_pool(cap: int, available: int, threshold_tokens: float, group: int = 1,

@@ -36,9 +36,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from clear_core.decision import Decision, DecisionReason, abandonment, fit_to_pool, usable_cap
+from clear_core.decision import Decision, DecisionReason, abandonment, fit_to_pool, probe_cap, usable_cap
 from clear_core.demand import ArrivalMemory, request_row
 from clear_core.errors import BudgetExhaustedError, InvalidInputError
+from clear_core.exploration import Exploration, ExplorationBooks
 from clear_core.ledger import Settlement
 from clear_core.policies import Policy
 from clear_core.servable import SERVABLE_POLICIES, ServableMarket
@@ -154,6 +155,7 @@ class Ask:
     quote: PriceQuote
     group: int = 1  # choices decided as one (clear_core.decision, "Groups and floors")
     floor_tokens: int = 1  # the least cap worth reserving
+    client_cap_tokens: int | None = None  # the most the client accepts (an exploration probe's bound)
 
 
 @dataclass
@@ -167,6 +169,7 @@ class IngressMarket:
     lease_block_tokens: int = 65536  # the lease the replica tries to hold available
     tenant_weights: dict = field(default_factory=dict)
     lengths: tuple = ()  # clear-cost-emp: the calibration's length histograms (the allocator's, same order)
+    exploration: Exploration | None = None  # probes of would-be-abandoned requests (clear_core.exploration)
     quote: PriceQuote | None = None
     lease: LeaseBook = field(init=False)
 
@@ -179,6 +182,7 @@ class IngressMarket:
         self._pending: list = []  # arrivals not yet acknowledged, oldest first
         self._first_seq = 0  # number of self._pending[0]
         self._books = TenantBooks(self.tenant_weights, count_configured=False)
+        self.explored = ExplorationBooks()
         self.lease_target_tokens = self.lease_block_tokens
 
     # -- deciding ------------------------------------------------------------------
@@ -209,7 +213,7 @@ class IngressMarket:
                 del self._pending[:drop]
                 self._first_seq += drop
         return Ask(float(threshold_tokens), row, market_cap, cap, new, tenant, self.quote, int(group),
-                   int(floor_tokens))
+                   int(floor_tokens), None if client_cap_tokens is None else int(client_cap_tokens))
 
     def shortfall(self, ask: Ask) -> int:
         """Tokens the lease lacks for ``ask``'s cap (0: it fits, or the request is insolvent)."""
@@ -227,18 +231,26 @@ class IngressMarket:
                      budget_per_query_tokens=q.budget_per_query_tokens, window_size=q.window_size,
                      new_arrival=ask.new_arrival, tenant=ask.tenant)
         if ask.cap_tokens <= 0:
-            return self._abandon(ask, DecisionReason.INSOLVENT, quote, q.turnover_s, math.inf)
-        reason, cap = fit_to_pool(ask.cap_tokens, self.lease.available, ask.threshold_tokens, ask.group,
-                                  ask.floor_tokens)
+            cap = probe_cap(self.exploration, self.explored, rid, ask.threshold_tokens, ask.client_cap_tokens,
+                            self.context_limit_tokens, self.lease.available, ask.group, ask.floor_tokens)
+            if cap <= 0:
+                return self._abandon(ask, DecisionReason.INSOLVENT, quote, q.turnover_s, math.inf)
+            reason = DecisionReason.EXPLORED
+        else:
+            reason, cap = fit_to_pool(ask.cap_tokens, self.lease.available, ask.threshold_tokens, ask.group,
+                                      ask.floor_tokens)
         if reason is DecisionReason.POOL_EMPTY:
             return self._abandon(ask, reason, quote, q.turnover_s, refill_s)
         self.lease.reserve(rid, int(cap))
         self._books.admitted(rid, ask.tenant, int(cap), new_arrival=ask.new_arrival)
+        self.explored.admitted(rid, int(cap), reason is DecisionReason.EXPLORED)
         return Decision(reason=reason, cap_tokens=int(cap), **quote)
 
     def settle(self, rid: str, generated: int, *, failed: bool = False) -> Settlement | None:
         s = self.lease.settle(rid, generated, failed=failed)
         self._books.settled(rid, s)
+        if s is not None:
+            self.explored.settled(rid, s.generated)
         return s
 
     @property

@@ -35,10 +35,11 @@ Only numpy and scipy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import ndtr
+from scipy.special import log_ndtr
 
 from clear_core.calibration import MIN_LOG_SIGMA, Calibration
 from clear_core.censored import CensoredFit, fit_censored_ridge, kaplan_meier
@@ -47,8 +48,9 @@ from clear_core.errors import InvalidInputError
 
 #: How many observations the prior bin is worth (its bias, spread, runaway share and histogram).
 DEFAULT_PRIOR_WEIGHT = 30.0
-#: EM rounds of the runaway share and the censored normal.
-CURE_ROUNDS = 60
+#: Most EM rounds of the runaway share and the censored normal (each is a pass over the bin's residuals).
+CURE_ROUNDS = 400
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 @dataclass(frozen=True)
@@ -90,22 +92,35 @@ def refit_head(features, tokens, caps, finished, *, prior_coef, prior_intercept:
 
 def _cure_fit(r, cens, prior_mu, prior_sigma, prior_runaway, weight):
     """Bias, spread and runaway share of one bin's residuals ``r`` (censored where ``cens``), by EM; and each
-    observation's posterior chance of being a runaway (0 for a finished one)."""
+    observation's posterior chance of being a runaway (0 for a finished one).
+
+    Each round: a capped residual is a runaway with the posterior chance ``post``; else a normal residual
+    above its cap, whose expected value and square the truncated normal gives (inverse Mills ratio). The
+    bias and the runaway share are the weighted means of those, the prior worth ``weight`` observations;
+    the spread is the finished residuals' and the capped ones' expected squares, shrunk as the bias."""
+    r = np.asarray(r, dtype=float)
     rho = float(prior_runaway)
     mu, sigma = float(prior_mu), float(prior_sigma)
     post = np.zeros(r.size)
+    n_fin = float((~cens).sum())
     for _ in range(CURE_ROUNDS):
-        surv = 1.0 - ndtr((r - mu) / sigma)
+        z = (r - mu) / sigma
+        log_surv = log_ndtr(-z)
+        surv = np.exp(log_surv)
         denom = rho + (1.0 - rho) * surv
         post = np.where(cens & (denom > 0), rho / np.where(denom > 0, denom, 1.0), 0.0)
-        # a request that is probably a runaway says little about the finite lengths
-        fit = fit_censored_ridge(None, r, cens, weights=1.0 - post, prior_intercept=prior_mu,
-                                 alpha=weight / prior_sigma ** 2, init_sigma=sigma)
+        mills = np.where(cens, np.exp(-0.5 * z * z - _HALF_LOG_2PI - log_surv), 0.0)  # phi(z) / (1 - Phi(z))
+        w = 1.0 - post  # a probable runaway says little about the finite lengths
+        ey = np.where(cens, mu + sigma * mills, r)
+        eyy = np.where(cens, sigma * sigma * (1.0 + z * mills), (r - mu) ** 2)  # E[(y - mu)^2]
+        new_mu = (float(w @ ey) + weight * prior_mu) / (float(w.sum()) + weight)
+        shift = new_mu - mu  # E[(y - new_mu)^2] from the moments about mu
+        var = float(w @ (eyy - 2.0 * shift * (ey - mu))) / max(float(w.sum()), 1e-12) + shift * shift
+        fit_sigma = math.sqrt(max(var, MIN_LOG_SIGMA ** 2))
+        new_sigma = max((n_fin * fit_sigma + weight * prior_sigma) / (n_fin + weight), MIN_LOG_SIGMA)
         new_rho = (weight * prior_runaway + post.sum()) / (weight + r.size)
-        done = abs(new_rho - rho) < 1e-6 and abs(fit.intercept - mu) < 1e-6
-        rho, mu = float(new_rho), fit.intercept
-        n_fin = float((~cens).sum())
-        sigma = max((n_fin * fit.sigma + weight * prior_sigma) / (n_fin + weight), MIN_LOG_SIGMA)
+        done = abs(new_rho - rho) < 1e-7 and abs(new_mu - mu) < 1e-7 and abs(new_sigma - sigma) < 1e-7
+        rho, mu, sigma = float(new_rho), float(new_mu), float(new_sigma)
         if done:
             break
     return mu, sigma, rho, post

@@ -45,6 +45,7 @@ from clear_core.decision import (
     DecisionReason,
     abandonment,
     fit_to_pool,
+    probe_cap,
     usable_cap,
     retry_advice,
 )
@@ -59,6 +60,7 @@ from clear_core.demand import (
     request_row,
 )
 from clear_core.errors import InvalidInputError
+from clear_core.exploration import Exploration, ExplorationBooks
 from clear_core.in_flight import InFlight
 from clear_core.ledger import Settlement, TokenLedger
 from clear_core.pacing import (
@@ -118,6 +120,7 @@ class OnlineMarket:
     tenant_weights: dict = field(default_factory=dict)  # tenant -> weight in the utility (others: 1)
     lengths: tuple = ()  # clear-cost-emp: the calibration's LengthHistograms that requests' length_bin index
     block_reserve: float = BLOCK_RESERVE_SHARE  # share of the paced budget each later arrival of a block keeps (0: off)
+    exploration: Exploration | None = None  # probes of would-be-abandoned requests (clear_core.exploration)
     _window: DemandWindow = field(init=False, repr=False)  # demand rows of the recent arrivals (clear_core.demand)
     _outcomes: deque = field(init=False, repr=False)  # recent new arrivals: True where abandoned
     last_price: float = field(init=False, default=0.0)
@@ -141,6 +144,7 @@ class OnlineMarket:
         self.last_quote = None
         self._last_share: float | None = None  # the last clearing's reservation share theta (a search hint)
         self._books = TenantBooks(self.tenant_weights)
+        self.explored = ExplorationBooks()
         if not self.market.weights_tenants and any(w != 1.0 for w in self.tenant_weights.values()):
             raise InvalidInputError("tenant_weights", self.tenant_weights,
                                     f"{self.policy.name} does not weight queries (use clear-cost)")
@@ -274,13 +278,20 @@ class OnlineMarket:
             threshold_tokens=float(threshold_tokens),
             budget_per_query_tokens=b, window_size=int(tau.size), new_arrival=new, tenant=tenant,
         )
+        reason = DecisionReason.INSOLVENT
         if cap <= 0:
-            return self._abandon(DecisionReason.INSOLVENT, now, threshold_tokens, quote)
-        reason, cap = fit_to_pool(cap, self.ledger.available(now), threshold_tokens, group, floor_tokens)
+            cap = probe_cap(self.exploration, self.explored, rid, threshold_tokens, client_cap_tokens,
+                            self.context_limit_tokens, self.ledger.available(now), group, floor_tokens)
+            if cap <= 0:
+                return self._abandon(DecisionReason.INSOLVENT, now, threshold_tokens, quote)
+            reason = DecisionReason.EXPLORED
+        else:
+            reason, cap = fit_to_pool(cap, self.ledger.available(now), threshold_tokens, group, floor_tokens)
         if reason is DecisionReason.POOL_EMPTY:
             return self._abandon(reason, now, math.ceil(threshold_tokens), quote)
         self.ledger.reserve(rid, cap, now, owner=owner)
         self._books.admitted(rid, tenant, cap, new_arrival=new)
+        self.explored.admitted(rid, cap, reason is DecisionReason.EXPLORED)
         if new:
             self._outcomes.append(False)
         return Decision(reason=reason, cap_tokens=cap, **quote)
@@ -291,6 +302,7 @@ class OnlineMarket:
         if not failed:
             self._pacing.settled(s)
         self._books.settled(rid, s)
+        self.explored.settled(rid, s.generated)
         return s
 
     def _arrive(self, now: float) -> None:

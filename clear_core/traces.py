@@ -289,6 +289,14 @@ def _stream(name: str, seed: int, chosen: list[tuple[Problem, int]]) -> Stream:
     )
 
 
+def split_halves(problems: Sequence[Problem], seed: int) -> tuple[list[Problem], list[Problem]]:
+    """The pool in two halves (the first has ``len // 2`` problems) by a seeded hash of each problem's id:
+    the same ids and seed give the same halves on every machine."""
+    key = lambda p: hashlib.blake2b(f"{int(seed)}:{p.id}".encode(), digest_size=8).digest()  # noqa: E731
+    ordered = sorted(problems, key=key)
+    return ordered[: len(ordered) // 2], ordered[len(ordered) // 2:]
+
+
 def median_tokens(problem: Problem) -> float:
     """Median of a problem's sample lengths (the predictor's regression target)."""
     return float(np.median([s.tokens for s in problem.samples]))

@@ -65,6 +65,23 @@ class RidgeHead:
             raise InvalidInputError("features", x.shape, f"expected (n, {self.hidden_size})")
         return x @ self.coef + self.intercept
 
+    def length_model(self):
+        """This head as the :class:`clear_core.length_model.LengthModel` a service prices with (version 0)."""
+        from clear_core.length_model import LengthModel
+
+        return LengthModel(np.asarray(self.coef, dtype=float), float(self.intercept), self.calibration)
+
+    @property
+    def learning_alpha(self) -> float:
+        """The ridge that pulls a refit towards this head, in the censored fit's units
+        (:func:`clear_core.length_model.prior_alpha`): the head's own penalty over its out-of-fold residual
+        variance (the median calibrated spread when the file has no out-of-fold metrics)."""
+        from clear_core.length_model import prior_alpha
+
+        oof = self.document.get("metrics", {}).get("out_of_fold", {}).get("per_query", {}).get("overall", {})
+        spread = float(oof.get("rmse_log") or np.median(self.calibration.log_sigma))
+        return prior_alpha(float(self.alpha), spread)
+
     def distribution(self, pred_log) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(calibrated median tokens, log-space spread, runaway share) per predicted log length."""
         return self.calibration.apply(np.exp(np.asarray(pred_log, dtype=float)))

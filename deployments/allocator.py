@@ -81,7 +81,13 @@ class Allocator:
         state_key: str | None = None,
         store=None,
         length_calibration: dict | None = None,
+        learner=None,
+        poll_s: float = 5.0,
+        exploration=None,
     ):
+        """``learner`` (the length learner's handle, polled every ``poll_s``): the histograms clear-cost-emp
+        prices follow the learned model. ``exploration``: probes of would-be-abandoned requests
+        (:mod:`clear_core.exploration`), on while the service learns."""
         self.config = config
         self.policy_spec = config.policy
         self.policy = servable_policy(config.policy)
@@ -115,7 +121,14 @@ class Allocator:
             outcome_window=self.config.advanced.abandonment_window_requests,
             tenant_weights=dict(self.config.tenant_weights),
             lengths=self.calibration.histograms if self.calibration is not None else (),
+            exploration=exploration,
         )
+        self.model_version = 0
+        self.follower = None
+        if learner is not None:
+            from deployments.learner_client import ModelFollower
+
+            self.follower = ModelFollower(learner, poll_s, self._apply_model)
         if self.restored:
             self.market.restore(snap["market"])
             logger.warning("allocator restored its books: %s", self.ledger.state())
@@ -283,6 +296,8 @@ class Allocator:
                 "lease_reserved_tokens": st.lease_reserved,
                 "reclaimed_lease_tokens_total": st.reclaimed_lease_tokens_total,
                 "quote_version": self.market.last_quote.version if self.market.last_quote else None,
+                "length_model_version": self.model_version,
+                "explored": self.market.explored.snapshot(),
                 "snapshots_written_version": self._written,
                 "books_version": self._version,
                 "abandonment_rate": self.market.abandonment_rate(),
@@ -382,8 +397,21 @@ class Allocator:
 
     # -- Serve entry points (async: applied one at a time on the replica's loop) --
 
+    def _apply_model(self, model) -> None:
+        """A learned length model: its histograms are priced from the next request on (the bins keep their
+        meaning across versions, so the pricing window's rows stay valid)."""
+        with self._lock:
+            if self.calibration is not None:
+                if len(model.calibration.centres) != len(self.calibration.centres):
+                    raise ValueError("a length model with other bins than the allocator's")
+                self.calibration = model.calibration
+                self.market.lengths = self.market.market.check_lengths(model.calibration.histograms)
+            self.model_version = model.version
+
     def _ensure_background(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.follower is not None:
+            self.follower.start()
         if self._sweeper is None:
             self._sweeper = loop.create_task(self._sweep())
         if self.store is not None and self._flusher is None:
@@ -444,3 +472,5 @@ class Allocator:
         """Serve calls this when the replica stops: end the sweep and writer loops (deployments.background)."""
         cancel_on_stop(getattr(self, "_sweeper", None))
         cancel_on_stop(getattr(self, "_flusher", None))
+        if getattr(self, "follower", None) is not None:
+            self.follower.stop()

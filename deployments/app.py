@@ -15,6 +15,8 @@ plain classes with ``serve.deployment(cls, **options)``::
     Ingress --predict--> Predictor
             --reserve/settle/status--> Allocator   (always exactly one replica)
             --generate (stream)--> ReplayEngine | LLMServer (Ray Serve LLM, through the in-process VLLMEngine)
+            --observe (batches of settled requests)--> Learner   (one replica, while the service learns)
+    Predictor, Allocator, Ingress --model (poll)--> Learner
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from deployments.allocator import Allocator
 from deployments.config import AppConfig, ConfigError, ReplayEngineConfig, length_calibration
 from deployments.engines.replay import ReplayEngine
 from deployments.ingress import IngressApp
+from deployments.learner import Learner
 from deployments.predictor import Predictor
 from deployments.state_store import state_key
 
@@ -61,10 +64,17 @@ def build_app(args: dict | None = None):
         cfg = AppConfig.model_validate(args or {})
     except ValidationError as exc:  # one line per bad field, naming it: a config error, not a traceback to read
         raise ConfigError.from_validation(exc) from None
+    deploy_id = uuid.uuid4().hex  # names the books and the learner's directory when the budget has no name
+    learner = None  # the length learner (deployments.learner): one replica, while the service learns
+    poll_s = cfg.learner.advanced.poll_s
+    if cfg.learns:
+        opts = cfg.learner.advanced.deployment.serve_options("Learner") | {"num_replicas": 1}
+        opts.pop("autoscaling_config", None)
+        learner = serve.deployment(Learner, **opts, logging_config=INNER_LOGGING).bind(cfg, cfg.learner_url(deploy_id))
     predictor = None  # predictor.placement ingress: the ingress runs the backend itself
     if cfg.predictor.placement == "deployment":
         predictor = serve.deployment(Predictor, **cfg.predictor.deployment.serve_options("Predictor"),
-                                     logging_config=INNER_LOGGING).bind(cfg.predictor)
+                                     logging_config=INNER_LOGGING).bind(cfg.predictor, learner, poll_s)
     # The allocator holds the global budget: exactly one replica, never autoscaled.
     allocator = serve.deployment(Allocator, **cfg.allocator.advanced.deployment.serve_options("Allocator"),
                                  logging_config=INNER_LOGGING).bind(
@@ -72,14 +82,17 @@ def build_app(args: dict | None = None):
         cfg.max_completion_tokens,
         # The budget's name, else a deploy id: a restarted allocator replica (same bound args)
         # finds its books; a named budget survives redeploys too (deployments/state_store.py).
-        state_key=state_key(cfg.allocator.budget_name, uuid.uuid4().hex) if cfg.allocator.advanced.durable_state else None,
+        state_key=state_key(cfg.allocator.budget_name, deploy_id) if cfg.allocator.advanced.durable_state else None,
         # clear-cost-emp prices the length histograms of the predictor's calibration.
         length_calibration=(length_calibration(cfg.predictor)
                             if servable_policy(cfg.allocator.policy).prices_length_histograms else None),
+        learner=learner,
+        poll_s=poll_s,
+        exploration=cfg.exploration(),
     )
     engine = build_engine(cfg)
     return serve.deployment(IngressApp, **cfg.ingress.deployment.serve_options("Ingress")).bind(
-        cfg, predictor, allocator, engine
+        cfg, predictor, allocator, engine, learner=learner
     )
 
 

@@ -290,6 +290,9 @@ class PredictorAdvanced(_Strict):
         DEFAULT_PREDICTOR_BATCH_WAIT_S, ge=0, description="@serve.batch: longest wait to fill a batch, s."
     )
     timeout_s: float = Field(2.0, gt=0, description="Ingress waits this long for a prediction, then uses the fallback.")
+    table_path: str | None = Field(
+        None, description='lookup backend: JSONL of {"id", "threshold_tokens", "log_sigma"} (optionally "prompt").'
+    )
     pool_path: str | None = Field(None, description="lookup backend: trace pool mapping prompt text -> problem id.")
 
 
@@ -304,9 +307,6 @@ class PredictorConfig(_Strict):
         None, description="minilm-ridge backend: a head file of `clear-llm predictor head` (None: the shipped one)."
     )
     checkpoint_path: str | None = Field(None, description="checkpoint backend: path of the trained predictor.")
-    table_path: str | None = Field(
-        None, description='lookup backend: JSONL of {"id", "threshold_tokens", "log_sigma"} (optionally "prompt").'
-    )
     calibration_path: str | None = Field(
         None, description="A calibration with length histograms (JSON of clear_core.calibration.Calibration.as_dict, "
         "or a head file, whose calibration is read) that clear-cost-emp prices, for a backend other than "
@@ -325,8 +325,8 @@ class PredictorConfig(_Strict):
     def _paths(self):
         if self.backend == "checkpoint" and not self.checkpoint_path:
             raise ValueError("predictor backend 'checkpoint' needs checkpoint_path")
-        if self.backend == "lookup" and not self.table_path:
-            raise ValueError("predictor backend 'lookup' needs table_path")
+        if self.backend == "lookup" and not self.advanced.table_path:
+            raise ValueError("predictor backend 'lookup' needs advanced.table_path")
         return self
 
 
@@ -454,17 +454,6 @@ class IngressAdvanced(_Strict):
         "max_ongoing_requests, so a burst whose bodies the busy proxy hands over late is not refused while "
         "slots are free).",
     )
-    traffic_log_url: str | None = Field(
-        None, description="Where the traffic log keeps a record of each settled request (its prediction, cap, "
-        "tokens and how it ended) for the length learner: a directory or an fsspec URL such as "
-        "s3://bucket/clear/traffic (None: no log). Each ingress replica writes its own segments.",
-    )
-    traffic_log_prompts: bool = Field(False, description="Keep each prompt's text in the log (else its SHA-256 only).")
-    traffic_log_segment_records: int = Field(1000, ge=1, description="Records per segment of the traffic log.")
-    traffic_log_flush_s: float = Field(
-        60.0, gt=0, description="A segment is written at the latest this long after its first record, s.")
-    traffic_log_max_segments: int = Field(
-        1000, ge=1, description="Segments kept per log; the oldest beyond are deleted (the log's bound).")
     settle_ack_wait_s: float = Field(
         2.0, ge=0, description="A completion's end ([DONE], or the whole body) waits up to this long for its settle "
         "to be acknowledged, so a replica that dies right after answering cannot lose the charge, s. Risk at 0: "
@@ -531,6 +520,56 @@ def length_calibration(predictor: PredictorConfig, required: bool = False) -> di
         return None  # the predictor replica reports the bad head when it starts
 
 
+class LearnerAdvanced(_Strict):
+    """How the length learner refits, validates and publishes, where it keeps its log, and exploration."""
+
+    refit_every: int = Field(200, ge=1, description="A refit is due after this many new observations.")
+    refit_interval_s: float = Field(
+        60.0, gt=0, description="...or this long after the last refit when anything new was observed, s.")
+    min_observations: int = Field(200, ge=2, description="No refit before the learner holds this many observations.")
+    window_observations: int = Field(
+        20_000, ge=10, description="A refit reads the most recent observations, at most this many (memory and time "
+        "of a refit are bounded by it, not by the log).",
+    )
+    holdout_share: float = Field(
+        0.2, gt=0, lt=1, description="The newest share of the window a candidate is validated on (not fitted on).")
+    prior_weight: float = Field(
+        30.0, gt=0, description="Observations each bin of the starting head's calibration is worth against the "
+        "traffic's.",
+    )
+    explore_share: float = Field(
+        0.05, ge=0, le=1, description="Chance that a request the market would abandon as insolvent is served at a "
+        "probe cap (its predicted threshold) so the learner sees such requests (0: no exploration).",
+    )
+    explore_token_share: float = Field(
+        0.02, ge=0, le=1, description="The probes hold at most this share of the tokens a market allocated.")
+    poll_s: float = Field(
+        5.0, gt=0, description="How often the predictor, allocator and ingress replicas check for a new model, s.")
+    log_url: str | None = Field(
+        None, description="Where the traffic log and the published models are kept: a directory or an fsspec URL "
+        "such as s3://bucket/clear/learner (None: <allocator.advanced.state_dir>/<budget_name>.learner, resumed by "
+        "a redeploy; without a budget_name a fresh directory per deploy; one node's disk: use a shared URL where "
+        "the learner replica may move between nodes).",
+    )
+    log_prompts: bool = Field(False, description="Keep each prompt's text in the log (else its SHA-256 only).")
+    log_segment_records: int = Field(1000, ge=1, description="Records per segment of the traffic log.")
+    log_flush_s: float = Field(
+        30.0, gt=0, description="A segment is written at the latest this long after its first record, s.")
+    log_max_segments: int = Field(
+        1000, ge=1, description="Segments kept; the oldest beyond are deleted (the log's bound).")
+    deployment: DeploymentOptions = Field(
+        default_factory=DeploymentOptions, description="Serve options of the Learner deployment (always one replica)."
+    )
+
+
+class LearnerConfig(_Strict):
+    enabled: bool = Field(
+        True, description="Learn the length model from the traffic served (predictor.backend minilm-ridge: the "
+        "head refits from what each request generated; other backends learn nothing).",
+    )
+    advanced: LearnerAdvanced = Field(default_factory=LearnerAdvanced, description="Tuning (advanced).")
+
+
 class AppConfig(_Strict):
     """Everything build_app needs."""
 
@@ -545,6 +584,31 @@ class AppConfig(_Strict):
         default_factory=ReplayEngineConfig, discriminator="kind", description="LLM engine behind the caps."
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP front end.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Learning lengths from the traffic.")
+
+    @property
+    def learns(self) -> bool:
+        """Whether the service learns its length model (the learner is on and the predictor has a head)."""
+        return self.learner.enabled and self.predictor.backend == "minilm-ridge"
+
+    def learner_url(self, deploy_id: str) -> str:
+        """Where the learner keeps its traffic log and models: ``learner.advanced.log_url``, else beside the
+        books, named as they are (deployments.state_store): by the budget's name, so that a redeploy or a new
+        ``serve run`` resumes what was learned, else by this deploy's id (a fresh start, as for the books)."""
+        if self.learner.advanced.log_url:
+            return self.learner.advanced.log_url
+        import os
+
+        base = os.path.expanduser(self.allocator.advanced.state_dir)
+        name = self.allocator.budget_name or f"deploy-{deploy_id}"
+        return os.path.join(base, f"{name}.learner")
+
+    def exploration(self):
+        """The markets' exploration (:mod:`clear_core.exploration`): on only while learning."""
+        from clear_core.exploration import Exploration
+
+        adv = self.learner.advanced
+        return Exploration(adv.explore_share, adv.explore_token_share) if self.learns else None
 
     @model_validator(mode="after")
     def _length_market(self):

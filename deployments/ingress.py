@@ -80,7 +80,7 @@ from deployments.errors import (
 )
 from deployments.http_body import SlowReaderGate, read_body
 from deployments.market_entry import MarketEntry
-from deployments.messages import Decision, Prediction
+from deployments.messages import Decision, DecisionReason, Prediction
 from deployments.openai_schema import (
     SSE_DONE,
     ParsedRequest,
@@ -95,7 +95,8 @@ from deployments.openai_schema import (
 )
 from deployments.engines.workload import Workload, load_workload
 from deployments.passthrough import StreamRelay, refusal_in, whole_answer
-from deployments.traffic_log import TrafficLog, TrafficRecord
+from deployments.learner_client import ObservationSender
+from deployments.traffic_log import TrafficRecord, encode_features
 from deployments.vllm_protocol import parse_vllm
 from deployments.predictor_backends import heuristic_prediction
 from deployments.tokens import TokenCodec
@@ -112,6 +113,8 @@ app = FastAPI(title="CLEAR", description="Token-budget allocation with a shadow 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SETTLE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 SETTLE_RETRY_FOR_S = 900.0
+#: How long the status endpoint waits for the learner's part, s.
+LEARNER_STATUS_S = 2.0
 #: The engine's finish reason of a completion its cap cut (any other ended it by itself: ``stopped_by``).
 CAP_STOP = "length"
 
@@ -162,15 +165,20 @@ def _engine_failure(exc: BaseException) -> ClearError:
                        "tokens it received")
 
 
+async def _awaited(response):
+    """A Serve response as a coroutine (what ``asyncio.wait_for`` takes)."""
+    return await response
+
+
 class Ingress:
-    def __init__(self, config: AppConfig, predictor, allocator, engine, metrics: bool = True):
+    def __init__(self, config: AppConfig, predictor, allocator, engine, metrics: bool = True, learner=None):
         self.config = config
         self.predictor = predictor
         self._local_predictor = None
         if config.predictor.placement == "ingress":  # the backend in this replica: no round trip
             from deployments.predictor import Predictor
 
-            self._local_predictor = Predictor(config.predictor)
+            self._local_predictor = Predictor(config.predictor, learner, config.learner.advanced.poll_s)
         self.allocator = allocator
         self.codec = TokenCodec(self.config.engine.token_counter_path())
         self._keys = [k.encode() for k in self.config.ingress.api_keys]
@@ -180,14 +188,10 @@ class Ingress:
         # vLLM: the client's own request is forwarded and vLLM's answer relayed (deployments.passthrough).
         self.passthrough = config.engine.kind == "vllm"
         self.slow_readers = SlowReaderGate(config.ingress.slow_reader_limit)
-        # What the service observes of each settled request, for the length learner (deployments.traffic_log).
-        adv = config.ingress.advanced
-        self.traffic = None if adv.traffic_log_url is None else TrafficLog(
-            adv.traffic_log_url, segment_records=adv.traffic_log_segment_records,
-            max_segments=adv.traffic_log_max_segments, store_prompts=adv.traffic_log_prompts,
-            flush_after_s=adv.traffic_log_flush_s)
+        # What the service observes of each settled request, sent to the length learner (deployments.learner).
+        self.learner = learner
+        self.observations = None if learner is None else ObservationSender(learner)
         self._seen: dict[str, dict] = {}  # request id -> what its record needs, until it settles
-        self._flushing: asyncio.Task | None = None
         # This replica's lease at the allocator: its reservations are recovered if it dies.
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self._lease_task: asyncio.Task | None = None
@@ -196,7 +200,7 @@ class Ingress:
         if config.allocator.decisions == "ingress":
             from deployments.lease_client import LeaseClient
 
-            self.leases = LeaseClient(config, allocator, config.allocator.to_budget().refund_unused)
+            self.leases = LeaseClient(config, allocator, config.allocator.to_budget().refund_unused, learner)
         self.metrics = None
         if metrics:
             from deployments.metrics import IngressMetrics
@@ -244,7 +248,15 @@ class Ingress:
             await self.leases.sync()
         status = await self.allocator.status.remote()
         if self.leases is not None:  # this replica's lease and the age of the prices it decides with
-            status["ingress"] = self.leases.status()
+            status["ingress"] = {**self.leases.status(), "length_model_version": self.leases.model_version}
+        if self.learner is not None:  # what the length learner has seen and the model it published
+            try:
+                status["learner"] = await asyncio.wait_for(_awaited(self.learner.status.remote()), LEARNER_STATUS_S)
+            except Exception as exc:
+                status["learner"] = {"error": f"the learner did not answer ({type(exc).__name__})"}
+            if self.observations is not None:
+                status["learner"]["records_sent_by_this_replica"] = self.observations.sent
+                status["learner"]["records_dropped_by_this_replica"] = self.observations.dropped
         return status
 
     @app.post("/tokenize")
@@ -434,9 +446,10 @@ class Ingress:
             else:
                 decision, t2 = await self._reserve(rid, pred, entry, arrival_key, retry, tenant)
             cap = entry.per_choice(decision.cap_tokens)
-            if self.traffic is not None:  # what the traffic log records when the request settles
+            if self.observations is not None:  # what the learner is told when the request settles
                 self._seen[rid] = {"tenant": tenant, "model": req.model, "prompt": req.prompt, "pred": pred,
-                                   "cap": cap, "choices": entry.n}
+                                   "cap": cap, "choices": entry.n,
+                                   "explored": decision.reason is DecisionReason.EXPLORED}
             if req.min_tokens > cap:  # the engine would refuse it: refunded whole, nothing generated
                 self._settle(rid, 0, failed=True)
                 raise BadRequestError(f"'min_tokens' ({req.min_tokens}) is above the cap CLEAR gives this request "
@@ -454,6 +467,7 @@ class Ingress:
             "decision": decision.reason.value,
             "client_max_tokens": req.max_tokens,
             "prediction_source": pred.source,
+            "length_model_version": int(getattr(pred, "model_version", 0)),
             "retry_of_recent_arrival": not decision.new_arrival,
             # Time this request spent in the predictor and the allocator (the CLEAR overhead), ms.
             "timing_ms": {"predict": 1e3 * (t1 - t0), "allocate": 1e3 * (t2 - t1)},
@@ -596,6 +610,8 @@ class Ingress:
         cancel_on_stop(getattr(self, "_lease_task", None))
         if getattr(self, "leases", None) is not None:
             self.leases.stop()
+        if getattr(self, "observations", None) is not None:
+            self.observations.stop()
 
     # -- answers --------------------------------------------------------------------
 
@@ -613,32 +629,27 @@ class Ingress:
         return await self._answer_whole(rid, build)
 
     def _observe(self, rid: str, tokens: int, ended: str | None) -> None:
-        """The traffic log's record of a settled request (``ingress.advanced.traffic_log_url``): written in
-        the background when a segment is due, off the request path."""
+        """The learner's record of a settled request (deployments.traffic_log), sent in a batch off the request
+        path (deployments.learner_client.ObservationSender)."""
         seen = self._seen.pop(rid, None)
-        if seen is None or ended is None or self.traffic is None:
+        if seen is None or ended is None or self.observations is None:
             return
         pred = seen["pred"]
-        record = TrafficRecord(
-            time=time.time(), request_id=rid, tenant=seen["tenant"], model=seen["model"],
-            prompt_sha256=TrafficRecord.prompt_hash(seen["prompt"]), prediction_source=pred.source,
-            predicted_threshold_tokens=float(pred.threshold_tokens),
-            raw_threshold_tokens=getattr(pred, "raw_threshold_tokens", None), log_sigma=float(pred.log_sigma),
-            runaway=float(getattr(pred, "runaway", 0.0)), cap_tokens=int(seen["cap"]), tokens=int(tokens),
-            ended=ended, choices=int(seen["choices"]), prompt=seen["prompt"])
         try:
-            due = self.traffic.append(record, flush=False)
-        except Exception:  # the log never fails a request
-            logger.exception("traffic log: record of %s not written", rid)
-            return
-        if due and (self._flushing is None or self._flushing.done()):
-            self._flushing = self._background_task(asyncio.to_thread(self._flush_traffic))
-
-    def _flush_traffic(self) -> None:
-        try:
-            self.traffic.flush()
-        except Exception:
-            logger.exception("traffic log: a segment was not written")
+            features = getattr(pred, "features", None)
+            record = TrafficRecord(
+                time=time.time(), request_id=rid, tenant=seen["tenant"], model=seen["model"],
+                prompt_sha256=TrafficRecord.prompt_hash(seen["prompt"]), prediction_source=pred.source,
+                predicted_threshold_tokens=float(pred.threshold_tokens),
+                raw_threshold_tokens=getattr(pred, "raw_threshold_tokens", None), log_sigma=float(pred.log_sigma),
+                runaway=float(getattr(pred, "runaway", 0.0)), cap_tokens=int(seen["cap"]), tokens=int(tokens),
+                ended=ended, choices=int(seen["choices"]),
+                features=None if features is None else encode_features(features),
+                prompt=seen["prompt"] if self.config.learner.advanced.log_prompts else None,
+                model_version=int(getattr(pred, "model_version", 0)), explored=bool(seen["explored"]))
+            self.observations.add(record)
+        except Exception:  # the learner's record never fails a request
+            logger.exception("learner: record of %s not sent", rid)
 
     async def _answer_whole(self, rid: str, build, cleanup=None):
         """Send the body ``build()`` makes (``(body, tokens generated)``) and settle it: charged the tokens

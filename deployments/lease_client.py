@@ -58,7 +58,9 @@ def new_owner() -> str:
 
 
 class LeaseClient:
-    def __init__(self, config, allocator, refund_unused: bool):
+    def __init__(self, config, allocator, refund_unused: bool, learner=None):
+        """``learner``: the length learner's handle; the histograms this replica prices with follow its model
+        (``config.exploration()`` probes would-be-abandoned requests while the service learns)."""
         acfg = config.allocator
         self.config = acfg
         self.allocator = allocator
@@ -70,8 +72,15 @@ class LeaseClient:
             self.calibration = Calibration.from_dict(length_calibration(config.predictor, True))
         self._market_args = dict(refund_unused=refund_unused, context_limit_tokens=config.max_completion_tokens,
                                  lease_block_tokens=acfg.advanced.lease_block_tokens, tenant_weights=dict(acfg.tenant_weights),
-                                 lengths=self.calibration.histograms if self.calibration is not None else ())
+                                 lengths=self.calibration.histograms if self.calibration is not None else (),
+                                 exploration=config.exploration() if learner is not None else None)
         self.market = IngressMarket(self._policy, new_owner(), **self._market_args)
+        self.model_version = 0
+        self.follower = None
+        if learner is not None:
+            from deployments.learner_client import ModelFollower
+
+            self.follower = ModelFollower(learner, config.learner.advanced.poll_s, self._apply_model)
         self._sync_lock = asyncio.Lock()
         self._loop_task: asyncio.Task | None = None
         self.last_reply: LeaseReply | None = None
@@ -157,6 +166,16 @@ class LeaseClient:
         self.last_reply, self.last_reply_at = reply, time.monotonic()
         return reply
 
+    def _apply_model(self, model) -> None:
+        """A learned length model: its histograms price this replica's next request (same bins as before)."""
+        if self.calibration is not None:
+            if len(model.calibration.centres) != len(self.calibration.centres):
+                raise ValueError("a length model with other bins than this replica's")
+            self.calibration = model.calibration
+            self._market_args["lengths"] = model.calibration.histograms
+            self.market.lengths = model.calibration.histograms
+        self.model_version = model.version
+
     def _reopen(self) -> None:
         old = self.market
         logger.warning("lease of %s was revoked by the allocator; %d caps still open in it are settled locally",
@@ -165,6 +184,8 @@ class LeaseClient:
         self.market.quote = old.quote
 
     def _ensure_loop(self) -> None:
+        if self.follower is not None:
+            self.follower.start()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._report_loop(),
                                                                      context=contextvars.Context())
@@ -192,6 +213,8 @@ class LeaseClient:
 
     def stop(self) -> None:
         cancel_on_stop(self._loop_task)
+        if self.follower is not None:
+            self.follower.stop()
 
 
 def _percentiles(xs) -> dict | None:

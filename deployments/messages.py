@@ -28,6 +28,10 @@ class Prediction:
     # The backend's prediction before calibration (minilm-ridge; None: ``threshold_tokens`` is it). The
     # calibration's length histograms (clear-cost-emp) are relative to it, and it names the request's bin.
     raw_threshold_tokens: float | None = None
+    # The encoder's features the prediction was made from (minilm-ridge, while the service learns: the
+    # length learner refits the head on them), float32; and the length model's version (0: as shipped).
+    features: object = None
+    model_version: int = 0
 
     def __post_init__(self):
         if not (isinstance(self.threshold_tokens, (int, float)) and math.isfinite(self.threshold_tokens)

@@ -8,6 +8,11 @@ get the heuristic's threshold and ``clear_predictor_fallbacks`` counts them
 (``reason=error`` or ``lookup_miss``). The ingress adds the other fallback: a
 predictor call that fails or exceeds ``predictor.advanced.timeout_s``
 (``reason=timeout|error``).
+
+While the service learns (``learner.enabled``, the minilm-ridge backend),
+each prediction carries the encoder's features and the length model's
+version, and the replica follows the learner's published models
+(:class:`deployments.learner_client.ModelFollower`).
 """
 
 from __future__ import annotations
@@ -20,21 +25,34 @@ from ray import serve
 from deployments.config import DEFAULT_PREDICTOR_BATCH_SIZE, DEFAULT_PREDICTOR_BATCH_WAIT_S, PredictorConfig
 from deployments.messages import Prediction
 from deployments.metrics import PREDICTOR_FALLBACKS, counter
+from deployments.learner_client import ModelFollower
 from deployments.predictor_backends import heuristic_prediction, make_backend
 
 logger = logging.getLogger("ray.serve")
 
 
 class Predictor:
-    def __init__(self, config: PredictorConfig):
+    def __init__(self, config: PredictorConfig, learner=None, poll_s: float = 5.0):
+        """``learner``: the length learner's handle (None: the model never changes), polled every ``poll_s``."""
         self.config = config
-        self.backend = make_backend(config)
+        self.backend = make_backend(config, share_features=learner is not None)
         self.predict_batch.set_max_batch_size(config.advanced.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(config.advanced.batch_wait_timeout_s)
         self._fallbacks = counter(PREDICTOR_FALLBACKS, "Requests capped from the fallback predictor", ("reason",))
+        self.follower = None
+        if learner is not None and hasattr(self.backend, "swap"):
+            self.follower = ModelFollower(learner, poll_s, self.backend.swap)
+            try:
+                self.follower.start()
+            except RuntimeError:  # built outside an event loop (the ingress's own predictor): started on first use
+                pass
 
     async def predict(self, prompt: str) -> Prediction:
         return await self.predict_batch(prompt)
+
+    @property
+    def model_version(self) -> int:
+        return 0 if self.follower is None else self.follower.version
 
     # The decorator's values are replaced from the config in __init__.
     @serve.batch(max_batch_size=DEFAULT_PREDICTOR_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_PREDICTOR_BATCH_WAIT_S)
@@ -43,6 +61,8 @@ class Predictor:
 
     async def predict_many(self, prompts: list[str]) -> list[Prediction]:
         """One batch through the backend (unbatched entry point for tests and benchmarks)."""
+        if self.follower is not None:
+            self.follower.start()
         try:
             if self.backend.blocking:
                 preds = await asyncio.to_thread(self.backend.predict, list(prompts), self.config.advanced.log_sigma)
@@ -59,3 +79,7 @@ class Predictor:
                 pred = heuristic_prediction(prompt, "lookup_miss")
             out.append(pred)
         return out
+
+    def __del__(self):
+        if getattr(self, "follower", None) is not None:
+            self.follower.stop()

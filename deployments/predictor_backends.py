@@ -40,15 +40,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from clear_core.length_model import MAX_THRESHOLD_TOKENS, MIN_THRESHOLD_TOKENS
 from clear_core.predictions import read_predictions
-from clear_core.traces import POOL_GENERATION_CAP_TOKENS
 from deployments.messages import Prediction
 
 HEURISTIC_INTERCEPT = 4.914
 HEURISTIC_SLOPE = 0.159
 HEURISTIC_LOG_SIGMA = 0.84
-MIN_THRESHOLD_TOKENS = 16.0
-MAX_THRESHOLD_TOKENS = float(POOL_GENERATION_CAP_TOKENS)
 
 
 class PredictorBackend(ABC):
@@ -111,7 +109,7 @@ class LookupPredictor(PredictorBackend):
 
     @classmethod
     def from_config(cls, config) -> LookupPredictor:
-        return cls(config.table_path, config.advanced.pool_path)
+        return cls(config.advanced.table_path, config.advanced.pool_path)
 
     def lookup(self, prompt: str) -> tuple[float, float] | None:
         """(threshold tokens, log sigma) of the prompt's problem, or None."""
@@ -151,30 +149,45 @@ class CheckpointPredictor(PredictorBackend):
 
 
 class MiniLMRidgePredictor(PredictorBackend):
-    """The shipped ridge head on frozen MiniLM features, calibrated per request (module docstring)."""
+    """The shipped ridge head on frozen MiniLM features, calibrated per request (module docstring).
+
+    The head and its calibration are a :class:`clear_core.length_model.LengthModel`, which the length
+    learner replaces as it learns (:meth:`swap`); the encoder stays. With ``share_features`` each
+    prediction carries the features it was made from, for the learner.
+    """
 
     name = "minilm-ridge"
     blocking = True
 
-    def __init__(self, head_path: str | None = None, device: str | None = None):
+    def __init__(self, head_path: str | None = None, device: str | None = None, share_features: bool = False):
         from clear_predictor.head_predictor import HeadPredictor  # heavy: torch + transformers
 
-        self.model = HeadPredictor(head_path, device=device)
+        self.head = HeadPredictor(head_path, device=device)
+        self.model = self.head.head.length_model()
+        self.share_features = bool(share_features)
 
     @classmethod
-    def from_config(cls, config) -> MiniLMRidgePredictor:
-        return cls(config.head_path, config.advanced.device)
+    def from_config(cls, config, share_features: bool = False) -> MiniLMRidgePredictor:
+        return cls(config.head_path, config.advanced.device, share_features)
+
+    def swap(self, model) -> None:
+        """Price with ``model`` from now on (a :class:`~clear_core.length_model.LengthModel` of the same width)."""
+        if model.coef.size != self.model.coef.size:
+            raise ValueError(f"a length model of {model.coef.size} weights for an encoder of {self.model.coef.size}")
+        self.model = model
 
     def predict(self, prompts, log_sigma=None):
-        median, sigma, runaway, raw = self.model.predict_with_raw(list(prompts))
+        model = self.model  # one model for the whole batch, even if a swap lands meanwhile
+        features = self.head.encoder.encode(list(prompts))
+        median, sigma, runaway, raw = model.predict(features)
         if median.shape != (len(prompts),) or not np.all(np.isfinite(median)) or not np.all(np.isfinite(raw)):
             raise ValueError(f"head returned shape {median.shape} or non-finite thresholds")
-        tau = np.clip(median, MIN_THRESHOLD_TOKENS, MAX_THRESHOLD_TOKENS)
-        raw = np.clip(raw, MIN_THRESHOLD_TOKENS, MAX_THRESHOLD_TOKENS)
         if log_sigma is not None:  # the config's override replaces the calibrated spread, not the runaway share
             sigma = np.full(len(prompts), float(log_sigma))
-        return [Prediction(float(t), float(s), self.name, runaway=float(r), raw_threshold_tokens=float(x))
-                for t, s, r, x in zip(tau, sigma, runaway, raw)]
+        shared = features.astype(np.float32) if self.share_features else [None] * len(prompts)
+        return [Prediction(float(t), float(s), self.name, runaway=float(r), raw_threshold_tokens=float(x),
+                           features=f, model_version=model.version)
+                for t, s, r, x, f in zip(median, sigma, runaway, raw, shared)]
 
 
 #: Backends by the config's ``predictor.backend`` name.
@@ -183,8 +196,11 @@ BACKENDS: dict[str, type[PredictorBackend]] = {
 }
 
 
-def make_backend(config) -> PredictorBackend:
-    """The backend a :class:`~deployments.config.PredictorConfig` names."""
+def make_backend(config, share_features: bool = False) -> PredictorBackend:
+    """The backend a :class:`~deployments.config.PredictorConfig` names; ``share_features``: a minilm-ridge
+    backend attaches each prediction's encoder features (the length learner's input)."""
+    if config.backend == MiniLMRidgePredictor.name:
+        return MiniLMRidgePredictor.from_config(config, share_features)
     return BACKENDS[config.backend].from_config(config)
 
 

@@ -6,7 +6,8 @@ A record (:class:`TrafficRecord`) says what the request was priced with (its pre
 never generated and have no record. The prompt itself is kept only when the operator turns it on; a record
 always carries its SHA-256.
 
-Records are JSON Lines in *segments* under a directory or an fsspec URL (``/var/lib/clear/traffic``,
+The learner (:mod:`deployments.learner`) is the log's one writer: the ingress replicas send it their
+records. Records are JSON Lines in *segments* under a directory or an fsspec URL (``/var/lib/clear/traffic``,
 ``s3://bucket/clear/traffic``, ``memory://``...). :meth:`TrafficLog.append` buffers records;
 :meth:`TrafficLog.flush` writes the buffer as one new segment (one object written whole, which object
 stores need: they do not append). A buffer is *due* once it holds ``segment_records`` records or its
@@ -18,12 +19,15 @@ oldest are deleted. :meth:`TrafficLog.read` yields every record, oldest first.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
+
+import numpy as np
 
 #: How a request ended: by itself, at its cap, its client gone, or a failure.
 ENDINGS = ("natural", "cap", "client", "failed")
@@ -45,8 +49,10 @@ class TrafficRecord:
     tokens: int  # generated, all choices together
     ended: str  # one of ENDINGS
     choices: int = 1
-    features: list[float] | None = None  # the encoder's features, when the predictor shares them
+    features: str | None = None  # the encoder's features (encode_features), when the predictor shares them
     prompt: str | None = None  # only when the log stores prompts
+    model_version: int = 0  # the length model it was priced with (0: the head as shipped)
+    explored: bool = False  # admitted at a probe cap (clear_core.exploration)
 
     @property
     def censored(self) -> bool:
@@ -59,6 +65,17 @@ class TrafficRecord:
 
 
 _FIELDS = {f.name for f in fields(TrafficRecord)}
+
+
+def encode_features(x) -> str:
+    """Encoder features as a record keeps them: little-endian float16, base64 (768 characters for 384 of
+    them; float16 keeps 3 significant digits, about 1e-4 of a typical feature: far below what moves a
+    prediction)."""
+    return base64.b64encode(np.asarray(x, dtype="<f2").tobytes()).decode("ascii")
+
+
+def decode_features(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f2").astype(np.float64)
 
 
 class TrafficLog:
@@ -126,11 +143,27 @@ class TrafficLog:
     def read(self) -> Iterator[TrafficRecord]:
         """Every record written (not the buffer), oldest segment first; a line of another format is skipped."""
         for path in self.segments():
-            with self.fs.open(path, "r") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(row, dict) and _FIELDS.issuperset(row) and "request_id" in row:
-                        yield TrafficRecord(**row)
+            yield from self._records(path)
+
+    def read_tail(self, n: int) -> list[TrafficRecord]:
+        """The last ``n`` records written (or all there are), oldest first; reads only the newest segments."""
+        tail: list[TrafficRecord] = []
+        for path in reversed(self.segments()):
+            if len(tail) >= n:
+                break
+            tail = list(self._records(path)) + tail
+        return tail[-n:] if n > 0 else []
+
+    def _records(self, path: str) -> Iterator[TrafficRecord]:
+        try:
+            f = self.fs.open(path, "r")
+        except FileNotFoundError:  # removed by another writer's bound since it was listed
+            return
+        with f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and _FIELDS.issuperset(row) and "request_id" in row:
+                    yield TrafficRecord(**row)

@@ -163,13 +163,27 @@ class FakeEngine:
         return self
 
 
-def make_ingress(allocator=None, engine=None, **ingress_cfg) -> Ingress:
-    """An ingress on ``app_args(ingress=ingress_cfg)`` with a FakePredictor, no metrics."""
+class FakeLearner:
+    """The length learner's handle: keeps the batches of records the ingress sends (deployments.learner)."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.observe = RemoteMethod(self._observe)
+        self.model = RemoteMethod(lambda known_version: None)
+
+    def _observe(self, records):
+        self.records.extend(records)
+        return len(records)
+
+
+def make_ingress(allocator=None, engine=None, learner=None, **ingress_cfg) -> Ingress:
+    """An ingress on ``app_args(ingress=ingress_cfg)`` with a FakePredictor, no metrics; ``learner``: the
+    length learner's handle (None: the service does not learn)."""
     from deployments.ingress import Ingress
 
     args = app_args(ingress=ingress_cfg) if ingress_cfg else app_args()
     return Ingress(AppConfig.model_validate(args), FakePredictor(), allocator or FakeAllocator(),
-                   engine or FakeEngine(), metrics=False)
+                   engine or FakeEngine(), metrics=False, learner=learner)
 
 
 # --- serving: requests ------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def url(cluster, vllm_fleet, pool, tmp_path_factory):
         context_limit_tokens=16384,
         allocator={"advanced": {"pricing_window_seed_path": str(table)},
                    "budget": {"tokens_per_query": 2048, "window_queries": 1000}},
-        predictor={"backend": "lookup", "table_path": str(table), "advanced": {"pool_path": str(MAIN_POOL)}},
+        predictor={"backend": "lookup", "advanced": {"table_path": str(table), "pool_path": str(MAIN_POOL)}},
         engine={
             "kind": "vllm",
             "model_source": str(vllm_fleet.tools_model_dir),

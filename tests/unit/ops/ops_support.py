@@ -132,6 +132,7 @@ def clear_metric_kinds() -> dict[str, str]:
         m.gauge, m.counter, m.histogram = Recorder("gauge"), Recorder("counter"), Recorder("histogram")
         m.AllocatorMetrics("clear")
         m.IngressMetrics()
+        m.LearnerMetrics()
     finally:
         m.gauge, m.counter, m.histogram = saved
     return kinds

@@ -232,8 +232,9 @@ def test_predictor_checkpoint_is_in_the_image(rayservice, ops):
     dockerfile = (ops.K8S / "image" / "Dockerfile").read_text()
     for app in serve["applications"]:
         predictor = (app.get("args") or {}).get("predictor") or {}
+        advanced = predictor.get("advanced") or {}
         for key in ("checkpoint_path", "table_path", "pool_path"):
-            path = predictor.get(key)
+            path = predictor.get(key) or advanced.get(key)
             if path and path.startswith("/"):
                 assert f" {path}" in dockerfile, f"{key} {path} is neither copied into the image nor mounted"
 

@@ -103,7 +103,7 @@ def test_a_bench_only_policy_is_refused_when_the_app_is_built_in_one_line(policy
 #: What each shipped config serves: every one says `policy: auto`, and this is what auto resolves to there
 #: (the story docs/serving.md tells).
 SHIPPED = {
-    "serve_config.yaml": "clear",  # per_query budget of caps
+    "serve_config.yaml": "clear-cost-emp",  # per_query budget of generated tokens, the shipped head's histograms
     "serve_config.vllm-cpu.yaml": "clear",  # per_query budget of caps
     "serve_config.gpu.yaml": "clear-cost",  # a refunding rate budget, a checkpoint predictor (no histograms)
 }

@@ -96,7 +96,7 @@ def test_the_configs_sigma_overrides_the_calibrated_spread_only(backend):
 
 def test_the_deployment_passes_the_runaway_share_through(backend):
     pred = Predictor.__new__(Predictor)  # the batch body without Serve's batching setup
-    pred.config, pred.backend, pred._fallbacks = PredictorConfig(), backend, None
+    pred.config, pred.backend, pred._fallbacks, pred.follower = PredictorConfig(), backend, None, None
     out = asyncio.run(pred.predict_many(PROMPTS))
     assert [p.runaway for p in out] == [p.runaway for p in backend.predict(PROMPTS)]
     assert all(p.fallback_reason is None for p in out)
@@ -106,11 +106,11 @@ def test_a_head_fitted_on_another_encoder_is_refused(backend):
     """The probe stored in the file is re-computed at load: another encoder cannot pass silently."""
     from clear_predictor.head_predictor import HeadPredictor
 
-    head = backend.model.head
+    head = backend.head.head
     moved = dataclasses.replace(head, probe={**head.probe, "pred_log": head.probe["pred_log"] + 0.5})
     with pytest.raises(InvalidInputError, match="not the encoder"):
-        HeadPredictor(moved, encoder=backend.model.encoder)
-    assert HeadPredictor(head, encoder=backend.model.encoder).head is head
+        HeadPredictor(moved, encoder=backend.head.encoder)
+    assert HeadPredictor(head, encoder=backend.head.encoder).head is head
 
 
 def test_a_missing_head_file_fails_when_the_backend_is_built(tmp_path):

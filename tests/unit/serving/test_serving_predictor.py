@@ -112,7 +112,7 @@ class _Backend(PredictorBackend):
 
 def _deployment(backend) -> Predictor:
     pred = Predictor.__new__(Predictor)  # skip the Serve batching setup: test the batch body
-    pred.config, pred.backend, pred._fallbacks = PredictorConfig(), backend, _Counter()
+    pred.config, pred.backend, pred._fallbacks, pred.follower = PredictorConfig(), backend, _Counter(), None
     return pred
 
 

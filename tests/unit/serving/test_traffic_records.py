@@ -1,4 +1,4 @@
-"""The ingress writes one traffic-log record per settled request, saying how it ended (deployments.traffic_log)."""
+"""The ingress sends the learner one record per settled request, saying how it ended (deployments.traffic_log)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from tests.fakes import CHUNK_TOKENS, FakeAllocator, FakeEngine, make_ingress, make_request
+from deployments.traffic_log import TrafficRecord
+from tests.fakes import CHUNK_TOKENS, FakeAllocator, FakeEngine, FakeLearner, make_ingress, make_request
 
 
 def chat(**fields):
@@ -15,8 +16,8 @@ def chat(**fields):
 
 def logged(tmp_path, allocator, engine, bodies, disconnect=False):
     async def run():
-        ing = make_ingress(allocator, engine, advanced={"traffic_log_url": str(tmp_path / "log"),
-                                                        "traffic_log_segment_records": 1000})
+        learner = FakeLearner()
+        ing = make_ingress(allocator, engine, learner=learner)
         for b in bodies:
             resp = await ing._complete(make_request(b), "chat")
             if hasattr(resp, "body_iterator"):
@@ -29,8 +30,8 @@ def logged(tmp_path, allocator, engine, bodies, disconnect=False):
                     async for _ in it:
                         pass
         await asyncio.gather(*ing._background, return_exceptions=True)
-        ing.traffic.flush()
-        return ing, list(ing.traffic.read())
+        await ing.observations.send()
+        return ing, [TrafficRecord(**r) for r in learner.records]
 
     return asyncio.run(run())
 
