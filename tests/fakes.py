@@ -169,11 +169,11 @@ class FakeLearner:
     def __init__(self):
         self.records: list[dict] = []
         self.observe = RemoteMethod(self._observe)
-        self.model = RemoteMethod(lambda known_version: None)
+        self.model = RemoteMethod(lambda known_version: RemoteCall(None))
 
     def _observe(self, records):
         self.records.extend(records)
-        return len(records)
+        return RemoteCall(len(records))
 
 
 def make_ingress(allocator=None, engine=None, learner=None, **ingress_cfg) -> Ingress:

@@ -34,6 +34,7 @@ DASHBOARD = REPO_ROOT / "monitoring" / "grafana" / "clear-dashboard.json"
 OUTPUT = REPO_ROOT / "artifacts" / "test-output"
 ARGS = app_args(
     allocator={"budget": {"tokens_per_query": 256, "window_queries": 100}},
+    predictor={"backend": "minilm-ridge"},  # the learned head, so the learner's panels have data too
     engine={
         "trace_path": str(MAIN_POOL),
         "tokenizer_path": str(QWEN_TOKENIZER),

@@ -144,3 +144,94 @@ def test_the_window_is_bounded_and_keeps_the_newest():
     learner = LengthLearner(prior_model(), 10.0, settings(window_observations=300))
     learner.observe(traffic(500))
     assert len(learner.window) == 300 and learner.counts["observations"] == 500
+
+
+# -- the other replicas' side (deployments.learner_client) ---------------------------------------------------
+
+
+class _Flaky:
+    """A learner handle whose observe fails while ``down``."""
+
+    def __init__(self):
+        from tests.fakes import RemoteCall, RemoteMethod
+
+        self._call = RemoteCall
+        self.down, self.got = True, []
+        self.observe = RemoteMethod(self._observe)
+
+    def _observe(self, batch):
+        if self.down:
+            raise ConnectionError("learner restarting")
+        self.got.extend(batch)
+        return self._call(len(batch))
+
+
+def test_the_sender_keeps_records_while_the_learner_is_away_and_bounds_what_it_keeps(monkeypatch):
+    import asyncio
+
+    import deployments.learner_client as lc
+
+    monkeypatch.setattr(lc, "MAX_BUFFERED", 100)
+    monkeypatch.setattr(lc, "SEND_BATCH", 10_000)  # only the explicit sends below
+    monkeypatch.setattr(lc, "SEND_AFTER_S", 3600.0)
+    learner = _Flaky()
+    records = traffic(150)
+
+    async def run():
+        sender = lc.ObservationSender(learner)
+        for r in records[:80]:
+            sender.add(r)
+        assert await sender.send() == 0 and learner.got == []  # refused: kept, in order
+        for r in records[80:]:
+            sender.add(r)
+        learner.down = False
+        assert await sender.send() == 100
+        return sender
+
+    sender = asyncio.run(run())
+    assert sender.dropped == 50 and sender.sent == 100
+    assert [r["request_id"] for r in learner.got] == [r.request_id for r in records[50:]]  # the oldest dropped
+
+
+def test_a_lone_record_is_sent_within_the_batch_wait(monkeypatch):
+    import asyncio
+
+    import deployments.learner_client as lc
+
+    monkeypatch.setattr(lc, "SEND_AFTER_S", 0.05)
+    learner = _Flaky()
+    learner.down = False
+
+    async def run():
+        sender = lc.ObservationSender(learner)
+        sender.add(traffic(1)[0])
+        assert learner.got == []
+        await asyncio.sleep(0.2)  # no later record comes to fill the batch: the timer sends it
+        return sender
+
+    assert asyncio.run(run()).sent == 1 and len(learner.got) == 1
+
+
+def test_the_allocator_prices_the_histograms_of_the_model_it_is_given():
+    from clear_core.length_model import LengthModel
+    from clear_predictor.head import load_head
+    from deployments.allocator import Allocator
+    from deployments.config import AllocatorConfig
+
+    head = load_head()
+    cfg = AllocatorConfig(policy="clear-cost-emp", budget={"mode": "per_query", "tokens_per_query": 256,
+                                                           "window_queries": 100, "refund_unused": True})
+    alloc = Allocator(cfg, max_completion_tokens=8192, metrics=False, length_calibration=head.calibration.as_dict())
+    before = alloc.reserve_sync("a", 300.0, raw_threshold_tokens=300.0)
+    learned = prior_model()  # 4 bins: another binning than the head's 8 is refused
+    with pytest.raises(ValueError):
+        alloc._apply_model(learned)
+    cal = head.calibration
+    shorter = type(cal)(cal.centres, cal.log_bias, cal.log_sigma, cal.n, cal.runaway,
+                        tuple(h.__class__(h.correct[8:] + (0.0,) * 8, h.wrong[8:] + (0.0,) * 8,
+                                          h.runaway + sum(h.correct[:8]) + sum(h.wrong[:8])) for h in cal.histograms))
+    alloc._apply_model(LengthModel(head.coef, head.intercept, shorter, version=5))
+    assert alloc.model_version == 5 and alloc.status_sync()["length_model_version"] == 5
+    assert alloc.market.lengths[0] is shorter.histograms[0]
+    after = alloc.reserve_sync("b", 300.0, raw_threshold_tokens=300.0)
+    assert (before.cap_tokens, after.cap_tokens) != (0, 0) and after.market_cap_tokens != before.market_cap_tokens

@@ -297,3 +297,26 @@ def test_decisions_at_the_ingress_price_the_histogram_market_from_the_quote(back
     assert rows.shape[1] == 5 and list(rows[-len(prompts):, 4]) == [a.row[4] for a in asks]
     st = alloc.status_sync()
     assert st["policy"] == "clear-cost-emp" and st["invariant_holds"] and st["arrivals"] == len(prompts)
+
+
+def test_a_swapped_length_model_prices_the_next_batch_and_predictions_carry_their_features(backend):
+    """The learner's models reach the backend by swap: the next predictions are the new model's, computed from
+    the same encoder features the predictions carry (what the learner refits on)."""
+    from clear_core.length_model import LengthModel
+
+    shared = MiniLMRidgePredictor.__new__(MiniLMRidgePredictor)
+    shared.head, shared.model, shared.share_features = backend.head, backend.model, True
+    before = shared.predict(PROMPTS[:2])
+    x = np.array([p.features for p in before], dtype=float)
+    assert x.shape == (2, backend.model.coef.size) and all(p.model_version == 0 for p in before)
+    assert np.allclose(x, backend.head.encoder.encode(PROMPTS[:2]), atol=1e-5)
+    shorter = LengthModel(backend.model.coef, backend.model.intercept - np.log(2.0), backend.model.calibration,
+                          version=7)
+    shared.swap(shorter)
+    after = shared.predict(PROMPTS[:2])
+    assert all(p.model_version == 7 for p in after)
+    for b, a in zip(before, after):  # half the raw prediction, as the intercept says (inside the clip bounds)
+        assert a.raw_threshold_tokens == pytest.approx(b.raw_threshold_tokens / 2.0, rel=1e-6)
+    with pytest.raises(ValueError):
+        shared.swap(LengthModel(np.ones(3), 5.0, backend.model.calibration))
+    assert all(p.features is None for p in backend.predict(PROMPTS[:1]))  # not shared unless learning
