@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-every", type=positive_int, default=100,
                    help="learner.advanced.refit_every and min_observations (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stream (default %(default)s)")
+    p.add_argument("--engine", default="replay", choices=["replay", "vllm"],
+                   help="replay: the replay engine; vllm: real vLLM on CPU (through Ray Serve LLM) generating the "
+                   "recorded lengths with the model of --model (default %(default)s)")
+    p.add_argument("--model", default=None, help="--engine vllm: a model directory of `clear-llm engine make-model`")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     return p
 
@@ -66,8 +70,14 @@ def app_args(a, policy: str, learn_dir: str | None) -> dict:
     args["allocator"]["policy"] = policy
     args["allocator"].pop("budget_name", None)
     args["allocator"]["budget"].update({"tokens_per_query": a.budget, "window_queries": a.queries})
-    args["engine"]["trace_path"] = str(a.traces)
-    args["engine"]["tokenizer_path"] = str(TOKENIZER) if TOKENIZER.is_file() else None
+    if a.engine == "vllm":
+        from benchmarks.digital_twin import MODEL_NAMES, engine_args
+
+        args["model_name"] = MODEL_NAMES["vllm"]
+        args["engine"] = engine_args("vllm", a.traces, a.model)
+    else:
+        args["engine"]["trace_path"] = str(a.traces)
+        args["engine"]["tokenizer_path"] = str(TOKENIZER) if TOKENIZER.is_file() else None
     if learn_dir is None:
         args["learner"] = {"enabled": False}
     else:
@@ -84,6 +94,10 @@ def thirds(records) -> list[float]:
 
 
 def run(a) -> int:
+    if a.engine == "vllm" and not a.model:
+        from clear_core.cli_args import UsageError
+
+        raise UsageError("argument --model: --engine vllm needs a model directory (clear-llm engine make-model)")
     import ray
     from ray import serve
 
@@ -96,7 +110,7 @@ def run(a) -> int:
         port = s.getsockname()[1]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    result = {"pool": a.traces.name, "stream": a.stream, "budget_per_query": a.budget, "queries": a.queries,
+    result = {"engine": a.engine, "pool": a.traces.name, "stream": a.stream, "budget_per_query": a.budget, "queries": a.queries,
               "concurrency": a.concurrency, "refit_every": a.refit_every}
     try:
         with tempfile.TemporaryDirectory() as learn_dir:
@@ -129,7 +143,7 @@ def run(a) -> int:
         serve.shutdown()
         ray.shutdown()
     lrn, uni = result["learning"], result["uniform"]
-    md = [f"# The live service learning `{a.traces.name}` ({a.stream}, {a.budget} tokens per query, "
+    md = [f"# The live service ({a.engine} engine) learning `{a.traces.name}` ({a.stream}, {a.budget} tokens per query, "
           f"{a.queries} requests, {a.concurrency} clients)", "",
           "| | first third | middle third | last third | all |", "|---|---|---|---|---|",
           f"| `{lrn['policy']}`, learning | " + " | ".join(f"{x:.1f}" for x in lrn["thirds"]) + f" | {lrn['accuracy']:.1f} |",

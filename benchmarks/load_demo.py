@@ -1,16 +1,17 @@
-"""Load demo: uniform vs clear on the embedded default, side by side, over HTTP.
+"""Load demo: uniform vs the embedded default's policy, side by side, over HTTP.
 
     python benchmarks/load_demo.py --traces POOL.jsonl [--tokenizer qwen.tiktoken] [--port 8000] --out DIR
 
 (``make load-demo``.) Starts a local Ray (CPU), deploys the graph of
-``serve_config.yaml`` twice (policy ``uniform`` and policy ``clear``, each with
-its own budget and route prefix) with the replay engine pointed at a trace pool
+``serve_config.yaml`` twice (policy ``uniform`` and ``clear-cost-emp``, what the
+embedded default's ``policy: auto`` serves on its budget, which charges the
+tokens generated; each with its own budget, learner and route prefix) with the replay engine pointed at a trace pool
 so answers follow trace semantics, and drives each with the same stream (closed
 loop, N clients). Each (stream, policy) pair gets a fresh deployment, so every
 run starts from an empty budget and pricing window. Writes ``summary.md``,
 ``summary.json``, per-request records, the polls of ``/v1/clear/status`` and the
 over-time figures to ``--out`` (``python -m load_tests.report --results DIR/uniform-balanced.records.jsonl
-DIR/clear-balanced.records.jsonl --out DIR`` redraws them from the files).
+DIR/clear-cost-emp-balanced.records.jsonl --out DIR`` redraws them from the files).
 
 The deployment lives here, beside the other benchmarks that start the service;
 the requests go through the ``load_tests`` driver, which only speaks HTTP.
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traces", required=True, help="trace pool the engine replays and the stream is drawn from")
     p.add_argument("--tokenizer", default=None, help="qwen.tiktoken for exact token cuts")
     add_list_argument(p, "--streams", metavar="STREAM", default="balanced,u-shaped", help="streams, one after another")
-    add_list_argument(p, "--policies", kind=policy_list, metavar="SPEC", default="uniform,clear",
+    add_list_argument(p, "--policies", kind=policy_list, metavar="SPEC", default="uniform,clear-cost-emp",
                       help="one deployment per policy")
     p.add_argument("--budget", type=positive_int, default=256, help="tokens per query (256 is scarce)")
     p.add_argument("--queries", type=positive_int, default=500, help="requests per stream and policy")

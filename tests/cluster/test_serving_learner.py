@@ -29,7 +29,7 @@ def args(log_url: str) -> dict:
                    "budget": {"tokens_per_query": 256, "window_queries": 500, "refund_unused": True}},
         predictor={"backend": "minilm-ridge"},
         engine={"trace_path": str(CODE_POOL), "advanced": {"decode_tokens_per_s": 200000.0}},
-        learner={"advanced": {"refit_every": 60, "min_observations": 60, "refit_interval_s": 3.0, "poll_s": 0.5,
+        learner={"advanced": {"refit_every": 40, "min_observations": 40, "refit_interval_s": 3.0, "poll_s": 0.5,
                               "log_url": log_url, "log_flush_s": 1.0, "holdout_share": 0.25}},
     )
 
@@ -57,11 +57,11 @@ def wait_for(what, predicate, timeout_s=90.0):
 def test_the_service_publishes_learned_models_and_keeps_them_across_a_learner_restart(cluster, tmp_path):
     import ray
 
-    prompts = [p.problem for p in load_pool(CODE_POOL)][:240]
+    prompts = [p.problem for p in load_pool(CODE_POOL)][:160]
     url = cluster.deploy(args(str(tmp_path / "learner")), APP)
     try:
         with ThreadPoolExecutor(8) as pool:
-            first = list(pool.map(lambda p: chat(url, p), prompts[:200]))
+            first = list(pool.map(lambda p: chat(url, p), prompts[:150]))
         assert {r["status"] for r in first} <= {200, 429}
         served = [r for r in first if r["status"] == 200]
         assert served and all(r["clear"]["prediction_source"] == "minilm-ridge" for r in served)
@@ -78,7 +78,7 @@ def test_the_service_publishes_learned_models_and_keeps_them_across_a_learner_re
         assert 0.0 < lrn["censored_share"] < 1.0
         # the predictor replica took the model up: new requests are priced with it
         version = lrn["model_version"]
-        later = wait_for(lambda: chat(url, prompts[200]), lambda r: r["status"] != 200
+        later = wait_for(lambda: chat(url, prompts[150]), lambda r: r["status"] != 200
                          or r["clear"]["length_model_version"] == version)
         assert later["status"] in (200, 429)
         books = status(url)
