@@ -38,7 +38,7 @@ clearing-bench:  ## exact / optimal vs the paper's bisection, N = 1e3 .. 1e6
 serve:  ## the embedded default: local Ray, CPU, replay engine
 	serve run serve_config.yaml
 
-load-demo:  ## uniform vs the embedded default's clear-cost-emp, balanced and u-shaped streams, 256 tokens/query
+load-demo:  ## uniform vs clear on the embedded graph with a budget of caps, balanced and u-shaped streams, 256 tokens/query
 	$(PY) benchmarks/load_demo.py --traces $(POOL) --tokenizer $(SHARED)/data/tokenizer/qwen.tiktoken --port $(PORT) --out artifacts/load-demo
 
 digital-twin:  ## the live service vs the offline bench on the same stream (within 2 points)

@@ -1,17 +1,19 @@
-"""Load demo: uniform vs the embedded default's policy, side by side, over HTTP.
+"""Load demo: uniform vs clear on the embedded default's graph with a budget of caps, side by side, over HTTP.
 
     python benchmarks/load_demo.py --traces POOL.jsonl [--tokenizer qwen.tiktoken] [--port 8000] --out DIR
 
 (``make load-demo``.) Starts a local Ray (CPU), deploys the graph of
-``serve_config.yaml`` twice (policy ``uniform`` and ``clear-cost-emp``, what the
-embedded default's ``policy: auto`` serves on its budget, which charges the
-tokens generated; each with its own budget, learner and route prefix) with the replay engine pointed at a trace pool
+``serve_config.yaml`` twice (policy ``uniform`` and policy ``clear``, each with
+its own budget and route prefix; the learner off, so both price with the shipped
+head), on a per-query budget of caps (the
+paper's setting: a cap is charged whole; the embedded default itself charges
+the tokens generated) with the replay engine pointed at a trace pool
 so answers follow trace semantics, and drives each with the same stream (closed
 loop, N clients). Each (stream, policy) pair gets a fresh deployment, so every
 run starts from an empty budget and pricing window. Writes ``summary.md``,
 ``summary.json``, per-request records, the polls of ``/v1/clear/status`` and the
 over-time figures to ``--out`` (``python -m load_tests.report --results DIR/uniform-balanced.records.jsonl
-DIR/clear-cost-emp-balanced.records.jsonl --out DIR`` redraws them from the files).
+DIR/clear-balanced.records.jsonl --out DIR`` redraws them from the files).
 
 The deployment lives here, beside the other benchmarks that start the service;
 the requests go through the ``load_tests`` driver, which only speaks HTTP.
@@ -75,7 +77,9 @@ def app_args(policy: str, budget: int, traces: str, tokenizer: str | None, queri
     # Fresh books for every run: the embedded default names its budget (clear-default, kept in a file),
     # and the runs of this demo must not continue each other's (or a previous `serve run`'s) books.
     args["allocator"].pop("budget_name", None)
-    args["allocator"]["budget"].update({"mode": "per_query", "tokens_per_query": budget, "window_queries": queries})
+    args["allocator"]["budget"].update({"mode": "per_query", "tokens_per_query": budget, "window_queries": queries,
+                                        "refund_unused": False})  # a budget of caps, where clear is the market
+    args["learner"] = {"enabled": False}  # each run starts from the shipped head (learning: benchmarks/learning_live.py)
     args["engine"]["trace_path"] = traces
     args["engine"]["tokenizer_path"] = tokenizer
     return args
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traces", required=True, help="trace pool the engine replays and the stream is drawn from")
     p.add_argument("--tokenizer", default=None, help="qwen.tiktoken for exact token cuts")
     add_list_argument(p, "--streams", metavar="STREAM", default="balanced,u-shaped", help="streams, one after another")
-    add_list_argument(p, "--policies", kind=policy_list, metavar="SPEC", default="uniform,clear-cost-emp",
+    add_list_argument(p, "--policies", kind=policy_list, metavar="SPEC", default="uniform,clear",
                       help="one deployment per policy")
     p.add_argument("--budget", type=positive_int, default=256, help="tokens per query (256 is scarce)")
     p.add_argument("--queries", type=positive_int, default=500, help="requests per stream and policy")
