@@ -251,6 +251,10 @@ class LengthLearner:
         return float(np.mean(np.abs(np.log(median) - np.log(tokens))))
 
     def status(self) -> dict:
+        """What the learner holds and did (JSON: an undefined share or error, with nothing to measure it on, is null)."""
+        return _finite(self._status())
+
+    def _status(self) -> dict:
         window = list(self.window)
         finished = sum(o.finished for o in window)
         capped = [o for o in window if not o.finished and o.tokens >= o.cap]
@@ -270,6 +274,15 @@ class LengthLearner:
                 "holdout": self.last.holdout, "heldout_log_likelihood": self.last.heldout_log_likelihood,
                 "seconds": self.last.seconds},
         }
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite float, at any depth, replaced by None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 class Learner:

@@ -224,5 +224,5 @@ class LearnerMetrics:
         self.window.set(float(status["window"]))
         self.censored.set(float(status["censored_share"]))
         for g, key in ((self.coverage, "cap_coverage"), (self.error, "heldout_abs_log_error")):
-            if status[key] == status[key]:
+            if status[key] is not None:  # null: nothing to measure it on yet
                 g.set(float(status[key]))

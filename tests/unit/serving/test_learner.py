@@ -235,3 +235,16 @@ def test_the_allocator_prices_the_histograms_of_the_model_it_is_given():
     assert alloc.market.lengths[0] is shorter.histograms[0]
     after = alloc.reserve_sync("b", 300.0, raw_threshold_tokens=300.0)
     assert (before.cap_tokens, after.cap_tokens) != (0, 0) and after.market_cap_tokens != before.market_cap_tokens
+
+
+def test_the_status_is_json_before_anything_can_be_measured():
+    """An empty window has no cap coverage and no held-out error: null, not NaN (which /v1/clear/status cannot
+    send)."""
+    import json
+
+    learner = LengthLearner(prior_model(), 10.0, settings())
+    status = learner.status()
+    assert status["cap_coverage"] is None and status["heldout_abs_log_error"] is None
+    json.dumps(status, allow_nan=False)
+    learner.observe(traffic(5))
+    json.dumps(learner.status(), allow_nan=False)
