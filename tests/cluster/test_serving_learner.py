@@ -94,6 +94,7 @@ def test_the_service_publishes_learned_models_and_keeps_them_across_a_learner_re
         observed = status(url)["learner"]["observations"]
         assert observed > len(served)
         wait_for(logged, lambda n: n == observed)  # the log is written within log_flush_s (+ a 1 s check)
+        version = status(url)["learner"]["model_version"]  # the later requests may have brought one more refit
         ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
         back = wait_for(lambda: status(url), lambda s: "error" not in s.get("learner", {"error": 1})
                         and s["learner"]["window"] > 0, timeout_s=120)
