@@ -7,9 +7,11 @@ bin (:meth:`clear_core.length_model.LengthModel.predict`, as serving tells
 it). When a query settles the learner sees what the service would: its
 features, its cap, the tokens it generated and whether it ended by itself (its
 recorded length fit the cap) or at the cap. Every ``refit_every``
-observations the model is refitted on all it has seen, towards the prior (the
-head as shipped): :meth:`~clear_core.length_model.LengthModel.refitted`, the
-step the serving learner takes. An abandoned query is never generated and is
+observations a candidate is refitted on the older 80% of all it has seen,
+towards the prior (the head as given), and checked on the newest 20%: it
+replaces the model only when it describes them at least as well as the model
+and the prior (:func:`clear_core.length_model.validated_refit`, the step the
+serving learner takes). An abandoned query is never generated and is
 not observed.
 """
 
@@ -22,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from clear_core.calibration import quantile_coverage, quantile_coverage_error
 from clear_core.length_learning import DEFAULT_PRIOR_WEIGHT
-from clear_core.length_model import LengthModel
+from clear_core.length_model import LengthModel, validated_refit
 
 #: Settled queries between refits (the serving learner's default, ``learner.refit_every``).
 DEFAULT_REFIT_EVERY = 50
@@ -39,6 +41,7 @@ class LearningInputs:
     alpha: float  # the head's ridge towards the prior weights (log-likelihood units)
     refit_every: int = DEFAULT_REFIT_EVERY
     prior_weight: float = DEFAULT_PRIOR_WEIGHT
+    holdout_share: float = 0.2  # the newest share of what was seen, held out to check a candidate (as serving)
     model: LengthModel = field(init=False)
     seen: list = field(default_factory=list)  # (query, cap, generated, finished)
     sigma: float = field(init=False)
@@ -68,10 +71,14 @@ class LearningInputs:
         if len(self.seen) % self.refit_every:
             return False
         idx, caps, generated, fin = (np.array(col) for col in zip(*self.seen))
+        cut = max(1, min(idx.size - 1, int(round(idx.size * (1.0 - self.holdout_share)))))
+        part = lambda m: (self.features[idx[m]], generated[m], caps[m], fin[m])  # noqa: E731
         with threadpool_limits(1):  # a 384-wide fit: BLAS threads only contend (10x slower on a busy machine)
-            self.model = self.model.refitted(self.features[idx], generated, caps, fin, prior=self.prior,
-                                             alpha=self.alpha, prior_weight=self.prior_weight)
-        return True
+            decision = validated_refit(self.model, self.prior, part(slice(0, cut)), part(slice(cut, None)),
+                                       alpha=self.alpha, prior_weight=self.prior_weight)
+        changed = decision.model is not self.model
+        self.model = decision.model
+        return changed
 
 
 def warmup_curve(trace: list[dict], tokens: np.ndarray, correct: np.ndarray, warmup: int,

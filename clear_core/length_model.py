@@ -134,6 +134,37 @@ def held_out_log_likelihood(model: LengthModel, features, tokens, caps, finished
     return float(np.mean(np.where(fin, ll_fin, ll_cap)))
 
 
+@dataclass(frozen=True)
+class RefitDecision:
+    """What one validated refit decided (:func:`validated_refit`)."""
+
+    outcome: str  # published | kept | rolled_back
+    model: LengthModel  # the model in service after it
+    heldout_log_likelihood: dict  # prior / current / candidate, per held-out observation
+
+
+def validated_refit(current: LengthModel, prior: LengthModel, train, held, *, alpha: float,
+                    prior_weight: float = DEFAULT_PRIOR_WEIGHT) -> RefitDecision:
+    """One learning step with its check: a candidate refitted on ``train`` (features, tokens, caps, finished)
+    towards ``prior``, then the prior, ``current`` and the candidate scored on ``held``
+    (:func:`held_out_log_likelihood`). The candidate is published when it scores at least as well as both;
+    when the prior beats both, the prior is published again (a rollback); otherwise ``current`` stays. A
+    published model is ``current``'s version plus one."""
+    candidate = current.refitted(*train, prior=prior, alpha=alpha, prior_weight=prior_weight)
+    score = {name: held_out_log_likelihood(m, *held)
+             for name, m in (("prior", prior), ("current", current), ("candidate", candidate))}
+    if score["candidate"] >= score["current"] and score["candidate"] >= score["prior"]:
+        outcome, chosen = "published", candidate
+    elif score["prior"] > score["current"] and current.version > 0:
+        outcome, chosen = "rolled_back", prior
+    else:
+        return RefitDecision("kept", current, score)
+    model = LengthModel(chosen.coef, chosen.intercept, chosen.calibration, current.version + 1,
+                        {**chosen.meta, **({"rolled_back_to": "the starting head"} if outcome == "rolled_back" else {}),
+                         "heldout_log_likelihood": score})
+    return RefitDecision(outcome, model, score)
+
+
 def prior_alpha(ridge_alpha: float, residual_log_sd: float) -> float:
     """The shipped head's ridge penalty in the censored fit's units: a least-squares ridge ``alpha``
     on residuals of spread ``residual_log_sd`` weighs ``alpha / sd^2`` against the log-likelihood."""

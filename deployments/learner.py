@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clear_core.length_model import LengthModel, held_out_log_likelihood
+from clear_core.length_model import LengthModel, validated_refit
 from deployments.background import cancel_on_stop, stop_if_cancelled
 from deployments.traffic_log import TrafficLog, TrafficRecord, decode_features
 
@@ -219,21 +219,12 @@ class LengthLearner:
         rows = list(self.window)
         cut = max(1, min(len(rows) - 1, int(round(len(rows) * (1.0 - self.advanced.holdout_share)))))
         train, held = self._arrays(rows[:cut]), self._arrays(rows[cut:])
-        candidate = self.current.refitted(*train, prior=self.prior, alpha=self.alpha,
-                                          prior_weight=self.advanced.prior_weight)
-        score = {name: held_out_log_likelihood(m, *held)
-                 for name, m in (("prior", self.prior), ("current", self.current), ("candidate", candidate))}
-        outcome = "kept"
-        if score["candidate"] >= score["current"] and score["candidate"] >= score["prior"]:
-            outcome, publish = "published", candidate
-        elif score["prior"] > score["current"] and self.current.version > 0:
-            outcome = "rolled_back"
-            publish = LengthModel(self.prior.coef, self.prior.intercept, self.prior.calibration,
-                                  self.current.version + 1, {"rolled_back_to": "the starting head"})
+        decision = validated_refit(self.current, self.prior, train, held, alpha=self.alpha,
+                                   prior_weight=self.advanced.prior_weight)
+        outcome, score = decision.outcome, decision.heldout_log_likelihood
         if outcome != "kept":
-            publish = LengthModel(publish.coef, publish.intercept, publish.calibration, self.current.version + 1,
-                                  {**publish.meta, "heldout_log_likelihood": score, "train": len(rows[:cut]),
-                                   "holdout": len(rows[cut:])})
+            publish = LengthModel(decision.model.coef, decision.model.intercept, decision.model.calibration,
+                                  decision.model.version, {**decision.model.meta, "train": cut, "holdout": len(rows) - cut})
             if self.store is not None:
                 self.store.publish(publish)
             self.current = publish
