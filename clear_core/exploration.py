@@ -93,6 +93,8 @@ class ExplorationBooks:
             self._open.add(rid)
 
     def settled(self, rid: str, generated: int) -> None:
+        """A request ended (a probe's generated tokens are counted; a probe whose reservation expired or was
+        recovered never settles here and stays out of ``probe_generated_tokens``)."""
         if rid in self._open:
             self._open.discard(rid)
             self.probe_generated_tokens += int(generated)

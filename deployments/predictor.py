@@ -50,9 +50,6 @@ class Predictor:
     async def predict(self, prompt: str) -> Prediction:
         return await self.predict_batch(prompt)
 
-    @property
-    def model_version(self) -> int:
-        return 0 if self.follower is None else self.follower.version
 
     # The decorator's values are replaced from the config in __init__.
     @serve.batch(max_batch_size=DEFAULT_PREDICTOR_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_PREDICTOR_BATCH_WAIT_S)
