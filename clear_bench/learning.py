@@ -7,12 +7,14 @@ bin (:meth:`clear_core.length_model.LengthModel.predict`, as serving tells
 it). When a query settles the learner sees what the service would: its
 features, its cap, the tokens it generated and whether it ended by itself (its
 recorded length fit the cap) or at the cap. Every ``refit_every``
-observations a candidate is refitted on the older 80% of all it has seen,
-towards the prior (the head as given), and checked on the newest 20%: it
-replaces the model only when it describes them at least as well as the model
-and the prior (:func:`clear_core.length_model.validated_refit`, the step the
-serving learner takes). An abandoned query is never generated and is
-not observed.
+observations a candidate is refitted towards the prior (the head as given)
+on all it has seen of 80% of the prompts, and checked on the other 20%
+(whole prompts, drawn by a hash of the prompt's SHA-256 as in serving): its
+ridge strength is chosen on them, and it replaces the model only when it
+describes them at least as well as the model, and better than the prior by
+at least two standard errors
+(:func:`clear_core.length_model.validated_refit`, the step the serving
+learner takes). An abandoned query is never generated and is not observed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from clear_core.calibration import quantile_coverage, quantile_coverage_error
 from clear_core.length_learning import DEFAULT_PRIOR_WEIGHT
-from clear_core.length_model import LengthModel, validated_refit
+from clear_core.length_model import LengthModel, held_out_groups, validated_refit
 
 #: Settled queries between refits (the serving learner's default, ``learner.refit_every``).
 DEFAULT_REFIT_EVERY = 50
@@ -38,10 +40,11 @@ class LearningInputs:
 
     prior: LengthModel
     features: np.ndarray  # (n, k): each query's encoder features, in arrival order
+    groups: np.ndarray  # (n,): each query's prompt group (clear_core.length_model.prompt_group_of its prompt)
     alpha: float  # the head's ridge towards the prior weights (log-likelihood units)
     refit_every: int = DEFAULT_REFIT_EVERY
     prior_weight: float = DEFAULT_PRIOR_WEIGHT
-    holdout_share: float = 0.2  # the newest share of what was seen, held out to check a candidate (as serving)
+    holdout_share: float = 0.2  # the share of prompts held out to check a candidate (as serving)
     model: LengthModel = field(init=False)
     seen: list = field(default_factory=list)  # (query, cap, generated, finished)
     sigma: float = field(init=False)
@@ -71,11 +74,14 @@ class LearningInputs:
         if len(self.seen) % self.refit_every:
             return False
         idx, caps, generated, fin = (np.array(col) for col in zip(*self.seen))
-        cut = max(1, min(idx.size - 1, int(round(idx.size * (1.0 - self.holdout_share)))))
+        held = held_out_groups(self.groups[idx], self.holdout_share)
+        if held.all() or not held.any():
+            return False
         part = lambda m: (self.features[idx[m]], generated[m], caps[m], fin[m])  # noqa: E731
         with threadpool_limits(1):  # a 384-wide fit: BLAS threads only contend (10x slower on a busy machine)
-            decision = validated_refit(self.model, self.prior, part(slice(0, cut)), part(slice(cut, None)),
-                                       alpha=self.alpha, prior_weight=self.prior_weight)
+            decision = validated_refit(self.model, self.prior, part(~held), part(held), alpha=self.alpha,
+                                       prior_weight=self.prior_weight, train_groups=self.groups[idx[~held]],
+                                       held_groups=self.groups[idx[held]])
         changed = decision.model is not self.model
         self.model = decision.model
         return changed

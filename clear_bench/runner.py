@@ -214,11 +214,13 @@ def _served_after_warmup(policy, predictions: Predictions, warm: Stream, stream:
                          explored: dict) -> tuple[np.ndarray, list]:
     """The scored stream's caps when ``warm`` is served first in the same run, and the warm-up curve."""
     from clear_bench.learning import LearningInputs, warmup_curve
+    from clear_core.length_model import prompt_group_of
 
     tokens = np.concatenate([warm.tokens, stream.tokens])
     if warmup.learn:
         features = np.concatenate([predictions.stream_features(warm), predictions.stream_features(stream)])
-        inputs = LearningInputs(predictions.head.model, features, predictions.head.alpha,
+        groups = np.array([prompt_group_of(p) for p in warm.prompts + stream.prompts], dtype=np.int64)
+        inputs = LearningInputs(predictions.head.model, features, groups, predictions.head.alpha,
                                 refit_every=warmup.refit_every, prior_weight=warmup.prior_weight)
     else:
         inputs = StreamInputs.concat(stream_inputs(predictions, warm), told)

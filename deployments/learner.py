@@ -13,16 +13,20 @@ is one replica, off the request path:
    cap, by its client or by a failure only a lower bound (censored).
 2. **It refits when due**: after ``refit_every`` new observations, or
    ``refit_interval_s`` after the last refit when anything new came, once
-   it holds ``min_observations``. The window's oldest part is fitted on, its
-   newest ``holdout_share`` held out. The candidate is the model refitted
-   towards the starting head (:meth:`clear_core.length_model.LengthModel.refitted`:
-   the censored ridge head, then the calibration), on one BLAS thread in a
-   worker thread.
+   it holds ``min_observations``. The window's observations of a share
+   ``holdout_share`` of prompts (whole prompts, picked by a hash of their
+   SHA-256: :func:`clear_core.length_model.held_out_groups`) are held out,
+   the rest fitted on. The candidate is the model refitted towards the
+   starting head (:meth:`clear_core.length_model.LengthModel.refitted`: the
+   censored ridge head, its strength chosen on the held-out prompts, then
+   the calibration), on one BLAS thread in a worker thread.
 3. **It validates**: the starting head, the model in service and the
    candidate are scored on the held-out observations with the censored
    likelihood of what they serve (:func:`clear_core.length_model.held_out_log_likelihood`).
    The candidate is published when it is at least as good as the model in
-   service; when the starting head beats both, the service rolls back to it
+   service and better than the starting head by at least two standard
+   errors of the difference (clustered by prompt); when the starting head
+   beats the model in service by as much, the service rolls back to it
    (published as a new version); otherwise nothing changes.
 4. **It publishes** a versioned model (``models/vNNNNNN.json`` and
    ``models/current.json`` beside the log). The predictor, allocator and
@@ -53,7 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clear_core.length_model import LengthModel, validated_refit
+from clear_core.length_model import LengthModel, held_out_groups, prompt_group, validated_refit
 from deployments.background import cancel_on_stop, stop_if_cancelled
 from deployments.traffic_log import TrafficLog, TrafficRecord, decode_features
 
@@ -71,6 +75,7 @@ class Observation:
     tokens: float  # per choice
     cap: float  # per choice; a lower bound on the length when not finished
     finished: bool
+    group: int = 0  # the prompt's group (clear_core.length_model.prompt_group of its SHA-256)
 
 
 def observation_of(record: TrafficRecord, width: int) -> Observation | None:
@@ -82,13 +87,17 @@ def observation_of(record: TrafficRecord, width: int) -> Observation | None:
     per_choice = float(record.tokens) / choices
     if x.size != width or not np.all(np.isfinite(x)) or record.cap_tokens < 1:
         return None
+    try:
+        group = prompt_group(record.prompt_sha256)
+    except (TypeError, ValueError):  # no usable digest: a group of its own features
+        group = prompt_group(TrafficRecord.prompt_hash(record.features))
     if record.ended == "natural":
-        return Observation(x, per_choice, float(record.cap_tokens), True)
+        return Observation(x, per_choice, float(record.cap_tokens), True, group)
     if record.ended == "cap":
-        return Observation(x, per_choice, float(record.cap_tokens), False)
+        return Observation(x, per_choice, float(record.cap_tokens), False, group)
     if per_choice < 1:  # cut before anything was generated: no bound worth the name
         return None
-    return Observation(x, per_choice, per_choice, False)  # client gone or failed: at least what it generated
+    return Observation(x, per_choice, per_choice, False, group)  # client gone or failed: at least what it generated
 
 
 class ModelStore:
@@ -126,6 +135,7 @@ class RefitReport:
     holdout: int
     heldout_log_likelihood: dict  # prior / current / candidate: per held-out observation
     seconds: float
+    alpha: float = math.nan  # the head's ridge strength chosen for the candidate
 
 
 @dataclass
@@ -217,10 +227,17 @@ class LengthLearner:
         t0 = time.perf_counter()
         self._new, self._last_refit = 0, self.clock()
         rows = list(self.window)
-        cut = max(1, min(len(rows) - 1, int(round(len(rows) * (1.0 - self.advanced.holdout_share)))))
-        train, held = self._arrays(rows[:cut]), self._arrays(rows[cut:])
-        decision = validated_refit(self.current, self.prior, train, held, alpha=self.alpha,
-                                   prior_weight=self.advanced.prior_weight)
+        held = held_out_groups([o.group for o in rows], self.advanced.holdout_share)
+        if held.all() or not held.any():  # every prompt on one side: nothing to check a candidate on
+            self.last = RefitReport("kept", self.current.version, int((~held).sum()), int(held.sum()), {},
+                                    time.perf_counter() - t0)
+            return self.last
+        train = self._arrays([o for o, h in zip(rows, held) if not h])
+        decision = validated_refit(self.current, self.prior, train, self._arrays([o for o, h in zip(rows, held) if h]),
+                                   alpha=self.alpha, prior_weight=self.advanced.prior_weight,
+                                   train_groups=[o.group for o, h in zip(rows, held) if not h],
+                                   held_groups=[o.group for o, h in zip(rows, held) if h])
+        cut = int((~held).sum())
         outcome, score = decision.outcome, decision.heldout_log_likelihood
         if outcome != "kept":
             publish = LengthModel(decision.model.coef, decision.model.intercept, decision.model.calibration,
@@ -228,13 +245,16 @@ class LengthLearner:
             if self.store is not None:
                 self.store.publish(publish)
             self.current = publish
-        self.last = RefitReport(outcome, self.current.version, cut, len(rows) - cut, score, time.perf_counter() - t0)
+        self.last = RefitReport(outcome, self.current.version, cut, len(rows) - cut, score, time.perf_counter() - t0,
+                                decision.alpha)
         return self.last
 
     def heldout_abs_log_error(self) -> float:
-        """Mean |ln median - ln length| of the window's newest finished observations under the model in service."""
-        rows = [o for o in list(self.window)[-max(1, int(len(self.window) * self.advanced.holdout_share)):]
-                if o.finished and o.tokens >= 1]
+        """Mean |ln median - ln length| of the window's finished observations of held-out prompts under the
+        model in service."""
+        window = list(self.window)
+        held = held_out_groups([o.group for o in window], self.advanced.holdout_share) if window else []
+        rows = [o for o, h in zip(window, held) if h and o.finished and o.tokens >= 1]
         if not rows:
             return math.nan
         x, tokens, _, _ = self._arrays(rows)
@@ -263,7 +283,7 @@ class LengthLearner:
             "last_refit": None if self.last is None else {
                 "outcome": self.last.outcome, "version": self.last.version, "train": self.last.train,
                 "holdout": self.last.holdout, "heldout_log_likelihood": self.last.heldout_log_likelihood,
-                "seconds": self.last.seconds},
+                "seconds": self.last.seconds, "alpha": self.last.alpha},
         }
 
 

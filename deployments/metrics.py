@@ -43,7 +43,7 @@ LEARNER_MODEL_VERSION = "clear_learner_model_version"  # the length model in ser
 LEARNER_WINDOW = "clear_learner_window_observations"  # observations a refit reads
 LEARNER_CENSORED_SHARE = "clear_learner_censored_share"  # of the window: lengths known only as lower bounds
 LEARNER_CAP_COVERAGE = "clear_learner_cap_coverage"  # of the window's capped or finished: finished within the cap
-LEARNER_HELDOUT_ERROR = "clear_learner_heldout_abs_log_error"  # mean |ln median - ln length|, newest finished
+LEARNER_HELDOUT_ERROR = "clear_learner_heldout_abs_log_error"  # mean |ln median - ln length|, held-out prompts, finished
 LEARNER_HELDOUT_LL = "clear_learner_heldout_log_likelihood"  # last refit, per held-out observation, by model
 # -- counters ----------------------------------------------------------------
 TOKENS_ALLOCATED = "clear_tokens_allocated"  # caps reserved (allocator)
@@ -194,7 +194,7 @@ class LearnerMetrics:
         self.window = gauge(LEARNER_WINDOW, "Observations the next refit reads")
         self.censored = gauge(LEARNER_CENSORED_SHARE, "Share of the window whose length is only a lower bound")
         self.coverage = gauge(LEARNER_CAP_COVERAGE, "Share of the window's requests that finished within their cap")
-        self.error = gauge(LEARNER_HELDOUT_ERROR, "Mean absolute log error of the served median, newest finished")
+        self.error = gauge(LEARNER_HELDOUT_ERROR, "Mean absolute log error of the served median on held-out prompts' finished requests")
         self.loglik = gauge(LEARNER_HELDOUT_LL, "Held-out log-likelihood per observation at the last refit",
                             ("model",))
         self.records = counter(LEARNER_RECORDS, "Settled requests the learner was sent, by how they ended", ("ended",))

@@ -35,7 +35,8 @@ def traffic(n, seed=1, cap=None):
     for i in range(n):
         done = length[i] <= caps[i]
         out.append(TrafficRecord(
-            time=float(i), request_id=f"r{seed}-{i}", tenant="t", model="m", prompt_sha256="0" * 64,
+            time=float(i), request_id=f"r{seed}-{i}", tenant="t", model="m",
+            prompt_sha256=TrafficRecord.prompt_hash(f"prompt {seed}-{i}"),
             prediction_source="minilm-ridge", predicted_threshold_tokens=100.0, raw_threshold_tokens=100.0,
             log_sigma=0.5, runaway=0.0, cap_tokens=int(caps[i]), tokens=int(min(length[i], caps[i])),
             ended="natural" if done else "cap", features=encode_features(x[i])))
@@ -248,3 +249,16 @@ def test_the_status_is_json_before_anything_can_be_measured():
     json.dumps(status, allow_nan=False)
     learner.observe(traffic(5))
     json.dumps(learner.status(), allow_nan=False)
+
+
+def test_the_held_out_observations_are_whole_prompts_and_one_prompt_alone_is_not_refitted():
+    records = traffic(600)
+    again = [TrafficRecord(**{**r.__dict__, "request_id": r.request_id + "-again"}) for r in records]
+    learner = LengthLearner(prior_model(), 10.0, settings())
+    learner.observe(records + again)  # every prompt asked twice
+    report = learner.refit()
+    assert report.train + report.holdout == 1200 and report.holdout % 2 == 0
+    assert 0.1 < report.holdout / 1200 < 0.3  # about holdout_share of the prompts
+    lone = LengthLearner(prior_model(), 10.0, settings())
+    lone.observe([TrafficRecord(**{**r.__dict__, "prompt_sha256": "0" * 64}) for r in records])
+    assert lone.refit().outcome == "kept" and lone.current.version == 0  # nothing to check a candidate on
