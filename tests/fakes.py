@@ -182,6 +182,7 @@ def make_ingress(allocator=None, engine=None, learner=None, **ingress_cfg) -> In
     from deployments.ingress import Ingress
 
     args = app_args(ingress=ingress_cfg) if ingress_cfg else app_args()
+    args["predictor"]["placement"] = "deployment"  # the FakePredictor is its deployment's handle
     return Ingress(AppConfig.model_validate(args), FakePredictor(), allocator or FakeAllocator(),
                    engine or FakeEngine(), metrics=False, learner=learner)
 

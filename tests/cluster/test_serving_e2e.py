@@ -45,7 +45,7 @@ def urls(cluster):
                                      "budget": {"mode": "rate", "tokens_per_s": 10.0, "burst_tokens": 20.0}}},
         AUTH: {**args, "ingress": {"api_keys": ["sk-good"]}},
         # A predictor that always times out: every request must still get a cap.
-        SLOW: {**args, "predictor": {"backend": "heuristic", "advanced": {"timeout_s": 1e-6}}},
+        SLOW: {**args, "predictor": {"backend": "heuristic", "placement": "deployment", "advanced": {"timeout_s": 1e-6}}},
     })
     yield {"base": urls[APP], "tiny": urls[TINY], "auth": urls[AUTH], "slow": urls[SLOW]}
     cluster.delete(APP, TINY, AUTH, SLOW, wait=False)

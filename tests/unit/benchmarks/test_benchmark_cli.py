@@ -13,8 +13,8 @@ import pytest
 from tests.cli_support import assert_one_line_error, run_cli
 from tests.conftest import MAIN_POOL, REPO_ROOT
 
-SCRIPTS = ["clearing_speed", "digital_twin", "histogram_prior", "load_demo", "online_cells", "predictor_speed",
-           "reservation_price", "serving_overhead", "vllm_graph_cost"]
+SCRIPTS = ["clearing_speed", "digital_twin", "histogram_prior", "load_demo", "online_cells", "predictor_overhead",
+           "predictor_speed", "reservation_price", "serving_overhead", "vllm_graph_cost"]
 
 
 def _script(name: str):
@@ -75,6 +75,7 @@ def test_every_help_shows_defaults(name):
     ("digital_twin", ["--n", "0"], "argument --n"),
     ("load_demo", ["--traces", "p", "--out", "o", "--policies", "uniform,bogus"], "argument --policies"),
     ("serving_overhead", ["--concurrency", "0"], "argument --concurrency"),
+    ("predictor_overhead", ["--placements", "ingress,gpu"], "argument --placements"),
     ("predictor_speed", ["--batch-sizes", "8,x"], "argument --batch-sizes"),
     ("vllm_graph_cost", ["--rounds", "0"], "argument --rounds"),
     ("reservation_price", ["--in-flight", "0"], "argument --in-flight"),

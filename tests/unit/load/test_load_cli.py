@@ -123,7 +123,7 @@ def test_a_server_replaying_the_same_pool_or_saying_nothing_gets_no_warning(tmp_
 
 def test_the_ingress_reports_the_pool_it_replays_as_the_load_test_fingerprints_it():
     def models(engine: dict) -> dict:
-        ing = Ingress(AppConfig.model_validate(app_args(engine=engine)), FakePredictor(), FakeAllocator(),
+        ing = Ingress(AppConfig.model_validate(app_args(engine=engine, predictor={"placement": "deployment"})), FakePredictor(), FakeAllocator(),
                       FakeEngine(), metrics=False)
         scope = {"type": "http", "method": "GET", "path": "/v1/models", "query_string": b"", "headers": []}
         return asyncio.run(ing.models(Request(scope)))["data"][0]

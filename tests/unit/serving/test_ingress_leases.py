@@ -20,7 +20,7 @@ from tests.fakes import (
     make_request,
 )
 
-LEASE_ARGS = {"allocator": {"policy": "clear-cost", "decisions": "ingress", "advanced": {"lease_block_tokens": 2000},
+LEASE_ARGS = {"predictor": {"placement": "deployment"}, "allocator": {"policy": "clear-cost", "decisions": "ingress", "advanced": {"lease_block_tokens": 2000},
                             "budget": {"mode": "per_query", "tokens_per_query": 512, "window_queries": 100,
                                        "refund_unused": True}}}
 

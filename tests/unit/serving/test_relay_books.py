@@ -17,7 +17,8 @@ MODEL = "clear-tiny"
 def vllm_ingress(items, allocator=None) -> tuple[Ingress, FakeAllocator, FakeLLMHandle]:
     alloc = allocator or FakeAllocator(cap=60)
     handle = FakeLLMHandle(items)
-    cfg = AppConfig.model_validate(app_args(model_name=MODEL, engine={"kind": "vllm", "model_source": "m"}))
+    cfg = AppConfig.model_validate(app_args(model_name=MODEL, engine={"kind": "vllm", "model_source": "m"},
+                                                predictor={"placement": "deployment"}))
     return Ingress(cfg, FakePredictor(), alloc, handle, metrics=False), alloc, handle
 
 

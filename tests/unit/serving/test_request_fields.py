@@ -142,7 +142,7 @@ def test_the_checks_vllm_runs_at_the_engine_run_before_any_budget(body, needle):
 
 def _ingress(tokenizer: bool) -> Ingress:
     engine = {"kind": "replay", "tokenizer_path": str(QWEN) if tokenizer else None}
-    return Ingress(AppConfig.model_validate(app_args(engine=engine)), FakePredictor(), FakeAllocator(), FakeEngine(),
+    return Ingress(AppConfig.model_validate(app_args(engine=engine, predictor={"placement": "deployment"})), FakePredictor(), FakeAllocator(), FakeEngine(),
                    metrics=False)
 
 

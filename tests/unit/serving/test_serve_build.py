@@ -13,7 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[3]
 #: The graph of the embedded default, as README's serving section draws it.
-EXPECTED_DEPLOYMENTS = {"Ingress", "Predictor", "Allocator", "ReplayEngine", "Learner"}
+EXPECTED_DEPLOYMENTS = {"Ingress", "Allocator", "ReplayEngine", "Learner"}  # the predictor runs in the ingress
 #: The console script `serve` is exactly this (the venv's bin/serve).
 SERVE_CLI = "import sys; from ray.serve.scripts import cli; sys.exit(cli())"
 

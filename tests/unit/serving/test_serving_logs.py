@@ -125,7 +125,7 @@ def test_only_the_ingress_keeps_serves_access_log():
     from deployments.app import build_app
     from tests.factories import app_args
 
-    ingress = build_app(app_args())._bound_deployment
+    ingress = build_app(app_args(predictor={"placement": "deployment"}))._bound_deployment
     inner = {a._bound_deployment.name: a._bound_deployment.logging_config
              for a in ingress.init_args if hasattr(a, "_bound_deployment")}
     assert sorted(inner) == ["Allocator", "Predictor", "ReplayEngine"]
