@@ -14,6 +14,7 @@ does not depend on what they are. Prints one line per size and, last, one JSON o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import sys
@@ -61,7 +62,7 @@ def _records(n: int, coef: np.ndarray, intercept: float, rng, chunk: int = 10_00
             i, done = lo + k, length[k] <= caps[k]
             yield TrafficRecord(
                 time=1.8e9 + i, request_id=f"chatcmpl-{i:032x}", tenant="default", model="clear-replay",
-                prompt_sha256=f"{i:064x}", prediction_source="minilm-ridge", predicted_threshold_tokens=412.5,
+                prompt_sha256=hashlib.sha256(b"prompt %d" % i).hexdigest(), prediction_source="minilm-ridge", predicted_threshold_tokens=412.5,
                 raw_threshold_tokens=388.1, log_sigma=0.61, runaway=0.0, cap_tokens=int(caps[k]),
                 tokens=int(min(length[k], caps[k])), ended="natural" if done else "cap",
                 features=encode_features(x[k]), model_version=3)

@@ -12,7 +12,7 @@ on all it has seen of 80% of the prompts, and checked on the other 20%
 (whole prompts, drawn by a hash of the prompt's SHA-256 as in serving): its
 ridge strength is chosen on them, and it replaces the model only when it
 describes them at least as well as the model, and better than the prior by
-at least two standard errors
+at least three standard errors
 (:func:`clear_core.length_model.validated_refit`, the step the serving
 learner takes). An abandoned query is never generated and is not observed.
 """

@@ -56,7 +56,7 @@ DEFAULT_FOLDS = 5
 #: Multiples of the head's ridge strength a refit chooses among (:func:`chosen_alpha`).
 ALPHA_MULTIPLES = (1.0, 4.0, 16.0, 64.0, 256.0)
 #: How many standard errors a candidate's held-out gain must reach to replace a model (:func:`gain_z`).
-PUBLISH_Z = 2.0
+PUBLISH_Z = 3.0
 #: Format tag of :meth:`LengthModel.as_dict`.
 MODEL_FORMAT = "clear-length-model/1"
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)

@@ -110,14 +110,18 @@ def value(res: list[dict]) -> float:
     return sum(float(s["value"][1]) for s in res)
 
 
+#: Requests of the load test, sent open loop at 6 per second.
+LOAD_REQUESTS = 180
+
+
 @pytest.fixture(scope="module")
 def loaded(cluster, prometheus):
     """Deploy the app and run a load test in the background; yield while it runs."""
     url = cluster.deploy(ARGS, APP)
-    plan = plan_stream(load_pool(MAIN_POOL), "balanced", 300, seed=0)
-    # Open loop at 6 requests/s: the load lasts about 50 s whatever the machine's speed,
+    plan = plan_stream(load_pool(MAIN_POOL), "balanced", LOAD_REQUESTS, seed=0)
+    # Open loop at 6 requests/s: the load lasts about 30 s whatever the machine's speed,
     # so the checks below see the counters move while it runs.
-    cfg = LoadConfig(base_url=url, mode="rate", rate_rps=6.0, concurrency=16, max_requests=300, max_duration_s=240)
+    cfg = LoadConfig(base_url=url, mode="rate", rate_rps=6.0, concurrency=16, max_requests=LOAD_REQUESTS, max_duration_s=240)
     result: dict = {}
 
     def drive():
@@ -148,7 +152,7 @@ def test_promql_during_and_after_a_load_test(loaded, prometheus):
     # After it: Prometheus agrees with the allocator's own books.
     loaded["thread"].join(timeout=300)
     records = loaded["result"]["records"]
-    assert len(records) == 300
+    assert len(records) == LOAD_REQUESTS
     outcomes = {r.status for r in records}
     assert "ok" in outcomes and "abandoned" in outcomes, outcomes  # 256 tokens/query is scarce
     books = httpx.get(f"{loaded['url']}/v1/clear/status", timeout=30).json()

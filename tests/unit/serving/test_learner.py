@@ -262,3 +262,16 @@ def test_the_held_out_observations_are_whole_prompts_and_one_prompt_alone_is_not
     lone = LengthLearner(prior_model(), 10.0, settings())
     lone.observe([TrafficRecord(**{**r.__dict__, "prompt_sha256": "0" * 64}) for r in records])
     assert lone.refit().outcome == "kept" and lone.current.version == 0  # nothing to check a candidate on
+
+
+def test_the_learners_background_thread_runs_below_the_request_path_and_only_it():
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deployments.learner import REFIT_NICENESS, _lower_priority
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    with ThreadPoolExecutor(1, initializer=_lower_priority) as worker:
+        inside = worker.submit(os.getpriority, os.PRIO_PROCESS, 0).result()
+    assert inside == min(before + REFIT_NICENESS, 19)  # Linux: niceness is a thread's own
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the caller (the replica's event loop) keeps its own
