@@ -48,7 +48,7 @@ def test_the_refitted_model_serves_the_traffic_better_than_the_prior_and_the_boo
             admitted_in_warmup = int((caps[:WARM] > 0).sum())
             assert len(inputs.seen) == admitted_in_warmup  # abandoned queries are not observed, scored ones neither
             # a refit every 50 observations; a version for each candidate that passed the held-out check
-            assert 1 <= inputs.model.version <= admitted_in_warmup // 50
+            assert inputs.model.version >= 1 and inputs.model.version <= admitted_in_warmup // 50
             assert abs(inputs.model.intercept - 5.0) < 0.15  # the truth, not the prior
     assert solved[True] > solved[False] + 0.05, solved
 
