@@ -46,6 +46,13 @@ def repeated_prompts(seed, prompts, repeats, shift=0.0, noise=0.4, own=0.6):
     return x, tokens, caps, np.ones(which.size, dtype=bool), which.astype(np.int64), LengthModel(beta, 5.5, cal)
 
 
+def split(x, tokens, caps, fin, groups, share):
+    """(train, held, held-out mask): the observations of a ``share`` of the prompts held out."""
+    held = held_out_groups(groups, share)
+    part = lambda m: (x[m], tokens[m], caps[m], fin[m])  # noqa: E731
+    return part(~held), part(held), held
+
+
 def test_prompt_groups_follow_the_sha256_of_the_prompt():
     digest = hashlib.sha256("Write a function that adds two numbers.".encode()).hexdigest()
     assert prompt_group(digest) == int(digest[:16], 16) >> 1
@@ -65,9 +72,8 @@ def test_a_prompt_is_always_on_one_side_and_the_share_is_held():
 
 def test_the_chosen_alpha_is_the_brute_force_best_held_out_fit():
     x, tokens, caps, fin, groups, prior = repeated_prompts(0, 60, 5, shift=1.0)
-    held = held_out_groups(groups, 0.25)
-    part = lambda m: (x[m], tokens[m], caps[m], fin[m])  # noqa: E731
-    best, scores = chosen_alpha(prior, part(~held), part(held), alpha=2.0)
+    train, test, held = split(x, tokens, caps, fin, groups, 0.25)
+    best, scores = chosen_alpha(prior, train, test, alpha=2.0)
     brute = {}
     for m in ALPHA_MULTIPLES:  # each fit by hand, scored on the held-out prompts with its own spread
         fit = fit_censored_ridge(x[~held], np.log(tokens[~held]), ~fin[~held], prior_coef=prior.coef,
@@ -82,9 +88,8 @@ def test_repeated_prompts_choose_a_strong_pull_when_the_prior_is_right_and_a_wea
     chosen = {}
     for shift in (0.0, 3.0):
         x, tokens, caps, fin, groups, prior = repeated_prompts(1, 80, 8, shift=shift)
-        held = held_out_groups(groups, 0.2)
-        part = lambda m: (x[m], tokens[m], caps[m], fin[m])  # noqa: E731
-        chosen[shift], _ = chosen_alpha(prior, part(~held), part(held), alpha=1.0)
+        train, test, _ = split(x, tokens, caps, fin, groups, 0.2)
+        chosen[shift], _ = chosen_alpha(prior, train, test, alpha=1.0)
     assert chosen[0.0] == max(ALPHA_MULTIPLES)  # 80 prompts asked 8 times: only the prior generalises
     assert chosen[3.0] < chosen[0.0]
 
@@ -109,9 +114,8 @@ def test_a_refit_on_repeats_of_the_priors_own_traffic_keeps_the_prior_and_one_on
     outcome = {}
     for shift in (0.0, 3.0):
         x, tokens, caps, fin, groups, prior = repeated_prompts(3, 80, 8, shift=shift)
-        held = held_out_groups(groups, 0.2)
-        part = lambda m: (x[m], tokens[m], caps[m], fin[m])  # noqa: E731
-        decision = validated_refit(prior, prior, part(~held), part(held), alpha=8.0, train_groups=groups[~held],
+        train, test, held = split(x, tokens, caps, fin, groups, 0.2)
+        decision = validated_refit(prior, prior, train, test, alpha=8.0, train_groups=groups[~held],
                                    held_groups=groups[held])
         outcome[shift] = decision.outcome
         if shift == 0.0:
