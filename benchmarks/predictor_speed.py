@@ -10,7 +10,7 @@ CPU, and on CUDA when available; tokenisation is included in the time. With
 ``--shipped-head`` each batch is one call of the serving backend
 (``deployments.predictor_backends.MiniLMRidgePredictor``: encoder, shipped
 head, calibration, ``Prediction`` objects) on prompts in arrival order, as the
-Predictor deployment's ``@serve.batch`` hands them over.
+predictor's batches (``deployments.waiting_batch``) hand them over.
 """
 
 from __future__ import annotations

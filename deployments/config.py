@@ -18,9 +18,9 @@ from clear_core.ledger import DEFAULT_LEASE_TTL_S
 from clear_core.servable import resolve_auto, servable_policy
 from clear_core.traces import POOL_GENERATION_CAP_TOKENS
 
-#: @serve.batch of the predictor: most prompts per batch and longest wait to fill one.
+#: The predictor's batches (deployments.waiting_batch): most prompts per batch and longest wait to fill one.
 DEFAULT_PREDICTOR_BATCH_SIZE = 32
-DEFAULT_PREDICTOR_BATCH_WAIT_S = 0.0  # batch only the prompts already waiting: no request waits for others
+DEFAULT_PREDICTOR_BATCH_WAIT_S = 0.0  # batch only the prompts that waited for the last batch: none waits for others
 
 
 class ConfigError(ValueError):
@@ -293,9 +293,10 @@ class PredictorAdvanced(_Strict):
         1, ge=1, description="minilm-ridge backend on ONNX Runtime: intra-op threads per replica (scale a CPU "
         "predictor by replicas, not threads)."
     )
-    max_batch_size: int = Field(DEFAULT_PREDICTOR_BATCH_SIZE, ge=1, description="@serve.batch: most prompts per batch.")
+    max_batch_size: int = Field(DEFAULT_PREDICTOR_BATCH_SIZE, ge=1, description="Most prompts per encoder batch.")
     batch_wait_timeout_s: float = Field(
-        DEFAULT_PREDICTOR_BATCH_WAIT_S, ge=0, description="@serve.batch: longest wait to fill a batch, s."
+        DEFAULT_PREDICTOR_BATCH_WAIT_S, ge=0, description="Longest wait to fill an encoder batch once the encoder is free, s (0: "
+        "run the prompts that waited for the previous batch at once)."
     )
     timeout_s: float = Field(2.0, gt=0, description="Ingress waits this long for a prediction, then uses the fallback.")
     table_path: str | None = Field(

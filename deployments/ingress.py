@@ -55,7 +55,6 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayError
-from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clear_core.online_market import DEFAULT_TENANT
@@ -180,11 +179,6 @@ class Ingress:
             from deployments.predictor import Predictor
 
             self._local_predictor = Predictor(config.predictor, learner, config.learner.advanced.poll_s)
-            try:  # @serve.batch needs a replica's context: outside one (an ingress built in a test) one call each
-                serve.get_replica_context()
-                self._local_batches = True
-            except RayServeException:
-                self._local_batches = False
         self.allocator = allocator
         self.codec = TokenCodec(self.config.engine.token_counter_path())
         self._keys = [k.encode() for k in self.config.ingress.api_keys]
@@ -399,9 +393,7 @@ class Ingress:
         t0 = time.perf_counter()
         if self._local_predictor is not None:
             try:
-                if self._local_batches:  # with the prompts that arrived while a batch ran; falls back and counts
-                    return await self._local_predictor.predict(prompt)
-                return (await self._local_predictor.predict_many([prompt]))[0]
+                return await self._local_predictor.predict(prompt)  # batched with the prompts waiting; falls back
             finally:
                 if self.metrics:
                     self.metrics.prediction.observe(time.perf_counter() - t0)

@@ -1,7 +1,8 @@
 """Predictor deployment: batched prompt -> predicted emergence threshold tau_hat.
 
-Prompts from concurrent requests are batched with ``@serve.batch`` (size and
-wait from the config) and run through the configured
+Prompts from concurrent requests are batched (:class:`~deployments.waiting_batch.WaitingBatches`: the
+prompts that arrive while a batch runs form the next one; size and wait from the config) and run through
+the configured
 :class:`~deployments.predictor_backends.PredictorBackend`. If the backend
 raises, or has no prediction for a prompt (lookup table miss), those prompts
 get the heuristic's threshold and ``clear_predictor_fallbacks`` counts them
@@ -20,13 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ray import serve
-
-from deployments.config import DEFAULT_PREDICTOR_BATCH_SIZE, DEFAULT_PREDICTOR_BATCH_WAIT_S, PredictorConfig
+from deployments.config import PredictorConfig
 from deployments.messages import Prediction
 from deployments.metrics import PREDICTOR_FALLBACKS, counter
 from deployments.learner_client import ModelFollower
 from deployments.predictor_backends import heuristic_prediction, make_backend
+from deployments.waiting_batch import WaitingBatches
 
 logger = logging.getLogger("ray.serve")
 
@@ -36,8 +36,8 @@ class Predictor:
         """``learner``: the length learner's handle (None: the model never changes), polled every ``poll_s``."""
         self.config = config
         self.backend = make_backend(config, share_features=learner is not None)
-        self.predict_batch.set_max_batch_size(config.advanced.max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(config.advanced.batch_wait_timeout_s)
+        self.batches = WaitingBatches(self.predict_many, config.advanced.max_batch_size,
+                                      config.advanced.batch_wait_timeout_s)
         self._fallbacks = counter(PREDICTOR_FALLBACKS, "Requests capped from the fallback predictor", ("reason",))
         self.follower = None
         if learner is not None and hasattr(self.backend, "swap"):
@@ -48,13 +48,8 @@ class Predictor:
                 pass
 
     async def predict(self, prompt: str) -> Prediction:
-        return await self.predict_batch(prompt)
-
-
-    # The decorator's values are replaced from the config in __init__.
-    @serve.batch(max_batch_size=DEFAULT_PREDICTOR_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_PREDICTOR_BATCH_WAIT_S)
-    async def predict_batch(self, prompts: list[str]) -> list[Prediction]:
-        return await self.predict_many(prompts)
+        """One prompt's prediction, computed with the prompts waiting beside it."""
+        return await self.batches(prompt)
 
     async def predict_many(self, prompts: list[str]) -> list[Prediction]:
         """One batch through the backend (unbatched entry point for tests and benchmarks)."""
