@@ -124,15 +124,19 @@ class PerQueryBudget(Budget):
         return 0.0
 
     def grant_on_arrival(self, arrivals: int) -> float:
+        # arrivals <= 0: the arrival falls in the block a previous budget opened (TokenLedger.rebudget)
         w = self.window_queries
-        return w * self.tokens_per_query if (arrivals - 1) % w == 0 else 0.0
+        return w * self.tokens_per_query if arrivals >= 1 and (arrivals - 1) % w == 0 else 0.0
 
     def grant_on_refill(self, level: float, elapsed_s: float) -> float:
         return 0.0
 
     def remaining_in_block(self, arrivals: int) -> int:
-        """Arrivals still to come in the current block, the latest one included."""
+        """Arrivals still to come in the current block, the latest one included (``arrivals < 0``: ``-arrivals``
+        more arrivals finish a block a previous budget opened, TokenLedger.rebudget)."""
         w = self.window_queries
+        if arrivals < 0:
+            return 1 - arrivals
         return w - (arrivals - 1) % w if arrivals else w
 
     def seconds_until(self, shortfall_tokens: float, tokens: float) -> float:

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clear_core.budget import Budget, budget_from_dict
+from clear_core.budget import Budget, PerQueryBudget, TokenBucketBudget, budget_from_dict
 from clear_core.errors import BudgetExhaustedError, InvalidInputError, UnknownReservationError
 
 
@@ -174,6 +174,7 @@ class TokenLedger:
         self._reserved = 0
         self._spent = 0
         self._arrivals = 0
+        self._arrival_base = 0  # arrivals before the budget in force took effect (rebudget)
         self._allocated = 0
         self._generated = 0
         self._refunded = 0
@@ -195,11 +196,48 @@ class TokenLedger:
     def arrive(self) -> None:
         """Count one arriving request (credits a new block of a per-query budget)."""
         self._arrivals += 1
-        self._granted += self.budget.grant_on_arrival(self._arrivals)
+        self._granted += self.budget.grant_on_arrival(self.budget_arrivals)
 
     @property
     def arrivals(self) -> int:
         return self._arrivals
+
+    @property
+    def budget_arrivals(self) -> int:
+        """Arrivals since the budget in force took effect: what its per-query blocks count."""
+        return self._arrivals - self._arrival_base
+
+    def rebudget(self, budget: Budget, now: float | None = None) -> None:
+        """Continue these books under another budget (a changed config).
+
+        What happened stays: spent, reserved, leased, the counters, the open reservations and leases.
+        What was credited stays credited. The new budget governs what is credited from now on:
+
+        * per-query: from the next block. The block in progress keeps the credit it opened with, and the
+          first arrival after it opens a block of the new size (the next arrival, when the old budget was a
+          rate);
+        * rate: the bucket keeps its level (granted less spent) and refills at the new rate from now; a
+          level above the new burst is cut to it, but never below what is reserved or leased, so nothing
+          in flight loses its tokens.
+
+        A changed ``refund_unused`` or ``reservation_ttl_s`` applies to the reservations that settle or
+        expire from now on, the open ones included.
+        """
+        now = self._clock() if now is None else now
+        self._refill(now)  # the old budget's refill up to this instant
+        old = self.budget
+        if isinstance(budget, PerQueryBudget):
+            if isinstance(old, PerQueryBudget):
+                w, done = old.window_queries, self.budget_arrivals
+                if done > 0:  # (done <= 0: still in a block an earlier budget opened, which stays the one to end)
+                    self._arrival_base += -(-done // w) * w  # the end of the block in progress
+            else:
+                self._arrival_base = self._arrivals
+        elif isinstance(budget, TokenBucketBudget):
+            committed = self._reserved + self._leased
+            self._granted = min(self._granted, self._spent + max(float(budget.burst_tokens), committed))
+        self.budget = budget
+        self._last_refill = now
 
     def now(self) -> float:
         """The ledger's clock (monotonic seconds, or a test's fake clock)."""
@@ -413,6 +451,7 @@ class TokenLedger:
             "granted": self._granted,
             "spent": self._spent,
             "arrivals": self._arrivals,
+            "arrival_base": self._arrival_base,
             "allocated": self._allocated,
             "generated": self._generated,
             "refunded": self._refunded,
@@ -443,6 +482,7 @@ class TokenLedger:
         led._granted = float(snap["granted"])
         led._spent = int(snap["spent"])
         led._arrivals = int(snap["arrivals"])
+        led._arrival_base = int(snap.get("arrival_base", 0))
         led._allocated = int(snap["allocated"])
         led._generated = int(snap["generated"])
         led._refunded = int(snap["refunded"])

@@ -125,7 +125,7 @@ class Pacing:
         """
         n = len(self.times)
         span = max(now - self.times[0], self.min_rate_span_s) if n else self.min_rate_span_s
-        arrivals = self.ledger.arrivals + int(ahead)
+        arrivals = self.ledger.budget_arrivals + int(ahead)
         opens = self.budget.grant_on_arrival(arrivals) if ahead else 0.0
         return self.budget.pricing_budget_per_query(
             available=self.ledger.pricing_available(now) + opens, arrivals=arrivals,
@@ -158,5 +158,5 @@ class Pacing:
         budget = self.budget
         if not (self.block_reserve > 0 and self.pace and isinstance(budget, PerQueryBudget)):
             return None
-        later = budget.remaining_in_block(self.ledger.arrivals) - 1
+        later = budget.remaining_in_block(self.ledger.budget_arrivals) - 1
         return float(self.ledger.available(now) - self.block_reserve * later * b)

@@ -105,11 +105,19 @@ class Allocator:
         self.store = store
         snap = self.store.load() if self.store is not None else None
         budget = config.to_budget()
-        self.restored = snap is not None and snap["ledger"].get("budget") == budget.to_dict()
-        if snap is not None and not self.restored:
-            logger.warning("allocator state under this key has another budget; starting fresh books")
-        self.ledger = (TokenLedger.restore(snap["ledger"]) if self.restored
-                       else TokenLedger(budget, lease_ttl_s=config.advanced.lease_ttl_s))
+        self.restored = snap is not None
+        #: The books were kept under another budget (a changed config): they continue under this one.
+        self.rebudgeted = self.restored and snap["ledger"].get("budget") != budget.to_dict()
+        if self.restored:
+            self.ledger = TokenLedger.restore(snap["ledger"])
+            if self.rebudgeted:
+                logger.warning("allocator books kept under budget %s continue under %s (spent stays spent; "
+                               "the new budget applies from the next block)", snap["ledger"].get("budget"),
+                               budget.to_dict())
+                self.ledger.rebudget(budget)
+            self.ledger.lease_ttl_s = float(config.advanced.lease_ttl_s)
+        else:
+            self.ledger = TokenLedger(budget, lease_ttl_s=config.advanced.lease_ttl_s)
         self.market = OnlineMarket(
             self.policy,
             self.ledger,
@@ -317,6 +325,8 @@ class Allocator:
                 "invariant_holds": st.invariant_holds,
                 "books_reconcile": st.reconciles,
                 "restored_after_restart": self.restored,
+                "budget_changed_at_restart": self.rebudgeted,
+                "budget": self.ledger.budget.to_dict(),
                 "budget_name": self.config.budget_name,
                 "tenants": self.market.tenant_snapshot(),
             }

@@ -117,6 +117,8 @@ def test_rayservice_validates_against_kuberay_crd(rayservice, rayservice_schema,
         ("wrong_type", "'four' is not of type 'integer'"),
         ("missing_group_name", "'groupName' is a required property"),
         ("bad_upscaling_mode", "'Eager' is not one of"),
+        ("gcs_ft_typo", "'redisAdress' was unexpected"),
+        ("gcs_ft_backend", "'memcached' is not one of"),
     ],
 )
 def test_crd_validator_rejects_broken_rayservice(rayservice, rayservice_schema, ops, breakage, expected):
@@ -127,6 +129,10 @@ def test_crd_validator_rejects_broken_rayservice(rayservice, rayservice_schema, 
         cfg["workerGroupSpecs"][0]["maxReplicas"] = "four"
     elif breakage == "missing_group_name":
         del cfg["workerGroupSpecs"][1]["groupName"]
+    elif breakage == "gcs_ft_typo":
+        cfg["gcsFaultToleranceOptions"]["redisAdress"] = cfg["gcsFaultToleranceOptions"].pop("redisAddress")
+    elif breakage == "gcs_ft_backend":
+        cfg["gcsFaultToleranceOptions"]["backend"] = "memcached"
     else:
         cfg["autoscalerOptions"]["upscalingMode"] = "Eager"
     errors = ops.schema_errors(rayservice_schema, rayservice)
@@ -251,7 +257,7 @@ def test_image_and_dockerfile_agree(rayservice, ops):
 # -- core objects ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["namespace.yaml", "grafana-dashboard-configmap.yaml"])
+@pytest.mark.parametrize("name", ["namespace.yaml", "grafana-dashboard-configmap.yaml", "redis.yaml"])
 def test_core_objects_validate_with_kubernetes_validate(ops, name):
     for doc in _docs(ops, name):
         assert _kv_errors(doc, ops) == [], name
@@ -343,5 +349,28 @@ def test_kustomize_build(ops):
     assert r.returncode == 0, r.stderr
     docs = [d for d in yaml.safe_load_all(r.stdout) if d]
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "Namespace", "PodMonitor", "PodMonitor", "PrometheusRule", "RayService"]
+    assert kinds == ["ConfigMap", "Deployment", "Namespace", "PersistentVolumeClaim", "PodMonitor", "PodMonitor",
+                     "PrometheusRule", "RayService", "Service"]
     assert all(d["metadata"].get("namespace") == "clear" for d in docs if d["kind"] != "Namespace")
+
+
+# -- GCS fault tolerance -----------------------------------------------------------------
+
+
+def test_the_gcs_writes_through_to_the_redis_the_kustomization_deploys(rayservice, ops):
+    """The RayService's gcsFaultToleranceOptions point at k8s/redis.yaml's Service and Secret, and the Serve
+    graph keeps its books in the GCS under a name, so a head pod that restarts finds them."""
+    ft = rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    docs = {d["kind"]: d for d in _docs(ops, "redis.yaml")}
+    service, deployment = docs["Service"], docs["Deployment"]
+    host, port = ft["redisAddress"].rsplit(":", 1)
+    assert host == service["metadata"]["name"] and int(port) == service["spec"]["ports"][0]["port"]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    (env,) = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == env["valueFrom"]["secretKeyRef"]
+    assert "--requirepass \"$REDIS_PASSWORD\"" in container["args"][0] and "--appendonly yes" in container["args"][0]
+    assert ft["externalStorageNamespace"]
+    serve_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    allocator = serve_config["applications"][0]["args"]["allocator"]
+    assert allocator.get("state_store", "gcs") == "gcs" and allocator["budget_name"]

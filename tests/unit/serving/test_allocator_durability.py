@@ -43,13 +43,34 @@ def test_a_restarted_allocator_keeps_its_books_and_pricing_window():
     assert final["spent_tokens"] <= final["granted_tokens"] == 50 * 400
 
 
-def test_a_new_budget_spec_starts_fresh_books():
+def test_a_changed_budget_continues_the_books_spent_stays_spent():
+    """A redeploy with another budget under the same name: the refused client does not find a full budget."""
     store = MemoryStateStore()
-    a = _allocator(store)
-    a.reserve_sync("q0", 300.0)
+    a = _allocator(store)  # 400 tokens per query, blocks of 50: the first arrival credits 20,000
+    admitted = [(f"q{i}", d.cap_tokens) for i in range(30)
+                if (d := a.reserve_sync(f"q{i}", 300.0, log_sigma=0.3)).admitted]
+    for rid, cap in admitted[:20]:
+        a.settle_sync(rid, cap)
     a.flush()
-    b = _allocator(store, tokens_per_query=999)
-    assert b.status_sync()["restored_after_restart"] is False and b.status_sync()["arrivals"] == 0
+    before = a.status_sync()
+    b = _allocator(store, tokens_per_query=999, window_queries=10)
+    after = b.status_sync()
+    assert after["restored_after_restart"] is True and after["budget_changed_at_restart"] is True
+    assert after["budget"]["tokens_per_query"] == 999 and after["budget"]["window_queries"] == 10
+    for key in ("granted_tokens", "spent_tokens", "reserved_tokens", "arrivals", "allocated_tokens_total",
+                "generated_tokens_total", "refunded_tokens_total", "in_flight_reservations"):
+        assert after[key] == before[key], key
+    # The block in progress (arrivals 1-50 of the old budget) credits nothing more: arrivals 31-50 add
+    # nothing, and arrival 51 opens a block of the new budget: 10 x 999 tokens.
+    for i in range(30, 50):
+        b.reserve_sync(f"r{i}", 1e6, log_sigma=0.3)  # asks far more than any cap: abandoned, still an arrival
+    assert b.status_sync()["granted_tokens"] == before["granted_tokens"] == 20_000
+    b.reserve_sync("r50", 1e6, log_sigma=0.3)
+    assert b.status_sync()["granted_tokens"] == 20_000 + 10 * 999
+    for rid, cap in admitted[20:]:  # the reservations made under the old budget settle under the new one
+        assert b.settle_sync(rid, cap) is not None
+    final = b.status_sync()
+    assert final["reserved_tokens"] == 0 and final["invariant_holds"] and final["books_reconcile"]
 
 
 def test_a_seeded_window_prices_the_first_request_like_a_warm_one(tmp_path):
