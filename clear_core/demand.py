@@ -58,6 +58,9 @@ DEFAULT_WINDOW_SIZE = 256
 #: Arrival keys remembered to recognise retries: how many, and for how long, s.
 ARRIVAL_MEMORY = 8192
 ARRIVAL_MEMORY_S = 600.0
+#: The newest arrival keys a snapshot keeps (an allocator restart forgets the older ones): the retries a
+#: restart provokes come within seconds, and the snapshot is written after every command.
+ARRIVAL_SNAPSHOT_KEYS = 2048
 
 
 class DemandWindow:
@@ -128,6 +131,17 @@ class ArrivalMemory:
         keys[key] = now
         keys.move_to_end(key)
         return True
+
+    def snapshot(self, now: float, limit: int = ARRIVAL_SNAPSHOT_KEYS) -> list:
+        """The newest ``limit`` keys as ``[key, age in s]``, oldest first (ages: the clock is per process)."""
+        newest = list(self._keys.items())[-limit:] if limit > 0 else []
+        return [[k, round(max(now - t, 0.0), 3)] for k, t in newest]
+
+    def restore(self, items, now: float) -> None:
+        """Remember the keys of :meth:`snapshot` (the time the allocator was down does not age them)."""
+        for key, age in items:
+            self._keys[str(key)] = now - float(age)
+            self._keys.move_to_end(str(key))
 
 
 def check_request(threshold_tokens: float, log_sigma: float, runaway: float, client_cap_tokens: int | None) -> None:

@@ -88,6 +88,8 @@ class LedgerState:
     leased: int = 0  # tokens lent to owners on budget leases, not yet reported charged or given back
     lease_reserved: int = 0  # caps the owners reported open inside their leases
     reclaimed_lease_tokens_total: int = 0  # leased tokens taken back from owners whose lease lapsed
+    late_charged_tokens_total: int = 0  # charged by settles that came after their reservation was recovered
+    late_uncharged_tokens_total: int = 0  # of those settles' tokens, the ones the pool no longer held
 
     @property
     def invariant_holds(self) -> bool:
@@ -125,6 +127,9 @@ DEFAULT_LEASE_TTL_S = 15.0
 
 #: Counters an owner reports about its budget lease, cumulative since the lease was opened.
 LEASE_COUNTERS = ("charged", "returned", "allocated", "generated", "refunded", "failed")
+#: Recovered reservations remembered (rid -> cap), so that a settle arriving after its owner's lease lapsed
+#: is still charged (TokenLedger.settle).
+LAPSED_MEMORY = 1024
 #: Revoked owners remembered (a report from one of them is refused).
 REVOKED_MEMORY = 4096
 
@@ -185,6 +190,9 @@ class TokenLedger:
         self._leased = 0  # sum of the leases' outstanding tokens
         self._revoked: OrderedDict[str, None] = OrderedDict()
         self._reclaimed = 0
+        self._lapsed: OrderedDict[str, int] = OrderedDict()  # recovered reservations: rid -> cap
+        self._late_charged = 0  # tokens charged by settles that arrived after their reservation was recovered
+        self._late_uncharged = 0  # of such settles' tokens, those the pool no longer held (not charged)
 
     # -- budget inflow -------------------------------------------------------
 
@@ -288,11 +296,13 @@ class TokenLedger:
         not refund unused caps. Raises :class:`UnknownReservationError` when
         ``rid`` holds no open reservation (the books are unchanged).
         """
-        res = self._reservations.get(rid)
-        if res is None:
-            raise UnknownReservationError(f"no open reservation {rid!r} (settled twice, recovered or expired)")
         if not isinstance(generated, (int, np.integer)) or generated < 0:
             raise InvalidInputError("generated", generated, "must be an integer >= 0")
+        res = self._reservations.get(rid)
+        if res is None and rid in self._lapsed:
+            return self._late_settle(rid, int(generated), failed)
+        if res is None:
+            raise UnknownReservationError(f"no open reservation {rid!r} (settled twice, recovered or expired)")
         del self._reservations[rid]
         s = Settlement.of(res.cap, generated, refund_unused=self.budget.refund_unused, failed=failed)
         self._refill(self._clock())  # bucket level before the refund returns
@@ -302,6 +312,24 @@ class TokenLedger:
         self._refunded += s.refunded
         self._failed += int(failed)
         return s
+
+    def _late_settle(self, rid: str, generated: int, failed: bool) -> Settlement:
+        """A settle of a reservation recovered when its owner's lease lapsed (the owner was alive but cut off
+        for longer than the lease TTL). Its cap went back to the pool, charged nothing; the tokens its
+        client did receive are charged now, from the pool, as far as the pool still holds them (the
+        invariant first: what it no longer holds is counted in ``late_uncharged_tokens_total``)."""
+        cap = self._lapsed.pop(rid)
+        s = Settlement.of(cap, generated, refund_unused=True, failed=failed)  # what the client received
+        self._refill(self._clock())
+        take = min(s.generated, max(self.available(), 0))
+        self._spent += take
+        self._generated += take  # out of what recovery had counted as refunded
+        self._refunded -= take
+        self._recovered_tokens -= take
+        self._late_charged += take
+        self._late_uncharged += s.generated - take
+        self._failed += int(failed)
+        return Settlement(cap=cap, generated=take, refunded=cap - take, charged=take)
 
     # -- leases of the owners (ingress replicas) -----------------------------------
 
@@ -391,6 +419,9 @@ class TokenLedger:
         gone = [(rid, r.cap) for rid, r in self._reservations.items() if r.owner in lapsed]
         for rid, cap in gone:
             del self._reservations[rid]
+            self._lapsed[rid] = cap
+            while len(self._lapsed) > LAPSED_MEMORY:
+                self._lapsed.popitem(last=False)
             self._reserved -= cap
             self._refunded += cap
             self._recovered += 1
@@ -435,6 +466,8 @@ class TokenLedger:
             leased=self._leased,
             lease_reserved=sum(lease.reserved for lease in self._token_leases.values()),
             reclaimed_lease_tokens_total=self._reclaimed,
+            late_charged_tokens_total=self._late_charged,
+            late_uncharged_tokens_total=self._late_uncharged,
         )
 
     # -- durability ----------------------------------------------------------
@@ -465,6 +498,9 @@ class TokenLedger:
             "token_leases": {o: vars(lease).copy() for o, lease in self._token_leases.items()},
             "revoked": list(self._revoked),
             "reclaimed": self._reclaimed,
+            "lapsed": [[rid, cap] for rid, cap in self._lapsed.items()],
+            "late_charged": self._late_charged,
+            "late_uncharged": self._late_uncharged,
         }
 
     @classmethod
@@ -504,6 +540,9 @@ class TokenLedger:
             led._leases[o] = now  # a fresh liveness lease: a live owner reports, a dead one lapses
         led._revoked.update((o, None) for o in snap.get("revoked", []))
         led._reclaimed = int(snap.get("reclaimed", 0))
+        led._lapsed.update((str(rid), int(cap)) for rid, cap in snap.get("lapsed", []))
+        led._late_charged = int(snap.get("late_charged", 0))
+        led._late_uncharged = int(snap.get("late_uncharged", 0))
         led._last_refill = now
         if not led.state(now).invariant_holds:
             raise InvalidInputError("ledger snapshot", "reserved + spent > granted", "refusing to restore broken books")

@@ -323,10 +323,12 @@ class OnlineMarket:
     # -- memory across restarts ---------------------------------------------------------
 
     def snapshot(self) -> dict:
-        """Pricing memory (recent thresholds and outcomes) for an allocator restart."""
+        """Pricing memory (recent thresholds and outcomes) and the newest arrival keys (to tell a retry from a new
+        arrival), for an allocator restart."""
         return {"window": [list(w) for w in self._window], "outcomes": [bool(x) for x in self._outcomes],
                 "last_price": self.last_price, "tenants": self._books.snapshot(),
-                "owner_tenants": self._books.owner_snapshot()}
+                "owner_tenants": self._books.owner_snapshot(),
+                "arrival_keys": self._arrivals.snapshot(self.ledger.now())}
 
     def seed(self, thresholds, bins=None) -> None:
         """Prime the pricing window with thresholds of representative past demand.
@@ -358,6 +360,7 @@ class OnlineMarket:
         self._books.restore(snap.get("tenants", {}), snap.get("owner_tenants", {}))
         self._outcomes.extend(bool(x) for x in snap.get("outcomes", []))
         self.last_price = float(snap.get("last_price", 0.0))
+        self._arrivals.restore(snap.get("arrival_keys", []), self.ledger.now())  # a retry after a restart is one
 
     # -- decisions at the ingress (budget leases, clear_core.lease) ---------------------
 

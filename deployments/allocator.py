@@ -321,6 +321,8 @@ class Allocator:
                 "recovered_reservations_total": st.recovered_total,
                 "recovered_tokens_total": st.recovered_tokens_total,
                 "failed_requests_total": st.failed_total,
+                "late_charged_tokens_total": st.late_charged_tokens_total,
+                "late_uncharged_tokens_total": st.late_uncharged_tokens_total,
                 "leases": st.owners,
                 "invariant_holds": st.invariant_holds,
                 "books_reconcile": st.reconciles,

@@ -90,6 +90,9 @@ class AllocatorDeploymentOptions(_Strict):
         return {
             "name": name,
             "num_replicas": 1,  # never autoscaled: one ledger, one market
+            # A rolling update stops the old replica before the new one starts (Serve's default, pinned): two
+            # allocators never write the same books, and the new one restores what the old one last wrote.
+            "max_surge_percent": 0,
             "max_ongoing_requests": self.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus},
         }

@@ -50,10 +50,8 @@ def test_a_lapsed_lease_recovers_its_reservations_at_no_charge():
     assert (st.reserved, st.spent, st.available) == (350, 0, 650)
     assert (st.recovered_total, st.recovered_tokens_total, st.refunded_total) == (2, 300, 300)
     assert st.owners == 1 and st.reconciles and st.invariant_holds
-    with pytest.raises(UnknownReservationError):  # a late settle of a recovered reservation changes nothing
-        led.settle("a1", 50)
-    assert led.state() == st
     assert led.release_lapsed() == []  # b renewed 4 s ago
+    assert led.state() == st
 
 
 def test_settling_twice_changes_nothing_the_second_time():
@@ -193,3 +191,50 @@ def test_a_drained_bucket_says_retry_after_the_refill():
     empty = pq.request("y", 95.0)
     assert empty.reason is DecisionReason.POOL_EMPTY and not empty.should_retry
     assert empty.retry_after_s == MAX_RETRY_AFTER_S
+
+
+# -- a settle that arrives after its owner's lease lapsed ----------------------------------------------
+
+
+def test_a_settle_after_the_lease_lapsed_charges_what_the_client_received():
+    """The owner was cut off longer than the lease TTL, not dead: its reservation was recovered (the cap back
+    to the pool, charged nothing), and then its settle arrives. The tokens its client received are charged."""
+    led, clock = per_query_ledger(b=1000.0, w=1, lease_ttl_s=10.0)
+    led.arrive()  # 1,000 in the pool
+    led.reserve("a", 300, owner="stalled")
+    clock.t += 11.0
+    assert led.release_lapsed() == [("a", 300)]
+    st = led.state()
+    assert (st.spent, st.reserved, st.recovered_tokens_total, st.available) == (0, 0, 300, 1000)
+    s = led.settle("a", 120)
+    assert (s.cap, s.generated, s.charged, s.refunded) == (300, 120, 120, 180)
+    st = led.state()
+    assert st.spent == 120 and st.generated_total == 120 and st.refunded_total == 180
+    assert st.recovered_tokens_total == 180 and st.late_charged_tokens_total == 120
+    assert st.invariant_holds and st.reconciles and st.available == 880
+    with pytest.raises(UnknownReservationError):  # once: a second settle changes nothing
+        led.settle("a", 120)
+    assert led.state() == st
+
+
+def test_a_late_settle_never_breaks_the_invariant_when_the_pool_was_spent_meanwhile():
+    led, clock = per_query_ledger(b=1000.0, w=1, lease_ttl_s=10.0)
+    led.arrive()
+    led.reserve("a", 300, owner="stalled")
+    clock.t += 11.0
+    led.release_lapsed()
+    led.reserve("b", 950)  # the recovered cap was lent again: 50 left
+    s = led.settle("a", 200)
+    st = led.state()
+    assert s.charged == 50 and st.spent == 50 and st.late_uncharged_tokens_total == 150
+    assert st.invariant_holds and st.reconciles and st.available == 0
+
+
+def test_recovered_reservations_are_remembered_across_a_snapshot():
+    led, clock = per_query_ledger(b=1000.0, w=1, lease_ttl_s=10.0)
+    led.arrive()
+    led.reserve("a", 300, owner="stalled")
+    clock.t += 11.0
+    led.release_lapsed()
+    back = TokenLedger.restore(led.snapshot(), clock=clock)
+    assert back.settle("a", 40).charged == 40 and back.state().spent == 40 and back.state().reconciles

@@ -155,3 +155,39 @@ def test_the_block_reserve_share_reaches_the_market_and_a_bad_one_is_refused():
     assert Allocator(AllocatorConfig(**base), max_completion_tokens=8192, metrics=False).market.block_reserve == 0.5
     with pytest.raises(ValueError, match="block_reserve_share"):
         AllocatorConfig(**base, advanced={"block_reserve_share": 1.5})
+
+
+def test_a_retry_after_an_allocator_restart_is_not_a_new_arrival():
+    """Retry keys are in the snapshot: a client that retries across a restart does not credit the budget twice."""
+    store = MemoryStateStore()
+    a = _allocator(store, window_queries=1)  # every arrival credits 400 tokens: a double count shows
+    d = a.reserve_sync("q0", 100.0, log_sigma=0.3, arrival_key="idem:abc")
+    assert d.admitted
+    a.settle_sync("q0", 0, failed=True)  # the client got an error (say the allocator went down) and retries
+    a.flush()
+    b = _allocator(store, window_queries=1)
+    before = b.status_sync()
+    b.reserve_sync("q0-retry", 100.0, log_sigma=0.3, arrival_key="idem:abc", retry=True)
+    after = b.status_sync()
+    assert after["arrivals"] == before["arrivals"] == 1 and after["granted_tokens"] == before["granted_tokens"] == 400
+    b.reserve_sync("q1", 100.0, log_sigma=0.3, arrival_key="idem:new", retry=True)  # a key never seen: new
+    assert b.status_sync()["arrivals"] == 2
+
+
+def test_a_late_settle_through_the_allocator_charges_the_tokens_received():
+    """An ingress replica cut off for longer than its lease: its reservation is recovered, then it settles."""
+    store = MemoryStateStore()
+    cfg = AllocatorConfig(policy="clear", budget={"mode": "per_query", "tokens_per_query": 400, "window_queries": 1},
+                          advanced={"lease_ttl_s": 0.05})
+    a = Allocator(cfg, max_completion_tokens=8192, metrics=False, store=store)
+    d = a.reserve_sync("q0", 100.0, log_sigma=0.3, owner="ingress-stalled")
+    assert d.admitted
+    import time
+
+    time.sleep(0.1)
+    a.ledger.release_lapsed()
+    assert a.status_sync()["recovered_tokens_total"] == d.cap_tokens
+    s = a.settle_sync("q0", 50)
+    st = a.status_sync()
+    assert s is not None and s.charged == 50 and st["spent_tokens"] == 50 and st["late_charged_tokens_total"] == 50
+    assert st["invariant_holds"] and st["books_reconcile"]

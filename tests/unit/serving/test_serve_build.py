@@ -47,6 +47,8 @@ def test_serve_build_names_every_deployment_of_the_graph(built):
     assert sorted(names) == sorted(EXPECTED_DEPLOYMENTS)
     allocator = next(d for d in app["deployments"] if d["name"] == "Allocator")
     assert allocator["num_replicas"] == 1 and "autoscaling_config" not in allocator  # one ledger, one market
+    # A rolling update never runs two allocators side by side (two writers of one set of books).
+    assert allocator["max_surge_percent"] == 0
 
 
 def test_the_built_import_path_deploys_without_args(built):
