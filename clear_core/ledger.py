@@ -90,6 +90,7 @@ class LedgerState:
     reclaimed_lease_tokens_total: int = 0  # leased tokens taken back from owners whose lease lapsed
     late_charged_tokens_total: int = 0  # charged by settles that came after their reservation was recovered
     late_uncharged_tokens_total: int = 0  # of those settles' tokens, the ones the pool no longer held
+    corrected_tokens_total: int = 0  # charges taken back: clients that left before their answer (correct)
 
     @property
     def invariant_holds(self) -> bool:
@@ -130,6 +131,9 @@ LEASE_COUNTERS = ("charged", "returned", "allocated", "generated", "refunded", "
 #: Recovered reservations remembered (rid -> cap), so that a settle arriving after its owner's lease lapsed
 #: is still charged (TokenLedger.settle).
 LAPSED_MEMORY = 1024
+#: Settles remembered for a correction (TokenLedger.correct): how many, and for how long, s.
+CORRECTABLE_SETTLES = 4096
+CORRECTABLE_S = 60.0
 #: Revoked owners remembered (a report from one of them is refused).
 REVOKED_MEMORY = 4096
 
@@ -191,6 +195,8 @@ class TokenLedger:
         self._revoked: OrderedDict[str, None] = OrderedDict()
         self._reclaimed = 0
         self._lapsed: OrderedDict[str, int] = OrderedDict()  # recovered reservations: rid -> cap
+        self._settled: OrderedDict[str, tuple[float, Settlement]] = OrderedDict()  # recent settles, to correct
+        self._corrected_tokens = 0  # charges taken back by corrections
         self._late_charged = 0  # tokens charged by settles that arrived after their reservation was recovered
         self._late_uncharged = 0  # of such settles' tokens, those the pool no longer held (not charged)
 
@@ -311,7 +317,39 @@ class TokenLedger:
         self._generated += s.generated
         self._refunded += s.refunded
         self._failed += int(failed)
+        self._remember_settled(rid, s)
         return s
+
+    def _remember_settled(self, rid: str, s: Settlement) -> None:
+        now = self._clock()
+        self._settled[rid] = (now, s)
+        self._settled.move_to_end(rid)
+        while self._settled and (len(self._settled) > CORRECTABLE_SETTLES
+                                 or now - next(iter(self._settled.values()))[0] > CORRECTABLE_S):
+            self._settled.popitem(last=False)
+
+    def correct(self, rid: str, received: int) -> Settlement | None:
+        """The client of a settled request received only ``received`` of the tokens it was charged for (it
+        left while its answer waited for the settle's acknowledgement): it is charged that, as a failed
+        request is, and the rest returns to the pool. Only lowers a charge; once per request; None (books
+        unchanged) for a request not settled within the last ``CORRECTABLE_S`` or already corrected."""
+        if not isinstance(received, (int, np.integer)) or received < 0:
+            raise InvalidInputError("received", received, "must be an integer >= 0")
+        entry = self._settled.pop(rid, None)
+        if entry is None or self._clock() - entry[0] > CORRECTABLE_S:
+            return None
+        old = entry[1]
+        new = Settlement.of(old.cap, min(int(received), old.generated), refund_unused=True, failed=True)
+        back = old.charged - new.charged
+        if back <= 0:
+            return old
+        self._refill(self._clock())
+        self._spent -= back
+        self._generated -= old.generated - new.generated
+        self._refunded += old.generated - new.generated
+        self._failed += 1
+        self._corrected_tokens += back
+        return new
 
     def _late_settle(self, rid: str, generated: int, failed: bool) -> Settlement:
         """A settle of a reservation recovered when its owner's lease lapsed (the owner was alive but cut off
@@ -468,6 +506,7 @@ class TokenLedger:
             reclaimed_lease_tokens_total=self._reclaimed,
             late_charged_tokens_total=self._late_charged,
             late_uncharged_tokens_total=self._late_uncharged,
+            corrected_tokens_total=self._corrected_tokens,
         )
 
     # -- durability ----------------------------------------------------------
@@ -501,6 +540,7 @@ class TokenLedger:
             "lapsed": [[rid, cap] for rid, cap in self._lapsed.items()],
             "late_charged": self._late_charged,
             "late_uncharged": self._late_uncharged,
+            "corrected": self._corrected_tokens,
         }
 
     @classmethod
@@ -543,6 +583,7 @@ class TokenLedger:
         led._lapsed.update((str(rid), int(cap)) for rid, cap in snap.get("lapsed", []))
         led._late_charged = int(snap.get("late_charged", 0))
         led._late_uncharged = int(snap.get("late_uncharged", 0))
+        led._corrected_tokens = int(snap.get("corrected", 0))
         led._last_refill = now
         if not led.state(now).invariant_holds:
             raise InvalidInputError("ledger snapshot", "reserved + spent > granted", "refusing to restore broken books")

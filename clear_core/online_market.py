@@ -305,6 +305,10 @@ class OnlineMarket:
         self.explored.settled(rid, s.generated)
         return s
 
+    def correct(self, rid: str, received: int) -> Settlement | None:
+        """A settled request's client received only ``received`` tokens (TokenLedger.correct)."""
+        return self.ledger.correct(rid, received)
+
     def _arrive(self, now: float) -> None:
         """Count a new arrival: it credits the budget (a per-query block), the arrival rate and the float."""
         self.ledger.arrive()

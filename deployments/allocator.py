@@ -221,6 +221,21 @@ class Allocator:
             self._publish(state)
         return s
 
+    def correct_sync(self, rid: str, received: int) -> Settlement | None:
+        """A settled request's client left before its answer: charge only ``received`` (TokenLedger.correct)."""
+        with self._lock:
+            before, tenants = self.ledger.state(), self.market.tenant_snapshot()
+            s = self.market.correct(rid, int(received))
+            if s is None:
+                return None
+            self._check()
+            self._persist()
+            state = self.ledger.state()
+        if self.metrics:
+            self.metrics.count_change(before, state)
+            self._publish(state)
+        return s
+
     def report_sync(self, report: LeaseReport) -> tuple[LeaseReply, bool]:
         """(answer, whether more was lent): :func:`clear_core.lease.answer_report` under the lock.
 
@@ -323,6 +338,7 @@ class Allocator:
                 "failed_requests_total": st.failed_total,
                 "late_charged_tokens_total": st.late_charged_tokens_total,
                 "late_uncharged_tokens_total": st.late_uncharged_tokens_total,
+                "corrected_tokens_total": st.corrected_tokens_total,
                 "leases": st.owners,
                 "invariant_holds": st.invariant_holds,
                 "books_reconcile": st.reconciles,
@@ -466,6 +482,13 @@ class Allocator:
         if settled is not None:  # acknowledged only once written: a restart must not reopen it (the ingress
             await self._durable()  # stops retrying at the acknowledgement and renews its lease, so it would stay)
         return settled
+
+    async def correct(self, rid: str, received: int) -> Settlement | None:
+        self._ensure_background()
+        s = self.correct_sync(rid, received)
+        if s is not None:
+            await self._durable()
+        return s
 
     async def renew(self, owner: str) -> int:
         self._ensure_background()

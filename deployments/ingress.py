@@ -568,26 +568,27 @@ class Ingress:
             self.leases.settle(rid, tokens, failed)
             return None
 
-        async def run():
-            deadline = time.monotonic() + SETTLE_RETRY_FOR_S
-            for attempt in range(1_000_000):
-                try:
-                    await self.allocator.settle.remote(rid, int(tokens), failed)
-                    return
-                except Exception as exc:
-                    if time.monotonic() > deadline:
-                        logger.error("settle of %s never acknowledged: %r; its lease or TTL will end it", rid, exc)
-                        return
-                    await asyncio.sleep(SETTLE_BACKOFF_S[min(attempt, len(SETTLE_BACKOFF_S) - 1)])
-
-        return self._background_task(run())
+        return self._background_task(_until_acknowledged(
+            lambda: self.allocator.settle.remote(rid, int(tokens), failed),
+            f"settle of {rid}", "its lease or TTL will end it"))
 
     async def _settle_acknowledged(self, rid: str, tokens: int, ended: str) -> None:
         """Settle, and wait up to ``ingress.advanced.settle_ack_wait_s`` for the allocator's acknowledgement
         before the answer ends, so a replica that dies right after answering cannot lose the settle."""
         task = self._settle(rid, tokens, ended=ended)
         if task is not None and self.config.ingress.advanced.settle_ack_wait_s > 0:
-            await asyncio.wait({task}, timeout=self.config.ingress.advanced.settle_ack_wait_s)
+            try:
+                await asyncio.wait({task}, timeout=self.config.ingress.advanced.settle_ack_wait_s)
+            except asyncio.CancelledError:  # the client left before its answer: it received none of it
+                self._background_task(self._uncharge(task, rid))
+                raise
+
+    async def _uncharge(self, settle: asyncio.Task, rid: str) -> None:
+        """Once ``rid``'s settle is acknowledged, take back its charge (Allocator.correct): its client left
+        while the answer waited for that acknowledgement, so it received nothing."""
+        await asyncio.wait({settle})
+        await _until_acknowledged(lambda: self.allocator.correct.remote(rid, 0), f"correction of {rid}",
+                                  "charged for an answer it did not receive")
 
     def _ensure_lease(self) -> None:
         if self._lease_task is None or self._lease_task.done():
@@ -831,4 +832,19 @@ def _cancel(resp) -> None:
 # Serve's FastAPI class-based view rewrites the route endpoints' signatures when
 # the class is wrapped; it must happen at import time, so that a replica that
 # imports this module gets the same rewritten routes as the driver.
+async def _until_acknowledged(call, what: str, otherwise: str) -> None:
+    """Await ``call()`` (a handle call the allocator applies once, idempotently), retried with backoff until it
+    is acknowledged or SETTLE_RETRY_FOR_S passes (then logged with what ``otherwise`` happens)."""
+    deadline = time.monotonic() + SETTLE_RETRY_FOR_S
+    for attempt in range(1_000_000):
+        try:
+            await call()
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                logger.error("%s never acknowledged: %r; %s", what, exc, otherwise)
+                return
+            await asyncio.sleep(SETTLE_BACKOFF_S[min(attempt, len(SETTLE_BACKOFF_S) - 1)])
+
+
 IngressApp = serve.ingress(app)(Ingress)

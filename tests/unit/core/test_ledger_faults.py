@@ -238,3 +238,39 @@ def test_recovered_reservations_are_remembered_across_a_snapshot():
     led.release_lapsed()
     back = TokenLedger.restore(led.snapshot(), clock=clock)
     assert back.settle("a", 40).charged == 40 and back.state().spent == 40 and back.state().reconciles
+
+
+# -- a client that left while its answer waited for the settle's acknowledgement ---------------------------
+
+
+@pytest.mark.parametrize("refund", [False, True])
+def test_a_correction_charges_only_what_the_client_received(refund):
+    led = TokenLedger(make_budget(mode="per_query", tokens_per_query=1000, window_queries=1, refund_unused=refund))
+    led.arrive()
+    led.reserve("a", 300)
+    s = led.settle("a", 120)
+    assert s.charged == (120 if refund else 300)
+    before = led.state()
+    c = led.correct("a", 0)  # it received none of it
+    st = led.state()
+    assert (c.cap, c.generated, c.charged, c.refunded) == (300, 0, 0, 300)
+    assert st.spent == before.spent - s.charged == 0 and st.available == 1000
+    assert st.generated_total == 0 and st.refunded_total == 300 and st.corrected_tokens_total == s.charged
+    assert st.failed_total == 1 and st.invariant_holds and st.reconciles
+    assert led.correct("a", 0) is None and led.state() == st  # once
+
+
+def test_a_correction_never_raises_a_charge_and_forgets_old_settles():
+    clock = FakeClock()
+    led = TokenLedger(make_budget(mode="per_query", tokens_per_query=1000, window_queries=1, refund_unused=True),
+                      clock=clock)
+    led.arrive()
+    led.reserve("a", 300)
+    led.settle("a", 100)
+    st = led.state()
+    assert led.correct("a", 250).charged == 100 and led.state() == st  # received more than it was charged: no change
+    led.reserve("b", 300)
+    led.settle("b", 100)
+    clock.t += 61.0
+    assert led.correct("b", 0) is None and led.state().spent == 200  # too old to correct
+    assert led.correct("never-made", 0) is None

@@ -205,7 +205,7 @@ def test_the_allocator_options_come_from_config_and_stay_one_replica():
 
     opts = AllocatorConfig(advanced={"deployment": {"num_cpus": 0.5, "max_ongoing_requests": 77}}
                            ).advanced.deployment.serve_options()
-    assert opts == {"name": "Allocator", "num_replicas": 1, "max_ongoing_requests": 77,
+    assert opts == {"name": "Allocator", "num_replicas": 1, "max_ongoing_requests": 77, "max_surge_percent": 0,
                     "ray_actor_options": {"num_cpus": 0.5}}
     with pytest.raises(ValidationError):
         AllocatorConfig(advanced={"deployment": {"num_replicas": 2}})

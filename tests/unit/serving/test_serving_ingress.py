@@ -163,3 +163,53 @@ def test_config_refuses_weights_or_cap_budgets_the_policy_cannot_price():
     weighted_clear = {**base, "allocator": {**base.get("allocator", {}), "tenant_weights": {"gold": 4.0}}}
     with pytest.raises(ValidationError, match="weights"):
         AppConfig.model_validate(weighted_clear)
+
+
+def test_a_client_that_leaves_while_its_answer_waits_for_the_settle_is_charged_nothing():
+    """Decisions central: a whole answer waits for the settle's acknowledgement before it is sent. A client
+    that leaves in that wait never receives the answer, so the charge is taken back once the settle lands."""
+    from deployments.allocator import Allocator
+    from deployments.config import AllocatorConfig
+
+    alloc = Allocator(AllocatorConfig(policy="clear", budget={"mode": "per_query", "tokens_per_query": 400,
+                                                              "window_queries": 10}),
+                      max_completion_tokens=8192, metrics=False)
+
+    class Method:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self, *args, **kwargs):
+            return self.fn(*args, **kwargs)
+
+    class SlowSettleHandle:
+        def __init__(self):
+            self.settling = asyncio.Event()
+
+            async def settle(rid, generated, failed):
+                self.settling.set()
+                await asyncio.sleep(0.2)  # the acknowledgement is slow: the client leaves meanwhile
+                return await alloc.settle(rid, generated, failed)
+
+            self.reserve = Method(alloc.reserve)
+            self.settle = Method(settle)
+            self.correct = Method(alloc.correct)
+            self.renew = Method(alloc.renew)
+
+    async def run():
+        handle = SlowSettleHandle()
+        ing = make_ingress(handle, FakeEngine(chunks=4))
+        task = asyncio.create_task(ing._complete(make_request(chat(max_tokens=50)), "chat"))
+        await handle.settling.wait()  # the answer is built and waits for the settle
+        task.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await settle_tasks(ing)
+        await asyncio.sleep(0.3)
+        await settle_tasks(ing)
+        return alloc.status_sync()
+
+    st = asyncio.run(run())
+    assert st["arrivals"] == 1 and st["allocated_tokens_total"] == 50
+    assert st["spent_tokens"] == 0 and st["generated_tokens_total"] == 0 and st["refunded_tokens_total"] == 50
+    assert st["corrected_tokens_total"] == 50 and st["invariant_holds"] and st["books_reconcile"]
