@@ -310,7 +310,8 @@ def answer_report(market, report: LeaseReport, *, requote: bool = True, now: flo
     ledger = market.ledger
     now = ledger.now() if now is None else now
     owner = str(report.owner)
-    if ledger.is_revoked(owner):
+    if ledger.is_revoked(owner):  # its charges since its last report still count (TokenLedger.late_report)
+        ledger.late_report(owner, report.counters, int(report.reserved))
         return LeaseReply(quote=market.last_quote or market.quote(now), granted_total=0, next_seq=0, revoked=True)
     lease = ledger.reconcile(owner, report.counters, int(report.reserved), now)
     market.absorb_in_flight(owner, int(report.in_flight))

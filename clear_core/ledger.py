@@ -192,7 +192,8 @@ class TokenLedger:
         self._granted = float(budget.initial_grant())
         self._token_leases: dict[str, TokenLease] = {}
         self._leased = 0  # sum of the leases' outstanding tokens
-        self._revoked: OrderedDict[str, None] = OrderedDict()
+        # Revoked owners, with their lease's counters as last reported (None: none known), for a late report.
+        self._revoked: OrderedDict[str, TokenLease | None] = OrderedDict()
         self._reclaimed = 0
         self._lapsed: OrderedDict[str, int] = OrderedDict()  # recovered reservations: rid -> cap
         self._settled: OrderedDict[str, tuple[float, Settlement]] = OrderedDict()  # recent settles, to correct
@@ -351,6 +352,35 @@ class TokenLedger:
         self._corrected_tokens += back
         return new
 
+    def late_report(self, owner: str, counters: dict, reserved: int) -> int:
+        """A report from an owner whose lease lapsed and was revoked (it was cut off, not dead): what it
+        charged since its last report is charged now, from the pool as far as the pool holds it (the rest is
+        counted in ``late_uncharged_tokens_total``), and its counters enter the books. Its arrivals are not
+        absorbed, and the caps still open in it stay recovered (charged nothing). Returns the tokens charged;
+        a repeated report changes nothing."""
+        lease = self._revoked.get(owner)
+        if lease is None:
+            return 0
+        new = {k: max(int(counters.get(k, 0)), getattr(lease, k)) for k in LEASE_COUNTERS}
+        open_caps = max(int(reserved), 0)
+        due = new["charged"] - lease.charged
+        self._refill(self._clock())
+        take = min(due, max(self.available(), 0))
+        self._spent += take
+        self._late_charged += take
+        self._late_uncharged += due - take
+        self._allocated += new["allocated"] - lease.allocated
+        self._generated += new["generated"] - lease.generated
+        # The caps open at its last report were counted refunded (recovered) at the revocation; now its
+        # settles say what became of them, and the caps open now are the ones recovered.
+        self._refunded += (new["refunded"] + open_caps) - (lease.refunded + lease.reserved)
+        self._recovered_tokens += open_caps - lease.reserved
+        self._failed += new["failed"] - lease.failed
+        for k in LEASE_COUNTERS:
+            setattr(lease, k, new[k])
+        lease.reserved = open_caps
+        return take
+
     def _late_settle(self, rid: str, generated: int, failed: bool) -> Settlement:
         """A settle of a reservation recovered when its owner's lease lapsed (the owner was alive but cut off
         for longer than the lease TTL). Its cap went back to the pool, charged nothing; the tokens its
@@ -451,7 +481,7 @@ class TokenLedger:
             # Its open caps were never settled with us: recovered (charged nothing), like a reservation's.
             self._refunded += lease.reserved
             self._recovered_tokens += lease.reserved
-            self._revoked[o] = None
+            self._revoked[o] = lease
             while len(self._revoked) > REVOKED_MEMORY:
                 self._revoked.popitem(last=False)
         gone = [(rid, r.cap) for rid, r in self._reservations.items() if r.owner in lapsed]
@@ -536,6 +566,7 @@ class TokenLedger:
             "reservations": [[rid, r.cap, max(0.0, now - r.created), r.owner] for rid, r in self._reservations.items()],
             "token_leases": {o: vars(lease).copy() for o, lease in self._token_leases.items()},
             "revoked": list(self._revoked),
+            "revoked_leases": {o: vars(lease).copy() for o, lease in self._revoked.items() if lease is not None},
             "reclaimed": self._reclaimed,
             "lapsed": [[rid, cap] for rid, cap in self._lapsed.items()],
             "late_charged": self._late_charged,
@@ -578,7 +609,9 @@ class TokenLedger:
             led._token_leases[o] = lease
             led._leased += lease.outstanding
             led._leases[o] = now  # a fresh liveness lease: a live owner reports, a dead one lapses
-        led._revoked.update((o, None) for o in snap.get("revoked", []))
+        kept = snap.get("revoked_leases", {})
+        led._revoked.update((o, TokenLease(**{k: int(v) for k, v in kept[o].items()}) if o in kept else None)
+                            for o in snap.get("revoked", []))
         led._reclaimed = int(snap.get("reclaimed", 0))
         led._lapsed.update((str(rid), int(cap)) for rid, cap in snap.get("lapsed", []))
         led._late_charged = int(snap.get("late_charged", 0))

@@ -274,3 +274,30 @@ def test_a_correction_never_raises_a_charge_and_forgets_old_settles():
     clock.t += 61.0
     assert led.correct("b", 0) is None and led.state().spent == 200  # too old to correct
     assert led.correct("never-made", 0) is None
+
+
+def test_a_report_from_a_revoked_owner_charges_what_it_charged_since_its_last_report():
+    """Decisions at the ingress: a replica cut off for longer than the lease TTL is revoked (its lease back to
+    the pool). Its next report still says what its clients received since the last one: that is charged."""
+    led, clock = per_query_ledger(b=10_000.0, w=1, lease_ttl_s=10.0)
+    led.arrive()
+    assert led.grant_lease("ing", 2000) == 2000
+    counters = {"charged": 300, "returned": 0, "allocated": 500, "generated": 300, "refunded": 0, "failed": 0}
+    led.reconcile("ing", counters, reserved=200)
+    clock.t += 11.0
+    led.release_lapsed()
+    st = led.state()
+    assert led.is_revoked("ing") and st.leased == 0 and st.spent == 300 and st.recovered_tokens_total == 200
+    assert st.reconciles
+    # Since its last report: the 200 tokens of caps then open settled (150 generated, 50 refunded), and it
+    # reserved 200 more, still open.
+    late = {"charged": 450, "returned": 0, "allocated": 700, "generated": 450, "refunded": 50, "failed": 0}
+    assert led.late_report("ing", late, reserved=200) == 150
+    st = led.state()
+    assert st.spent == 450 and st.late_charged_tokens_total == 150 and st.allocated_total == 700
+    assert st.generated_total == 450 and st.refunded_total == 250 and st.recovered_tokens_total == 200
+    assert st.invariant_holds and st.reconciles
+    assert led.late_report("ing", late, reserved=200) == 0 and led.state() == st  # repeated: nothing twice
+    back = TokenLedger.restore(led.snapshot(), clock=clock)  # the revoked lease's counters survive a restart
+    more = {**late, "charged": 500, "generated": 500, "allocated": 700, "refunded": 50}
+    assert back.late_report("ing", more, reserved=150) == 50 and back.state().reconciles
