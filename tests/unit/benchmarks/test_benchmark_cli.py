@@ -14,7 +14,7 @@ from tests.cli_support import assert_one_line_error, run_cli
 from tests.conftest import MAIN_POOL, REPO_ROOT
 
 SCRIPTS = ["clearing_speed", "digital_twin", "histogram_prior", "load_demo", "online_cells", "predictor_overhead",
-           "predictor_speed", "reservation_price", "serving_overhead", "vllm_graph_cost"]
+           "predictor_speed", "reservation_price", "serving_overhead", "slow_headers", "vllm_graph_cost"]
 
 
 def _script(name: str):
