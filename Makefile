@@ -17,14 +17,14 @@ install:  ## CPU install for development (torch pinned to the CPU build), real v
 XDIST = $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n auto")
 
 test:  ## the whole test suite CI runs: the tiers without a cluster on every core, then the cluster tier (one Ray)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not cluster" $(XDIST)
-	$(PY) -m pytest -q -p no:cacheprovider -m cluster
+	$(PY) -m pytest -q -p no:cacheprovider -m "not cluster" $(XDIST) tests/unit
+	$(PY) -m pytest -q -p no:cacheprovider -m cluster tests/cluster
 
 test-fast:  ## the fast unit tier: no Ray, no vLLM, no training; on every core where pytest-xdist is installed
 	$(PY) -m pytest -q -p no:cacheprovider -m "not cluster and not slow" $(XDIST)
 
 test-cluster:  ## the cluster tier alone: one local Ray and Serve for the session, real vLLM on CPU
-	$(PY) -m pytest -q -p no:cacheprovider -m cluster
+	$(PY) -m pytest -q -p no:cacheprovider -m cluster tests/cluster
 
 bench:  ## the paper's experiments on the main pool (Table 1, figures)
 	clear-llm bench --traces $(POOL) --predictions oracle-noise:0.5 --seeds 0,1,2,3,4 --out artifacts/bench-oracle-noise-0.5 --dump-allocations

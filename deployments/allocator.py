@@ -224,7 +224,7 @@ class Allocator:
     def correct_sync(self, rid: str, received: int) -> Settlement | None:
         """A settled request's client left before its answer: charge only ``received`` (TokenLedger.correct)."""
         with self._lock:
-            before, tenants = self.ledger.state(), self.market.tenant_snapshot()
+            before = self.ledger.state()
             s = self.market.correct(rid, int(received))
             if s is None:
                 return None

@@ -607,12 +607,22 @@ class Ingress:
             await asyncio.sleep(every)
 
     def __del__(self):
-        """Serve calls this when the replica stops: end the lease renewal loop (deployments.background)."""
+        """Serve calls this when the replica stops, once its requests have ended, and awaits what it returns:
+        end the loops (deployments.background) and, with decisions at the ingress, report one last time so
+        what this replica charged since its last report reaches the books (a rolling update or a scale-down
+        would otherwise lose it, and the lease would lapse with those caps counted as recovered)."""
         cancel_on_stop(getattr(self, "_lease_task", None))
-        if getattr(self, "leases", None) is not None:
-            self.leases.stop()
         if getattr(self, "observations", None) is not None:
             self.observations.stop()
+        leases = getattr(self, "leases", None)
+        if leases is None:
+            return None
+        leases.stop()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # collected outside an event loop: nothing can be reported
+            return None
+        return None if leases.last_reported else leases.last_report()
 
     # -- answers --------------------------------------------------------------------
 

@@ -49,6 +49,9 @@ logger = logging.getLogger("ray.serve")
 
 #: How long a request waits for the allocator's answer when it needs one (first quote, a lease top-up), s.
 SYNC_TIMEOUT_S = 5.0
+#: A stopping replica retries its last report this long, every LAST_REPORT_RETRY_S, while the allocator is away.
+LAST_REPORT_FOR_S = 10.0
+LAST_REPORT_RETRY_S = 0.5
 #: Recent decisions whose quote age the status reports.
 QUOTE_AGE_SAMPLES = 4096
 
@@ -83,6 +86,7 @@ class LeaseClient:
             self.follower = ModelFollower(learner, config.learner.advanced.poll_s, self._apply_model)
         self._sync_lock = asyncio.Lock()
         self._loop_task: asyncio.Task | None = None
+        self.last_reported = False  # the stopping replica's last report was sent (last_report)
         self.last_reply: LeaseReply | None = None
         self.last_reply_at = 0.0  # time.monotonic() of the last answer
         self.reports = 0
@@ -210,6 +214,19 @@ class LeaseClient:
             "reports": self.reports, "failed_reports": self.failed_reports,
             "decision_quote_age_s": _percentiles(self.quote_ages),
         }
+
+    async def last_report(self) -> None:
+        """Report once more (a replica that stops): the charges since the last report reach the books. Once."""
+        if self.last_reported:
+            return
+        self.last_reported = True
+        deadline = time.monotonic() + LAST_REPORT_FOR_S
+        while True:  # retried while the allocator is away (a rolling update replaces it at the same time)
+            failed = self.failed_reports
+            await self.sync()
+            if self.failed_reports == failed or time.monotonic() > deadline:  # answered (or revoked), or given up
+                return
+            await asyncio.sleep(LAST_REPORT_RETRY_S)
 
     def stop(self) -> None:
         cancel_on_stop(self._loop_task)

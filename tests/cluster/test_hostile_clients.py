@@ -20,7 +20,7 @@ KEY = "sk-hostile"
 AUTH = {"authorization": f"Bearer {KEY}"}
 IMPOSSIBLE = "Prove the Riemann hypothesis, then list every prime. " * 40
 STALLED = 260
-BODY_TIMEOUT_S = 20.0
+BODY_TIMEOUT_S = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def url(cluster):
     )
     base = cluster.deploy(args, APP)
     yield base
-    cluster.delete(APP)
+    cluster.delete(APP, wait=False)
 
 
 def status(url) -> dict:

@@ -149,4 +149,4 @@ def test_budget_invariant_under_load(cluster):
         abandoned = cluster.metric_sum(f"ray_{m.REQUESTS}_total", APP, outcome="abandoned")  # insolvent or pool empty
         assert errors and errors > 0 and abandoned and abandoned > 0
     finally:
-        cluster.delete(APP)
+        cluster.delete(APP, wait=False)

@@ -42,8 +42,9 @@ def urls(cluster):
     urls = cluster.deploy_many({
         APP: args,
         TINY: {**args, "allocator": {"policy": "clear",
-                                     "budget": {"mode": "rate", "tokens_per_s": 10.0, "burst_tokens": 20.0}}},
-        AUTH: {**args, "ingress": {"api_keys": ["sk-good"]}},
+                                     "budget": {"mode": "rate", "tokens_per_s": 10.0, "burst_tokens": 20.0}},
+               "predictor": {"backend": "heuristic"}},  # (the learned predictor is APP's subject)
+        AUTH: {**args, "ingress": {"api_keys": ["sk-good"]}, "predictor": {"backend": "heuristic"}},
         # A predictor that always times out: every request must still get a cap.
         SLOW: {**args, "predictor": {"backend": "heuristic", "placement": "deployment", "advanced": {"timeout_s": 1e-6}}},
     })

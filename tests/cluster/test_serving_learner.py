@@ -101,4 +101,4 @@ def test_the_service_publishes_learned_models_and_keeps_them_across_a_learner_re
         assert back["learner"]["model_version"] == version  # the published model, read back
         assert back["learner"]["window"] == observed  # every observation, re-read from the log
     finally:
-        cluster.delete(APP)
+        cluster.delete(APP, wait=False)

@@ -3,7 +3,6 @@ retried arrivals, and the retry advice of an abandonment."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest

@@ -162,3 +162,25 @@ def test_a_background_loop_ends_when_its_cancellation_was_swallowed():
         assert task.done() and task.cancelled() and rounds["n"] >= 2
     finally:
         event_loop.close()
+
+
+def test_a_replica_that_stops_reports_what_it_charged_since_its_last_report():
+    """Serve awaits what Ingress.__del__ returns when the replica stops (a rolling update, a scale-down): one
+    last report, so the charges since the last one reach the books instead of lapsing with the lease."""
+    async def run():
+        cfg, alloc, handle, ing = _setup()
+        for _ in range(3):
+            await ing._complete(make_request(chat(max_tokens=50)), "chat")
+        await ing.leases.sync()
+        reported = alloc.status_sync()["spent_tokens"]
+        await ing._complete(make_request(chat(max_tokens=50)), "chat")  # charged in the lease, not reported yet
+        assert alloc.status_sync()["spent_tokens"] == reported
+        stopping = ing.__del__()
+        assert stopping is not None
+        await stopping
+        assert ing.__del__() is None  # Python's own finalizer may call it again: nothing twice
+        return reported, alloc.status_sync(), handle.reports
+
+    reported, st, reports = asyncio.run(run())
+    assert st["spent_tokens"] == reported + 4 * CHUNK_TOKENS and st["arrivals"] == 4
+    assert st["lease_reserved_tokens"] == 0 and st["books_reconcile"] and st["invariant_holds"]
