@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import copy
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.local_serve import local_serve  # noqa: E402
 from benchmarks.serving_overhead import MODEL, engine_args, http_run, pct, short_prompt, trivial_app  # noqa: E402
 from clear_core.cli_args import HelpFormatter, add_list_argument, positive_int, run_command  # noqa: E402
 
@@ -114,19 +114,13 @@ def embedded_default_args(placement: str, state_dir: str, backend: str = "minilm
 
 def over_http(args) -> None:
     import httpx
-    import ray
     from ray import serve
 
     from deployments.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     c_lat, c_rate = args.concurrency[0], args.concurrency[-1]
     counter = 10_000_000  # prompts never repeat across rows, graphs or the trivial graph
-    try:
+    with local_serve() as port:
         serve.run(trivial_app(), name="trivial", route_prefix="/trivial")
         base = f"http://127.0.0.1:{port}/trivial"
         asyncio.run(http_run(base, 40, 4))
@@ -176,9 +170,6 @@ def over_http(args) -> None:
         print("\n## The first request after a deploy")
         for placement, status, source, ms in first:
             print(f"placement {placement}: HTTP {status}, prediction_source {source}, {ms:.0f} ms")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:

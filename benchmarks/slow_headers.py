@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.local_serve import local_serve  # noqa: E402
 from clear_core.cli_args import HelpFormatter, positive_int, run_command  # noqa: E402
 
 BODY = {"model": "clear-replay", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
@@ -57,17 +58,11 @@ def _still_open(socks) -> int:
 
 def _run(args) -> int:
     import psutil
-    import ray
     from ray import serve
 
     from deployments.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve() as port:
         serve.run(build_app({"model_name": "clear-replay", "predictor": {"backend": "heuristic"},
                              "engine": {"kind": "replay"}}), name="c", route_prefix="/c")
         url = f"http://127.0.0.1:{port}/c/v1/chat/completions"
@@ -93,9 +88,6 @@ def _run(args) -> int:
         row(f"{args.hold_s:.0f} s later", _still_open(socks))
         for s in socks:
             s.close()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return 0
 
 
