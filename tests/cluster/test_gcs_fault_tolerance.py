@@ -106,10 +106,13 @@ class RayHead:
     def __init__(self, redis: RedisServer):
         self.redis = redis
         self.temp_dir = tempfile.mkdtemp(prefix="cgft-", dir="/tmp")  # short: Ray's socket paths have a limit
+        self.token = secrets.token_hex(32)
         self.gcs_port, self.dashboard_port, self.http_port = _free_port(), _free_port(), _free_port()
         self.env = {**os.environ, "RAY_REDIS_ADDRESS": f"127.0.0.1:{redis.port}",
                     "RAY_external_storage_namespace": "clear-gcs-ft-test", "RAY_USAGE_STATS_ENABLED": "0",
-                    "RAY_AUTH_MODE": "token",  # Ray's token authentication, with the token in ~/.ray/auth_token
+                    # Ray's token authentication, with a token of this test's own (the CLI and the dashboard's
+                    # REST API take it too).
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     # The restarted GCS declares the killed head's node dead after 3 missed 1 s health checks
                     # (Ray's default waits longer), and only then restarts the actors that lived on it.
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
@@ -166,9 +169,8 @@ class RayHead:
         assert r.returncode == 0, f"serve deploy failed: {r.stdout[-2000:]} {r.stderr[-2000:]}"
 
     def app(self) -> dict:
-        token = (Path.home() / ".ray" / "auth_token").read_text().strip()  # `ray start` made it if missing
         r = httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=10,
-                      headers={"Authorization": f"Bearer {token}"})
+                      headers={"Authorization": f"Bearer {self.token}"})
         return r.json().get("applications", {}).get(APP, {})
 
     def wait_running(self, timeout_s: float = 240.0, config_check=None) -> None:
