@@ -78,7 +78,9 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.time() + 20
         while not self.ping():
-            assert self.proc.poll() is None and time.time() < deadline, "redis-server did not start"
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()  # never left behind
+                raise AssertionError("redis-server did not start")
             time.sleep(0.1)
 
     def ping(self) -> bool:
