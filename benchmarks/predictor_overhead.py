@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.local_serve import local_serve  # noqa: E402
 from benchmarks.serving_overhead import MODEL, engine_args, http_run, pct, short_prompt, trivial_app  # noqa: E402
-from clear_core.cli_args import HelpFormatter, add_list_argument, positive_int, run_command  # noqa: E402
+from clear_core.cli_args import HelpFormatter, add_list_argument, one_of, positive_int, run_command  # noqa: E402
 
 DEFAULT_POOL = REPO_ROOT.parent / "shared" / "data" / "traces" / "r1-distill-qwen-7b-mix.jsonl"
 PLACEMENTS = ("ingress", "deployment")
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", type=positive_int, default=400, help="requests per latency and rate row")
     add_list_argument(ap, "--concurrency", kind=positive_int, what="positive integers", metavar="N", default="1,32",
                       help="concurrent clients: the first gives the latency row, the last the rate row")
-    add_list_argument(ap, "--placements", kind=str, metavar="PLACEMENT", default=",".join(PLACEMENTS),
+    add_list_argument(ap, "--placements", kind=one_of(PLACEMENTS),
+                      what=f"one of {', '.join(PLACEMENTS)}", metavar="PLACEMENT", default=",".join(PLACEMENTS),
                       help=f"predictor placements of the embedded default to compare: {', '.join(PLACEMENTS)}")
     ap.add_argument("--traces", default=str(DEFAULT_POOL), help="pool whose prompts part 1 and 2 use")
     ap.add_argument("--profile-prompts", type=positive_int, default=200, help="prompts per profile row")
@@ -194,9 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    bad = [p for p in args.placements if p not in PLACEMENTS]
-    if bad:
-        ap.error(f"argument --placements: unknown {bad}; choose from {', '.join(PLACEMENTS)}")
     return run_command(ap.prog, lambda: _run(args))
 
 

@@ -102,6 +102,18 @@ def add_list_argument(parser: argparse.ArgumentParser, *flags: str, kind: Callab
                                help=f"{help} ({LIST_SYNTAX})" if help else LIST_SYNTAX, **kwargs)
 
 
+def one_of(choices) -> Callable[[str], str]:
+    """A list item that must be one of ``choices`` (give ``add_list_argument`` ``what=`` naming them)."""
+    allowed = tuple(choices)
+
+    def convert(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(text)
+        return text
+
+    return convert
+
+
 def _number(text: str, kind: Callable, ok: Callable[[float], bool], expected: str):
     """``kind(text)`` if ``ok`` of it, else argparse's one-line error naming what was expected."""
     try:
